@@ -1,0 +1,76 @@
+# cafe-gateway developer commands; `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+KAFKA := deploy/kafka/kafka.sh
+DEV := .dev
+PYTEST_ARGS ?= -v
+
+export CAFE_KAFKA_PORT ?= 9092
+export CAFE_KEYS_FILE ?= $(DEV)/keys.json
+
+# With CAFE_KAFKA_BOOTSTRAP set, run and test use that cluster and start nothing;
+# otherwise they start (or reuse) the local broker from deploy/kafka/.
+define kafka_for_run
+	@if [ -n "$$CAFE_KAFKA_BOOTSTRAP" ]; then \
+		echo "using Kafka at $$CAFE_KAFKA_BOOTSTRAP"; \
+	else \
+		$(KAFKA) up; \
+	fi
+endef
+BOOTSTRAP := $${CAFE_KAFKA_BOOTSTRAP:-127.0.0.1:$(CAFE_KAFKA_PORT)}
+
+.PHONY: help install run test lint fmt kafka-up kafka-down kafka-status lock clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
+
+$(INSTALLED): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	@touch $@
+
+install: $(INSTALLED) ## create .venv and install the gateway and its dev tools (pinned)
+
+$(DEV)/api-key: | $(INSTALLED)
+	@mkdir -p $(DEV)
+	@umask 077 && $(BIN)/cafe-gateway keys --keys-file $(CAFE_KEYS_FILE) \
+		create --platform analytics-portal >$@.tmp && mv $@.tmp $@
+
+run: $(INSTALLED) $(DEV)/api-key ## start Kafka and the gateway on 127.0.0.1:8080 (Ctrl-C stops the gateway)
+	$(kafka_for_run)
+	@echo "development API key (kept in $(DEV)/api-key): $$(cat $(DEV)/api-key)"
+	CAFE_KAFKA_BOOTSTRAP=$(BOOTSTRAP) $(BIN)/cafe-gateway serve
+
+test: $(INSTALLED) ## run the whole test suite, integration tests against a real Kafka
+	$(kafka_for_run)
+	CAFE_KAFKA_BOOTSTRAP=$(BOOTSTRAP) $(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(INSTALLED) ## ruff check, ruff format --check, mypy (edits nothing)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+fmt: $(INSTALLED) ## format and auto-fix with ruff
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+kafka-up: ## start the local Kafka on 127.0.0.1:$CAFE_KAFKA_PORT (first run fetches jars)
+	$(KAFKA) up
+
+kafka-down: ## stop the local Kafka
+	$(KAFKA) down
+
+kafka-status: ## say whether the local Kafka runs
+	$(KAFKA) status
+
+lock: ## re-resolve the newest allowed dependency versions into constraints.txt
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q '.[dev]'
+	.venv-lock/bin/python -m pip freeze --exclude-editable | grep -v '^cafe-gateway' >constraints.txt
+	rm -rf .venv-lock
+
+clean: ## remove .venv and caches (the Kafka cache and data stay; see kafka.sh)
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

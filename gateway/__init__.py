@@ -1,0 +1,1 @@
+"""cafe-gateway: validates CAFe API records and produces them to Kafka."""

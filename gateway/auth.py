@@ -1,0 +1,154 @@
+"""API keys: the keys file, which stores only a SHA-256 hash of each key.
+
+The file is JSON, written atomically and readable by its owner only:
+
+    {"keys": [{"id": "k_3f9a1c0b2e7d", "sha256": "<64 hex>",
+               "platforms": ["analytics-portal"], "enabled": true,
+               "created": "2026-11-26T10:00:00Z"}]}
+
+A key's plaintext is shown once, when it is minted, and never stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+_ID = re.compile(r"k_[0-9a-f]{12}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+# Same shape the record schemas allow for productPlatform.
+_PLATFORM = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+class KeysFileError(ValueError):
+    """The keys file cannot be read or does not have the expected shape."""
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """One key as stored: its id, hash, the platforms it may write, and whether it works."""
+
+    id: str
+    sha256: str
+    platforms: tuple[str, ...]
+    enabled: bool
+    created: str
+
+
+def hash_key(plaintext: str) -> str:
+    """The hex SHA-256 of a key, which is all the keys file holds of it."""
+    return hashlib.sha256(plaintext.encode()).hexdigest()
+
+
+def check_platform(name: str) -> str:
+    """Return `name` if it is a valid productPlatform, else raise ValueError."""
+    if not _PLATFORM.fullmatch(name):
+        raise ValueError(f"{name!r} is not a platform name (letters, digits, '._-', <= 64)")
+    return name
+
+
+def mint_key(platforms: tuple[str, ...]) -> tuple[str, ApiKey]:
+    """A new random key: (plaintext to show once, record to store)."""
+    if not platforms:
+        raise ValueError("a key needs at least one platform")
+    for name in platforms:
+        check_platform(name)
+    # 32 random bytes: guessing is hopeless, so an unsalted fast hash is safe to store.
+    plaintext = "cafe_" + secrets.token_urlsafe(32)
+    record = ApiKey(
+        id="k_" + secrets.token_hex(6),
+        sha256=hash_key(plaintext),
+        platforms=tuple(dict.fromkeys(platforms)),
+        enabled=True,
+        created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
+    return plaintext, record
+
+
+def read_keys_file(path: Path) -> list[ApiKey]:
+    """Parse and check the whole file; a missing file is an empty key set."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise KeysFileError(f"{path}: {exc.strerror}") from exc
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise KeysFileError(f"{path}: not JSON: {exc}") from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
+        raise KeysFileError(f'{path}: expected an object with a "keys" list')
+    keys = [_parse_key(path, i, entry) for i, entry in enumerate(doc["keys"])]
+    for field_name in ("id", "sha256"):
+        values = [getattr(k, field_name) for k in keys]
+        if len(set(values)) != len(values):
+            raise KeysFileError(f"{path}: two keys share one {field_name}")
+    return keys
+
+
+def _parse_key(path: Path, index: int, entry: Any) -> ApiKey:
+    where = f"{path}: keys[{index}]"
+    if not isinstance(entry, dict) or set(entry) != {
+        "id",
+        "sha256",
+        "platforms",
+        "enabled",
+        "created",
+    }:
+        raise KeysFileError(f"{where}: expected id, sha256, platforms, enabled, created")
+    if not isinstance(entry["id"], str) or not _ID.fullmatch(entry["id"]):
+        raise KeysFileError(f"{where}: id must look like k_ and 12 hex digits")
+    if not isinstance(entry["sha256"], str) or not _SHA256.fullmatch(entry["sha256"]):
+        raise KeysFileError(f"{where}: sha256 must be 64 lowercase hex digits")
+    platforms = entry["platforms"]
+    if (
+        not isinstance(platforms, list)
+        or not platforms
+        or not all(isinstance(p, str) and _PLATFORM.fullmatch(p) for p in platforms)
+    ):
+        raise KeysFileError(f"{where}: platforms must be a non-empty list of platform names")
+    if not isinstance(entry["enabled"], bool):
+        raise KeysFileError(f"{where}: enabled must be true or false")
+    if not isinstance(entry["created"], str):
+        raise KeysFileError(f"{where}: created must be a string")
+    return ApiKey(
+        id=entry["id"],
+        sha256=entry["sha256"],
+        platforms=tuple(platforms),
+        enabled=entry["enabled"],
+        created=entry["created"],
+    )
+
+
+def write_keys_file(path: Path, keys: list[ApiKey]) -> None:
+    """Replace the file atomically, so a gateway reading it never sees half a file."""
+    doc = {"keys": [asdict(k) for k in keys]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def disable_key(keys: list[ApiKey], key_id: str) -> list[ApiKey]:
+    """The same keys with `key_id` disabled; KeyError if no key has that id."""
+    if key_id not in {k.id for k in keys}:
+        raise KeyError(key_id)
+    return [replace(k, enabled=False) if k.id == key_id else k for k in keys]

@@ -1,0 +1,113 @@
+"""The `cafe-gateway` command: `serve`, and `keys create|list|disable`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway import auth
+from gateway.app import create_app
+from gateway.config import ConfigError, Settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line and run one subcommand; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.from_env(os.environ)
+    except ConfigError as exc:
+        print(f"cafe-gateway: {exc}", file=sys.stderr)
+        return 2
+    try:
+        status: int = args.run(args, settings)
+    except (auth.KeysFileError, ValueError) as exc:
+        print(f"cafe-gateway: {exc}", file=sys.stderr)
+        return 1
+    return status
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cafe-gateway", description=__doc__)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the HTTP gateway (settings: CAFE_* env)")
+    serve.set_defaults(run=_serve)
+
+    keys = commands.add_parser("keys", help="manage API keys in the keys file")
+    keys.add_argument("--keys-file", type=Path, help="the keys file (default: $CAFE_KEYS_FILE)")
+    key_commands = keys.add_subparsers(required=True, metavar="ACTION")
+    create = key_commands.add_parser(
+        "create", help="mint a key and print it (the only time it is shown)"
+    )
+    create.add_argument(
+        "--platform",
+        action="append",
+        required=True,
+        type=auth.check_platform,
+        help="a productPlatform the key may write (repeat for several)",
+    )
+    create.set_defaults(run=_keys_create)
+    key_commands.add_parser("list", help="list key ids, platforms, state").set_defaults(
+        run=_keys_list
+    )
+    disable = key_commands.add_parser("disable", help="disable a key by id")
+    disable.add_argument("key_id")
+    disable.set_defaults(run=_keys_disable)
+    return parser
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    web.run_app(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        print=lambda msg: logging.getLogger("gateway").info("%s", msg),
+        access_log=None,
+    )
+    return 0
+
+
+def _keys_path(args: argparse.Namespace, settings: Settings) -> Path:
+    path: Path | None = args.keys_file or settings.keys_file
+    if path is None:
+        raise ValueError("no keys file: pass --keys-file or set CAFE_KEYS_FILE")
+    return path
+
+
+def _keys_create(args: argparse.Namespace, settings: Settings) -> int:
+    path = _keys_path(args, settings)
+    keys = auth.read_keys_file(path)
+    plaintext, record = auth.mint_key(tuple(args.platform))
+    auth.write_keys_file(path, [*keys, record])
+    print(f"created key {record.id} for {', '.join(record.platforms)} in {path}", file=sys.stderr)
+    print(plaintext)
+    return 0
+
+
+def _keys_list(args: argparse.Namespace, settings: Settings) -> int:
+    keys = auth.read_keys_file(_keys_path(args, settings))
+    for key in keys:
+        state = "enabled" if key.enabled else "disabled"
+        print(f"{key.id}\t{state}\t{key.created}\t{','.join(key.platforms)}")
+    return 0
+
+
+def _keys_disable(args: argparse.Namespace, settings: Settings) -> int:
+    path = _keys_path(args, settings)
+    try:
+        keys = auth.disable_key(auth.read_keys_file(path), args.key_id)
+    except KeyError:
+        print(f"cafe-gateway: no key with id {args.key_id} in {path}", file=sys.stderr)
+        return 1
+    auth.write_keys_file(path, keys)
+    print(f"disabled key {args.key_id}", file=sys.stderr)
+    return 0

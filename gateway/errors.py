@@ -1,0 +1,114 @@
+"""Request errors as data, and the one middleware that renders them as RFC 9457 problems.
+
+    GatewayError                 status + stable machine-readable `code`
+    ├── NotReady                 503 not_ready          (Kafka unreachable, draining)
+    └── SinkUnavailable          503 kafka_unavailable  (a produce could not be acknowledged)
+
+aiohttp's own HTTP errors (404, 405, 413, ...) are rendered the same way, so every
+error a client sees has one shape: `application/problem+json` with `code` and `detail`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from typing import ClassVar
+
+import orjson
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+
+
+class GatewayError(Exception):
+    """An error a client is told about: its HTTP status and stable `code` are class data."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    # Seconds a client should wait before retrying; None where retrying does not help.
+    retry_after: ClassVar[int | None] = None
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class NotReady(GatewayError):
+    """The gateway cannot accept records now (Kafka unreachable, or shutting down)."""
+
+    status = 503
+    code = "not_ready"
+    retry_after = 1
+
+
+class SinkUnavailable(GatewayError):
+    """Records could not be handed to Kafka or were not acknowledged."""
+
+    status = 503
+    code = "kafka_unavailable"
+    retry_after = 1
+
+
+# Codes for aiohttp's own HTTP errors, raised by the router and the body reader.
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def problem(
+    status: int, code: str, detail: str, *, headers: dict[str, str] | None = None
+) -> web.Response:
+    """An RFC 9457 problem response; `code` is the machine-readable reason."""
+    body = {
+        "type": "about:blank",
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "code": code,
+        "detail": detail,
+    }
+    return web.Response(
+        status=status, body=orjson.dumps(body), content_type=PROBLEM_JSON, headers=headers
+    )
+
+
+_BODY_HEADERS = {"content-type", "content-length"}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every error raised below it into one problem+json response and one log line."""
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        # 5xx are the operator's concern, 4xx the client's.
+        level = logging.WARNING if exc.status >= 500 else logging.DEBUG
+        log.log(
+            level,
+            "%s %s -> %d %s: %s",
+            request.method,
+            request.path,
+            exc.status,
+            exc.code,
+            exc.detail,
+        )
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+        return problem(exc.status, exc.code, exc.detail, headers=headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, HTTPStatus(exc.status).name.lower())
+        # Keep what the error says beside its body, e.g. the Allow header of a 405.
+        kept = {k: v for k, v in exc.headers.items() if k.lower() not in _BODY_HEADERS}
+        return problem(exc.status, code, exc.reason, headers=kept)
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return problem(500, GatewayError.code, "the gateway failed to handle this request")

@@ -1,0 +1,110 @@
+"""A real Kafka for the integration tests, and a unique topic per test.
+
+The broker is chosen once per session, in this order:
+1. `CAFE_KAFKA_BOOTSTRAP` if set (what `make test` does, after starting the local broker);
+2. testcontainers' Kafka, if a Docker daemon answers;
+3. the local broker from `deploy/kafka/kafka.sh`, started if it is not running.
+A broker that cannot be had fails the tests; it never skips them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+REPO = Path(__file__).resolve().parents[2]
+KAFKA_SH = REPO / "deploy" / "kafka" / "kafka.sh"
+TOPIC_PARTITIONS = 3
+
+
+@dataclass(frozen=True)
+class Broker:
+    """The Kafka the integration tests use, and where it came from."""
+
+    bootstrap: str
+    source: str
+
+
+BROKER_USED = pytest.StashKey[Broker]()
+
+
+def _docker_answers() -> bool:
+    """True if a Docker daemon answers `GET /_ping` at $DOCKER_HOST or the default socket.
+
+    Asked with the standard library: the docker package leaks its socket when the
+    daemon is absent, which `filterwarnings = error` would turn into a test error.
+    """
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    address: str | tuple[str, int]
+    if host.startswith("unix://"):
+        family, address = socket.AF_UNIX, host.removeprefix("unix://")
+    elif host.startswith("tcp://"):
+        name, _, port = host.removeprefix("tcp://").rpartition(":")
+        family, address = socket.AF_INET, (name, int(port))
+    else:
+        return False
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.settimeout(3)
+            sock.connect(address)
+            sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+            return sock.recv(64).split(b" ")[1:2] == [b"200"]
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def kafka(pytestconfig: pytest.Config) -> Iterator[Broker]:
+    """The session's broker (see the module docstring for the order of choice)."""
+    bootstrap = os.environ.get("CAFE_KAFKA_BOOTSTRAP", "").strip()
+    if bootstrap:
+        broker = Broker(bootstrap, "CAFE_KAFKA_BOOTSTRAP")
+        pytestconfig.stash[BROKER_USED] = broker
+        yield broker
+    elif _docker_answers():
+        from testcontainers.community.kafka import KafkaContainer
+
+        with KafkaContainer().with_kraft() as container:
+            broker = Broker(container.get_bootstrap_server(), "testcontainers")
+            pytestconfig.stash[BROKER_USED] = broker
+            yield broker
+    else:
+        subprocess.run([str(KAFKA_SH), "up"], check=True)
+        port = os.environ.get("CAFE_KAFKA_PORT", "9092")
+        broker = Broker(f"127.0.0.1:{port}", f"local broker ({KAFKA_SH.relative_to(REPO)})")
+        pytestconfig.stash[BROKER_USED] = broker
+        yield broker
+
+
+@pytest.fixture
+async def topic(kafka: Broker, request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """A fresh topic of TOPIC_PARTITIONS partitions, named after the test; deleted afterwards."""
+    name = f"test.{request.node.name[:60]}.{uuid.uuid4().hex[:8]}"
+    name = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(name, num_partitions=TOPIC_PARTITIONS, replication_factor=1)]
+        )
+        yield name
+        await admin.delete_topics([name])
+    finally:
+        await admin.close()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say which real Kafka the integration tests talked to, if any ran."""
+    broker = terminalreporter.config.stash.get(BROKER_USED, None)
+    if broker is not None:
+        terminalreporter.write_line(
+            f"integration tests ran against Kafka at {broker.bootstrap} ({broker.source})"
+        )

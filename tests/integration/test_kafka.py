@@ -1,0 +1,116 @@
+"""The Kafka sink and readiness against a real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from aiohttp.test_utils import TestClient
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from gateway.app import create_app
+from gateway.config import KafkaSettings, Settings
+from gateway.kafka import KafkaSink
+from tests.integration.conftest import TOPIC_PARTITIONS, Broker
+from tests.integration.tcp_proxy import TcpProxy, free_port
+
+pytestmark = pytest.mark.integration
+
+AiohttpClient = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], *, within: float = 30.0) -> None:
+    """Poll `check` until it is true; fail after `within` seconds (a deadline, not a timing)."""
+    deadline = time.monotonic() + within
+    while not await check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {within}s")
+        await asyncio.sleep(0.1)
+
+
+@pytest.fixture
+async def sink(kafka: Broker) -> AsyncIterator[KafkaSink]:
+    sink = KafkaSink(KafkaSettings(bootstrap=kafka.bootstrap))
+    await sink.start()
+    await eventually(sink.ready)
+    yield sink
+    await sink.close()
+
+
+async def consume_all(bootstrap: str, topic: str) -> list[tuple[int, bytes, bytes]]:
+    """Every (partition, key, value) on `topic`, read up to the end offsets known now."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in range(TOPIC_PARTITIONS)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        end = await consumer.end_offsets(partitions)
+        seen: list[tuple[int, bytes, bytes]] = []
+        while [tp for tp in partitions if await consumer.position(tp) < end[tp]]:
+            batches = await consumer.getmany(*partitions, timeout_ms=1000)
+            seen.extend(
+                (tp.partition, msg.key, msg.value) for tp, msgs in batches.items() for msg in msgs
+            )
+        return seen
+    finally:
+        await consumer.stop()
+
+
+async def test_every_sent_record_is_on_the_topic_in_key_order(
+    kafka: Broker, topic: str, sink: KafkaSink
+) -> None:
+    sent = [(f"session-{i % 20}".encode(), f"record-{i}".encode()) for i in range(300)]
+    await sink.send(topic, sent)
+
+    seen = await consume_all(kafka.bootstrap, topic)
+
+    # Exactly what was sent, nothing more: the end offsets bound what was read.
+    assert sorted((k, v) for _, k, v in seen) == sorted(sent)
+    by_key: dict[bytes, list[tuple[int, int]]] = {}
+    for partition, key, value in seen:
+        by_key.setdefault(key, []).append((partition, int(value.split(b"-")[1])))
+    for key, entries in by_key.items():
+        assert len({p for p, _ in entries}) == 1, f"{key!r} spread over partitions"
+        sequence = [n for _, n in entries]
+        assert sequence == sorted(sequence), f"{key!r} reordered"
+    assert len({p for p, _, _ in seen}) > 1, "20 keys should use more than one partition"
+
+
+async def test_readyz_is_503_until_kafka_is_reachable_then_200(
+    kafka: Broker, aiohttp_client: AiohttpClient
+) -> None:
+    proxy = TcpProxy(kafka.bootstrap)
+    settings = Settings(kafka=KafkaSettings(bootstrap=f"127.0.0.1:{proxy.port}"))
+    client = await aiohttp_client(create_app(settings))
+
+    resp = await client.get("/readyz")
+    assert resp.status == 503
+    assert resp.content_type == "application/problem+json"
+    body = await resp.json(content_type=None)
+    assert body["code"] == "not_ready"
+    assert f"127.0.0.1:{proxy.port}" in body["detail"]
+    assert resp.headers["Retry-After"] == "1"
+    assert (await client.get("/healthz")).status == 200
+
+    await proxy.open()
+    try:
+
+        async def ready() -> bool:
+            return (await client.get("/readyz")).status == 200
+
+        await eventually(ready)
+        assert await (await client.get("/readyz")).json() == {"status": "ready"}
+    finally:
+        await proxy.close()
+
+
+async def test_readyz_stays_503_while_the_port_is_closed(aiohttp_client: AiohttpClient) -> None:
+    settings = Settings(kafka=KafkaSettings(bootstrap=f"127.0.0.1:{free_port()}"))
+    client = await aiohttp_client(create_app(settings))
+    # Long enough for several reconnect attempts (0.25 s, 0.5 s, 1 s backoff).
+    for _ in range(3):
+        assert (await client.get("/readyz")).status == 503
+        await asyncio.sleep(0.6)

@@ -1,0 +1,85 @@
+"""deploy/kafka/kafka.sh: a second broker on other ports, started and stopped twice."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from tests.integration.conftest import KAFKA_SH
+from tests.integration.tcp_proxy import free_port
+
+pytestmark = pytest.mark.integration
+
+
+def kafka_sh(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(KAFKA_SH), *args], env=env, capture_output=True, text=True, timeout=180, check=False
+    )
+
+
+@pytest.fixture
+def ports_env() -> dict[str, str]:
+    """Environment for a broker on two free ports; it shares the jar cache with the main one."""
+    return {
+        **os.environ,
+        "CAFE_KAFKA_PORT": str(free_port()),
+        "CAFE_KAFKA_CONTROLLER_PORT": str(free_port()),
+    }
+
+
+def test_up_and_down_are_idempotent(ports_env: dict[str, str]) -> None:
+    port = ports_env["CAFE_KAFKA_PORT"]
+    try:
+        first = kafka_sh("up", env=ports_env)
+        assert first.returncode == 0, first.stderr
+        assert f"ready on 127.0.0.1:{port}" in first.stderr
+        again = kafka_sh("up", env=ports_env)
+        assert again.returncode == 0, again.stderr
+        assert "already running" in again.stderr
+        assert kafka_sh("status", env=ports_env).returncode == 0
+    finally:
+        down = kafka_sh("down", env=ports_env)
+    assert down.returncode == 0, down.stderr
+    assert "stopped" in down.stderr
+    down_again = kafka_sh("down", env=ports_env)
+    assert down_again.returncode == 0, down_again.stderr
+    assert "not running" in down_again.stderr
+    assert kafka_sh("status", env=ports_env).returncode == 3
+
+
+def test_a_broker_that_cannot_start_shows_its_log_and_fails(ports_env: dict[str, str]) -> None:
+    # A 1 MB heap is too small for the JVM to boot at all.
+    result = kafka_sh("up", env={**ports_env, "CAFE_KAFKA_HEAP": "-Xms1m -Xmx1m"})
+    assert result.returncode == 1
+    assert "stdout.log" in result.stderr
+    assert "heap" in result.stderr.lower()
+    assert kafka_sh("status", env=ports_env).returncode == 3
+
+
+def _can_unshare_network() -> bool:
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return False
+    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True, check=False)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_unshare_network(), reason="needs `unshare -n` (root) and `ip`")
+def test_a_start_after_the_first_needs_no_network(ports_env: dict[str, str]) -> None:
+    # The main broker already filled the jar cache; in a fresh network namespace only
+    # loopback exists, so any attempt to reach Maven Central would fail the start.
+    script = f"ip link set lo up && {KAFKA_SH} up && {KAFKA_SH} down"
+    result = subprocess.run(
+        ["unshare", "-n", "bash", "-c", script],
+        env=ports_env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "resolving" not in result.stderr
+    assert "ready on 127.0.0.1" in result.stderr
+    assert "stopped" in result.stderr

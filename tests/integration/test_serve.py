@@ -1,0 +1,66 @@
+"""`cafe-gateway serve` as a user runs it: a process, a socket, SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+
+import aiohttp
+import pytest
+
+from tests.integration.conftest import Broker
+from tests.integration.tcp_proxy import free_port
+
+pytestmark = pytest.mark.integration
+
+
+async def serve(env: dict[str, str]) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "serve",
+        env={**os.environ, **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+
+
+async def test_serve_becomes_ready_over_http_and_exits_0_on_sigterm(kafka: Broker) -> None:
+    port = free_port()
+    proc = await serve({"CAFE_PORT": str(port), "CAFE_KAFKA_BOOTSTRAP": kafka.bootstrap})
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+            deadline = time.monotonic() + 30
+            status = None
+            while status != 200 and time.monotonic() < deadline:
+                try:
+                    async with http.get("/readyz") as resp:
+                        status = resp.status
+                except aiohttp.ClientConnectionError:
+                    pass
+                await asyncio.sleep(0.2)
+            assert status == 200, "gateway did not report ready within 30s"
+            async with http.get("/healthz") as resp:
+                assert resp.status == 200
+                assert await resp.json() == {"status": "ok"}
+            async with http.get("/nope") as resp:
+                assert resp.status == 404
+                assert (await resp.json(content_type=None))["code"] == "not_found"
+        proc.send_signal(signal.SIGTERM)
+        output, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
+        assert proc.returncode == 0, output.decode(errors="replace")
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_serve_refuses_a_bad_setting_naming_the_variable() -> None:
+    proc = await serve({"CAFE_PORT": "eighty"})
+    output, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
+    assert proc.returncode == 2
+    assert "CAFE_PORT='eighty' is not an integer" in output.decode()

@@ -1,0 +1,90 @@
+"""The app's health endpoints and error rendering, with an in-memory sink."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from gateway.app import create_app
+from gateway.config import KafkaSettings, Settings
+from gateway.sink import MemorySink
+
+AiohttpClient = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
+SETTINGS = Settings(kafka=KafkaSettings(bootstrap="kafka.invalid:9092"))
+
+
+async def test_healthz_answers_even_when_the_sink_is_not_ready(
+    aiohttp_client: AiohttpClient,
+) -> None:
+    client = await aiohttp_client(create_app(SETTINGS, sink=MemorySink(ready=False)))
+    resp = await client.get("/healthz")
+    assert resp.status == 200
+    assert await resp.json() == {"status": "ok"}
+
+
+async def test_readyz_follows_the_sink(aiohttp_client: AiohttpClient) -> None:
+    sink = MemorySink(ready=False)
+    client = await aiohttp_client(create_app(SETTINGS, sink=sink))
+
+    resp = await client.get("/readyz")
+    assert resp.status == 503
+    assert resp.content_type == "application/problem+json"
+    assert resp.headers["Retry-After"] == "1"
+    assert await resp.json(content_type=None) == {
+        "type": "about:blank",
+        "title": "Service Unavailable",
+        "status": 503,
+        "code": "not_ready",
+        "detail": "Kafka at kafka.invalid:9092 is not reachable",
+    }
+
+    sink.is_ready = True
+    resp = await client.get("/readyz")
+    assert resp.status == 200
+    assert await resp.json() == {"status": "ready"}
+
+
+async def test_unknown_route_is_a_404_problem(aiohttp_client: AiohttpClient) -> None:
+    client = await aiohttp_client(create_app(SETTINGS, sink=MemorySink()))
+    resp = await client.get("/v1/nothing-here")
+    assert resp.status == 404
+    assert resp.content_type == "application/problem+json"
+    body = await resp.json(content_type=None)
+    assert (body["status"], body["code"], body["title"]) == (404, "not_found", "Not Found")
+
+
+async def test_wrong_method_is_a_405_problem_that_keeps_allow(
+    aiohttp_client: AiohttpClient,
+) -> None:
+    client = await aiohttp_client(create_app(SETTINGS, sink=MemorySink()))
+    resp = await client.post("/healthz")
+    assert resp.status == 405
+    assert resp.headers["Allow"] == "GET,HEAD"
+    assert (await resp.json(content_type=None))["code"] == "method_not_allowed"
+
+
+async def test_an_unexpected_error_is_a_500_problem_without_internals(
+    aiohttp_client: AiohttpClient,
+) -> None:
+    app = create_app(SETTINGS, sink=MemorySink())
+
+    async def broken(request: web.Request) -> web.Response:
+        raise RuntimeError("secret internals")
+
+    app.router.add_get("/broken", broken)
+    client = await aiohttp_client(app)
+    resp = await client.get("/broken")
+    assert resp.status == 500
+    body = await resp.json(content_type=None)
+    assert body["code"] == "internal_error"
+    assert "secret" not in body["detail"]
+
+
+async def test_the_sink_is_started_and_closed_with_the_app(aiohttp_client: AiohttpClient) -> None:
+    sink = MemorySink()
+    client = await aiohttp_client(create_app(SETTINGS, sink=sink))
+    assert sink.started and not sink.closed
+    await client.close()
+    assert sink.closed

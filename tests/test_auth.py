@@ -1,0 +1,129 @@
+"""API keys: minting, the keys file, and the `cafe-gateway keys` commands."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import orjson
+import pytest
+
+from gateway import auth
+from gateway.cli import main
+
+
+def test_a_minted_key_is_stored_as_its_hash_only(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    plaintext, record = auth.mint_key(("analytics-portal", "analytics-portal", "mobile"))
+    auth.write_keys_file(path, [record])
+
+    assert plaintext.startswith("cafe_") and len(plaintext) > 40
+    assert record.sha256 == auth.hash_key(plaintext)
+    assert record.platforms == ("analytics-portal", "mobile")
+    assert plaintext not in path.read_text()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert auth.read_keys_file(path) == [record]
+
+
+def test_two_minted_keys_differ() -> None:
+    (a, ka), (b, kb) = auth.mint_key(("web",)), auth.mint_key(("web",))
+    assert a != b and ka.id != kb.id
+
+
+def test_a_missing_file_is_an_empty_key_set(tmp_path: Path) -> None:
+    assert auth.read_keys_file(tmp_path / "absent.json") == []
+
+
+def _valid_entry() -> dict[str, object]:
+    return {
+        "id": "k_0123456789ab",
+        "sha256": "a" * 64,
+        "platforms": ["web"],
+        "enabled": True,
+        "created": "2026-11-26T00:00:00Z",
+    }
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"{not json", "not JSON"),
+        (b"[]", 'expected an object with a "keys" list'),
+        (b'{"keys": [1]}', r"keys\[0\]: expected id, sha256"),
+        ({"id": "key1"}, "id must look like k_"),
+        ({"sha256": "A" * 64}, "sha256 must be 64 lowercase hex"),
+        ({"platforms": []}, "platforms must be a non-empty list"),
+        ({"platforms": ["has space"]}, "platforms must be a non-empty list"),
+        ({"enabled": "yes"}, "enabled must be true or false"),
+        ({"extra": 1}, "expected id, sha256, platforms, enabled, created"),
+    ],
+)
+def test_a_malformed_file_is_refused_with_the_reason(
+    tmp_path: Path, content: bytes | dict[str, object], message: str
+) -> None:
+    path = tmp_path / "keys.json"
+    if isinstance(content, dict):
+        content = orjson.dumps({"keys": [{**_valid_entry(), **content}]})
+    path.write_bytes(content)
+    with pytest.raises(auth.KeysFileError, match=message):
+        auth.read_keys_file(path)
+
+
+def test_duplicate_ids_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    second = {**_valid_entry(), "sha256": "b" * 64}
+    path.write_bytes(orjson.dumps({"keys": [_valid_entry(), second]}))
+    with pytest.raises(auth.KeysFileError, match="share one id"):
+        auth.read_keys_file(path)
+
+
+def test_platform_names_are_checked() -> None:
+    with pytest.raises(ValueError, match="not a platform name"):
+        auth.mint_key(("bad/name",))
+    with pytest.raises(ValueError, match="at least one platform"):
+        auth.mint_key(())
+
+
+def test_keys_commands_create_list_disable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "keys.json"
+    assert main(["keys", "--keys-file", str(path), "create", "--platform", "web"]) == 0
+    out, err = capsys.readouterr()
+    plaintext = out.strip()
+    (record,) = auth.read_keys_file(path)
+    # stdout holds the plaintext alone, so `$(cafe-gateway keys create ...)` captures it.
+    assert out == plaintext + "\n"
+    assert record.sha256 == auth.hash_key(plaintext)
+    assert record.id in err and plaintext not in err
+
+    assert main(["keys", "--keys-file", str(path), "list"]) == 0
+    listed = capsys.readouterr().out
+    assert listed.startswith(f"{record.id}\tenabled\t")
+    assert plaintext not in listed
+
+    assert main(["keys", "--keys-file", str(path), "disable", record.id]) == 0
+    assert auth.read_keys_file(path)[0].enabled is False
+    assert main(["keys", "--keys-file", str(path), "disable", "k_000000000000"]) == 1
+    assert "no key with id k_000000000000" in capsys.readouterr().err
+
+
+def test_keys_file_comes_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CAFE_KEYS_FILE", str(tmp_path / "env-keys.json"))
+    assert main(["keys", "create", "--platform", "web"]) == 0
+    assert len(auth.read_keys_file(tmp_path / "env-keys.json")) == 1
+    monkeypatch.delenv("CAFE_KEYS_FILE")
+    assert main(["keys", "list"]) == 1
+    assert "pass --keys-file or set CAFE_KEYS_FILE" in capsys.readouterr().err
+
+
+def test_a_malformed_file_is_reported_not_overwritten(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "keys.json"
+    path.write_text("{oops")
+    assert main(["keys", "--keys-file", str(path), "create", "--platform", "web"]) == 1
+    assert "not JSON" in capsys.readouterr().err
+    assert path.read_text() == "{oops"
