@@ -2,28 +2,66 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
+from importlib.metadata import version
 
+import orjson
 from aiohttp import web
 
 from gateway import health
+from gateway.auth import KeyStore, api_key_middleware
+from gateway.clientip import get_ip
 from gateway.config import Settings
 from gateway.errors import problem_middleware
+from gateway.ingest import ingest
 from gateway.kafka import KafkaSink
+from gateway.openapi import build_openapi, get_openapi, get_schema
+from gateway.schemas import load_record_types
 from gateway.sink import Sink
-from gateway.state import SETTINGS, SINK
+from gateway.state import KEYS, OPENAPI, RECORD_TYPES, SETTINGS, SINK
 
 
 def create_app(settings: Settings, *, sink: Sink | None = None) -> web.Application:
-    """Build the gateway; `sink` replaces Kafka in unit tests and ceiling benchmarks."""
-    app = web.Application(middlewares=[problem_middleware])
+    """Build the gateway; `sink` replaces Kafka in unit tests and ceiling benchmarks.
+
+    Record schemas are compiled here, so a broken schema stops start-up.
+    """
+    keys = KeyStore(settings.keys_file)
+    record_types = load_record_types(settings.kafka.topics)
+    # Errors are rendered outermost, so the key check's 401s get the problem shape too.
+    app = web.Application(
+        middlewares=[problem_middleware, api_key_middleware(keys)],
+        client_max_size=settings.max_body_bytes,
+    )
     app[SETTINGS] = settings
     app[SINK] = sink if sink is not None else KafkaSink(settings.kafka)
+    app[KEYS] = keys
+    app[RECORD_TYPES] = record_types
+    app[OPENAPI] = orjson.dumps(build_openapi(record_types, version("cafe-gateway")))
+    app.cleanup_ctx.append(_keys_lifetime)
     app.cleanup_ctx.append(_sink_lifetime)
 
+    types = "|".join(record_types)
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
+    app.router.add_post(f"/v1/{{record_type:{types}}}", ingest)
+    app.router.add_get("/v1/ip", get_ip)
+    app.router.add_get(f"/v1/schema/{{record_type:{types}}}", get_schema)
+    app.router.add_get("/v1/openapi.json", get_openapi)
     return app
+
+
+async def _keys_lifetime(app: web.Application) -> AsyncIterator[None]:
+    """Load the API keys (a missing or malformed file stops start-up), then watch the file."""
+    keys = app[KEYS]
+    keys.load()
+    watcher = asyncio.create_task(keys.watch(), name="keys-watch")
+    yield
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
 
 
 async def _sink_lifetime(app: web.Application) -> AsyncIterator[None]:

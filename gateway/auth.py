@@ -1,4 +1,4 @@
-"""API keys: the keys file, which stores only a SHA-256 hash of each key.
+"""API keys: the keys file (hashes only), the in-memory key set, and the key check.
 
 The file is JSON, written atomically and readable by its owner only:
 
@@ -6,12 +6,16 @@ The file is JSON, written atomically and readable by its owner only:
                "platforms": ["analytics-portal"], "enabled": true,
                "created": "2026-11-26T10:00:00Z"}]}
 
-A key's plaintext is shown once, when it is minted, and never stored.
+A key's plaintext is shown once, when it is minted, and never stored. The gateway
+holds the file in memory as a dict by hash, so checking a key costs one SHA-256 and
+one lookup, and polls the file for changes once a second.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 import os
 import re
 import secrets
@@ -22,6 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from gateway.errors import InvalidApiKey, MissingApiKey
+
+log = logging.getLogger(__name__)
 
 _ID = re.compile(r"k_[0-9a-f]{12}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -42,6 +52,10 @@ class ApiKey:
     platforms: tuple[str, ...]
     enabled: bool
     created: str
+
+
+# The key a request was admitted with, set by the middleware for handlers to read.
+API_KEY: web.RequestKey[ApiKey] = web.RequestKey("api_key", ApiKey)
 
 
 def hash_key(plaintext: str) -> str:
@@ -152,3 +166,91 @@ def disable_key(keys: list[ApiKey], key_id: str) -> list[ApiKey]:
     if key_id not in {k.id for k in keys}:
         raise KeyError(key_id)
     return [replace(k, enabled=False) if k.id == key_id else k for k in keys]
+
+
+class KeyStore:
+    """The enabled keys by hash, reloaded when the keys file changes.
+
+    A reload swaps in a whole new dict, so a request sees either the old set or the new
+    one, never a mix; a file that fails to parse leaves the last good set in place.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._by_hash: dict[str, ApiKey] = {}
+        self._stamp: tuple[int, int, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self._by_hash)
+
+    def load(self) -> None:
+        """Read the file now; raise KeysFileError if it is missing or malformed."""
+        if self.path is None:
+            return
+        if not self.path.exists():
+            raise KeysFileError(
+                f"{self.path} does not exist: create a key with `cafe-gateway keys create`"
+            )
+        self._stamp = _file_stamp(self.path)
+        self._by_hash = {k.sha256: k for k in read_keys_file(self.path) if k.enabled}
+        log.info("loaded %d enabled API keys from %s", len(self._by_hash), self.path)
+
+    def lookup(self, plaintext: str) -> ApiKey | None:
+        """The enabled key with this plaintext, or None."""
+        return self._by_hash.get(hash_key(plaintext))
+
+    def reload_if_changed(self) -> bool:
+        """Reload if the file's inode, size or mtime moved; True if a new set is in place."""
+        if self.path is None:
+            return False
+        stamp = _file_stamp(self.path)
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp  # a bad file is reported once, not every second
+        if stamp is None:
+            log.error("keeping the last good API keys: %s has disappeared", self.path)
+            return False
+        try:
+            keys = read_keys_file(self.path)
+        except KeysFileError as exc:
+            log.error("keeping the last good API keys: %s", exc)
+            return False
+        self._by_hash = {k.sha256: k for k in keys if k.enabled}
+        log.info("reloaded %d enabled API keys from %s", len(self._by_hash), self.path)
+        return True
+
+    async def watch(self, interval_s: float = 1.0) -> None:
+        """Poll the file forever (a stat per interval); cancel to stop."""
+        while True:
+            await asyncio.sleep(interval_s)
+            self.reload_if_changed()
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+# Under /v1 every route needs a key except these, which clients and tooling fetch freely.
+_PUBLIC_PREFIXES = ("/v1/schema/", "/v1/openapi.json")
+
+
+def api_key_middleware(keys: KeyStore) -> Middleware:
+    """A middleware that admits /v1 requests carrying an enabled key in `x-api-key`."""
+
+    @web.middleware
+    async def check_api_key(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith("/v1/") and not request.path.startswith(_PUBLIC_PREFIXES):
+            supplied = request.headers.get("x-api-key")
+            if not supplied:
+                raise MissingApiKey("send an API key in the x-api-key header")
+            key = keys.lookup(supplied)
+            if key is None:
+                raise InvalidApiKey("the API key is unknown or disabled")
+            request[API_KEY] = key
+        return await handler(request)
+
+    return check_api_key

@@ -63,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    if settings.keys_file is None:
+        print(
+            "cafe-gateway: set CAFE_KEYS_FILE: without API keys no request gets in", file=sys.stderr
+        )
+        return 2
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -2,14 +2,35 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Kafka's own rule for topic names.
+_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
 
 class ConfigError(ValueError):
     """A setting has a value the gateway cannot run with; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class TopicSettings:
+    """The topic of each record type, and how many partitions a created topic gets."""
+
+    activity: str = "cafe.activity"
+    log: str = "cafe.log"
+    profile: str = "cafe.profile"
+    deadletter: str = "cafe.deadletter"
+    partitions: int = 6
+
+    def all(self) -> tuple[str, ...]:
+        """Every topic the gateway writes to."""
+        return (self.activity, self.log, self.profile, self.deadletter)
 
 
 @dataclass(frozen=True)
@@ -21,6 +42,9 @@ class KafkaSettings:
     # Records from concurrent requests wait this long to share one produce request.
     linger_ms: int = 5
     request_timeout_ms: int = 30_000
+    # A request whose records are not all acknowledged within this time gets a 503.
+    produce_timeout_ms: int = 5_000
+    topics: TopicSettings = field(default_factory=TopicSettings)
 
 
 @dataclass(frozen=True)
@@ -31,6 +55,9 @@ class Settings:
     port: int = 8080
     log_level: str = "INFO"
     keys_file: Path | None = None
+    # Peers whose X-Forwarded-For / Forwarded headers are believed.
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    max_body_bytes: int = 10 * 1024 * 1024
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
 
     @classmethod
@@ -38,12 +65,17 @@ class Settings:
         """Read `CAFE_*` variables; unset ones keep their defaults."""
         defaults = cls()
         kafka_defaults = defaults.kafka
+        topic_defaults = kafka_defaults.topics
         keys_file = env.get("CAFE_KEYS_FILE", "").strip()
         return cls(
             host=_text(env, "CAFE_HOST", defaults.host),
             port=_int(env, "CAFE_PORT", defaults.port, low=0, high=65535),
             log_level=_log_level(env, "CAFE_LOG_LEVEL", defaults.log_level),
             keys_file=Path(keys_file) if keys_file else None,
+            trusted_proxies=_networks(env, "CAFE_TRUSTED_PROXIES"),
+            max_body_bytes=_int(
+                env, "CAFE_MAX_BODY_BYTES", defaults.max_body_bytes, low=1024, high=1 << 30
+            ),
             kafka=KafkaSettings(
                 bootstrap=_bootstrap(env, "CAFE_KAFKA_BOOTSTRAP", kafka_defaults.bootstrap),
                 client_id=_text(env, "CAFE_KAFKA_CLIENT_ID", kafka_defaults.client_id),
@@ -56,6 +88,22 @@ class Settings:
                     kafka_defaults.request_timeout_ms,
                     low=1000,
                     high=300_000,
+                ),
+                produce_timeout_ms=_int(
+                    env,
+                    "CAFE_PRODUCE_TIMEOUT_MS",
+                    kafka_defaults.produce_timeout_ms,
+                    low=100,
+                    high=300_000,
+                ),
+                topics=TopicSettings(
+                    activity=_topic(env, "CAFE_TOPIC_ACTIVITY", topic_defaults.activity),
+                    log=_topic(env, "CAFE_TOPIC_LOG", topic_defaults.log),
+                    profile=_topic(env, "CAFE_TOPIC_PROFILE", topic_defaults.profile),
+                    deadletter=_topic(env, "CAFE_TOPIC_DEADLETTER", topic_defaults.deadletter),
+                    partitions=_int(
+                        env, "CAFE_TOPIC_PARTITIONS", topic_defaults.partitions, low=1, high=10_000
+                    ),
                 ),
             ),
         )
@@ -94,3 +142,22 @@ def _bootstrap(env: Mapping[str, str], name: str, default: str) -> str:
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ConfigError(f"{name}={value!r}: {server.strip()!r} is not host:port")
     return value
+
+
+def _topic(env: Mapping[str, str], name: str, default: str) -> str:
+    value = _text(env, name, default)
+    if not _TOPIC.fullmatch(value) or value in {".", ".."}:
+        raise ConfigError(f"{name}={value!r} is not a Kafka topic name ([A-Za-z0-9._-], <= 249)")
+    return value
+
+
+def _networks(env: Mapping[str, str], name: str) -> tuple[IPNetwork, ...]:
+    """Comma-separated CIDRs (a bare address is a /32 or /128)."""
+    networks = []
+    for item in env.get(name, "").split(","):
+        if item.strip():
+            try:
+                networks.append(ipaddress.ip_network(item.strip(), strict=False))
+            except ValueError:
+                raise ConfigError(f"{name}: {item.strip()!r} is not an IP network") from None
+    return tuple(networks)

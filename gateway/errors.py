@@ -1,8 +1,17 @@
 """Request errors as data, and the one middleware that renders them as RFC 9457 problems.
 
     GatewayError                 status + stable machine-readable `code`
+    ├── BadRequest               400
+    │   ├── InvalidJson          400 invalid_json       (not JSON at all)
+    │   ├── InvalidUtf8          400 invalid_utf8       (bytes that are not UTF-8)
+    │   └── InvalidEnvelope      400 invalid_envelope   (JSON, but not {"records": [1..500]})
+    ├── Unauthorized             401
+    │   ├── MissingApiKey        401 missing_api_key
+    │   └── InvalidApiKey        401 invalid_api_key    (unknown or disabled)
+    ├── PayloadTooLarge          413 payload_too_large
+    ├── UnsupportedMediaType     415 unsupported_media_type
     ├── NotReady                 503 not_ready          (Kafka unreachable, draining)
-    └── SinkUnavailable          503 kafka_unavailable  (a produce could not be acknowledged)
+    └── SinkUnavailable          503 kafka_unavailable  (records not acknowledged in time)
 
 aiohttp's own HTTP errors (404, 405, 413, ...) are rendered the same way, so every
 error a client sees has one shape: `application/problem+json` with `code` and `detail`.
@@ -11,12 +20,13 @@ error a client sees has one shape: `application/problem+json` with `code` and `d
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import ClassVar
 
-import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from gateway.responses import json_response
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +44,53 @@ class GatewayError(Exception):
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.detail = detail
+
+    def headers(self) -> dict[str, str]:
+        """Response headers that go with this error."""
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+
+
+class BadRequest(GatewayError):
+    status = 400
+    code = "bad_request"
+
+
+class InvalidJson(BadRequest):
+    code = "invalid_json"
+
+
+class InvalidUtf8(BadRequest):
+    code = "invalid_utf8"
+
+
+class InvalidEnvelope(BadRequest):
+    code = "invalid_envelope"
+
+
+class Unauthorized(GatewayError):
+    status = 401
+
+    def headers(self) -> dict[str, str]:
+        # RFC 9110 asks every 401 to name how to authenticate.
+        return {"WWW-Authenticate": 'ApiKey header="x-api-key"'}
+
+
+class MissingApiKey(Unauthorized):
+    code = "missing_api_key"
+
+
+class InvalidApiKey(Unauthorized):
+    code = "invalid_api_key"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(GatewayError):
+    status = 415
+    code = "unsupported_media_type"
 
 
 class NotReady(GatewayError):
@@ -73,14 +130,10 @@ def problem(
         "code": code,
         "detail": detail,
     }
-    return web.Response(
-        status=status, body=orjson.dumps(body), content_type=PROBLEM_JSON, headers=headers
-    )
+    return json_response(body, status=status, headers=headers, content_type=PROBLEM_JSON)
 
 
 _BODY_HEADERS = {"content-type", "content-length"}
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @web.middleware
@@ -100,8 +153,7 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             exc.code,
             exc.detail,
         )
-        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
-        return problem(exc.status, exc.code, exc.detail, headers=headers)
+        return problem(exc.status, exc.code, exc.detail, headers=exc.headers())
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -1,15 +1,15 @@
 """Liveness and readiness endpoints; neither needs an API key."""
 
-import orjson
 from aiohttp import web
 
 from gateway.errors import NotReady
+from gateway.responses import json_response
 from gateway.state import SETTINGS, SINK
 
 
 async def healthz(request: web.Request) -> web.Response:
     """The process is up and its event loop answers."""
-    return web.json_response({"status": "ok"}, dumps=_dumps)
+    return json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -17,8 +17,4 @@ async def readyz(request: web.Request) -> web.Response:
     if not await request.app[SINK].ready():
         bootstrap = request.app[SETTINGS].kafka.bootstrap
         raise NotReady(f"Kafka at {bootstrap} is not reachable")
-    return web.json_response({"status": "ready"}, dumps=_dumps)
-
-
-def _dumps(obj: object) -> str:
-    return orjson.dumps(obj).decode()
+    return json_response({"status": "ready"})

@@ -8,7 +8,8 @@ import logging
 from collections.abc import Sequence
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
 from gateway.config import KafkaSettings
 from gateway.errors import SinkUnavailable
@@ -21,13 +22,16 @@ _FIRST_RETRY_S = 0.25
 _LAST_RETRY_S = 5.0
 # A readiness probe that cannot reach a broker within this time answers "not ready".
 _READY_TIMEOUT_S = 2.0
+# Created topics get this many replicas, or one per broker on a smaller cluster.
+_REPLICATION = 3
 
 
 class KafkaSink:
     """Produces to Kafka with acks from all in-sync replicas and idempotence.
 
     `start` returns at once and connects in the background, retrying until the cluster
-    answers, so the gateway can boot (and report not-ready) while Kafka is down.
+    answers and every topic exists (created if missing), so the gateway can boot, and
+    report not-ready, while Kafka is down.
     """
 
     def __init__(self, settings: KafkaSettings) -> None:
@@ -44,9 +48,22 @@ class KafkaSink:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._connecting
         if self._producer is not None:
-            # stop() delivers what is buffered before closing connections.
-            await self._producer.stop()
+            await self._stop(self._producer)
             self._producer = None
+
+    async def _stop(self, producer: AIOKafkaProducer) -> None:
+        """Deliver what is buffered, for as long as a request would wait for it, then close."""
+        grace_s = self._settings.produce_timeout_ms / 1000
+        try:
+            async with asyncio.timeout(grace_s):
+                await producer.stop()
+        except TimeoutError:
+            # With idempotence aiokafka retries a batch until a broker takes it, so stop()
+            # would wait forever for a cluster that is gone. The requests these records
+            # came with have already been answered 503, so nothing acknowledged is lost.
+            log.error("Kafka took no buffered records within %gs; closing without them", grace_s)
+            await producer._sender.close()
+            await producer.client.close()
 
     async def ready(self) -> bool:
         producer = self._producer
@@ -67,10 +84,20 @@ class KafkaSink:
         producer = self._producer
         if producer is None:
             raise SinkUnavailable(f"not connected to Kafka at {self._settings.bootstrap}")
+        timeout_s = self._settings.produce_timeout_ms / 1000
         try:
-            # send() only enqueues (waiting for buffer space); the futures resolve on ack.
-            acks = [await producer.send(topic, value, key=key) for key, value in messages]
-            await asyncio.gather(*acks)
+            async with asyncio.timeout(timeout_s):
+                # send() only enqueues (waiting for buffer space); the futures resolve on
+                # ack. Enqueued in order, so one key's messages keep their order.
+                acks = [
+                    await producer.send(topic, m.value, key=m.key, headers=list(m.headers))
+                    for m in messages
+                ]
+                await asyncio.gather(*acks)
+        except TimeoutError:
+            raise SinkUnavailable(
+                f"Kafka did not acknowledge the records within {timeout_s:g}s"
+            ) from None
         except KafkaError as exc:
             raise SinkUnavailable(f"Kafka did not acknowledge the records: {exc}") from exc
 
@@ -93,10 +120,11 @@ class KafkaSink:
             producer = self._new_producer()
             try:
                 await producer.start()
-            except (KafkaError, OSError) as exc:
+                await self._ensure_topics(producer)
+            except (KafkaError, OSError, TimeoutError) as exc:
                 await producer.stop()
                 log.warning(
-                    "Kafka at %s unreachable (%s); retrying in %.2fs",
+                    "Kafka at %s not usable (%s); retrying in %.2fs",
                     self._settings.bootstrap,
                     exc,
                     delay,
@@ -107,3 +135,38 @@ class KafkaSink:
             self._producer = producer
             log.info("connected to Kafka at %s", self._settings.bootstrap)
             return
+
+    async def _ensure_topics(self, producer: AIOKafkaProducer) -> None:
+        """Create the topics that are missing, then wait until the producer sees them all."""
+        topics = self._settings.topics
+        brokers = len(producer.client.cluster.brokers())
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=self._settings.bootstrap,
+            client_id=self._settings.client_id,
+            request_timeout_ms=self._settings.request_timeout_ms,
+        )
+        await admin.start()
+        try:
+            existing = set(await admin.list_topics())
+            missing = [t for t in topics.all() if t not in existing]
+            if missing:
+                replicas = max(1, min(_REPLICATION, brokers))
+                response = await admin.create_topics(
+                    [NewTopic(t, topics.partitions, replicas) for t in missing]
+                )
+                for name, code, *_ in response.topic_errors:
+                    error = for_code(code)
+                    # Another gateway may have created it first.
+                    if code and error is not TopicAlreadyExistsError:
+                        raise error(f"cannot create topic {name}")
+                log.info(
+                    "created topics %s (%d partitions, %d replicas)",
+                    ", ".join(missing),
+                    topics.partitions,
+                    replicas,
+                )
+        finally:
+            await admin.close()
+        async with asyncio.timeout(self._settings.request_timeout_ms / 1000):
+            for topic in topics.all():
+                await producer.partitions_for(topic)

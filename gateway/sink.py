@@ -7,10 +7,15 @@ and for measuring the gateway's ceiling without a broker; it is never a default.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
-# One message: (key, value), both already encoded.
-Message = tuple[bytes, bytes]
+
+class Message(NamedTuple):
+    """One Kafka message, already encoded."""
+
+    key: bytes | None
+    value: bytes
+    headers: Sequence[tuple[str, bytes]] = ()
 
 
 class Sink(Protocol):
@@ -26,7 +31,10 @@ class Sink(Protocol):
         """True when a send now would reach the backend."""
 
     async def send(self, topic: str, messages: Sequence[Message]) -> None:
-        """Return once every message is acknowledged; raise `SinkUnavailable` otherwise."""
+        """Return once every message is acknowledged; raise `SinkUnavailable` otherwise.
+
+        Within one key, messages are stored in the order given.
+        """
 
 
 class MemorySink:

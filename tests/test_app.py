@@ -48,7 +48,7 @@ async def test_readyz_follows_the_sink(aiohttp_client: AiohttpClient) -> None:
 
 async def test_unknown_route_is_a_404_problem(aiohttp_client: AiohttpClient) -> None:
     client = await aiohttp_client(create_app(SETTINGS, sink=MemorySink()))
-    resp = await client.get("/v1/nothing-here")
+    resp = await client.get("/nothing-here")
     assert resp.status == 404
     assert resp.content_type == "application/problem+json"
     body = await resp.json(content_type=None)
@@ -88,3 +88,11 @@ async def test_the_sink_is_started_and_closed_with_the_app(aiohttp_client: Aioht
     assert sink.started and not sink.closed
     await client.close()
     assert sink.closed
+
+
+async def test_unknown_v1_routes_need_a_key_too(aiohttp_client: AiohttpClient) -> None:
+    # Without a key, the caller learns nothing about which /v1 routes exist.
+    client = await aiohttp_client(create_app(SETTINGS, sink=MemorySink()))
+    resp = await client.get("/v1/nothing-here")
+    assert resp.status == 401
+    assert (await resp.json(content_type=None))["code"] == "missing_api_key"

@@ -10,6 +10,7 @@ import pytest
 
 from gateway import auth
 from gateway.cli import main
+from tests.keys import KeyFile
 
 
 def test_a_minted_key_is_stored_as_its_hash_only(tmp_path: Path) -> None:
@@ -127,3 +128,44 @@ def test_a_malformed_file_is_reported_not_overwritten(
     assert main(["keys", "--keys-file", str(path), "create", "--platform", "web"]) == 1
     assert "not JSON" in capsys.readouterr().err
     assert path.read_text() == "{oops"
+
+
+def test_the_store_admits_enabled_keys_only(key_file: KeyFile) -> None:
+    _, other = key_file.add("web")
+    key_file.disable(other.id)
+    store = auth.KeyStore(key_file.path)
+    store.load()
+    assert store.lookup(key_file.key) == key_file.record
+    assert len(store) == 1
+    assert store.lookup("cafe_" + "x" * 43) is None
+
+
+def test_the_store_refuses_to_start_without_its_file(tmp_path: Path) -> None:
+    with pytest.raises(auth.KeysFileError, match="does not exist"):
+        auth.KeyStore(tmp_path / "absent.json").load()
+
+
+def test_the_store_reloads_changes_and_keeps_the_last_good_set(
+    key_file: KeyFile, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = auth.KeyStore(key_file.path)
+    store.load()
+    assert store.reload_if_changed() is False  # nothing changed
+
+    new_key, _ = key_file.add("web")
+    assert store.reload_if_changed() is True
+    assert store.lookup(new_key) is not None
+
+    key_file.path.write_text('{"keys": [{"id": "broken"}]}')
+    assert store.reload_if_changed() is False
+    assert "keeping the last good API keys" in caplog.text
+    assert store.lookup(new_key) is not None and store.lookup(key_file.key) is not None
+
+    key_file.path.unlink()
+    assert store.reload_if_changed() is False
+    assert store.lookup(key_file.key) is not None
+
+    _, record = auth.mint_key(("web",))
+    auth.write_keys_file(key_file.path, [record])
+    assert store.reload_if_changed() is True
+    assert store.lookup(key_file.key) is None

@@ -9,15 +9,18 @@ A broker that cannot be had fails the tests; it never skips them.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 REPO = Path(__file__).resolve().parents[2]
@@ -108,3 +111,36 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_line(
             f"integration tests ran against Kafka at {broker.bootstrap} ({broker.source})"
         )
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], *, within: float = 30.0) -> None:
+    """Poll `check` until it is true; fail after `within` seconds (a deadline, not a timing)."""
+    deadline = time.monotonic() + within
+    while not await check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {within}s")
+        await asyncio.sleep(0.1)
+
+
+async def consume_all(
+    bootstrap: str, topic: str, partitions: int = TOPIC_PARTITIONS
+) -> list[ConsumerRecord]:
+    """Every message on `topic`, read up to the end offsets it has now.
+
+    Reading to the end offsets, not until a quiet period, proves positively that
+    nothing else is there.
+    """
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        seen: list[ConsumerRecord] = []
+        while [tp for tp in tps if await consumer.position(tp) < end[tp]]:
+            batches = await consumer.getmany(*tps, timeout_ms=1000)
+            seen.extend(msg for msgs in batches.values() for msg in msgs)
+        return seen
+    finally:
+        await consumer.stop()

@@ -3,31 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from aiohttp.test_utils import TestClient
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from gateway.app import create_app
 from gateway.config import KafkaSettings, Settings
 from gateway.kafka import KafkaSink
-from tests.integration.conftest import TOPIC_PARTITIONS, Broker
+from gateway.sink import Message
+from tests.integration.conftest import Broker, consume_all, eventually
 from tests.integration.tcp_proxy import TcpProxy, free_port
 
 pytestmark = pytest.mark.integration
 
 AiohttpClient = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], *, within: float = 30.0) -> None:
-    """Poll `check` until it is true; fail after `within` seconds (a deadline, not a timing)."""
-    deadline = time.monotonic() + within
-    while not await check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {within}s")
-        await asyncio.sleep(0.1)
 
 
 @pytest.fixture
@@ -39,33 +29,13 @@ async def sink(kafka: Broker) -> AsyncIterator[KafkaSink]:
     await sink.close()
 
 
-async def consume_all(bootstrap: str, topic: str) -> list[tuple[int, bytes, bytes]]:
-    """Every (partition, key, value) on `topic`, read up to the end offsets known now."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        partitions = [TopicPartition(topic, p) for p in range(TOPIC_PARTITIONS)]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        end = await consumer.end_offsets(partitions)
-        seen: list[tuple[int, bytes, bytes]] = []
-        while [tp for tp in partitions if await consumer.position(tp) < end[tp]]:
-            batches = await consumer.getmany(*partitions, timeout_ms=1000)
-            seen.extend(
-                (tp.partition, msg.key, msg.value) for tp, msgs in batches.items() for msg in msgs
-            )
-        return seen
-    finally:
-        await consumer.stop()
-
-
 async def test_every_sent_record_is_on_the_topic_in_key_order(
     kafka: Broker, topic: str, sink: KafkaSink
 ) -> None:
     sent = [(f"session-{i % 20}".encode(), f"record-{i}".encode()) for i in range(300)]
-    await sink.send(topic, sent)
+    await sink.send(topic, [Message(key, value) for key, value in sent])
 
-    seen = await consume_all(kafka.bootstrap, topic)
+    seen = [(m.partition, m.key, m.value) for m in await consume_all(kafka.bootstrap, topic)]
 
     # Exactly what was sent, nothing more: the end offsets bound what was read.
     assert sorted((k, v) for _, k, v in seen) == sorted(sent)

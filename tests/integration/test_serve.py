@@ -7,12 +7,14 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import aiohttp
 import pytest
 
 from tests.integration.conftest import Broker
 from tests.integration.tcp_proxy import free_port
+from tests.keys import KeyFile
 
 pytestmark = pytest.mark.integration
 
@@ -29,9 +31,17 @@ async def serve(env: dict[str, str]) -> asyncio.subprocess.Process:
     )
 
 
-async def test_serve_becomes_ready_over_http_and_exits_0_on_sigterm(kafka: Broker) -> None:
+async def test_serve_becomes_ready_over_http_and_exits_0_on_sigterm(
+    kafka: Broker, key_file: KeyFile
+) -> None:
     port = free_port()
-    proc = await serve({"CAFE_PORT": str(port), "CAFE_KAFKA_BOOTSTRAP": kafka.bootstrap})
+    proc = await serve(
+        {
+            "CAFE_PORT": str(port),
+            "CAFE_KAFKA_BOOTSTRAP": kafka.bootstrap,
+            "CAFE_KEYS_FILE": str(key_file.path),
+        }
+    )
     try:
         async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
             deadline = time.monotonic() + 30
@@ -50,6 +60,8 @@ async def test_serve_becomes_ready_over_http_and_exits_0_on_sigterm(kafka: Broke
             async with http.get("/nope") as resp:
                 assert resp.status == 404
                 assert (await resp.json(content_type=None))["code"] == "not_found"
+            async with http.get("/v1/ip", headers={"x-api-key": key_file.key}) as resp:
+                assert await resp.json() == {"ip": "127.0.0.1"}
         proc.send_signal(signal.SIGTERM)
         output, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
         assert proc.returncode == 0, output.decode(errors="replace")
@@ -57,6 +69,20 @@ async def test_serve_becomes_ready_over_http_and_exits_0_on_sigterm(kafka: Broke
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_serve_refuses_to_start_without_keys() -> None:
+    proc = await serve({"CAFE_KEYS_FILE": ""})
+    output, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
+    assert proc.returncode == 2
+    assert "set CAFE_KEYS_FILE" in output.decode()
+
+
+async def test_serve_refuses_a_keys_file_that_does_not_exist(tmp_path: Path) -> None:
+    proc = await serve({"CAFE_KEYS_FILE": str(tmp_path / "absent.json"), "CAFE_PORT": "0"})
+    output, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
+    assert proc.returncode != 0
+    assert "absent.json does not exist" in output.decode()
 
 
 async def test_serve_refuses_a_bad_setting_naming_the_variable() -> None:

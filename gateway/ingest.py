@@ -1,0 +1,128 @@
+"""POST /v1/activity|log|profile: read, parse, validate, produce, await acks, respond."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from gateway.auth import API_KEY, ApiKey
+from gateway.clientip import client_ip
+from gateway.errors import InvalidJson, InvalidUtf8, PayloadTooLarge, UnsupportedMediaType
+from gateway.responses import json_response
+from gateway.schemas import SCHEMA_VERSION, RecordType, record_error, records_of
+from gateway.sink import Message
+from gateway.state import RECORD_TYPES, SETTINGS, SINK
+
+
+async def ingest(request: web.Request) -> web.Response:
+    """Accept a batch of records of the type named by the route."""
+    record_type = request.app[RECORD_TYPES][request.match_info["record_type"]]
+    settings = request.app[SETTINGS]
+    key = request[API_KEY]
+    request_id = uuid.uuid4().hex
+
+    records = records_of(await _read_json(request, settings.max_body_bytes))
+
+    headers = _kafka_headers(request, record_type, key, request_id)
+    accepted: list[Message] = []
+    dead: list[Message] = []
+    rejections: list[dict[str, Any]] = []
+    for index, record in enumerate(records):
+        reason, error = _check(record_type, key, record)
+        if error is None:
+            accepted.append(Message(record["sessionId"].encode(), orjson.dumps(record), headers))
+            continue
+        rejection = {"index": index, "reason": reason, "errors": [error]}
+        if isinstance(record, dict) and isinstance(record.get("eventId"), str):
+            rejection["eventId"] = record["eventId"]
+        rejections.append(rejection)
+        dead.append(_dead_letter(record, headers, reason, [error]))
+
+    sink = request.app[SINK]
+    sends = [(record_type.topic, accepted), (settings.kafka.topics.deadletter, dead)]
+    # Valid records and dead letters go out together; the answer waits for both.
+    results = await asyncio.gather(
+        *(sink.send(topic, messages) for topic, messages in sends if messages),
+        return_exceptions=True,
+    )
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+    response_headers = {"X-Request-Id": request_id}
+    if not rejections:
+        return json_response({"accepted": len(accepted)}, headers=response_headers)
+    body = {"accepted": len(accepted), "rejected": len(rejections), "rejections": rejections}
+    status = 207 if accepted else 422
+    return json_response(body, status=status, headers=response_headers)
+
+
+def _check(record_type: RecordType, key: ApiKey, record: Any) -> tuple[str, dict[str, str] | None]:
+    """("ok", None), or the reason a record is rejected and its error."""
+    error = record_error(record_type, record)
+    if error is not None:
+        return "invalid", error
+    if record["productPlatform"] not in key.platforms:
+        return "forbidden", {
+            "pointer": "/productPlatform",
+            "message": f"this API key may not write platform {record['productPlatform']!r}",
+        }
+    return "ok", None
+
+
+async def _read_json(request: web.Request, limit: int) -> Any:
+    """The body parsed as JSON, after the media type and size checks."""
+    if request.content_type != "application/json" and not request.content_type.endswith("+json"):
+        raise UnsupportedMediaType(
+            f"send Content-Type: application/json, not {request.content_type!r}"
+        )
+    if request.charset is not None and request.charset.lower() not in ("utf-8", "utf8"):
+        raise UnsupportedMediaType(f"the body must be UTF-8, not {request.charset!r}")
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"the body is {request.content_length} bytes; the limit is {limit}")
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes") from None
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        if "UTF-8" in str(exc):
+            raise InvalidUtf8(f"the body is not valid UTF-8: {exc}") from None
+        raise InvalidJson(f"the body is not JSON: {exc}") from None
+
+
+def _kafka_headers(
+    request: web.Request, record_type: RecordType, key: ApiKey, request_id: str
+) -> list[tuple[str, bytes]]:
+    """What every message of this request carries besides the record itself."""
+    settings = request.app[SETTINGS]
+    received_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return [
+        ("cafe-key-id", key.id.encode()),
+        ("cafe-client-ip", client_ip(request, settings.trusted_proxies).encode()),
+        ("cafe-received-at", received_at.encode()),
+        ("cafe-request-id", request_id.encode()),
+        ("cafe-schema", record_type.name.encode()),
+        ("cafe-schema-version", str(SCHEMA_VERSION).encode()),
+    ]
+
+
+def _dead_letter(
+    record: Any, headers: Sequence[tuple[str, bytes]], reason: str, errors: list[dict[str, str]]
+) -> Message:
+    """A rejected record as sent, with why it was rejected in its headers."""
+    session = record.get("sessionId") if isinstance(record, dict) else None
+    key = session.encode() if isinstance(session, str) else None
+    reject_headers = [
+        *headers,
+        ("cafe-reject-reason", reason.encode()),
+        ("cafe-errors", orjson.dumps(errors)),
+    ]
+    return Message(key, orjson.dumps(record), reject_headers)

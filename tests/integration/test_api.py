@@ -1,0 +1,311 @@
+"""The CAFe API end to end: HTTP in, records on real Kafka topics out."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient
+from aiokafka.admin import AIOKafkaAdminClient
+
+from gateway.app import create_app
+from gateway.config import KafkaSettings, Settings, TopicSettings
+from tests.integration.conftest import (
+    KAFKA_SH,
+    TOPIC_PARTITIONS,
+    Broker,
+    consume_all,
+    eventually,
+)
+from tests.integration.tcp_proxy import free_port
+from tests.keys import KeyFile, make_key_file
+from tests.spec_samples import curl_bodies
+
+pytestmark = pytest.mark.integration
+
+AiohttpClient = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
+NAMES = ("activity", "log", "profile")
+
+
+class Gateway:
+    """A running gateway on real Kafka, with its own topics and keys file."""
+
+    def __init__(
+        self,
+        client: TestClient,  # type: ignore[type-arg]
+        bootstrap: str,
+        topics: TopicSettings,
+        key_file: KeyFile,
+    ) -> None:
+        self.client = client
+        self.bootstrap = bootstrap
+        self.topics = topics
+        self.key_file = key_file
+
+    async def post(
+        self,
+        name: str,
+        body: bytes,
+        *,
+        key: str | None = None,
+        content_type: str = "application/json",
+    ) -> tuple[int, Any]:
+        headers = {"Content-Type": content_type}
+        if key != "":
+            headers["x-api-key"] = key or self.key_file.key
+        resp = await self.client.post(f"/v1/{name}", data=body, headers=headers)
+        return resp.status, await resp.json(content_type=None)
+
+    async def on_topic(self, topic: str) -> list[Any]:
+        return await consume_all(self.bootstrap, topic)
+
+    async def counts(self) -> dict[str, int]:
+        """How many messages each of the gateway's topics holds."""
+        return {t: len(await self.on_topic(t)) for t in self.topics.all()}
+
+
+def unique_topics() -> TopicSettings:
+    prefix = f"it.{uuid.uuid4().hex[:10]}"
+    return TopicSettings(
+        activity=f"{prefix}.activity",
+        log=f"{prefix}.log",
+        profile=f"{prefix}.profile",
+        deadletter=f"{prefix}.deadletter",
+        partitions=TOPIC_PARTITIONS,
+    )
+
+
+async def start_gateway(
+    aiohttp_client: AiohttpClient, bootstrap: str, key_file: KeyFile, **kafka: Any
+) -> Gateway:
+    topics = unique_topics()
+    settings = Settings(
+        keys_file=key_file.path,
+        max_body_bytes=256 * 1024,
+        kafka=KafkaSettings(bootstrap=bootstrap, topics=topics, **kafka),
+    )
+    client = await aiohttp_client(create_app(settings))
+
+    async def ready() -> bool:
+        return (await client.get("/readyz")).status == 200
+
+    await eventually(ready)
+    return Gateway(client, bootstrap, topics, key_file)
+
+
+@pytest.fixture
+async def gateway(
+    aiohttp_client: AiohttpClient, kafka: Broker, key_file: KeyFile
+) -> AsyncIterator[Gateway]:
+    gw = await start_gateway(aiohttp_client, kafka.bootstrap, key_file)
+    yield gw
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics(list(gw.topics.all()))
+    finally:
+        await admin.close()
+
+
+@pytest.mark.parametrize("name", NAMES)
+async def test_the_spec_curl_sample_lands_on_its_topic(gateway: Gateway, name: str) -> None:
+    status, body = await gateway.post(name, curl_bodies()[name])
+    assert (status, body) == (200, {"accepted": 1})
+
+    (sent,) = orjson.loads(curl_bodies()[name])["records"]
+    topic = getattr(gateway.topics, name)
+    (message,) = await gateway.on_topic(topic)
+    assert message.key == sent["sessionId"].encode()
+    stored = orjson.loads(message.value)
+    assert stored.keys() == sent.keys()
+    for field, value in sent.items():
+        assert stored[field] == value, field
+    headers = dict(message.headers)
+    assert headers["cafe-key-id"] == gateway.key_file.record.id.encode()
+    assert headers["cafe-schema"] == name.encode()
+    assert {k for k in headers} == {
+        "cafe-key-id",
+        "cafe-client-ip",
+        "cafe-received-at",
+        "cafe-request-id",
+        "cafe-schema",
+        "cafe-schema-version",
+    }
+    # Exactly one message, on this topic only.
+    assert await gateway.counts() == {t: int(t == topic) for t in gateway.topics.all()}
+
+
+async def test_a_mixed_batch_puts_valid_records_on_the_topic_and_the_rest_in_dead_letters(
+    gateway: Gateway,
+) -> None:
+    (good,) = orjson.loads(curl_bodies()["activity"])["records"]
+    batch = [
+        {**good, "eventId": "ok-1"},
+        {**good, "eventId": "late", "eventTime": "2019-01-21T11: 54: 37.805-08: 00"},
+        {**good, "eventId": "ok-2"},
+        {**good, "eventId": "elsewhere", "productPlatform": "billing"},
+    ]
+    status, body = await gateway.post("activity", orjson.dumps({"records": batch}))
+    assert status == 207
+    assert (body["accepted"], body["rejected"]) == (2, 2)
+    assert [(r["index"], r["eventId"], r["reason"]) for r in body["rejections"]] == [
+        (1, "late", "invalid"),
+        (3, "elsewhere", "forbidden"),
+    ]
+
+    accepted = await gateway.on_topic(gateway.topics.activity)
+    assert sorted(orjson.loads(m.value)["eventId"] for m in accepted) == ["ok-1", "ok-2"]
+    dead = await gateway.on_topic(gateway.topics.deadletter)
+    assert sorted(orjson.loads(m.value)["eventId"] for m in dead) == ["elsewhere", "late"]
+    reasons = {orjson.loads(m.value)["eventId"]: dict(m.headers) for m in dead}
+    assert reasons["late"]["cafe-reject-reason"] == b"invalid"
+    assert orjson.loads(reasons["late"]["cafe-errors"])[0]["pointer"] == "/eventTime"
+    assert reasons["elsewhere"]["cafe-reject-reason"] == b"forbidden"
+
+
+async def test_request_errors_produce_nothing(gateway: Gateway) -> None:
+    sample = curl_bodies()["log"]
+    (record,) = orjson.loads(sample)["records"]
+    disabled_key, disabled = gateway.key_file.add("analytics-portal")
+    gateway.key_file.disable(disabled.id)
+
+    async def key_disabled() -> bool:
+        return (await gateway.post("log", sample, key=disabled_key))[0] == 401
+
+    await eventually(key_disabled, within=10)
+
+    cases = [
+        (await gateway.post("log", b'{"records": [{"messageType": '), 400, "invalid_json"),
+        (await gateway.post("log", b'{"records": []}'), 400, "invalid_envelope"),
+        (
+            await gateway.post("log", orjson.dumps({"records": [record] * 501})),
+            400,
+            "invalid_envelope",
+        ),
+        (
+            await gateway.post("log", orjson.dumps({"records": [record], "batch": 1})),
+            400,
+            "invalid_envelope",
+        ),
+        (
+            await gateway.post("log", sample, content_type="text/plain"),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            await gateway.post(
+                "log", orjson.dumps({"records": [record] * 500, "pad": "x" * 300_000})
+            ),
+            413,
+            "payload_too_large",
+        ),
+        (await gateway.post("log", sample, key=""), 401, "missing_api_key"),
+        (await gateway.post("log", sample, key="cafe_not_a_key"), 401, "invalid_api_key"),
+        (await gateway.post("log", sample, key=disabled_key), 401, "invalid_api_key"),
+    ]
+    for (status, body), want_status, want_code in cases:
+        assert (status, body["code"]) == (want_status, want_code), body
+    assert await gateway.counts() == dict.fromkeys(gateway.topics.all(), 0)
+
+
+async def test_a_platform_the_key_may_not_write_is_rejected_into_dead_letters(
+    gateway: Gateway,
+) -> None:
+    web_key, _ = gateway.key_file.add("web-shop")
+
+    async def key_loaded() -> bool:
+        return (await gateway.post("log", curl_bodies()["log"], key=web_key))[0] != 401
+
+    await eventually(key_loaded, within=5)
+    status, body = await gateway.post("log", curl_bodies()["log"], key=web_key)
+    assert status == 422
+    assert body["rejections"][0]["reason"] == "forbidden"
+    counts = await gateway.counts()
+    assert counts[gateway.topics.log] == 0
+    # One dead letter per attempt: the poll above and the request checked here.
+    assert counts[gateway.topics.deadletter] == 2
+
+
+async def test_key_file_edits_apply_while_the_gateway_runs(gateway: Gateway) -> None:
+    sample = curl_bodies()["log"]
+    new_key, new_record = gateway.key_file.add("analytics-portal")
+
+    async def new_key_works() -> bool:
+        return (await gateway.post("log", sample, key=new_key))[0] == 200
+
+    await eventually(new_key_works, within=5)
+
+    gateway.key_file.disable(new_record.id)
+
+    async def new_key_refused() -> bool:
+        return (await gateway.post("log", sample, key=new_key))[0] == 401
+
+    await eventually(new_key_refused, within=5)
+    # The original key kept working throughout.
+    assert (await gateway.post("log", sample))[0] == 200
+
+
+@pytest.fixture
+def spare_broker() -> Iterator[tuple[str, dict[str, str]]]:
+    """A broker of our own on free ports, which a test may freeze or stop."""
+    env = {
+        **os.environ,
+        "CAFE_KAFKA_PORT": str(free_port()),
+        "CAFE_KAFKA_CONTROLLER_PORT": str(free_port()),
+    }
+    subprocess.run([str(KAFKA_SH), "up"], env=env, check=True, capture_output=True, timeout=180)
+    try:
+        yield f"127.0.0.1:{env['CAFE_KAFKA_PORT']}", env
+    finally:
+        subprocess.run([str(KAFKA_SH), "down"], env=env, check=True, capture_output=True)
+
+
+def _broker_pid(env: dict[str, str]) -> int:
+    home = Path(env.get("CAFE_KAFKA_HOME", Path.home() / ".cache/cafe-gateway/kafka"))
+    return int((home / f"run-{env['CAFE_KAFKA_PORT']}" / "broker.pid").read_text())
+
+
+async def test_kafka_frozen_or_down_is_503_with_retry_after(
+    aiohttp_client: AiohttpClient, tmp_path: Path, spare_broker: tuple[str, dict[str, str]]
+) -> None:
+    bootstrap, env = spare_broker
+    gw = await start_gateway(
+        aiohttp_client, bootstrap, make_key_file(tmp_path), produce_timeout_ms=1500
+    )
+    sample = curl_bodies()["log"]
+    assert await gw.post("log", sample) == (200, {"accepted": 1})
+
+    # A broker that takes no requests (frozen) never acknowledges: 503, not a hang.
+    pid = _broker_pid(env)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        resp = await gw.client.post(
+            "/v1/log",
+            data=sample,
+            headers={"Content-Type": "application/json", "x-api-key": gw.key_file.key},
+        )
+        assert resp.status == 503
+        assert resp.headers["Retry-After"] == "1"
+        assert (await resp.json(content_type=None))["code"] == "kafka_unavailable"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+    # A broker that is gone: 503 again, and readiness says so.
+    await asyncio.to_thread(
+        subprocess.run, [str(KAFKA_SH), "down"], env=env, check=True, capture_output=True
+    )
+    status, body = await gw.post("log", sample)
+    assert (status, body["code"]) == (503, "kafka_unavailable")
+
+    async def not_ready() -> bool:
+        return (await gw.client.get("/readyz")).status == 503
+
+    await eventually(not_ready, within=10)

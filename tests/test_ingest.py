@@ -1,0 +1,258 @@
+"""POST /v1/<type> with an in-memory sink: statuses, bodies, and what is produced where."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient
+
+from gateway.app import create_app
+from gateway.config import Settings
+from gateway.errors import SinkUnavailable
+from gateway.sink import MemorySink, Message
+from tests.keys import KeyFile
+from tests.spec_samples import curl_bodies
+
+AiohttpClient = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
+LIMIT = 256 * 1024
+UNSUPPORTED = "unsupported_media_type"
+
+
+class Gateway:
+    """A test client, its sink, and the key it sends."""
+
+    def __init__(self, client: TestClient, sink: MemorySink, key_file: KeyFile) -> None:  # type: ignore[type-arg]
+        self.client = client
+        self.sink = sink
+        self.key_file = key_file
+
+    async def post(
+        self, path: str, body: bytes | Any, *, key: str | None = None, **headers: str
+    ) -> tuple[int, Any, Any]:
+        data = body if isinstance(body, bytes) else orjson.dumps(body)
+        sent = {"Content-Type": "application/json", "x-api-key": key or self.key_file.key}
+        sent.update({k.replace("_", "-"): v for k, v in headers.items()})
+        resp = await self.client.post(path, data=data, headers=sent)
+        return resp.status, await resp.json(content_type=None), resp
+
+    def produced(self, topic: str) -> list[Message]:
+        return self.sink.topics.get(topic, [])
+
+
+@pytest.fixture
+async def gw(aiohttp_client: AiohttpClient, key_file: KeyFile) -> Gateway:
+    sink = MemorySink()
+    settings = Settings(keys_file=key_file.path, max_body_bytes=LIMIT)
+    client = await aiohttp_client(create_app(settings, sink=sink))
+    return Gateway(client, sink, key_file)
+
+
+def record(name: str, **changes: Any) -> dict[str, Any]:
+    base: dict[str, Any] = orjson.loads(curl_bodies()[name])["records"][0]
+    return {**base, **changes}
+
+
+@pytest.mark.parametrize("name", ["activity", "log", "profile"])
+async def test_a_valid_batch_is_200_and_produced_with_headers(gw: Gateway, name: str) -> None:
+    status, body, resp = await gw.post(f"/v1/{name}", curl_bodies()[name])
+    assert (status, body) == (200, {"accepted": 1})
+    (message,) = gw.produced(f"cafe.{name}")
+    sent = orjson.loads(curl_bodies()[name])["records"][0]
+    assert message.key == sent["sessionId"].encode()
+    assert orjson.loads(message.value) == sent
+    headers = dict(message.headers)
+    assert headers["cafe-key-id"] == gw.key_file.record.id.encode()
+    assert headers["cafe-client-ip"] == b"127.0.0.1"
+    assert headers["cafe-schema"] == name.encode()
+    assert headers["cafe-schema-version"] == b"1"
+    assert headers["cafe-request-id"] == resp.headers["X-Request-Id"].encode()
+    assert headers["cafe-received-at"].endswith(b"Z")
+    assert gw.key_file.key.encode() not in message.value + b"".join(headers.values())
+
+
+async def test_order_within_a_batch_is_kept(gw: Gateway) -> None:
+    batch = [record("log", logMessage=f"line {i}") for i in range(500)]
+    status, body, _ = await gw.post("/v1/log", {"records": batch})
+    assert (status, body) == (200, {"accepted": 500})
+    assert [orjson.loads(m.value)["logMessage"] for m in gw.produced("cafe.log")] == [
+        f"line {i}" for i in range(500)
+    ]
+
+
+async def test_a_mixed_batch_is_207_and_rejects_go_to_the_dead_letter_topic(gw: Gateway) -> None:
+    batch: list[Any] = [
+        record("activity", eventId="good-1"),
+        record("activity", eventId="bad-time", eventTime="yesterday"),
+        record("activity", eventId="good-2"),
+        record("activity", eventId="other-platform", productPlatform="billing"),
+        "not a record",
+    ]
+    status, body, _ = await gw.post("/v1/activity", {"records": batch})
+    assert status == 207
+    assert body == {
+        "accepted": 2,
+        "rejected": 3,
+        "rejections": [
+            {
+                "index": 1,
+                "eventId": "bad-time",
+                "reason": "invalid",
+                "errors": [
+                    {"pointer": "/eventTime", "message": "record.eventTime must be date-time"}
+                ],
+            },
+            {
+                "index": 3,
+                "eventId": "other-platform",
+                "reason": "forbidden",
+                "errors": [
+                    {
+                        "pointer": "/productPlatform",
+                        "message": "this API key may not write platform 'billing'",
+                    }
+                ],
+            },
+            {
+                "index": 4,
+                "reason": "invalid",
+                "errors": [{"pointer": "", "message": "record must be object"}],
+            },
+        ],
+    }
+    assert [orjson.loads(m.value)["eventId"] for m in gw.produced("cafe.activity")] == [
+        "good-1",
+        "good-2",
+    ]
+    dead = gw.produced("cafe.deadletter")
+    assert [orjson.loads(m.value) for m in dead] == [batch[1], batch[3], batch[4]]
+    assert [dict(m.headers)["cafe-reject-reason"] for m in dead] == [
+        b"invalid",
+        b"forbidden",
+        b"invalid",
+    ]
+    assert orjson.loads(dict(dead[0].headers)["cafe-errors"]) == body["rejections"][0]["errors"]
+    assert dead[0].key == batch[1]["sessionId"].encode()
+    assert dead[2].key is None
+
+
+async def test_nothing_accepted_is_422_with_the_same_body(gw: Gateway) -> None:
+    status, body, _ = await gw.post("/v1/log", {"records": [record("log", logLevel="LOUD")]})
+    assert status == 422
+    assert body["accepted"] == 0 and body["rejected"] == 1
+    assert body["rejections"][0]["errors"][0]["pointer"] == "/logLevel"
+    assert gw.produced("cafe.log") == []
+    assert len(gw.produced("cafe.deadletter")) == 1
+
+
+async def test_a_record_of_another_type_is_rejected(gw: Gateway) -> None:
+    status, body, _ = await gw.post("/v1/log", curl_bodies()["activity"])
+    assert status == 422
+    assert body["rejections"][0]["reason"] == "invalid"
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "code"),
+    [
+        (b"{not json", {}, 400, "invalid_json"),
+        (b'{"records": [\xff]}', {}, 400, "invalid_utf8"),
+        (b"", {}, 400, "invalid_json"),
+        (b'{"records": []}', {}, 400, "invalid_envelope"),
+        (orjson.dumps({"records": [{}] * 501}), {}, 400, "invalid_envelope"),
+        (b'{"records": [{}], "more": 1}', {}, 400, "invalid_envelope"),
+        (b'[{"records": [{}]}]', {}, 400, "invalid_envelope"),
+        (b"{}", {"Content_Type": "text/plain"}, 415, UNSUPPORTED),
+        (b"{}", {"Content_Type": "application/x-www-form-urlencoded"}, 415, UNSUPPORTED),
+        (b"{}", {"Content_Type": "application/json; charset=latin-1"}, 415, UNSUPPORTED),
+        (b" " * (LIMIT + 1), {}, 413, "payload_too_large"),
+    ],
+)  # fmt: skip
+async def test_request_errors_are_problems_and_produce_nothing(
+    gw: Gateway, body: bytes, headers: dict[str, str], status: int, code: str
+) -> None:
+    got_status, got, resp = await gw.post("/v1/activity", body, **headers)
+    assert (got_status, got["code"]) == (status, code)
+    assert resp.content_type == "application/problem+json"
+    assert got["status"] == status and got["detail"]
+    assert gw.sink.topics == {}
+
+
+async def test_json_with_a_charset_or_json_suffix_is_accepted(gw: Gateway) -> None:
+    for content_type in ("application/json; charset=utf-8", "application/vnd.cafe+json"):
+        status, _, _ = await gw.post("/v1/log", curl_bodies()["log"], Content_Type=content_type)
+        assert status == 200
+
+
+async def test_a_chunked_body_over_the_limit_is_413(gw: Gateway) -> None:
+    async def chunks() -> Any:
+        for _ in range(LIMIT // 1024 + 1):
+            yield b" " * 1024
+
+    resp = await gw.client.post(
+        "/v1/log",
+        data=chunks(),
+        headers={"Content-Type": "application/json", "x-api-key": gw.key_file.key},
+    )
+    assert resp.status == 413
+    assert (await resp.json(content_type=None))["code"] == "payload_too_large"
+
+
+@pytest.mark.parametrize(
+    ("key", "code"),
+    [(None, "missing_api_key"), ("", "missing_api_key"), ("cafe_wrong", "invalid_api_key")],
+)
+async def test_a_missing_or_unknown_key_is_401(gw: Gateway, key: str | None, code: str) -> None:
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["x-api-key"] = key
+    resp = await gw.client.post("/v1/log", data=curl_bodies()["log"], headers=headers)
+    assert resp.status == 401
+    assert resp.headers["WWW-Authenticate"].startswith("ApiKey")
+    assert (await resp.json(content_type=None))["code"] == code
+    assert gw.sink.topics == {}
+
+
+async def test_the_key_header_name_is_case_insensitive(gw: Gateway) -> None:
+    resp = await gw.client.post(
+        "/v1/log",
+        data=curl_bodies()["log"],
+        headers={"Content-Type": "application/json", "X-API-KEY": gw.key_file.key},
+    )
+    assert resp.status == 200
+
+
+async def test_the_plaintext_key_is_in_no_error_body(gw: Gateway) -> None:
+    _, body, _ = await gw.post("/v1/log", b"{oops")
+    wrong = gw.key_file.key + "x"
+    _, body2, _ = await gw.post("/v1/log", b"{}", key=wrong)
+    assert gw.key_file.key not in orjson.dumps([body, body2]).decode()
+
+
+async def test_a_sink_failure_is_503_with_retry_after(
+    gw: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def fail(topic: str, messages: Any) -> None:
+        raise SinkUnavailable("Kafka did not acknowledge the records within 5s")
+
+    monkeypatch.setattr(gw.sink, "send", fail)
+    status, body, resp = await gw.post("/v1/log", curl_bodies()["log"])
+    assert (status, body["code"]) == (503, "kafka_unavailable")
+    assert resp.headers["Retry-After"] == "1"
+
+
+async def test_unknown_record_type_is_404_for_a_keyed_caller(gw: Gateway) -> None:
+    status, body, _ = await gw.post("/v1/metrics", curl_bodies()["log"])
+    assert (status, body["code"]) == (404, "not_found")
+
+
+async def test_the_plaintext_key_is_never_logged(
+    gw: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG")
+    await gw.post("/v1/log", curl_bodies()["log"])
+    await gw.post("/v1/log", b"{oops")
+    await gw.post("/v1/log", curl_bodies()["log"], key=gw.key_file.key + "x")
+    assert caplog.records, "expected some log lines at DEBUG"
+    assert gw.key_file.key not in caplog.text

@@ -1,0 +1,225 @@
+"""Record schemas: the spec's samples pass, strictness holds, errors point at the field."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import fastjsonschema
+import orjson
+import pytest
+
+from gateway.config import TopicSettings
+from gateway.errors import InvalidEnvelope
+from gateway.schemas import (
+    MAX_RECORDS,
+    is_rfc3339_date_time,
+    load_record_types,
+    record_error,
+    records_of,
+    schema_dir,
+)
+from tests.spec_samples import curl_bodies, sample_requests
+
+TYPES = load_record_types(TopicSettings())
+
+
+def curl_record(name: str) -> dict[str, Any]:
+    record: dict[str, Any] = orjson.loads(curl_bodies()[name])["records"][0]
+    return record
+
+
+@pytest.mark.parametrize("name", ["activity", "log", "profile"])
+def test_the_spec_curl_samples_are_valid(name: str) -> None:
+    assert record_error(TYPES[name], curl_record(name)) is None
+
+
+@pytest.mark.parametrize("name", ["activity", "log"])
+def test_the_spec_sample_requests_are_valid(name: str) -> None:
+    (record,) = sample_requests()[name]["records"]
+    assert record_error(TYPES[name], record) is None
+
+
+def test_the_profile_sample_request_with_spaces_in_its_time_is_rejected() -> None:
+    (record,) = sample_requests()["profile"]["records"]
+    assert record["eventTime"] == "2019-01-21T11: 54: 37.805-08: 00"
+    assert record_error(TYPES["profile"], record) == {
+        "pointer": "/eventTime",
+        "message": "record.eventTime must be date-time",
+    }
+
+
+REQUIRED = {
+    "activity": [
+        "messageFormatVersion", "messageType", "eventTime", "productEnvironment",
+        "productPlatform", "sessionId", "eventId", "eventCategory", "eventAction",
+    ],
+    "log": [
+        "messageFormatVersion", "messageType", "logTime", "productEnvironment",
+        "productPlatform", "sessionId", "logLevel", "logMessage",
+    ],
+    "profile": [
+        "messageFormatVersion", "messageType", "productEnvironment", "productPlatform",
+        "sessionId", "eventTime", "platform",
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "field"), [(name, field) for name, fields in REQUIRED.items() for field in fields]
+)
+def test_each_required_field_is_required(name: str, field: str) -> None:
+    record = curl_record(name)
+    del record[field]
+    error = record_error(TYPES[name], record)
+    assert error is not None
+    assert field in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("name", "field"),
+    [("activity", "userSSOGUID"), ("activity", "eventUri"), ("activity", "tags"),
+     ("log", "eventUri"), ("profile", "location")],
+)  # fmt: skip
+def test_optional_fields_may_be_left_out(name: str, field: str) -> None:
+    record = curl_record(name)
+    del record[field]
+    assert record_error(TYPES[name], record) is None
+
+
+def _set(record: dict[str, Any], pointer: str, value: Any) -> dict[str, Any]:
+    record = copy.deepcopy(record)
+    *parents, last = pointer.strip("/").split("/")
+    target: Any = record
+    for part in parents:
+        target = target[int(part)] if isinstance(target, list) else target[part]
+    target[int(last) if isinstance(target, list) else last] = value
+    return record
+
+
+@pytest.mark.parametrize(
+    ("name", "pointer", "value", "error_pointer"),
+    [
+        ("activity", "/messageType", "ClientEventingLog", "/messageType"),
+        ("activity", "/messageFormatVersion", 2, "/messageFormatVersion"),
+        ("activity", "/messageFormatVersion", True, "/messageFormatVersion"),
+        ("activity", "/messageFormatVersion", "1", "/messageFormatVersion"),
+        ("activity", "/extra", "field", ""),
+        ("activity", "/eventTime", "2019-01-21 13:09:07", "/eventTime"),
+        ("activity", "/eventTime", "2019-02-30T13:09:07Z", "/eventTime"),
+        ("activity", "/eventTime", "2019-01-21T13:09:07+0530", "/eventTime"),
+        ("activity", "/sessionId", "", "/sessionId"),
+        ("activity", "/sessionId", "s" * 129, "/sessionId"),
+        ("activity", "/eventId", 42, "/eventId"),
+        ("activity", "/productPlatform", "has space", "/productPlatform"),
+        ("activity", "/eventUri", "not a uri", "/eventUri"),
+        ("activity", "/tags/0/extra", 1, "/tags/0"),
+        ("activity", "/tags/0/value", "v" * 1025, "/tags/0/value"),
+        ("activity", "/tags", [{"key": "k", "value": "v"}] * 51, "/tags"),
+        ("log", "/logLevel", "LOUD", "/logLevel"),
+        ("log", "/logMessage", "m" * 32769, "/logMessage"),
+        ("log", "/logTime", "yesterday", "/logTime"),
+        ("profile", "/platform", {}, "/platform"),
+        ("profile", "/platform/screenResolution/width", 0, "/platform/screenResolution/width"),
+        ("profile", "/platform/language", "en_US", "/platform/language"),
+        ("profile", "/location/ipAddress", "300.1.1.1", "/location/ipAddress"),
+        ("profile", "/location/timeZone", "../etc", "/location/timeZone"),
+    ],
+)
+def test_a_bad_field_is_rejected_with_a_pointer_to_it(
+    name: str, pointer: str, value: Any, error_pointer: str
+) -> None:
+    error = record_error(TYPES[name], _set(curl_record(name), pointer, value))
+    assert error is not None
+    assert error["pointer"] == error_pointer
+    assert error["message"].startswith("record")
+
+
+def test_an_ipv6_profile_address_is_valid() -> None:
+    record = _set(curl_record("profile"), "/location/ipAddress", "2001:db8::7")
+    assert record_error(TYPES["profile"], record) is None
+
+
+@pytest.mark.parametrize("record", [None, 1, "text", [], [{}]])
+def test_a_record_that_is_not_an_object_is_rejected(record: Any) -> None:
+    assert record_error(TYPES["log"], record) == {
+        "pointer": "",
+        "message": "record must be object",
+    }
+
+
+@pytest.mark.parametrize(
+    ("value", "valid"),
+    [
+        ("2019-01-21T13:09:07.049+05:30", True),
+        ("2019-01-21T13:09:07Z", True),
+        ("2019-01-21t13:09:07z", True),
+        ("2016-12-31T23:59:60Z", True),
+        ("2019-01-21T13:09:07.123456789-08:00", True),
+        ("2019-01-21T11: 54: 37.805-08: 00", False),
+        ("2019-01-21T13:09:07", False),
+        ("2019-01-21T13:09Z", False),
+        ("2019-13-01T00:00:00Z", False),
+        ("2019-02-29T00:00:00Z", False),
+        ("2019-01-21T24:00:00Z", False),
+        ("2019-01-21T13:09:07+24:00", False),
+        ("2019-01-21T13:09:07.Z", False),
+        ("\uff12\uff10\uff11\uff19-01-21T13:09:07Z", False),  # full-width digits
+    ],
+)
+def test_date_times_follow_rfc_3339(value: str, valid: bool) -> None:
+    assert is_rfc3339_date_time(value) is valid
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ([], "body must be object"),
+        ({}, "body must contain ['records'] properties"),
+        ({"records": []}, "body.records must contain at least 1 items"),
+        (
+            {"records": [{}] * (MAX_RECORDS + 1)},
+            "body.records must contain less than or equal to 500 items",
+        ),
+        ({"records": {}}, "body.records must be array"),
+        ({"records": [{}], "extra": 1}, "body must not contain {'extra'} properties"),
+    ],
+)  # fmt: skip
+def test_the_envelope_is_the_specs(body: Any, message: str) -> None:
+    with pytest.raises(InvalidEnvelope) as info:
+        records_of(body)
+    assert info.value.detail == message
+
+
+def test_an_envelope_of_any_records_passes_them_through() -> None:
+    records = [{"a": 1}, "not even an object"]
+    assert records_of({"records": records}) is records
+    assert len(records_of({"records": [{}] * MAX_RECORDS})) == MAX_RECORDS
+
+
+def test_every_schema_file_bounds_every_string_and_array() -> None:
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            if node.get("type") == "string" and "const" not in node and "enum" not in node:
+                assert "maxLength" in node, f"{where} has no maxLength"
+            if node.get("type") == "array":
+                assert "maxItems" in node, f"{where} has no maxItems"
+            if node.get("type") == "object":
+                assert node.get("additionalProperties") is False, f"{where} is open"
+            for key, value in node.items():
+                walk(value, f"{where}/{key}")
+
+    for path in sorted(schema_dir().glob("*.json")):
+        walk(orjson.loads(path.read_bytes()), path.name)
+
+
+def test_a_broken_schema_stops_start_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for path in schema_dir().glob("*.json"):
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    (tmp_path / "log.json").write_text(
+        '{"$id": "https://cafe.example.com/v1/schema/log", "type": 5}'
+    )
+    monkeypatch.setattr("gateway.schemas.schema_dir", lambda: tmp_path)
+    with pytest.raises(fastjsonschema.JsonSchemaDefinitionException, match="Unknown type"):
+        load_record_types(TopicSettings())
