@@ -34,10 +34,11 @@ async def ingest(request: web.Request) -> web.Response:
     dead: list[Message] = []
     rejections: list[dict[str, Any]] = []
     for index, record in enumerate(records):
-        reason, error = _check(record_type, key, record)
-        if error is None:
+        problem = _problem_with(record_type, key, record)
+        if problem is None:
             accepted.append(Message(record["sessionId"].encode(), orjson.dumps(record), headers))
             continue
+        reason, error = problem
         rejection = {"index": index, "reason": reason, "errors": [error]}
         if isinstance(record, dict) and isinstance(record.get("eventId"), str):
             rejection["eventId"] = record["eventId"]
@@ -63,8 +64,10 @@ async def ingest(request: web.Request) -> web.Response:
     return json_response(body, status=status, headers=response_headers)
 
 
-def _check(record_type: RecordType, key: ApiKey, record: Any) -> tuple[str, dict[str, str] | None]:
-    """("ok", None), or the reason a record is rejected and its error."""
+def _problem_with(
+    record_type: RecordType, key: ApiKey, record: Any
+) -> tuple[str, dict[str, str]] | None:
+    """Why a record is rejected (reason, error), or None if it is accepted."""
     error = record_error(record_type, record)
     if error is not None:
         return "invalid", error
@@ -73,7 +76,7 @@ def _check(record_type: RecordType, key: ApiKey, record: Any) -> tuple[str, dict
             "pointer": "/productPlatform",
             "message": f"this API key may not write platform {record['productPlatform']!r}",
         }
-    return "ok", None
+    return None
 
 
 async def _read_json(request: web.Request, limit: int) -> Any:
