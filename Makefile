@@ -22,7 +22,7 @@ define kafka_for_run
 endef
 BOOTSTRAP := $${CAFE_KAFKA_BOOTSTRAP:-127.0.0.1:$(CAFE_KAFKA_PORT)}
 
-.PHONY: help install run test lint fmt kafka-up kafka-down kafka-status lock clean
+.PHONY: help install run test bench loadtest lint fmt kafka-up kafka-down kafka-status lock clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -48,6 +48,26 @@ test: $(INSTALLED) ## run the whole test suite, integration tests against a real
 	$(kafka_for_run)
 	CAFE_KAFKA_BOOTSTRAP=$(BOOTSTRAP) $(BIN)/pytest $(PYTEST_ARGS)
 
+BENCH_SECONDS ?= 10
+bench: $(INSTALLED) ## measure the gateway on the local Kafka against its ceilings (needs wrk)
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq wrk; } || \
+		{ echo "bench needs wrk: apt-get install wrk"; exit 1; }
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,bench]'
+	$(kafka_for_run)
+	CAFE_KAFKA_BOOTSTRAP=$(BOOTSTRAP) $(BIN)/python -m loadtest.bench --seconds $(BENCH_SECONDS)
+
+LOADTEST_HOST ?= http://127.0.0.1:8080
+LOADTEST_USERS ?= 20
+LOADTEST_TIME ?= 1m
+LOADTEST_OUT := loadtest/results
+
+loadtest: $(INSTALLED) ## load-test a running gateway with Locust (LOADTEST_HOST, _USERS, _TIME)
+	@mkdir -p $(LOADTEST_OUT)
+	CAFE_LOADTEST_KEY=$${CAFE_LOADTEST_KEY:-$$(cat $(DEV)/api-key)} $(BIN)/locust \
+		-f loadtest/locustfile.py --headless --host $(LOADTEST_HOST) \
+		--users $(LOADTEST_USERS) --spawn-rate $(LOADTEST_USERS) --run-time $(LOADTEST_TIME) \
+		--csv $(LOADTEST_OUT)/locust --html $(LOADTEST_OUT)/locust.html
+
 lint: $(INSTALLED) ## ruff check, ruff format --check, mypy (edits nothing)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -68,7 +88,7 @@ kafka-status: ## say whether the local Kafka runs
 
 lock: ## re-resolve the newest allowed dependency versions into constraints.txt
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
-	.venv-lock/bin/python -m pip install -q '.[dev]'
+	.venv-lock/bin/python -m pip install -q '.[dev,bench]'
 	.venv-lock/bin/python -m pip freeze --exclude-editable | grep -v '^cafe-gateway' >constraints.txt
 	rm -rf .venv-lock
 

@@ -11,6 +11,7 @@ import orjson
 from aiohttp import web
 
 from gateway import health
+from gateway.admission import Admission
 from gateway.auth import KeyStore, api_key_middleware
 from gateway.clientip import get_ip
 from gateway.config import Settings
@@ -30,9 +31,11 @@ def create_app(settings: Settings, *, sink: Sink | None = None) -> web.Applicati
     """
     keys = KeyStore(settings.keys_file)
     record_types = load_record_types(settings.kafka.topics)
-    # Errors are rendered outermost, so the key check's 401s get the problem shape too.
+    admission = Admission(settings.max_inflight_bytes, settings.max_body_bytes)
+    # Errors are rendered outermost, so every error below gets the problem shape. Keys
+    # are checked before admission, so callers without a key take no capacity.
     app = web.Application(
-        middlewares=[problem_middleware, api_key_middleware(keys)],
+        middlewares=[problem_middleware, api_key_middleware(keys), admission.middleware()],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings

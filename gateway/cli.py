@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
@@ -73,12 +74,22 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     )
     web.run_app(
         create_app(settings),
+        loop=new_event_loop(),
         host=settings.host,
         port=settings.port,
         print=lambda msg: logging.getLogger("gateway").info("%s", msg),
         access_log=None,
     )
     return 0
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's event loop where it is installed, else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
 
 
 def _keys_path(args: argparse.Namespace, settings: Settings) -> Path:

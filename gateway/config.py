@@ -58,6 +58,9 @@ class Settings:
     # Peers whose X-Forwarded-For / Forwarded headers are believed.
     trusted_proxies: tuple[IPNetwork, ...] = ()
     max_body_bytes: int = 10 * 1024 * 1024
+    # Body bytes of requests in progress at once; past it, requests are shed with 503.
+    # Parsed records take several times their JSON size, so this bounds memory too.
+    max_inflight_bytes: int = 8 * 1024 * 1024
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
 
     @classmethod
@@ -75,6 +78,13 @@ class Settings:
             trusted_proxies=_networks(env, "CAFE_TRUSTED_PROXIES"),
             max_body_bytes=_int(
                 env, "CAFE_MAX_BODY_BYTES", defaults.max_body_bytes, low=1024, high=1 << 30
+            ),
+            max_inflight_bytes=_int(
+                env,
+                "CAFE_MAX_INFLIGHT_BYTES",
+                defaults.max_inflight_bytes,
+                low=1024,
+                high=1 << 34,
             ),
             kafka=KafkaSettings(
                 bootstrap=_bootstrap(env, "CAFE_KAFKA_BOOTSTRAP", kafka_defaults.bootstrap),

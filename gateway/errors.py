@@ -10,6 +10,7 @@
     │   └── InvalidApiKey        401 invalid_api_key    (unknown or disabled)
     ├── PayloadTooLarge          413 payload_too_large
     ├── UnsupportedMediaType     415 unsupported_media_type
+    ├── Overloaded               503 overloaded         (too much work in progress: shed)
     ├── NotReady                 503 not_ready          (Kafka unreachable, draining)
     └── SinkUnavailable          503 kafka_unavailable  (records not acknowledged in time)
 
@@ -40,6 +41,9 @@ class GatewayError(Exception):
     code: ClassVar[str] = "internal_error"
     # Seconds a client should wait before retrying; None where retrying does not help.
     retry_after: ClassVar[int | None] = None
+    # For errors raised before the body is read: close the connection after answering,
+    # rather than read and throw away a body that may be megabytes long.
+    close_connection: ClassVar[bool] = False
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
@@ -86,6 +90,7 @@ class InvalidApiKey(Unauthorized):
 class PayloadTooLarge(GatewayError):
     status = 413
     code = "payload_too_large"
+    close_connection = True
 
 
 class UnsupportedMediaType(GatewayError):
@@ -99,6 +104,15 @@ class NotReady(GatewayError):
     status = 503
     code = "not_ready"
     retry_after = 1
+
+
+class Overloaded(GatewayError):
+    """Too many request bytes are in progress; this one is shed unread."""
+
+    status = 503
+    code = "overloaded"
+    retry_after = 1
+    close_connection = True
 
 
 class SinkUnavailable(GatewayError):
@@ -153,7 +167,10 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             exc.code,
             exc.detail,
         )
-        return problem(exc.status, exc.code, exc.detail, headers=exc.headers())
+        response = problem(exc.status, exc.code, exc.detail, headers=exc.headers())
+        if exc.close_connection:
+            response.force_close()
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

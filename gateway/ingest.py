@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -118,7 +117,7 @@ def _kafka_headers(
 
 
 def _dead_letter(
-    record: Any, headers: Sequence[tuple[str, bytes]], reason: str, errors: list[dict[str, str]]
+    record: Any, headers: list[tuple[str, bytes]], reason: str, errors: list[dict[str, str]]
 ) -> Message:
     """A rejected record as sent, with why it was rejected in its headers."""
     session = record.get("sessionId") if isinstance(record, dict) else None

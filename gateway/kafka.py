@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+from aiokafka.partitioner import murmur2
 
 from gateway.config import KafkaSettings
 from gateway.errors import SinkUnavailable
@@ -24,6 +27,19 @@ _LAST_RETRY_S = 5.0
 _READY_TIMEOUT_S = 2.0
 # Created topics get this many replicas, or one per broker on a smaller cluster.
 _REPLICATION = 3
+# From this many messages for one partition in one call, the sink builds the batch itself.
+_OWN_BATCH_FROM = 8
+# Room for a W500 request's share of one partition in a single batch (records are
+# ~0.5 KiB); a produce request carries several, so it may reach 4 batches.
+_MAX_BATCH_BYTES = 256 * 1024
+_MAX_REQUEST_BYTES = 1024 * 1024
+
+
+@functools.lru_cache(maxsize=65536)
+def murmur2_cached(key: bytes) -> int:
+    """aiokafka's pure-Python murmur2 costs microseconds; session keys repeat a lot."""
+    result: int = murmur2(key)
+    return result
 
 
 class KafkaSink:
@@ -38,6 +54,7 @@ class KafkaSink:
         self._settings = settings
         self._producer: AIOKafkaProducer | None = None
         self._connecting: asyncio.Task[None] | None = None
+        self._unkeyed = 0  # round-robin position for messages without a key
 
     async def start(self) -> None:
         self._connecting = asyncio.create_task(self._connect(), name="kafka-connect")
@@ -87,12 +104,18 @@ class KafkaSink:
         timeout_s = self._settings.produce_timeout_ms / 1000
         try:
             async with asyncio.timeout(timeout_s):
-                # send() only enqueues (waiting for buffer space); the futures resolve on
-                # ack. Enqueued in order, so one key's messages keep their order.
-                acks = [
-                    await producer.send(topic, m.value, key=m.key, headers=list(m.headers))
-                    for m in messages
-                ]
+                partitions = producer.client.cluster.partitions_for_topic(topic)
+                if not partitions:
+                    partitions = await producer.partitions_for(topic)
+                by_partition: dict[int, list[Message]] = {}
+                for message in messages:
+                    partition = self._partition(message.key, len(partitions))
+                    by_partition.setdefault(partition, []).append(message)
+                # Enqueued in order, so one key's messages keep their order; the futures
+                # resolve when the broker acknowledges.
+                acks = []
+                for partition, group in by_partition.items():
+                    acks += await self._enqueue(producer, topic, partition, group)
                 await asyncio.gather(*acks)
         except TimeoutError:
             raise SinkUnavailable(
@@ -100,6 +123,40 @@ class KafkaSink:
             ) from None
         except KafkaError as exc:
             raise SinkUnavailable(f"Kafka did not acknowledge the records: {exc}") from exc
+
+    def _partition(self, key: bytes | None, partitions: int) -> int:
+        """Kafka's default partitioner: murmur2 of the key, so Java clients agree."""
+        if key is None:
+            self._unkeyed = (self._unkeyed + 1) % partitions
+            return self._unkeyed
+        return (murmur2_cached(key) & 0x7FFFFFFF) % partitions
+
+    async def _enqueue(
+        self, producer: AIOKafkaProducer, topic: str, partition: int, group: list[Message]
+    ) -> list[asyncio.Future[Any]]:
+        """Hand one partition's messages to aiokafka; returns futures of their acks.
+
+        A few messages go one by one, so they share batches with other requests'
+        messages while the producer lingers. Many go as whole batches built here, with
+        one future per batch instead of one per message.
+        """
+        if len(group) < _OWN_BATCH_FROM:
+            return [
+                await producer.send(
+                    topic, m.value, key=m.key, partition=partition, headers=m.headers
+                )
+                for m in group
+            ]
+        acks = []
+        batch = producer.create_batch()
+        for m in group:
+            if batch.append(key=m.key, value=m.value, timestamp=None, headers=m.headers) is None:
+                # Full: send it, and start the next with this message.
+                acks.append(await producer.send_batch(batch, topic, partition=partition))
+                batch = producer.create_batch()
+                batch.append(key=m.key, value=m.value, timestamp=None, headers=m.headers)
+        acks.append(await producer.send_batch(batch, topic, partition=partition))
+        return acks
 
     def _new_producer(self) -> AIOKafkaProducer:
         s = self._settings
@@ -112,6 +169,8 @@ class KafkaSink:
             enable_idempotence=True,
             linger_ms=s.linger_ms,
             request_timeout_ms=s.request_timeout_ms,
+            max_batch_size=_MAX_BATCH_BYTES,
+            max_request_size=_MAX_REQUEST_BYTES,
         )
 
     async def _connect(self) -> None:

@@ -15,7 +15,8 @@ class Message(NamedTuple):
 
     key: bytes | None
     value: bytes
-    headers: Sequence[tuple[str, bytes]] = ()
+    # A list, as aiokafka's record builder requires; one list may serve many messages.
+    headers: list[tuple[str, bytes]] | None = None
 
 
 class Sink(Protocol):
@@ -57,3 +58,19 @@ class MemorySink:
 
     async def send(self, topic: str, messages: Sequence[Message]) -> None:
         self.topics.setdefault(topic, []).extend(messages)
+
+
+class DiscardSink:
+    """Acknowledges everything at once and keeps nothing: the benchmark's no-Kafka ceiling."""
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def ready(self) -> bool:
+        return True
+
+    async def send(self, topic: str, messages: Sequence[Message]) -> None:
+        pass

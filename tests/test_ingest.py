@@ -63,7 +63,7 @@ async def test_a_valid_batch_is_200_and_produced_with_headers(gw: Gateway, name:
     sent = orjson.loads(curl_bodies()[name])["records"][0]
     assert message.key == sent["sessionId"].encode()
     assert orjson.loads(message.value) == sent
-    headers = dict(message.headers)
+    headers = dict(message.headers or ())
     assert headers["cafe-key-id"] == gw.key_file.record.id.encode()
     assert headers["cafe-client-ip"] == b"127.0.0.1"
     assert headers["cafe-schema"] == name.encode()
@@ -128,12 +128,14 @@ async def test_a_mixed_batch_is_207_and_rejects_go_to_the_dead_letter_topic(gw: 
     ]
     dead = gw.produced("cafe.deadletter")
     assert [orjson.loads(m.value) for m in dead] == [batch[1], batch[3], batch[4]]
-    assert [dict(m.headers)["cafe-reject-reason"] for m in dead] == [
+    assert [dict(m.headers or ())["cafe-reject-reason"] for m in dead] == [
         b"invalid",
         b"forbidden",
         b"invalid",
     ]
-    assert orjson.loads(dict(dead[0].headers)["cafe-errors"]) == body["rejections"][0]["errors"]
+    assert (
+        orjson.loads(dict(dead[0].headers or ())["cafe-errors"]) == body["rejections"][0]["errors"]
+    )
     assert dead[0].key == batch[1]["sessionId"].encode()
     assert dead[2].key is None
 

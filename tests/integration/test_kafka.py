@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import random
+import subprocess
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestClient
@@ -12,7 +17,7 @@ from gateway.app import create_app
 from gateway.config import KafkaSettings, Settings
 from gateway.kafka import KafkaSink
 from gateway.sink import Message
-from tests.integration.conftest import Broker, consume_all, eventually
+from tests.integration.conftest import KAFKA_SH, Broker, consume_all, eventually
 from tests.integration.tcp_proxy import TcpProxy, free_port
 
 pytestmark = pytest.mark.integration
@@ -84,3 +89,20 @@ async def test_readyz_stays_503_while_the_port_is_closed(aiohttp_client: Aiohttp
     for _ in range(3):
         assert (await client.get("/readyz")).status == 503
         await asyncio.sleep(0.6)
+
+
+def test_partitions_agree_with_the_java_client() -> None:
+    # The jars the local broker runs on hold the Java client's own murmur2.
+    subprocess.run([str(KAFKA_SH), "fetch"], check=True, capture_output=True, timeout=300)
+    home = Path(
+        os.environ.get("CAFE_KAFKA_HOME", Path.home() / ".cache" / "cafe-gateway" / "kafka")
+    )
+    (libs,) = home.glob("*/libs")
+    keys = [str(uuid.UUID(int=random.Random(i).getrandbits(128))) for i in range(200)]
+    result = subprocess.run(
+        ["java", "-cp", f"{libs}/*", str(Path(__file__).with_name("Partitions.java")), "6", *keys],
+        capture_output=True, text=True, check=True, timeout=120,
+    )  # fmt: skip
+    java = [int(line) for line in result.stdout.split()]
+    sink = KafkaSink(KafkaSettings())
+    assert [sink._partition(key.encode(), 6) for key in keys] == java

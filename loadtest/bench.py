@@ -1,0 +1,397 @@
+"""`make bench`: the gateway on real Kafka against its ceilings, in one run.
+
+For each batch size (W500, W20, W1 records per request) wrk drives POST /v1/activity
+at three servers in turn: the gateway producing to the local Kafka, the same gateway
+with Kafka switched off (its parse + validate + encode ceiling), and a bare aiohttp
+handler that reads the body and answers. Then the gateway runs again at half its peak
+rate, for latency under a normal load. Last, the books: every eventId the gateway
+acknowledged must be on the topic.
+
+The server is pinned to CPU 0 and wrk to CPU 1 (on a 2-core machine the broker shares
+them), so the load generator never starves the server it measures. Only loopback
+traffic; every run is bounded by its duration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from gateway import auth
+
+HERE = Path(__file__).resolve().parent
+BATCHES = (500, 20, 1)
+# Enough connections to keep the server busy at each batch size, few enough that
+# requests do not queue for long inside the server.
+CONNECTIONS = {500: 8, 20: 32, 1: 64}
+TARGETS = ("gateway", "no-sink", "bare")
+# 16 times the connections that keep the gateway busy at W500.
+OVERLOAD_CONNECTIONS = 128
+TOPIC_PARTITIONS = 6
+
+
+@dataclass
+class Result:
+    """One wrk run against one server at one batch size."""
+
+    target: str
+    batch: int
+    load: str  # "peak" or "half"
+    requests: int
+    ok: int
+    seconds: float
+    records_per_s: float
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    p999_ms: float
+    cpu_percent: float
+    statuses: dict[str, int]
+    errors: int
+    connections: int
+    rss_max_mb: float
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_healthy(port: int, proc: subprocess.Popen[bytes], path: str = "/healthz") -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"server on {port} not healthy within 60s")
+
+
+@contextmanager
+def server(target: str, env: dict[str, str]) -> Iterator[tuple[int, psutil.Process]]:
+    """Start one target pinned to CPU 0; yield its port and process."""
+    port = free_port()
+    python = sys.executable
+    if target == "gateway":
+        cmd = [python, "-m", "gateway", "serve"]
+    else:
+        cmd = [python, "-m", "loadtest.ceilings", target, str(port)]
+    env = {**env, "CAFE_PORT": str(port), "CAFE_LOG_LEVEL": "WARNING"}
+    proc = subprocess.Popen(["taskset", "-c", "0", *cmd], env=env, cwd=HERE.parent)
+    try:
+        wait_healthy(port, proc, "/readyz" if target == "gateway" else "/healthz")
+        yield port, psutil.Process(proc.pid)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class RssSampler:
+    """The largest resident set size of a process, sampled 5 times a second."""
+
+    def __init__(self, proc: psutil.Process) -> None:
+        self.proc = proc
+        self.max_bytes = proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.2):
+            self.max_bytes = max(self.max_bytes, self.proc.memory_info().rss)
+
+
+def run_wrk(
+    port: int,
+    proc: psutil.Process,
+    *,
+    target: str,
+    batch: int,
+    seconds: int,
+    key: str,
+    run_id: str,
+    load: str = "peak",
+    delay_ms: float = 0,
+    connections: int | None = None,
+) -> Result:
+    env = {
+        **os.environ,
+        "BENCH_BATCH": str(batch),
+        "BENCH_KEY": key,
+        # wrk numbers requests from 1 in every run: the run's own tag keeps eventIds unique.
+        "BENCH_RUN": f"{run_id}-{load}{batch}",
+        "BENCH_DELAY_MS": str(delay_ms),
+    }
+    conns = connections or CONNECTIONS[batch]
+    cmd = [
+        "taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--timeout", "10s",
+        "-s", str(HERE / "activity.lua"), f"http://127.0.0.1:{port}/v1/activity",
+    ]  # fmt: skip
+    cpu_before = proc.cpu_times()
+    wall_before = time.monotonic()
+    with RssSampler(proc) as rss:
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    wall = time.monotonic() - wall_before
+    cpu_after = proc.cpu_times()
+    line = next(x for x in out.splitlines() if x.startswith("BENCH "))
+    data = json.loads(line.removeprefix("BENCH "))
+    secs = data["duration_us"] / 1e6
+    ok = sum(n for status, n in data["statuses"].items() if status.startswith("2"))
+    cpu = (cpu_after.user + cpu_after.system - cpu_before.user - cpu_before.system) / wall
+    return Result(
+        target=target,
+        batch=batch,
+        load=load,
+        requests=data["requests"],
+        ok=ok,
+        seconds=round(secs, 2),
+        records_per_s=round(ok * batch / secs),
+        requests_per_s=round(ok / secs),
+        p50_ms=data["p50_us"] / 1000,
+        p99_ms=data["p99_us"] / 1000,
+        p999_ms=data["p999_us"] / 1000,
+        cpu_percent=round(cpu * 100),
+        statuses=data["statuses"],
+        errors=data["errors"],
+        connections=conns,
+        rss_max_mb=round(rss.max_bytes / 2**20, 1),
+    )
+
+
+async def count_event_ids(bootstrap: str, topic: str, run_id: str) -> int:
+    """Distinct eventIds of this run on the topic, read to its end offsets."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, max_partition_fetch_bytes=8 << 20
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(TOPIC_PARTITIONS)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        pattern = re.compile(rb'"eventId":"(' + re.escape(run_id.encode()) + rb'-[^"]+)"')
+        seen: set[bytes] = set()
+        while [tp for tp in tps if await consumer.position(tp) < end[tp]]:
+            batches = await consumer.getmany(*tps, timeout_ms=1000, max_records=50_000)
+            for messages in batches.values():
+                for message in messages:
+                    match = pattern.search(message.value)
+                    if match:
+                        seen.add(match.group(1))
+        return len(seen)
+    finally:
+        await consumer.stop()
+
+
+async def delete_topics(bootstrap: str, topics: list[str]) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics(topics)
+    finally:
+        await admin.close()
+
+
+def table(results: list[Result]) -> str:
+    peak = {(r.target, r.batch): r for r in results if r.load == "peak"}
+    lines = [
+        "| batch | server | records/s | requests/s | p50 ms | p99 ms | p99.9 ms | CPU % "
+        "| max RSS MB | non-2xx | vs no-sink | vs bare |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        # Ratios compare peaks with peaks; the other loads are not trying for the most.
+        no_sink = peak.get(("no-sink", r.batch)) if r.load == "peak" else None
+        bare = peak.get(("bare", r.batch)) if r.load == "peak" else None
+        ratio = ""
+        if no_sink and r.target != "bare":
+            ratio = f"{r.requests_per_s / no_sink.requests_per_s:.0%}"
+        bare_ratio = f"{r.requests_per_s / bare.requests_per_s:.0%}" if bare else ""
+        name = r.target if r.load == "peak" else f"{r.target} ({r.load}, {r.connections} conns)"
+        lines.append(
+            f"| W{r.batch} | {name} | {r.records_per_s:,} | {r.requests_per_s:,} | {r.p50_ms:.1f} "
+            f"| {r.p99_ms:.1f} | {r.p999_ms:.1f} | {r.cpu_percent} | {r.rss_max_mb:.0f} "
+            f"| {r.requests - r.ok:,} | {ratio} | {bare_ratio} |"
+        )
+    return "\n".join(lines)
+
+
+def chart(results: list[Result], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    labels = [f"W{b}" for b in BATCHES]
+    width = 0.27
+    for i, target in enumerate(TARGETS):
+        rows = {r.batch: r for r in results if r.target == target and r.load == "peak"}
+        xs = [j + (i - 1) * width for j in range(len(BATCHES))]
+        left.bar(xs, [rows[b].records_per_s if b in rows else 0 for b in BATCHES], width,
+                 label=target)  # fmt: skip
+        right.bar(xs, [rows[b].p99_ms if b in rows else 0 for b in BATCHES], width, label=target)
+    for axis, title in ((left, "records/s acknowledged (peak)"), (right, "p99 latency ms (peak)")):
+        axis.set_xticks(range(len(BATCHES)), labels)
+        axis.set_title(title)
+        axis.legend()
+    left.set_yscale("log")
+    fig.suptitle("cafe-gateway on one core vs its ceilings (make bench)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def measure(
+    target: str, port: int, proc: psutil.Process, *, seconds: int, key: str, run_id: str
+) -> list[Result]:
+    """Peak runs at every batch size; for the gateway, then half-load runs at W20 and W1."""
+    results = []
+    for batch in BATCHES:
+        # A short warm-up (its own eventIds, outside the books) keeps set-up costs out.
+        run_wrk(port, proc, target=target, batch=batch, seconds=2, key=key, run_id=run_id + "w")
+        result = run_wrk(
+            port, proc, target=target, batch=batch, seconds=seconds, key=key, run_id=run_id
+        )
+        results.append(result)
+        print(f"{target:8} W{batch:<4} {result.records_per_s:>9,} records/s", end="  ")
+        print(f"p99 {result.p99_ms:6.1f} ms  cpu {result.cpu_percent}%", flush=True)
+    if target != "gateway":
+        return results
+    for batch in (20, 1):
+        peak = next(r for r in results if r.batch == batch)
+        # Each connection pauses so that together they send half the peak rate.
+        delay = 1000 * CONNECTIONS[batch] / (peak.requests_per_s / 2)
+        half = run_wrk(
+            port, proc, target=target, batch=batch, seconds=seconds, key=key, run_id=run_id,
+            load="half", delay_ms=delay,
+        )  # fmt: skip
+        results.append(half)
+        print(f"{target:8} W{batch:<4} half load: {half.requests_per_s:,} requests/s", end="  ")
+        print(f"p99 {half.p99_ms:.1f} ms", flush=True)
+    # Overload: many times the connections that saturate the gateway, all sending W500.
+    # It must shed the excess with 503s and keep its memory bounded, then serve the
+    # normal load again at once.
+    over = run_wrk(
+        port, proc, target=target, batch=500, seconds=seconds, key=key, run_id=run_id,
+        load="overload", connections=OVERLOAD_CONNECTIONS,
+    )  # fmt: skip
+    # The work admitted during the flood is bounded (CAFE_MAX_INFLIGHT_BYTES), so it is
+    # done within a second; then the normal load must be served in full.
+    time.sleep(1)
+    after = run_wrk(
+        port, proc, target=target, batch=500, seconds=3, key=key, run_id=run_id, load="recovery"
+    )
+    results += [over, after]
+    shed = over.statuses.get("503", 0)
+    print(f"{target:8} W500 overload ({OVERLOAD_CONNECTIONS} connections): {over.ok:,} served,",
+          f"{shed:,} shed, max RSS {over.rss_max_mb} MB; then {after.ok:,} of",
+          f"{after.requests:,} served", flush=True)  # fmt: skip
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=10, help="each run's length")
+    parser.add_argument(
+        "--bootstrap", default=os.environ.get("CAFE_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+    )
+    parser.add_argument("--out", type=Path, default=HERE.parent / "docs" / "bench")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk not found: apt-get install wrk")
+
+    run_id = uuid.uuid4().hex[:8]
+    topics = {
+        name: f"bench.{run_id}.{name}" for name in ("activity", "log", "profile", "deadletter")
+    }
+    workdir = Path(tempfile.mkdtemp(prefix="cafe-bench-"))
+    key, record = auth.mint_key(("analytics-portal",))
+    auth.write_keys_file(workdir / "keys.json", [record])
+    env = {
+        **os.environ,
+        "CAFE_KEYS_FILE": str(workdir / "keys.json"),
+        "CAFE_KAFKA_BOOTSTRAP": args.bootstrap,
+        "CAFE_TOPIC_PARTITIONS": str(TOPIC_PARTITIONS),
+        **{f"CAFE_TOPIC_{name.upper()}": topic for name, topic in topics.items()},
+    }
+
+    results: list[Result] = []
+    try:
+        for target in TARGETS:
+            with server(target, env) as (port, proc):
+                results += measure(target, port, proc, seconds=args.seconds, key=key, run_id=run_id)
+        acknowledged = sum(r.ok * r.batch for r in results if r.target == "gateway")
+        on_topic = asyncio.run(count_event_ids(args.bootstrap, topics["activity"], run_id))
+    finally:
+        asyncio.run(delete_topics(args.bootstrap, list(topics.values())))
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    books_ok = on_topic >= acknowledged
+    print()
+    print(table(results))
+    print()
+    verdict = "OK" if books_ok else "MISSING RECORDS"
+    print(f"books: {acknowledged:,} records acknowledged with 2xx; {on_topic:,} of this run's")
+    print(f"eventIds are on the topic: {verdict}")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "cpu": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+        },
+        "seconds_per_run": args.seconds,
+        "results": [asdict(r) for r in results],
+        "books": {"acknowledged": acknowledged, "on_topic": on_topic, "ok": books_ok},
+    }
+    (args.out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "bench.md").write_text(table(results) + "\n")
+    chart(results, args.out / "bench.png")
+    print(f"wrote {args.out / 'bench.json'}, bench.md and bench.png")
+    if not books_ok:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Servers that bound what the gateway can reach, for `make bench`.
+
+    python -m loadtest.ceilings no-sink PORT   the gateway itself, Kafka replaced by a sink
+                                               that acknowledges at once (parse, validate,
+                                               encode, respond)
+    python -m loadtest.ceilings bare PORT      aiohttp reading the body and answering
+
+Both need CAFE_KEYS_FILE like the gateway (bare ignores it). Benchmark seams only.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from aiohttp import web
+
+from gateway.app import create_app
+from gateway.cli import new_event_loop
+from gateway.config import Settings
+from gateway.sink import DiscardSink
+
+
+async def _bare(request: web.Request) -> web.Response:
+    await request.read()
+    return web.json_response({"accepted": 1})
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def main(argv: list[str]) -> None:
+    """Serve the named ceiling on 127.0.0.1:PORT until killed."""
+    mode, port = argv[0], int(argv[1])
+    if mode == "no-sink":
+        app = create_app(Settings.from_env(os.environ), sink=DiscardSink())
+    elif mode == "bare":
+        app = web.Application(client_max_size=10 * 1024 * 1024)
+        app.router.add_post("/v1/activity", _bare)
+        app.router.add_get("/healthz", _healthz)
+    else:
+        raise SystemExit(f"unknown ceiling {mode!r}: no-sink or bare")
+    # The same event loop as `cafe-gateway serve`, so the comparison is like for like.
+    web.run_app(
+        app, loop=new_event_loop(), host="127.0.0.1", port=port, print=None, access_log=None
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
