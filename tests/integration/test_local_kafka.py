@@ -53,9 +53,9 @@ def test_up_and_down_are_idempotent(ports_env: dict[str, str]) -> None:
 def test_a_broker_that_cannot_start_shows_its_log_and_fails(ports_env: dict[str, str]) -> None:
     # A 1 MB heap is too small for the JVM to boot at all.
     result = kafka_sh("up", env={**ports_env, "CAFE_KAFKA_HEAP": "-Xms1m -Xmx1m"})
-    assert result.returncode == 1
-    assert "stdout.log" in result.stderr
-    assert "heap" in result.stderr.lower()
+    assert result.returncode == 1, result.stderr
+    assert "stdout.log" in result.stderr, result.stderr
+    assert "heap" in result.stderr.lower(), result.stderr
     assert kafka_sh("status", env=ports_env).returncode == 3
 
 
