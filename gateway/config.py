@@ -39,8 +39,10 @@ class KafkaSettings:
 
     bootstrap: str = "127.0.0.1:9092"
     client_id: str = "cafe-gateway"
-    # Records from concurrent requests wait this long to share one produce request.
-    linger_ms: int = 5
+    # Extra wait for more records before a produce request. Records of concurrent
+    # requests share batches anyway while the previous request is in flight; `make bench`
+    # measured more records/s and lower latency with 2 than with 5.
+    linger_ms: int = 2
     request_timeout_ms: int = 30_000
     # A request whose records are not all acknowledged within this time gets a 503.
     produce_timeout_ms: int = 5_000

@@ -6,7 +6,7 @@
 --   BENCH_RUN      a run id; every eventId is "<run>-<thread>-<request>-<index>",
 --                  so the books can be checked on the topic afterwards
 --   BENCH_SESSIONS how many distinct sessionIds to draw from (10000)
---   BENCH_DELAY_MS pause before each request on a connection, to hold a lower rate
+--   BENCH_DELAY_MS mean pause before each request on a connection, to hold a lower rate
 --   BENCH_FORMAT   "cafe" (our envelope) or "bridge" (Strimzi's JSON embedded format)
 -- done() prints one JSON line, prefixed "BENCH ", that bench.py reads.
 
@@ -67,8 +67,13 @@ function request()
    return wrk.format(nil, nil, nil, '{"records":[' .. table.concat(parts, ",") .. ']}')
 end
 
+-- Exponentially distributed pauses (mean BENCH_DELAY_MS): arrivals like independent
+-- clients', rather than every connection firing in lockstep after equal pauses.
 function delay()
-   return delay_ms
+   if delay_ms == 0 then
+      return 0
+   end
+   return delay_ms * -math.log(1 - math.random())
 end
 
 function response(status, headers, body)

@@ -335,6 +335,9 @@ def main() -> None:
         "--bootstrap", default=os.environ.get("CAFE_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
     )
     parser.add_argument("--out", type=Path, default=HERE.parent / "docs" / "bench")
+    parser.add_argument(
+        "--targets", default=",".join(TARGETS), help="which servers, comma-separated"
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install wrk")
@@ -356,7 +359,7 @@ def main() -> None:
 
     results: list[Result] = []
     try:
-        for target in TARGETS:
+        for target in args.targets.split(","):
             with server(target, env) as (port, proc):
                 results += measure(target, port, proc, seconds=args.seconds, key=key, run_id=run_id)
         acknowledged = sum(r.ok * r.batch for r in results if r.target == "gateway")
