@@ -49,12 +49,14 @@ test: $(INSTALLED) ## run the whole test suite, integration tests against a real
 	CAFE_KAFKA_BOOTSTRAP=$(BOOTSTRAP) $(BIN)/pytest $(PYTEST_ARGS)
 
 BENCH_SECONDS ?= 10
-bench: $(INSTALLED) ## measure the gateway on the local Kafka against its ceilings (needs wrk)
+WORKERS ?= 1
+bench: $(INSTALLED) ## measure the gateway on the local Kafka against its ceilings (WORKERS=N)
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq wrk; } || \
 		{ echo "bench needs wrk: apt-get install wrk"; exit 1; }
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,bench]'
 	$(kafka_for_run)
-	CAFE_KAFKA_BOOTSTRAP=$(BOOTSTRAP) $(BIN)/python -m loadtest.bench --seconds $(BENCH_SECONDS)
+	CAFE_KAFKA_BOOTSTRAP=$(BOOTSTRAP) $(BIN)/python -m loadtest.bench \
+		--seconds $(BENCH_SECONDS) --workers $(WORKERS)
 
 LOADTEST_HOST ?= http://127.0.0.1:8080
 LOADTEST_USERS ?= 20

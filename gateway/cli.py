@@ -15,6 +15,7 @@ from aiohttp import web
 from gateway import auth
 from gateway.app import create_app
 from gateway.config import ConfigError, Settings
+from gateway.workers import run_workers
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -72,11 +73,20 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if settings.workers == 1:
+        return _serve_one(settings)
+    # Fork before any event loop, thread or socket exists, so each worker starts clean.
+    return run_workers(settings.workers, lambda: _serve_one(settings))
+
+
+def _serve_one(settings: Settings) -> int:
     web.run_app(
         create_app(settings),
         loop=new_event_loop(),
         host=settings.host,
         port=settings.port,
+        # With several workers each binds the port itself; the kernel shares connections.
+        reuse_port=settings.workers > 1,
         print=lambda msg: logging.getLogger("gateway").info("%s", msg),
         access_log=None,
     )

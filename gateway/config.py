@@ -55,6 +55,8 @@ class Settings:
 
     host: str = "127.0.0.1"
     port: int = 8080
+    # Processes serving the port; one per core the gateway may use.
+    workers: int = 1
     log_level: str = "INFO"
     keys_file: Path | None = None
     # Peers whose X-Forwarded-For / Forwarded headers are believed.
@@ -72,9 +74,10 @@ class Settings:
         kafka_defaults = defaults.kafka
         topic_defaults = kafka_defaults.topics
         keys_file = env.get("CAFE_KEYS_FILE", "").strip()
-        return cls(
+        settings = cls(
             host=_text(env, "CAFE_HOST", defaults.host),
             port=_int(env, "CAFE_PORT", defaults.port, low=0, high=65535),
+            workers=_int(env, "CAFE_WORKERS", defaults.workers, low=1, high=256),
             log_level=_log_level(env, "CAFE_LOG_LEVEL", defaults.log_level),
             keys_file=Path(keys_file) if keys_file else None,
             trusted_proxies=_networks(env, "CAFE_TRUSTED_PROXIES"),
@@ -119,6 +122,9 @@ class Settings:
                 ),
             ),
         )
+        if settings.workers > 1 and settings.port == 0:
+            raise ConfigError(f"CAFE_WORKERS={settings.workers} needs a fixed CAFE_PORT, not 0")
+        return settings
 
 
 def _text(env: Mapping[str, str], name: str, default: str) -> str:

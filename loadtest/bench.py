@@ -81,23 +81,26 @@ def free_port() -> int:
 
 
 def wait_healthy(port: int, proc: subprocess.Popen[bytes], path: str = "/healthz") -> None:
+    """Wait for 10 good answers in a row (each a new connection, so every worker is asked)."""
     deadline = time.monotonic() + 60
+    good = 0
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"server exited with {proc.returncode}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
-                if r.status == 200:
-                    return
+                good = good + 1 if r.status == 200 else 0
         except OSError:
-            pass
-        time.sleep(0.2)
+            good = 0
+        if good == 10:
+            return
+        time.sleep(0.1)
     raise SystemExit(f"server on {port} not healthy within 60s")
 
 
 @contextmanager
 def server(target: str, env: dict[str, str]) -> Iterator[tuple[int, psutil.Process]]:
-    """Start one target pinned to CPU 0; yield its port and process."""
+    """Start one target (pinned to CPU 0 if it is one process); yield its port and process."""
     port = free_port()
     python = sys.executable
     if target == "gateway":
@@ -105,7 +108,10 @@ def server(target: str, env: dict[str, str]) -> Iterator[tuple[int, psutil.Proce
     else:
         cmd = [python, "-m", "loadtest.ceilings", target, str(port)]
     env = {**env, "CAFE_PORT": str(port), "CAFE_LOG_LEVEL": "WARNING"}
-    proc = subprocess.Popen(["taskset", "-c", "0", *cmd], env=env, cwd=HERE.parent)
+    if target != "gateway":
+        env["CAFE_WORKERS"] = "1"  # the ceilings are one process each
+    pin = ["taskset", "-c", "0"] if env.get("CAFE_WORKERS", "1") == "1" else []
+    proc = subprocess.Popen([*pin, *cmd], env=env, cwd=HERE.parent)
     try:
         wait_healthy(port, proc, "/readyz" if target == "gateway" else "/healthz")
         yield port, psutil.Process(proc.pid)
@@ -118,12 +124,22 @@ def server(target: str, env: dict[str, str]) -> Iterator[tuple[int, psutil.Proce
             proc.wait()
 
 
+def tree_cpu_seconds(proc: psutil.Process) -> float:
+    """CPU time of a server and its workers."""
+    return sum(p.cpu_times().user + p.cpu_times().system for p in (proc, *proc.children()))
+
+
+def tree_rss(proc: psutil.Process) -> int:
+    """Resident memory of a server and its workers."""
+    return sum(p.memory_info().rss for p in (proc, *proc.children()))
+
+
 class RssSampler:
-    """The largest resident set size of a process, sampled 5 times a second."""
+    """The largest resident set size of a server and its workers, sampled 5 times a second."""
 
     def __init__(self, proc: psutil.Process) -> None:
         self.proc = proc
-        self.max_bytes = proc.memory_info().rss
+        self.max_bytes = tree_rss(proc)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -137,7 +153,7 @@ class RssSampler:
 
     def _sample(self) -> None:
         while not self._stop.wait(0.2):
-            self.max_bytes = max(self.max_bytes, self.proc.memory_info().rss)
+            self.max_bytes = max(self.max_bytes, tree_rss(self.proc))
 
 
 def run_wrk(
@@ -162,21 +178,23 @@ def run_wrk(
         "BENCH_DELAY_MS": str(delay_ms),
     }
     conns = connections or CONNECTIONS[batch]
+    # With one server process, wrk has CPU 1 to itself; with more, everything shares.
+    pin = ["taskset", "-c", "1"] if not proc.children() else []
     cmd = [
-        "taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--timeout", "10s",
+        *pin, "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--timeout", "10s",
         "-s", str(HERE / "activity.lua"), f"http://127.0.0.1:{port}/v1/activity",
     ]  # fmt: skip
-    cpu_before = proc.cpu_times()
+    cpu_before = tree_cpu_seconds(proc)
     wall_before = time.monotonic()
     with RssSampler(proc) as rss:
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     wall = time.monotonic() - wall_before
-    cpu_after = proc.cpu_times()
+    cpu_after = tree_cpu_seconds(proc)
     line = next(x for x in out.splitlines() if x.startswith("BENCH "))
     data = json.loads(line.removeprefix("BENCH "))
     secs = data["duration_us"] / 1e6
     ok = sum(n for status, n in data["statuses"].items() if status.startswith("2"))
-    cpu = (cpu_after.user + cpu_after.system - cpu_before.user - cpu_before.system) / wall
+    cpu = (cpu_after - cpu_before) / wall
     return Result(
         target=target,
         batch=batch,
@@ -338,6 +356,7 @@ def main() -> None:
     parser.add_argument(
         "--targets", default=",".join(TARGETS), help="which servers, comma-separated"
     )
+    parser.add_argument("--workers", type=int, default=1, help="gateway processes (CAFE_WORKERS)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install wrk")
@@ -354,6 +373,7 @@ def main() -> None:
         "CAFE_KEYS_FILE": str(workdir / "keys.json"),
         "CAFE_KAFKA_BOOTSTRAP": args.bootstrap,
         "CAFE_TOPIC_PARTITIONS": str(TOPIC_PARTITIONS),
+        "CAFE_WORKERS": str(args.workers),
         **{f"CAFE_TOPIC_{name.upper()}": topic for name, topic in topics.items()},
     }
 
@@ -385,13 +405,15 @@ def main() -> None:
             "python": platform.python_version(),
         },
         "seconds_per_run": args.seconds,
+        "gateway_workers": args.workers,
         "results": [asdict(r) for r in results],
         "books": {"acknowledged": acknowledged, "on_topic": on_topic, "ok": books_ok},
     }
-    (args.out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "bench.md").write_text(table(results) + "\n")
-    chart(results, args.out / "bench.png")
-    print(f"wrote {args.out / 'bench.json'}, bench.md and bench.png")
+    stem = "bench" if args.workers == 1 else f"bench-workers{args.workers}"
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(table(results) + "\n")
+    chart(results, args.out / f"{stem}.png")
+    print(f"wrote {args.out / stem}.json, .md and .png")
     if not books_ok:
         raise SystemExit(1)
 

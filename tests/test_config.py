@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from ipaddress import ip_network
 from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, KafkaSettings, Settings
+from gateway.config import ConfigError, KafkaSettings, Settings, TopicSettings
 
 
 def test_an_empty_environment_gives_the_defaults() -> None:
@@ -19,6 +20,16 @@ def test_every_variable_is_read() -> None:
         {
             "CAFE_HOST": "::1",
             "CAFE_PORT": "9000",
+            "CAFE_WORKERS": "2",
+            "CAFE_TRUSTED_PROXIES": "10.0.0.0/8, 2001:db8::1",
+            "CAFE_MAX_BODY_BYTES": "2048",
+            "CAFE_MAX_INFLIGHT_BYTES": "4096",
+            "CAFE_PRODUCE_TIMEOUT_MS": "1500",
+            "CAFE_TOPIC_ACTIVITY": "a",
+            "CAFE_TOPIC_LOG": "l",
+            "CAFE_TOPIC_PROFILE": "p",
+            "CAFE_TOPIC_DEADLETTER": "d",
+            "CAFE_TOPIC_PARTITIONS": "12",
             "CAFE_LOG_LEVEL": "debug",
             "CAFE_KEYS_FILE": "/etc/cafe/keys.json",
             "CAFE_KAFKA_BOOTSTRAP": "k1:9092,k2:9092",
@@ -30,10 +41,19 @@ def test_every_variable_is_read() -> None:
     assert settings == Settings(
         host="::1",
         port=9000,
+        workers=2,
         log_level="DEBUG",
         keys_file=Path("/etc/cafe/keys.json"),
+        trusted_proxies=(ip_network("10.0.0.0/8"), ip_network("2001:db8::1/128")),
+        max_body_bytes=2048,
+        max_inflight_bytes=4096,
         kafka=KafkaSettings(
-            bootstrap="k1:9092,k2:9092", client_id="gw-7", linger_ms=0, request_timeout_ms=5000
+            bootstrap="k1:9092,k2:9092",
+            client_id="gw-7",
+            linger_ms=0,
+            request_timeout_ms=5000,
+            produce_timeout_ms=1500,
+            topics=TopicSettings(activity="a", log="l", profile="p", deadletter="d", partitions=12),
         ),
     )
 
@@ -49,6 +69,10 @@ def test_every_variable_is_read() -> None:
         ("CAFE_KAFKA_BOOTSTRAP", "k1:0", "'k1:0' is not host:port"),
         ("CAFE_KAFKA_LINGER_MS", "-1", "CAFE_KAFKA_LINGER_MS=-1 is outside 0..1000"),
         ("CAFE_KAFKA_REQUEST_TIMEOUT_MS", "10", "is outside 1000..300000"),
+        ("CAFE_TRUSTED_PROXIES", "10.0.0.0/8,proxy", "'proxy' is not an IP network"),
+        ("CAFE_TOPIC_LOG", "cafe log", "CAFE_TOPIC_LOG='cafe log' is not a Kafka topic name"),
+        ("CAFE_TOPIC_LOG", "..", "is not a Kafka topic name"),
+        ("CAFE_WORKERS", "0", "CAFE_WORKERS=0 is outside 1..256"),
     ],
 )
 def test_a_bad_value_is_refused_naming_the_variable(name: str, value: str, message: str) -> None:
@@ -60,3 +84,8 @@ def test_a_bad_value_is_refused_naming_the_variable(name: str, value: str, messa
 
 def test_blank_values_mean_unset() -> None:
     assert Settings.from_env({"CAFE_PORT": " ", "CAFE_KEYS_FILE": ""}) == Settings()
+
+
+def test_several_workers_need_a_fixed_port() -> None:
+    with pytest.raises(ConfigError, match="CAFE_WORKERS=2 needs a fixed CAFE_PORT"):
+        Settings.from_env({"CAFE_WORKERS": "2", "CAFE_PORT": "0"})

@@ -10,11 +10,13 @@ import time
 from pathlib import Path
 
 import aiohttp
+import psutil
 import pytest
 
 from tests.integration.conftest import Broker
 from tests.integration.tcp_proxy import free_port
 from tests.keys import KeyFile
+from tests.spec_samples import curl_bodies
 
 pytestmark = pytest.mark.integration
 
@@ -90,3 +92,46 @@ async def test_serve_refuses_a_bad_setting_naming_the_variable() -> None:
     output, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
     assert proc.returncode == 2
     assert "CAFE_PORT='eighty' is not an integer" in output.decode()
+
+
+async def test_two_workers_share_one_port_and_stop_together(
+    kafka: Broker, key_file: KeyFile
+) -> None:
+    port = free_port()
+    proc = await serve(
+        {
+            "CAFE_PORT": str(port),
+            "CAFE_WORKERS": "2",
+            "CAFE_KAFKA_BOOTSTRAP": kafka.bootstrap,
+            "CAFE_KEYS_FILE": str(key_file.path),
+        }
+    )
+    try:
+        parent = psutil.Process(proc.pid)
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+            deadline = time.monotonic() + 30
+            ready = 0
+            # Each new connection may land on either worker: wait until both answer ready.
+            while ready < 10 and time.monotonic() < deadline:
+                try:
+                    async with http.get("/readyz", headers={"Connection": "close"}) as resp:
+                        ready = ready + 1 if resp.status == 200 else 0
+                except aiohttp.ClientConnectionError:
+                    ready = 0
+                await asyncio.sleep(0.1)
+            assert ready == 10, "the workers did not all report ready within 30s"
+            workers = parent.children()
+            assert len(workers) == 2
+            body = curl_bodies()["log"]
+            headers = {"x-api-key": key_file.key, "Content-Type": "application/json"}
+            for _ in range(10):
+                async with http.post("/v1/log", data=body, headers=headers) as resp:
+                    assert resp.status == 200
+        proc.send_signal(signal.SIGTERM)
+        output, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
+        assert proc.returncode == 0, output.decode(errors="replace")
+        assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
