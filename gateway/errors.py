@@ -44,6 +44,8 @@ class GatewayError(Exception):
     # For errors raised before the body is read: close the connection after answering,
     # rather than read and throw away a body that may be megabytes long.
     close_connection: ClassVar[bool] = False
+    # None: WARNING for 5xx (the operator's concern), DEBUG for 4xx (the client's).
+    log_level: ClassVar[int | None] = None
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
@@ -104,6 +106,8 @@ class NotReady(GatewayError):
     status = 503
     code = "not_ready"
     retry_after = 1
+    # Asked by every readiness probe while Kafka is away; the sink logs the cause.
+    log_level = logging.INFO
 
 
 class Overloaded(GatewayError):
@@ -113,6 +117,9 @@ class Overloaded(GatewayError):
     code = "overloaded"
     retry_after = 1
     close_connection = True
+    # Shedding is the gateway working as meant, thousands of times a second in a flood:
+    # a line each would cost more than the shedding itself.
+    log_level = logging.DEBUG
 
 
 class SinkUnavailable(GatewayError):
@@ -156,8 +163,9 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     try:
         return await handler(request)
     except GatewayError as exc:
-        # 5xx are the operator's concern, 4xx the client's.
-        level = logging.WARNING if exc.status >= 500 else logging.DEBUG
+        level = exc.log_level
+        if level is None:
+            level = logging.WARNING if exc.status >= 500 else logging.DEBUG
         log.log(
             level,
             "%s %s -> %d %s: %s",

@@ -11,7 +11,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+from aiokafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError, for_code
 from aiokafka.partitioner import murmur2
 
 from gateway.config import KafkaSettings
@@ -29,9 +29,10 @@ _READY_TIMEOUT_S = 2.0
 _REPLICATION = 3
 # From this many messages for one partition in one call, the sink builds the batch itself.
 _OWN_BATCH_FROM = 8
-# Room for a W500 request's share of one partition in a single batch (records are
-# ~0.5 KiB); a produce request carries several, so it may reach 4 batches.
+# Room for a W500 request's share of one partition in one batch (records are ~0.5 KiB),
+# well under the broker's default limit on a batch (message.max.bytes, ~1 MiB).
 _MAX_BATCH_BYTES = 256 * 1024
+# aiokafka's bound on one produce request, which also caps what one record may weigh.
 _MAX_REQUEST_BYTES = 1024 * 1024
 
 
@@ -40,6 +41,27 @@ def murmur2_cached(key: bytes) -> int:
     """aiokafka's pure-Python murmur2 costs microseconds; session keys repeat a lot."""
     result: int = murmur2(key)
     return result
+
+
+async def _send_batch(
+    producer: AIOKafkaProducer, batch: Any, topic: str, partition: int
+) -> asyncio.Future[Any]:
+    """Queue a built batch; returns the future of its ack.
+
+    aiokafka queues one batch per partition and makes the next wait for a free slot,
+    but counts the time already waited again on every wake-up, so under many
+    concurrent requests it gives up with KafkaTimeoutError long before its timeout.
+    The batch is untouched then, so queue it again: the caller's deadline (the produce
+    timeout around the whole send) is what bounds the wait.
+    """
+    while True:
+        try:
+            future: asyncio.Future[Any] = await producer.send_batch(
+                batch, topic, partition=partition
+            )
+        except KafkaTimeoutError:
+            continue
+        return future
 
 
 class KafkaSink:
@@ -152,10 +174,10 @@ class KafkaSink:
         for m in group:
             if batch.append(key=m.key, value=m.value, timestamp=None, headers=m.headers) is None:
                 # Full: send it, and start the next with this message.
-                acks.append(await producer.send_batch(batch, topic, partition=partition))
+                acks.append(await _send_batch(producer, batch, topic, partition))
                 batch = producer.create_batch()
                 batch.append(key=m.key, value=m.value, timestamp=None, headers=m.headers)
-        acks.append(await producer.send_batch(batch, topic, partition=partition))
+        acks.append(await _send_batch(producer, batch, topic, partition))
         return acks
 
     def _new_producer(self) -> AIOKafkaProducer:
