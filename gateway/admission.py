@@ -28,12 +28,12 @@ class Admission:
 
         @web.middleware
         async def admit(request: web.Request, handler: Handler) -> web.StreamResponse:
-            if request.method != "POST":
-                return await handler(request)
             need = request.content_length
-            if need is None or need > self.max_body_bytes:
-                # Unknown (chunked) or over the limit anyway: the handler reads at most this.
-                need = self.max_body_bytes
+            if request.method != "POST" or (need is not None and need > self.max_body_bytes):
+                # Nothing to read, or a body the handler refuses unread (413).
+                return await handler(request)
+            if need is None:
+                need = self.max_body_bytes  # chunked: the handler reads at most this
             if self.in_flight_bytes and self.in_flight_bytes + need > self.cap_bytes:
                 raise Overloaded(
                     f"the gateway is at capacity ({self.in_flight_bytes} body bytes in progress)"

@@ -249,6 +249,17 @@ async def delete_topics(bootstrap: str, topics: list[str]) -> None:
         await admin.close()
 
 
+def cpu_model() -> str:
+    """The processor's name as Linux reports it, else the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def table(results: list[Result]) -> str:
     peak = {(r.target, r.batch): r for r in results if r.load == "peak"}
     lines = [
@@ -401,7 +412,7 @@ def main() -> None:
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {
             "cpus": os.cpu_count(),
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": cpu_model(),
             "python": platform.python_version(),
         },
         "seconds_per_run": args.seconds,

@@ -76,3 +76,18 @@ async def test_a_single_request_larger_than_the_cap_is_still_served(
     headers = {"Content-Type": "application/json", "x-api-key": key_file.key}
     resp = await client.post("/v1/log", data=batch(20), headers=headers)
     assert resp.status == 200
+
+
+async def test_a_body_over_the_limit_is_413_even_when_busy(
+    aiohttp_client: AiohttpClient, key_file: KeyFile
+) -> None:
+    sink = GatedSink()
+    settings = Settings(keys_file=key_file.path, max_body_bytes=4096, max_inflight_bytes=8192)
+    client = await aiohttp_client(create_app(settings, sink=sink))
+    headers = {"Content-Type": "application/json", "x-api-key": key_file.key}
+    busy = asyncio.create_task(client.post("/v1/log", data=batch(1), headers=headers))
+    await sink.arrived.get()
+    resp = await client.post("/v1/log", data=b" " * 5000, headers=headers)
+    assert resp.status == 413
+    sink.gate.set()
+    assert (await busy).status == 200
