@@ -7,11 +7,14 @@ import os
 import signal
 import sys
 import time
+import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import psutil
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
 from tests.integration.conftest import Broker
 from tests.integration.tcp_proxy import free_port
@@ -33,29 +36,58 @@ async def serve(env: dict[str, str]) -> asyncio.subprocess.Process:
     )
 
 
+async def ready_in_a_row(http: aiohttp.ClientSession, times: int) -> None:
+    """Wait until /readyz answers 200 `times` times in a row, each on a new connection
+    (so that, with several workers, every one of them is asked); fail after 30 s."""
+    deadline = time.monotonic() + 30
+    good = 0
+    while good < times:
+        assert time.monotonic() < deadline, f"not ready {times} times in a row within 30s"
+        try:
+            async with http.get("/readyz", headers={"Connection": "close"}) as resp:
+                good = good + 1 if resp.status == 200 else 0
+        except aiohttp.ClientConnectionError:
+            good = 0
+        await asyncio.sleep(0.1)
+
+
+@pytest.fixture
+async def prefix(kafka: Broker) -> AsyncIterator[str]:
+    """A topic prefix for one test; its topics are deleted afterwards."""
+    prefix = f"serve.{uuid.uuid4().hex[:8]}"
+    yield prefix
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    await admin.start()
+    try:
+        names = [t for t in await admin.list_topics() if t.startswith(prefix + ".")]
+        if names:
+            await admin.delete_topics(names)
+    finally:
+        await admin.close()
+
+
+def gateway_env(
+    port: int, kafka: Broker, key_file: KeyFile, prefix: str, **more: str
+) -> dict[str, str]:
+    """A serve environment on `port` whose topics all start with `prefix`."""
+    return {
+        "CAFE_PORT": str(port),
+        "CAFE_KAFKA_BOOTSTRAP": kafka.bootstrap,
+        "CAFE_KEYS_FILE": str(key_file.path),
+        **{f"CAFE_TOPIC_{t.upper()}": f"{prefix}.{t}" for t in ("activity", "log", "profile")},
+        "CAFE_TOPIC_DEADLETTER": f"{prefix}.deadletter",
+        **more,
+    }
+
+
 async def test_serve_becomes_ready_over_http_and_exits_0_on_sigterm(
-    kafka: Broker, key_file: KeyFile
+    kafka: Broker, key_file: KeyFile, prefix: str
 ) -> None:
     port = free_port()
-    proc = await serve(
-        {
-            "CAFE_PORT": str(port),
-            "CAFE_KAFKA_BOOTSTRAP": kafka.bootstrap,
-            "CAFE_KEYS_FILE": str(key_file.path),
-        }
-    )
+    proc = await serve(gateway_env(port, kafka, key_file, prefix))
     try:
         async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
-            deadline = time.monotonic() + 30
-            status = None
-            while status != 200 and time.monotonic() < deadline:
-                try:
-                    async with http.get("/readyz") as resp:
-                        status = resp.status
-                except aiohttp.ClientConnectionError:
-                    pass
-                await asyncio.sleep(0.2)
-            assert status == 200, "gateway did not report ready within 30s"
+            await ready_in_a_row(http, 1)
             async with http.get("/healthz") as resp:
                 assert resp.status == 200
                 assert await resp.json() == {"status": "ok"}
@@ -95,31 +127,14 @@ async def test_serve_refuses_a_bad_setting_naming_the_variable() -> None:
 
 
 async def test_two_workers_share_one_port_and_stop_together(
-    kafka: Broker, key_file: KeyFile
+    kafka: Broker, key_file: KeyFile, prefix: str
 ) -> None:
     port = free_port()
-    proc = await serve(
-        {
-            "CAFE_PORT": str(port),
-            "CAFE_WORKERS": "2",
-            "CAFE_KAFKA_BOOTSTRAP": kafka.bootstrap,
-            "CAFE_KEYS_FILE": str(key_file.path),
-        }
-    )
+    proc = await serve(gateway_env(port, kafka, key_file, prefix, CAFE_WORKERS="2"))
     try:
         parent = psutil.Process(proc.pid)
         async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
-            deadline = time.monotonic() + 30
-            ready = 0
-            # Each new connection may land on either worker: wait until both answer ready.
-            while ready < 10 and time.monotonic() < deadline:
-                try:
-                    async with http.get("/readyz", headers={"Connection": "close"}) as resp:
-                        ready = ready + 1 if resp.status == 200 else 0
-                except aiohttp.ClientConnectionError:
-                    ready = 0
-                await asyncio.sleep(0.1)
-            assert ready == 10, "the workers did not all report ready within 30s"
+            await ready_in_a_row(http, 10)
             workers = parent.children()
             assert len(workers) == 2
             body = curl_bodies()["log"]
