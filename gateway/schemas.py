@@ -31,8 +31,16 @@ def is_rfc3339_date_time(value: str) -> bool:
     match = _DATE_TIME.fullmatch(value)
     if match is None:
         return False
+    try:
+        # The common case in one C call; what it refuses is looked at again below.
+        datetime.fromisoformat(value)
+    except ValueError:
+        pass
+    else:
+        return True
     date, hour_minute, second, fraction, offset = match.groups()
-    # RFC 3339 allows a leap second, which datetime cannot hold; check it as :59.
+    # RFC 3339 allows a leap second, which datetime cannot hold; check it as :59. It
+    # also allows lower-case t and z, and any number of fraction digits.
     second = "59" if second == "60" else second
     offset = "+00:00" if offset in "Zz" else offset
     try:
