@@ -19,9 +19,10 @@ from gateway.errors import problem_middleware
 from gateway.ingest import ingest
 from gateway.kafka import KafkaSink
 from gateway.openapi import build_openapi, get_openapi, get_schema
+from gateway.requestid import RequestIds
 from gateway.schemas import load_record_types
 from gateway.sink import Sink
-from gateway.state import KEYS, OPENAPI, RECORD_TYPES, SETTINGS, SINK
+from gateway.state import KEYS, OPENAPI, RECORD_TYPES, REQUEST_IDS, SETTINGS, SINK
 
 
 def create_app(settings: Settings, *, sink: Sink | None = None) -> web.Application:
@@ -42,6 +43,7 @@ def create_app(settings: Settings, *, sink: Sink | None = None) -> web.Applicati
     app[SINK] = sink if sink is not None else KafkaSink(settings.kafka)
     app[KEYS] = keys
     app[RECORD_TYPES] = record_types
+    app[REQUEST_IDS] = RequestIds()
     app[OPENAPI] = orjson.dumps(build_openapi(record_types, version("cafe-gateway")))
     app.cleanup_ctx.append(_keys_lifetime)
     app.cleanup_ctx.append(_sink_lifetime)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,7 +15,7 @@ from gateway.errors import InvalidJson, InvalidUtf8, PayloadTooLarge, Unsupporte
 from gateway.responses import json_response
 from gateway.schemas import SCHEMA_VERSION, RecordType, record_error, records_of
 from gateway.sink import Message
-from gateway.state import RECORD_TYPES, SETTINGS, SINK
+from gateway.state import RECORD_TYPES, REQUEST_IDS, SETTINGS, SINK
 
 
 async def ingest(request: web.Request) -> web.Response:
@@ -24,7 +23,7 @@ async def ingest(request: web.Request) -> web.Response:
     record_type = request.app[RECORD_TYPES][request.match_info["record_type"]]
     settings = request.app[SETTINGS]
     key = request[API_KEY]
-    request_id = uuid.uuid4().hex
+    request_id = request.app[REQUEST_IDS].next()
 
     records = records_of(await _read_json(request, settings.max_body_bytes))
 
@@ -45,15 +44,18 @@ async def ingest(request: web.Request) -> web.Response:
         dead.append(_dead_letter(record, headers, reason, [error]))
 
     sink = request.app[SINK]
-    sends = [(record_type.topic, accepted), (settings.kafka.topics.deadletter, dead)]
-    # Valid records and dead letters go out together; the answer waits for both.
-    results = await asyncio.gather(
-        *(sink.send(topic, messages) for topic, messages in sends if messages),
-        return_exceptions=True,
-    )
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
+    if not dead:
+        await sink.send(record_type.topic, accepted)
+    else:
+        # Valid records and dead letters go out together; the answer waits for both.
+        sends = [(record_type.topic, accepted), (settings.kafka.topics.deadletter, dead)]
+        results = await asyncio.gather(
+            *(sink.send(topic, messages) for topic, messages in sends if messages),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     response_headers = {"X-Request-Id": request_id}
     if not rejections:

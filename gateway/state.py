@@ -4,6 +4,7 @@ from aiohttp import web
 
 from gateway.auth import KeyStore
 from gateway.config import Settings
+from gateway.requestid import RequestIds
 from gateway.schemas import RecordType
 from gateway.sink import Sink
 
@@ -14,3 +15,4 @@ KEYS: web.AppKey[KeyStore] = web.AppKey("keys")
 RECORD_TYPES: web.AppKey[dict[str, RecordType]] = web.AppKey("record_types")
 # The OpenAPI document, built once at start-up.
 OPENAPI: web.AppKey[bytes] = web.AppKey("openapi")
+REQUEST_IDS: web.AppKey[RequestIds] = web.AppKey("request_ids")
