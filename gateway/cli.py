@@ -75,6 +75,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     )
     if settings.workers == 1:
         return _serve_one(settings)
+    # A keys file that cannot be loaded stops start-up here, with its reason, rather
+    # than in every worker.
+    auth.KeyStore(settings.keys_file).load()
     # Fork before any event loop, thread or socket exists, so each worker starts clean.
     return run_workers(settings.workers, lambda: _serve_one(settings))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -27,8 +28,6 @@ _LAST_RETRY_S = 5.0
 _READY_TIMEOUT_S = 2.0
 # Created topics get this many replicas, or one per broker on a smaller cluster.
 _REPLICATION = 3
-# From this many messages for one partition in one call, the sink builds the batch itself.
-_OWN_BATCH_FROM = 8
 # Room for a W500 request's share of one partition in one batch (records are ~0.5 KiB),
 # well under the broker's default limit on a batch (message.max.bytes, ~1 MiB).
 _MAX_BATCH_BYTES = 256 * 1024
@@ -64,6 +63,86 @@ async def _send_batch(
         return future
 
 
+class _Batcher:
+    """Builds one partition's record batches from the messages of many requests.
+
+    aiokafka's `send()` costs a future and some Python per record; here records go
+    into an open batch shared by every request writing to the partition, and a request
+    waits on the one future of each batch that holds its records. One task per
+    partition hands the batches to aiokafka in order: while one waits for its slot
+    (aiokafka queues a single batch per partition), records gather in the next.
+    """
+
+    def __init__(self, producer: AIOKafkaProducer, topic: str, partition: int) -> None:
+        self._producer = producer
+        self._topic = topic
+        self._partition = partition
+        self._open: tuple[Any, asyncio.Future[None]] | None = None
+        self._ready: collections.deque[tuple[Any, asyncio.Future[None]]] = collections.deque()
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._hand_over(), name=f"batches-{topic}-{partition}")
+
+    def append(self, message: Message) -> asyncio.Future[None]:
+        """Add a message to the open batch; returns that batch's ack future."""
+        if self._open is None:
+            self._open = self._new_batch()
+        batch, acked = self._open
+        if batch.append(key=message.key, value=message.value, timestamp=None,
+                        headers=message.headers) is None:  # fmt: skip
+            # Full: queue it whole, and start the next with this message.
+            self._ready.append(self._open)
+            self._open = self._new_batch()
+            batch, acked = self._open
+            batch.append(key=message.key, value=message.value, timestamp=None,
+                         headers=message.headers)  # fmt: skip
+        self._wake.set()
+        return acked
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    def _new_batch(self) -> tuple[Any, asyncio.Future[None]]:
+        acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Mark a failure as seen even if every request waiting on it has timed out.
+        acked.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return self._producer.create_batch(), acked
+
+    async def _hand_over(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while True:
+                if self._ready:
+                    batch, acked = self._ready.popleft()
+                elif self._open is not None:
+                    (batch, acked), self._open = self._open, None
+                else:
+                    break
+                batch.close()
+                try:
+                    ack = await _send_batch(self._producer, batch, self._topic, self._partition)
+                except KafkaError as exc:
+                    acked.set_exception(exc)
+                    continue
+                ack.add_done_callback(functools.partial(_settle, acked))
+
+
+def _settle(acked: asyncio.Future[None], ack: asyncio.Future[Any]) -> None:
+    """Pass aiokafka's verdict on a batch to the future its requests wait on."""
+    if acked.done():
+        return
+    if ack.cancelled():
+        acked.set_exception(KafkaError("the batch was cancelled"))
+        return
+    failure = ack.exception()
+    if failure is not None:
+        acked.set_exception(failure)
+    else:
+        acked.set_result(None)
+
+
 class KafkaSink:
     """Produces to Kafka with acks from all in-sync replicas and idempotence.
 
@@ -77,6 +156,7 @@ class KafkaSink:
         self._producer: AIOKafkaProducer | None = None
         self._connecting: asyncio.Task[None] | None = None
         self._unkeyed = 0  # round-robin position for messages without a key
+        self._batchers: dict[tuple[str, int], _Batcher] = {}
 
     async def start(self) -> None:
         self._connecting = asyncio.create_task(self._connect(), name="kafka-connect")
@@ -86,6 +166,8 @@ class KafkaSink:
             self._connecting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._connecting
+        for batcher in self._batchers.values():
+            await batcher.close()
         if self._producer is not None:
             await self._stop(self._producer)
             self._producer = None
@@ -129,16 +211,18 @@ class KafkaSink:
                 partitions = producer.client.cluster.partitions_for_topic(topic)
                 if not partitions:
                     partitions = await producer.partitions_for(topic)
-                by_partition: dict[int, list[Message]] = {}
+                # Appended in order, so one key's messages keep their order.
+                acks: set[asyncio.Future[None]] = set()
                 for message in messages:
                     partition = self._partition(message.key, len(partitions))
-                    by_partition.setdefault(partition, []).append(message)
-                # Enqueued in order, so one key's messages keep their order; the futures
-                # resolve when the broker acknowledges.
-                acks = []
-                for partition, group in by_partition.items():
-                    acks += await self._enqueue(producer, topic, partition, group)
-                await asyncio.gather(*acks)
+                    acks.add(self._batcher(producer, topic, partition).append(message))
+                # wait(), not gather(): a timeout here must not cancel a future that other
+                # requests' records share.
+                await asyncio.wait(acks)
+                for ack in acks:
+                    failure = ack.exception()
+                    if failure is not None:
+                        raise failure
         except TimeoutError:
             raise SinkUnavailable(
                 f"Kafka did not acknowledge the records within {timeout_s:g}s"
@@ -153,32 +237,12 @@ class KafkaSink:
             return self._unkeyed
         return (murmur2_cached(key) & 0x7FFFFFFF) % partitions
 
-    async def _enqueue(
-        self, producer: AIOKafkaProducer, topic: str, partition: int, group: list[Message]
-    ) -> list[asyncio.Future[Any]]:
-        """Hand one partition's messages to aiokafka; returns futures of their acks.
-
-        A few messages go one by one, so they share batches with other requests'
-        messages while the producer lingers. Many go as whole batches built here, with
-        one future per batch instead of one per message.
-        """
-        if len(group) < _OWN_BATCH_FROM:
-            return [
-                await producer.send(
-                    topic, m.value, key=m.key, partition=partition, headers=m.headers
-                )
-                for m in group
-            ]
-        acks = []
-        batch = producer.create_batch()
-        for m in group:
-            if batch.append(key=m.key, value=m.value, timestamp=None, headers=m.headers) is None:
-                # Full: send it, and start the next with this message.
-                acks.append(await _send_batch(producer, batch, topic, partition))
-                batch = producer.create_batch()
-                batch.append(key=m.key, value=m.value, timestamp=None, headers=m.headers)
-        acks.append(await _send_batch(producer, batch, topic, partition))
-        return acks
+    def _batcher(self, producer: AIOKafkaProducer, topic: str, partition: int) -> _Batcher:
+        batcher = self._batchers.get((topic, partition))
+        if batcher is None:
+            batcher = _Batcher(producer, topic, partition)
+            self._batchers[(topic, partition)] = batcher
+        return batcher
 
     def _new_producer(self) -> AIOKafkaProducer:
         s = self._settings

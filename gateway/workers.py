@@ -30,6 +30,9 @@ def run_workers(count: int, serve: Callable[[], int]) -> int:
             code = 1
             try:
                 code = serve()
+            except Exception:
+                # The parent sees only the exit status: say here what went wrong.
+                log.exception("worker %d failed", os.getpid())
             finally:
                 # Leave without running the parent's exit handlers and buffers twice.
                 sys.stdout.flush()

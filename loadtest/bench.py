@@ -314,6 +314,10 @@ def measure(
 ) -> list[Result]:
     """Peak runs at every batch size; for the gateway, then half-load runs at W20 and W1."""
     results = []
+    if target == "gateway":
+        # A fresh broker is a cold JVM: until its JIT has compiled the produce path the
+        # gateway's first figures measure the broker's warm-up. Warm both first.
+        run_wrk(port, proc, target=target, batch=500, seconds=10, key=key, run_id=run_id + "w")
     for batch in BATCHES:
         # A short warm-up (its own eventIds, outside the books) keeps set-up costs out.
         run_wrk(port, proc, target=target, batch=batch, seconds=2, key=key, run_id=run_id + "w")

@@ -119,6 +119,14 @@ async def test_serve_refuses_a_keys_file_that_does_not_exist(tmp_path: Path) -> 
     assert "absent.json does not exist" in output.decode()
 
 
+async def test_workers_refuse_a_keys_file_that_does_not_exist(tmp_path: Path) -> None:
+    env = {"CAFE_KEYS_FILE": str(tmp_path / "absent.json"), "CAFE_WORKERS": "2"}
+    proc = await serve({**env, "CAFE_PORT": str(free_port())})
+    output, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
+    assert proc.returncode == 1
+    assert "absent.json does not exist" in output.decode()
+
+
 async def test_serve_refuses_a_bad_setting_naming_the_variable() -> None:
     proc = await serve({"CAFE_PORT": "eighty"})
     output, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
