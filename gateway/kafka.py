@@ -48,10 +48,9 @@ async def _send_batch(
     """Queue a built batch; returns the future of its ack.
 
     aiokafka queues one batch per partition and makes the next wait for a free slot,
-    but counts the time already waited again on every wake-up, so under many
-    concurrent requests it gives up with KafkaTimeoutError long before its timeout.
-    The batch is untouched then, so queue it again: the caller's deadline (the produce
-    timeout around the whole send) is what bounds the wait.
+    but counts the time already waited again on every wake-up, so under load it gives
+    up with KafkaTimeoutError long before its timeout. The batch is untouched then, so
+    queue it again. Requests waiting on the batch stop at their own produce timeout.
     """
     while True:
         try:
@@ -84,19 +83,13 @@ class _Batcher:
 
     def append(self, message: Message) -> asyncio.Future[None]:
         """Add a message to the open batch; returns that batch's ack future."""
-        if self._open is None:
+        if self._open is None or not _add(self._open[0], message):
+            if self._open is not None:
+                self._ready.append(self._open)  # full: it goes as it is
             self._open = self._new_batch()
-        batch, acked = self._open
-        if batch.append(key=message.key, value=message.value, timestamp=None,
-                        headers=message.headers) is None:  # fmt: skip
-            # Full: queue it whole, and start the next with this message.
-            self._ready.append(self._open)
-            self._open = self._new_batch()
-            batch, acked = self._open
-            batch.append(key=message.key, value=message.value, timestamp=None,
-                         headers=message.headers)  # fmt: skip
+            _add(self._open[0], message)  # an empty batch always takes a record
         self._wake.set()
-        return acked
+        return self._open[1]
 
     async def close(self) -> None:
         self._task.cancel()
@@ -123,10 +116,20 @@ class _Batcher:
                 batch.close()
                 try:
                     ack = await _send_batch(self._producer, batch, self._topic, self._partition)
-                except KafkaError as exc:
+                except Exception as exc:
+                    # Fail this batch's requests, and keep serving the partition.
+                    log.exception("could not queue a batch for %s-%d", self._topic, self._partition)
                     acked.set_exception(exc)
                     continue
                 ack.add_done_callback(functools.partial(_settle, acked))
+
+
+def _add(batch: Any, message: Message) -> bool:
+    """Append a message to an aiokafka batch; False if the batch is full."""
+    metadata = batch.append(
+        key=message.key, value=message.value, timestamp=None, headers=message.headers
+    )
+    return metadata is not None
 
 
 def _settle(acked: asyncio.Future[None], ack: asyncio.Future[Any]) -> None:
