@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -97,7 +98,10 @@ def test_partitions_agree_with_the_java_client() -> None:
     home = Path(
         os.environ.get("CAFE_KAFKA_HOME", Path.home() / ".cache" / "cafe-gateway" / "kafka")
     )
-    (libs,) = home.glob("*/libs")
+    pom = (KAFKA_SH.parent / "pom.xml").read_text()
+    version = re.search(r"<kafka.version>(.+)</kafka.version>", pom)
+    assert version is not None
+    libs = home / version.group(1) / "libs"
     keys = [str(uuid.UUID(int=random.Random(i).getrandbits(128))) for i in range(200)]
     result = subprocess.run(
         ["java", "-cp", f"{libs}/*", str(Path(__file__).with_name("Partitions.java")), "6", *keys],
