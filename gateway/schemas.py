@@ -100,7 +100,9 @@ def load_record_types(topics: TopicSettings) -> dict[str, RecordType]:
         types[name] = RecordType(
             name=name,
             schema=schema,
-            validate=fastjsonschema.compile(schema, formats=_FORMATS),
+            # Our schemas set no defaults: leaving out the code that fills them in saves
+            # a few percent of every validation.
+            validate=fastjsonschema.compile(schema, formats=_FORMATS, use_default=False),
             topic=topic,
         )
     return types
