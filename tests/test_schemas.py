@@ -207,6 +207,8 @@ def test_every_schema_file_bounds_every_string_and_array() -> None:
                 assert "maxItems" in node, f"{where} has no maxItems"
             if node.get("type") == "object":
                 assert node.get("additionalProperties") is False, f"{where} is open"
+            # The validators are compiled without the code that fills in defaults.
+            assert "default" not in node, f"{where} sets a default"
             for key, value in node.items():
                 walk(value, f"{where}/{key}")
 
