@@ -106,9 +106,13 @@ format_storage() {
     if [ -f "$run/data/meta.properties" ]; then
         return
     fi
-    # A KRaft cluster id is 16 random bytes in URL-safe base64 without padding.
-    local cluster_id
-    cluster_id=$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | cut -c 1-22)
+    # A KRaft cluster id is 16 random bytes in URL-safe base64 without padding. One that
+    # starts with "-" would be read as an option by the storage tool (as Kafka's own
+    # Uuid.randomUuid knows): draw again.
+    local cluster_id=-
+    while [ "${cluster_id#-}" != "$cluster_id" ]; do
+        cluster_id=$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | cut -c 1-22)
+    done
     "$java" -Xmx128m -Dlog4j2.configurationFile="$here/log4j2.properties" \
         -Dkafka.logs.dir="$run/logs" -cp "$libs/*" kafka.tools.StorageTool \
         format -t "$cluster_id" -c "$run/server.properties" >"$run/logs/format.log" 2>&1 || {
@@ -128,6 +132,10 @@ up() {
         fi
         show_log_tail
         say "broker pid $pid runs but does not accept produce requests"
+        exit 1
+    fi
+    if [ "$port" = "$controller_port" ]; then
+        say "the client and controller ports are both $port; set CAFE_KAFKA_CONTROLLER_PORT"
         exit 1
     fi
     for p in "$port" "$controller_port"; do

@@ -25,7 +25,7 @@ from tests.integration.conftest import (
     consume_all,
     eventually,
 )
-from tests.integration.tcp_proxy import free_port
+from tests.integration.tcp_proxy import free_ports
 from tests.keys import KeyFile, make_key_file
 from tests.spec_samples import curl_bodies
 
@@ -256,12 +256,17 @@ async def test_key_file_edits_apply_while_the_gateway_runs(gateway: Gateway) -> 
 @pytest.fixture
 def spare_broker() -> Iterator[tuple[str, dict[str, str]]]:
     """A broker of our own on free ports, which a test may freeze or stop."""
+    port, controller_port = free_ports(2)
     env = {
         **os.environ,
-        "CAFE_KAFKA_PORT": str(free_port()),
-        "CAFE_KAFKA_CONTROLLER_PORT": str(free_port()),
+        "CAFE_KAFKA_PORT": str(port),
+        "CAFE_KAFKA_CONTROLLER_PORT": str(controller_port),
     }
-    subprocess.run([str(KAFKA_SH), "up"], env=env, check=True, capture_output=True, timeout=180)
+    up = subprocess.run(
+        [str(KAFKA_SH), "up"], env=env, capture_output=True, text=True, timeout=180, check=False
+    )
+    if up.returncode != 0:
+        pytest.fail(f"the spare broker did not start:\n{up.stderr}")
     try:
         yield f"127.0.0.1:{env['CAFE_KAFKA_PORT']}", env
     finally:

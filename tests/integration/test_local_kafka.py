@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from tests.integration.conftest import KAFKA_SH
-from tests.integration.tcp_proxy import free_port
+from tests.integration.tcp_proxy import free_ports
 
 pytestmark = pytest.mark.integration
 
@@ -23,10 +23,11 @@ def kafka_sh(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str
 @pytest.fixture
 def ports_env() -> dict[str, str]:
     """Environment for a broker on two free ports; it shares the jar cache with the main one."""
+    port, controller_port = free_ports(2)
     return {
         **os.environ,
-        "CAFE_KAFKA_PORT": str(free_port()),
-        "CAFE_KAFKA_CONTROLLER_PORT": str(free_port()),
+        "CAFE_KAFKA_PORT": str(port),
+        "CAFE_KAFKA_CONTROLLER_PORT": str(controller_port),
     }
 
 
