@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.schemas import MAX_RECORDS, RecordType
+from gateway.schemas import MAX_RECORDS, RecordType, envelope_schema
 from gateway.state import OPENAPI, RECORD_TYPES
 
 _PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
@@ -31,6 +31,16 @@ def _problem(description: str) -> dict[str, Any]:
 
 def _json(description: str, schema: Mapping[str, Any]) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _request_body(record_type: str) -> dict[str, Any]:
+    """The spec's envelope for one record type, its items pointing at our component."""
+    envelope = envelope_schema(record_type)
+    del envelope["$schema"], envelope["definitions"]
+    envelope["properties"]["records"]["items"] = {
+        "$ref": f"#/components/schemas/{_component(record_type)}"
+    }
+    return envelope
 
 
 def build_openapi(record_types: Mapping[str, RecordType], version: str) -> dict[str, Any]:
@@ -92,23 +102,7 @@ def build_openapi(record_types: Mapping[str, RecordType], version: str) -> dict[
                 "requestBody": {
                     "required": True,
                     "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "properties": {
-                                    "records": {
-                                        "type": "array",
-                                        "minItems": 1,
-                                        "maxItems": MAX_RECORDS,
-                                        "items": {
-                                            "$ref": f"#/components/schemas/{_component(name)}"
-                                        },
-                                    }
-                                },
-                                "required": ["records"],
-                                "additionalProperties": False,
-                            }
-                        }
+                        "application/json": {"schema": _request_body(name)},
                     },
                 },
                 "responses": {
