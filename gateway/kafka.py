@@ -220,8 +220,9 @@ class KafkaSink:
                     partition = self._partition(message.key, len(partitions))
                     acks.add(self._batcher(producer, topic, partition).append(message))
                 # wait(), not gather(): a timeout here must not cancel a future that other
-                # requests' records share.
-                await asyncio.wait(acks)
+                # requests' records share. (wait() refuses an empty set: nothing to send.)
+                if acks:
+                    await asyncio.wait(acks)
                 for ack in acks:
                     failure = ack.exception()
                     if failure is not None:

@@ -110,3 +110,8 @@ def test_partitions_agree_with_the_java_client() -> None:
     java = [int(line) for line in result.stdout.split()]
     sink = KafkaSink(KafkaSettings())
     assert [sink._partition(key.encode(), 6) for key in keys] == java
+
+
+async def test_sending_nothing_returns_at_once(kafka: Broker, sink: KafkaSink, topic: str) -> None:
+    await sink.send(topic, [])  # asyncio.wait() would raise ValueError on no futures
+    assert await consume_all(kafka.bootstrap, topic) == []
