@@ -192,8 +192,7 @@ class KeyStore:
                 f"{self.path} does not exist: create a key with `cafe-gateway keys create`"
             )
         self._stamp = _file_stamp(self.path)
-        self._by_hash = {k.sha256: k for k in read_keys_file(self.path) if k.enabled}
-        log.info("loaded %d enabled API keys from %s", len(self._by_hash), self.path)
+        self._install(read_keys_file(self.path), "loaded")
 
     def lookup(self, plaintext: str) -> ApiKey | None:
         """The enabled key with this plaintext, or None."""
@@ -215,9 +214,12 @@ class KeyStore:
         except KeysFileError as exc:
             log.error("keeping the last good API keys: %s", exc)
             return False
-        self._by_hash = {k.sha256: k for k in keys if k.enabled}
-        log.info("reloaded %d enabled API keys from %s", len(self._by_hash), self.path)
+        self._install(keys, "reloaded")
         return True
+
+    def _install(self, keys: list[ApiKey], verb: str) -> None:
+        self._by_hash = {k.sha256: k for k in keys if k.enabled}
+        log.info("%s %d enabled API keys from %s", verb, len(self._by_hash), self.path)
 
     async def watch(self, interval_s: float = 1.0) -> None:
         """Poll the file forever (a stat per interval); cancel to stop."""
