@@ -52,7 +52,9 @@ broker_pid() {
     local pid
     pid=$(cat "$pidfile")
     [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] || return 1
-    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q "kafka.Kafka $run/server.properties" || return 1
+    local cmdline
+    cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline")
+    [[ $cmdline == *"kafka.Kafka $run/server.properties"* ]] || return 1
     echo "$pid"
 }
 
