@@ -9,8 +9,10 @@ from importlib.metadata import version
 
 import orjson
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from gateway import health
+from gateway.access import access_middleware
 from gateway.admission import Admission
 from gateway.auth import KeyStore, api_key_middleware
 from gateway.clientip import get_ip
@@ -18,44 +20,70 @@ from gateway.config import Settings
 from gateway.errors import problem_middleware
 from gateway.ingest import ingest
 from gateway.kafka import KafkaSink
+from gateway.metrics import Metrics
 from gateway.openapi import build_openapi, get_openapi, get_schema
 from gateway.requestid import RequestIds
 from gateway.schemas import load_record_types
 from gateway.sink import Sink
-from gateway.state import KEYS, OPENAPI, RECORD_TYPES, REQUEST_IDS, SETTINGS, SINK
+from gateway.state import DRAINING, KEYS, METRICS, OPENAPI, RECORD_TYPES, SETTINGS, SINK
 
 
-def create_app(settings: Settings, *, sink: Sink | None = None) -> web.Application:
+def create_app(
+    settings: Settings,
+    *,
+    sink: Sink | None = None,
+    registry: CollectorRegistry | None = None,
+) -> web.Application:
     """Build the gateway; `sink` replaces Kafka in unit tests and ceiling benchmarks.
 
-    Record schemas are compiled here, so a broken schema stops start-up.
+    Record schemas are compiled here, so a broken schema stops start-up. Metrics go to
+    `registry`, a fresh one by default.
     """
-    keys = KeyStore(settings.keys_file)
+    gateway_version = version("cafe-gateway")
+    metrics = Metrics(registry if registry is not None else CollectorRegistry(), gateway_version)
+    keys = KeyStore(settings.keys_file, metrics)
     record_types = load_record_types(settings.kafka.topics)
     admission = Admission(settings.max_inflight_bytes, settings.max_body_bytes)
-    # Errors are rendered outermost, so every error below gets the problem shape. Keys
-    # are checked before admission, so callers without a key take no capacity.
+    # The order matters. Outermost, every request gets its id, timing and log line,
+    # whatever happens below. Then errors are rendered, so every error below gets the
+    # problem shape. Keys are checked before admission, so callers without a key take
+    # no capacity.
     app = web.Application(
-        middlewares=[problem_middleware, api_key_middleware(keys), admission.middleware()],
+        middlewares=[
+            access_middleware(settings, metrics, RequestIds()),
+            problem_middleware(metrics),
+            api_key_middleware(keys),
+            admission.middleware(),
+        ],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
-    app[SINK] = sink if sink is not None else KafkaSink(settings.kafka)
+    app[METRICS] = metrics
+    app[SINK] = sink if sink is not None else KafkaSink(settings.kafka, metrics)
     app[KEYS] = keys
     app[RECORD_TYPES] = record_types
-    app[REQUEST_IDS] = RequestIds()
-    app[OPENAPI] = orjson.dumps(build_openapi(record_types, version("cafe-gateway")))
+    app[OPENAPI] = orjson.dumps(build_openapi(record_types, gateway_version))
+    app[DRAINING] = asyncio.Event()
     app.cleanup_ctx.append(_keys_lifetime)
     app.cleanup_ctx.append(_sink_lifetime)
 
     types = "|".join(record_types)
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
+    if settings.metrics_port is None:
+        app.router.add_get("/metrics", metrics.handle)
     app.router.add_post(f"/v1/{{record_type:{types}}}", ingest)
     app.router.add_get("/v1/ip", get_ip)
     app.router.add_get(f"/v1/schema/{{record_type:{types}}}", get_schema)
     app.router.add_get("/v1/openapi.json", get_openapi)
     return app
+
+
+def create_metrics_app(app: web.Application) -> web.Application:
+    """A second app serving only `app`'s /metrics, for CAFE_METRICS_PORT."""
+    metrics_app = web.Application()
+    metrics_app.router.add_get("/metrics", app[METRICS].handle)
+    return metrics_app
 
 
 async def _keys_lifetime(app: web.Application) -> AsyncIterator[None]:

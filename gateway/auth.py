@@ -23,13 +23,18 @@ import tempfile
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from gateway.errors import InvalidApiKey, MissingApiKey
+
+if TYPE_CHECKING:
+    # Only a type here: `cafe-gateway serve` imports this module before it decides
+    # where worker metrics live, which must come before prometheus_client is imported.
+    from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +180,9 @@ class KeyStore:
     one, never a mix; a file that fails to parse leaves the last good set in place.
     """
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, metrics: Metrics | None = None) -> None:
         self.path = path
+        self._metrics = metrics
         self._by_hash: dict[str, ApiKey] = {}
         self._stamp: tuple[int, int, int] | None = None
 
@@ -208,18 +214,27 @@ class KeyStore:
         self._stamp = stamp  # a bad file is reported once, not every second
         if stamp is None:
             log.error("keeping the last good API keys: %s has disappeared", self.path)
+            self._count_reload("failed")
             return False
         try:
             keys = read_keys_file(self.path)
         except KeysFileError as exc:
             log.error("keeping the last good API keys: %s", exc)
+            self._count_reload("failed")
             return False
         self._install(keys, "reloaded")
+        self._count_reload("ok")
         return True
 
     def _install(self, keys: list[ApiKey], verb: str) -> None:
         self._by_hash = {k.sha256: k for k in keys if k.enabled}
         log.info("%s %d enabled API keys from %s", verb, len(self._by_hash), self.path)
+        if self._metrics is not None:
+            self._metrics.keys_loaded.set(len(self._by_hash))
+
+    def _count_reload(self, result: str) -> None:
+        if self._metrics is not None:
+            self._metrics.key_reloads.labels(result).inc()
 
     async def watch(self, interval_s: float = 1.0) -> None:
         """Poll the file forever (a stat per interval); cancel to stop."""

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from aiohttp import web
-
 from gateway import auth
-from gateway.app import create_app
 from gateway.config import ConfigError, Settings
+from gateway.logs import setup_logging
 from gateway.workers import run_workers
 
 
@@ -70,9 +67,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
             "cafe-gateway: set CAFE_KEYS_FILE: without API keys no request gets in", file=sys.stderr
         )
         return 2
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(settings.log_level, settings.log_format)
     if settings.workers == 1:
         return _serve_one(settings)
     # A keys file that cannot be loaded stops start-up here, with its reason, rather
@@ -83,16 +78,15 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _serve_one(settings: Settings) -> int:
-    web.run_app(
-        create_app(settings),
-        loop=new_event_loop(),
-        host=settings.host,
-        port=settings.port,
-        # With several workers each binds the port itself; the kernel shares connections.
-        reuse_port=settings.workers > 1,
-        print=lambda msg: logging.getLogger("gateway").info("%s", msg),
-        access_log=None,
-    )
+    # Imported only now: with several workers, prometheus_client (imported by the app)
+    # must first see where run_workers keeps the shared metrics.
+    from gateway.server import serve
+
+    loop = new_event_loop()
+    try:
+        loop.run_until_complete(serve(settings))
+    finally:
+        loop.close()
     return 0
 
 

@@ -58,6 +58,16 @@ class Settings:
     # Processes serving the port; one per core the gateway may use.
     workers: int = 1
     log_level: str = "INFO"
+    # "json": one JSON object per line, for log pipelines; "text": for people.
+    log_format: str = "json"
+    # One line per request at INFO on the `gateway.access` logger.
+    access_log: bool = True
+    # Serve /metrics on this port only (None: on the main port, beside the API).
+    metrics_port: int | None = None
+    # After SIGTERM: seconds /readyz says "draining" while requests are still served,
+    # then seconds requests in flight get to finish after the listener closes.
+    drain_seconds: float = 0.0
+    shutdown_grace_seconds: float = 10.0
     keys_file: Path | None = None
     # Peers whose X-Forwarded-For / Forwarded headers are believed.
     trusted_proxies: tuple[IPNetwork, ...] = ()
@@ -79,6 +89,13 @@ class Settings:
             port=_int(env, "CAFE_PORT", defaults.port, low=0, high=65535),
             workers=_int(env, "CAFE_WORKERS", defaults.workers, low=1, high=256),
             log_level=_log_level(env, "CAFE_LOG_LEVEL", defaults.log_level),
+            log_format=_choice(env, "CAFE_LOG_FORMAT", defaults.log_format, ("json", "text")),
+            access_log=_bool(env, "CAFE_ACCESS_LOG", defaults.access_log),
+            metrics_port=_optional_port(env, "CAFE_METRICS_PORT"),
+            drain_seconds=_seconds(env, "CAFE_DRAIN_SECONDS", defaults.drain_seconds),
+            shutdown_grace_seconds=_seconds(
+                env, "CAFE_SHUTDOWN_GRACE_SECONDS", defaults.shutdown_grace_seconds
+            ),
             keys_file=Path(keys_file) if keys_file else None,
             trusted_proxies=_networks(env, "CAFE_TRUSTED_PROXIES"),
             max_body_bytes=_int(
@@ -124,6 +141,11 @@ class Settings:
         )
         if settings.workers > 1 and settings.port == 0:
             raise ConfigError(f"CAFE_WORKERS={settings.workers} needs a fixed CAFE_PORT, not 0")
+        if settings.metrics_port is not None and settings.metrics_port == settings.port:
+            raise ConfigError(
+                f"CAFE_METRICS_PORT={settings.metrics_port} is CAFE_PORT; unset it to serve "
+                "/metrics on the main port"
+            )
         return settings
 
 
@@ -142,6 +164,43 @@ def _int(env: Mapping[str, str], name: str, default: int, *, low: int, high: int
         raise ConfigError(f"{name}={raw!r} is not an integer") from None
     if not low <= value <= high:
         raise ConfigError(f"{name}={value} is outside {low}..{high}")
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = _text(env, name, default).lower()
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean (true or false)")
+
+
+def _optional_port(env: Mapping[str, str], name: str) -> int | None:
+    if not env.get(name, "").strip():
+        return None
+    return _int(env, name, 0, low=1, high=65535)
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number of seconds") from None
+    if not 0 <= value <= 3600:
+        raise ConfigError(f"{name}={value:g} is outside 0..3600")
     return value
 
 

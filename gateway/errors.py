@@ -15,23 +15,31 @@
     └── SinkUnavailable          503 kafka_unavailable  (records not acknowledged in time)
 
 aiohttp's own HTTP errors (404, 405, 413, ...) are rendered the same way, so every
-error a client sees has one shape: `application/problem+json` with `code` and `detail`.
+error a client sees has one shape: `application/problem+json` with `code` and `detail`;
+each is counted by code in `cafe_http_errors_total`.
 """
 
 from __future__ import annotations
 
 import logging
 from http import HTTPStatus
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
 from gateway.responses import json_response
+
+if TYPE_CHECKING:
+    # Only a type here: `cafe-gateway serve` imports this module before it decides
+    # where worker metrics live, which must come before prometheus_client is imported.
+    from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
+# The code of the problem a request was answered with, for its access-log line.
+PROBLEM_CODE: web.RequestKey[str] = web.RequestKey("problem_code", str)
 
 
 class GatewayError(Exception):
@@ -157,35 +165,54 @@ def problem(
 _BODY_HEADERS = {"content-type", "content-length"}
 
 
-@web.middleware
-async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn every error raised below it into one problem+json response and one log line."""
-    try:
-        return await handler(request)
-    except GatewayError as exc:
-        level = exc.log_level
-        if level is None:
-            level = logging.WARNING if exc.status >= 500 else logging.DEBUG
-        log.log(
-            level,
-            "%s %s -> %d %s: %s",
-            request.method,
-            request.path,
-            exc.status,
-            exc.code,
-            exc.detail,
-        )
-        response = problem(exc.status, exc.code, exc.detail, headers=exc.headers())
-        if exc.close_connection:
-            response.force_close()
-        return response
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code = _HTTP_CODES.get(exc.status, HTTPStatus(exc.status).name.lower())
-        # Keep what the error says beside its body, e.g. the Allow header of a 405.
-        kept = {k: v for k, v in exc.headers.items() if k.lower() not in _BODY_HEADERS}
-        return problem(exc.status, code, exc.reason, headers=kept)
-    except Exception:
-        log.exception("%s %s failed", request.method, request.path)
-        return problem(500, GatewayError.code, "the gateway failed to handle this request")
+def problem_middleware(metrics: Metrics) -> Middleware:
+    """A middleware that turns every error below it into a problem+json response,
+    a count by code and a log line."""
+
+    @web.middleware
+    async def render_problems(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except GatewayError as exc:
+            level = exc.log_level
+            if level is None:
+                level = logging.WARNING if exc.status >= 500 else logging.DEBUG
+            log.log(
+                level,
+                "%s %s -> %d %s: %s",
+                request.method,
+                request.path,
+                exc.status,
+                exc.code,
+                exc.detail,
+            )
+            response = _answer(request, metrics, exc.status, exc.code, exc.detail, exc.headers())
+            if exc.close_connection:
+                response.force_close()
+            return response
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            code = _HTTP_CODES.get(exc.status, HTTPStatus(exc.status).name.lower())
+            # Keep what the error says beside its body, e.g. the Allow header of a 405.
+            kept = {k: v for k, v in exc.headers.items() if k.lower() not in _BODY_HEADERS}
+            return _answer(request, metrics, exc.status, code, exc.reason, kept)
+        except Exception:
+            log.exception("%s %s failed", request.method, request.path)
+            detail = "the gateway failed to handle this request"
+            return _answer(request, metrics, 500, GatewayError.code, detail, {})
+
+    return render_problems
+
+
+def _answer(
+    request: web.Request,
+    metrics: Metrics,
+    status: int,
+    code: str,
+    detail: str,
+    headers: dict[str, str],
+) -> web.Response:
+    metrics.errors.labels(code).inc()
+    request[PROBLEM_CODE] = code
+    return problem(status, code, detail, headers=headers)

@@ -4,7 +4,7 @@ from aiohttp import web
 
 from gateway.errors import NotReady
 from gateway.responses import json_response
-from gateway.state import SETTINGS, SINK
+from gateway.state import DRAINING, SETTINGS, SINK
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -13,8 +13,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when a produce now would reach Kafka; 503 problem otherwise."""
-    if not await request.app[SINK].ready():
-        bootstrap = request.app[SETTINGS].kafka.bootstrap
-        raise NotReady(f"Kafka at {bootstrap} is not reachable")
+    """Ready when a produce now would reach Kafka and no shutdown has begun; 503 otherwise."""
+    app = request.app
+    if app[DRAINING].is_set():
+        raise NotReady("the gateway is shutting down")
+    if not await app[SINK].ready():
+        raise NotReady(f"Kafka at {app[SETTINGS].kafka.bootstrap} is not reachable")
     return json_response({"status": "ready"})

@@ -9,13 +9,20 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from gateway.access import RECORD_COUNTS, REQUEST_ID
 from gateway.auth import API_KEY, ApiKey
 from gateway.clientip import client_ip
-from gateway.errors import InvalidJson, InvalidUtf8, PayloadTooLarge, UnsupportedMediaType
+from gateway.errors import (
+    InvalidJson,
+    InvalidUtf8,
+    PayloadTooLarge,
+    SinkUnavailable,
+    UnsupportedMediaType,
+)
 from gateway.responses import json_response
 from gateway.schemas import SCHEMA_VERSION, RecordType, record_error, records_of
-from gateway.sink import Message
-from gateway.state import RECORD_TYPES, REQUEST_IDS, SETTINGS, SINK
+from gateway.sink import Message, Sink
+from gateway.state import METRICS, RECORD_TYPES, SETTINGS, SINK
 
 
 async def ingest(request: web.Request) -> web.Response:
@@ -23,9 +30,11 @@ async def ingest(request: web.Request) -> web.Response:
     record_type = request.app[RECORD_TYPES][request.match_info["record_type"]]
     settings = request.app[SETTINGS]
     key = request[API_KEY]
-    request_id = request.app[REQUEST_IDS].next()
+    request_id = request[REQUEST_ID]
+    metrics = request.app[METRICS]
 
     records = records_of(await _read_json(request, settings.max_body_bytes))
+    metrics.records_per_request.labels(record_type.name).observe(len(records))
 
     headers = _kafka_headers(request, record_type, key, request_id)
     accepted: list[Message] = []
@@ -42,27 +51,40 @@ async def ingest(request: web.Request) -> web.Response:
             rejection["eventId"] = record["eventId"]
         rejections.append(rejection)
         dead.append(_dead_letter(record, headers, reason, [error]))
+        metrics.records.labels(record_type.name, reason).inc()
 
-    sink = request.app[SINK]
-    if not dead:
-        await sink.send(record_type.topic, accepted)
-    else:
-        # Valid records and dead letters go out together; the answer waits for both.
-        sends = [(record_type.topic, accepted), (settings.kafka.topics.deadletter, dead)]
-        results = await asyncio.gather(
-            *(sink.send(topic, messages) for topic, messages in sends if messages),
-            return_exceptions=True,
-        )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+    # A batch always holds a record, so at least one of the two has messages.
+    sends = [(record_type.topic, accepted), (settings.kafka.topics.deadletter, dead)]
+    try:
+        await _produce(request.app[SINK], sends)
+    except SinkUnavailable:
+        # Counted, and answered 503 by the error middleware.
+        metrics.records.labels(record_type.name, "unavailable").inc(len(accepted))
+        raise
+    metrics.records.labels(record_type.name, "accepted").inc(len(accepted))
+    for rejection in rejections:
+        metrics.dead_letters.labels(record_type.name, rejection["reason"]).inc()
+    request[RECORD_COUNTS] = (len(accepted), len(rejections))
 
-    response_headers = {"X-Request-Id": request_id}
     if not rejections:
-        return json_response({"accepted": len(accepted)}, headers=response_headers)
+        return json_response({"accepted": len(accepted)})
     body = {"accepted": len(accepted), "rejected": len(rejections), "rejections": rejections}
-    status = 207 if accepted else 422
-    return json_response(body, status=status, headers=response_headers)
+    return json_response(body, status=207 if accepted else 422)
+
+
+async def _produce(sink: Sink, sends: list[tuple[str, list[Message]]]) -> None:
+    """Send each topic's messages at once; return when all are acknowledged."""
+    sends = [(topic, messages) for topic, messages in sends if messages]
+    if len(sends) == 1:
+        await sink.send(*sends[0])
+        return
+    # Valid records and dead letters go out together; the answer waits for both.
+    results = await asyncio.gather(
+        *(sink.send(topic, messages) for topic, messages in sends), return_exceptions=True
+    )
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
 
 
 def _problem_with(

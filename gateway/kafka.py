@@ -7,6 +7,7 @@ import collections
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +18,7 @@ from aiokafka.partitioner import murmur2
 
 from gateway.config import KafkaSettings
 from gateway.errors import SinkUnavailable
+from gateway.metrics import Metrics
 from gateway.sink import Message
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,8 @@ _REPLICATION = 3
 _MAX_BATCH_BYTES = 256 * 1024
 # aiokafka's bound on one produce request, which also caps what one record may weigh.
 _MAX_REQUEST_BYTES = 1024 * 1024
+# How often cafe_kafka_ready is refreshed once connected.
+_HEALTH_EVERY_S = 5.0
 
 
 @functools.lru_cache(maxsize=65536)
@@ -72,10 +76,13 @@ class _Batcher:
     (aiokafka queues a single batch per partition), records gather in the next.
     """
 
-    def __init__(self, producer: AIOKafkaProducer, topic: str, partition: int) -> None:
+    def __init__(
+        self, producer: AIOKafkaProducer, topic: str, partition: int, metrics: Metrics | None
+    ) -> None:
         self._producer = producer
         self._topic = topic
         self._partition = partition
+        self._produce_seconds = metrics.produce_seconds.labels(topic) if metrics else None
         self._open: tuple[Any, asyncio.Future[None]] | None = None
         self._ready: collections.deque[tuple[Any, asyncio.Future[None]]] = collections.deque()
         self._wake = asyncio.Event()
@@ -114,6 +121,7 @@ class _Batcher:
                 else:
                     break
                 batch.close()
+                handed_at = time.perf_counter()
                 try:
                     ack = await _send_batch(self._producer, batch, self._topic, self._partition)
                 except Exception as exc:
@@ -122,6 +130,10 @@ class _Batcher:
                     acked.set_exception(exc)
                     continue
                 ack.add_done_callback(functools.partial(_settle, acked))
+                if self._produce_seconds is not None:
+                    ack.add_done_callback(
+                        functools.partial(_observe, self._produce_seconds, handed_at)
+                    )
 
 
 def _add(batch: Any, message: Message) -> bool:
@@ -130,6 +142,12 @@ def _add(batch: Any, message: Message) -> bool:
         key=message.key, value=message.value, timestamp=None, headers=message.headers
     )
     return metadata is not None
+
+
+def _observe(histogram: Any, since: float, ack: asyncio.Future[Any]) -> None:
+    """Time a batch from its hand-over to its successful acknowledgement."""
+    if not ack.cancelled() and ack.exception() is None:
+        histogram.observe(time.perf_counter() - since)
 
 
 def _settle(acked: asyncio.Future[None], ack: asyncio.Future[Any]) -> None:
@@ -154,10 +172,12 @@ class KafkaSink:
     report not-ready, while Kafka is down.
     """
 
-    def __init__(self, settings: KafkaSettings) -> None:
+    def __init__(self, settings: KafkaSettings, metrics: Metrics | None = None) -> None:
         self._settings = settings
+        self._metrics = metrics
         self._producer: AIOKafkaProducer | None = None
         self._connecting: asyncio.Task[None] | None = None
+        self._watching: asyncio.Task[None] | None = None
         self._unkeyed = 0  # round-robin position for messages without a key
         self._batchers: dict[tuple[str, int], _Batcher] = {}
 
@@ -165,10 +185,11 @@ class KafkaSink:
         self._connecting = asyncio.create_task(self._connect(), name="kafka-connect")
 
     async def close(self) -> None:
-        if self._connecting is not None:
-            self._connecting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._connecting
+        for task in (self._connecting, self._watching):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for batcher in self._batchers.values():
             await batcher.close()
         if self._producer is not None:
@@ -190,6 +211,12 @@ class KafkaSink:
             await producer.client.close()
 
     async def ready(self) -> bool:
+        ready = await self._broker_answers()
+        if self._metrics is not None:
+            self._metrics.kafka_ready.set(1 if ready else 0)
+        return ready
+
+    async def _broker_answers(self) -> bool:
         producer = self._producer
         if producer is None:
             return False
@@ -204,9 +231,16 @@ class KafkaSink:
             return False
         return False
 
+    async def _watch(self) -> None:
+        """Keep cafe_kafka_ready current even where nothing probes /readyz."""
+        while True:
+            await self.ready()
+            await asyncio.sleep(_HEALTH_EVERY_S)
+
     async def send(self, topic: str, messages: Sequence[Message]) -> None:
         producer = self._producer
         if producer is None:
+            self._count_error("not_connected")
             raise SinkUnavailable(f"not connected to Kafka at {self._settings.bootstrap}")
         timeout_s = self._settings.produce_timeout_ms / 1000
         try:
@@ -228,11 +262,18 @@ class KafkaSink:
                     if failure is not None:
                         raise failure
         except TimeoutError:
+            self._count_error("timeout")
             raise SinkUnavailable(
                 f"Kafka did not acknowledge the records within {timeout_s:g}s"
             ) from None
         except KafkaError as exc:
+            # aiokafka's error classes are a fixed set: a bounded label.
+            self._count_error(type(exc).__name__)
             raise SinkUnavailable(f"Kafka did not acknowledge the records: {exc}") from exc
+
+    def _count_error(self, kind: str) -> None:
+        if self._metrics is not None:
+            self._metrics.kafka_errors.labels(kind).inc()
 
     def _partition(self, key: bytes | None, partitions: int) -> int:
         """Kafka's default partitioner: murmur2 of the key, so Java clients agree."""
@@ -244,7 +285,7 @@ class KafkaSink:
     def _batcher(self, producer: AIOKafkaProducer, topic: str, partition: int) -> _Batcher:
         batcher = self._batchers.get((topic, partition))
         if batcher is None:
-            batcher = _Batcher(producer, topic, partition)
+            batcher = _Batcher(producer, topic, partition, self._metrics)
             self._batchers[(topic, partition)] = batcher
         return batcher
 
@@ -272,6 +313,7 @@ class KafkaSink:
                 await self._ensure_topics(producer)
             except (KafkaError, OSError, TimeoutError) as exc:
                 await producer.stop()
+                self._count_error("connect")
                 log.warning(
                     "Kafka at %s not usable (%s); retrying in %.2fs",
                     self._settings.bootstrap,
@@ -283,6 +325,7 @@ class KafkaSink:
                 continue
             self._producer = producer
             log.info("connected to Kafka at %s", self._settings.bootstrap)
+            self._watching = asyncio.create_task(self._watch(), name="kafka-watch")
             return
 
     async def _ensure_topics(self, producer: AIOKafkaProducer) -> None:

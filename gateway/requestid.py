@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import re
 import uuid
+
+# An id a client or proxy sent is kept if it is short and plain: it goes into logs,
+# Kafka headers and the response, where control characters or quotes would do harm.
+_SANE = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 
 
 class RequestIds:
@@ -20,3 +25,9 @@ class RequestIds:
     def next(self) -> str:
         """The next id: 32 hex digits."""
         return f"{self._prefix}{next(self._count):016x}"
+
+    def adopt(self, supplied: str | None) -> str:
+        """The id the caller sent in X-Request-Id if it is sane, else a new one."""
+        if supplied and _SANE.fullmatch(supplied):
+            return supplied
+        return self.next()

@@ -6,6 +6,10 @@ connections across them. The parent only forwards SIGTERM/SIGINT and waits. A wo
 that dies on its own takes the others down and the parent exits 1: the process
 supervisor (systemd, Kubernetes) restarts the whole set, rather than this code
 guessing how to heal.
+
+Workers share their Prometheus metrics through files: before the first fork the parent
+points PROMETHEUS_MULTIPROC_DIR at an empty directory, so that every worker's
+prometheus_client, imported after it, writes its values there.
 """
 
 from __future__ import annotations
@@ -13,9 +17,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 
 log = logging.getLogger(__name__)
@@ -23,6 +30,18 @@ log = logging.getLogger(__name__)
 
 def run_workers(count: int, serve: Callable[[], int]) -> int:
     """Fork `count` workers that each run `serve`; return 0 if all stopped cleanly."""
+    metrics_dir = _prepare_metrics_dir()
+    try:
+        return _fork_and_wait(count, serve)
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _fork_and_wait(count: int, serve: Callable[[], int]) -> int:
+    # Imported here, after _prepare_metrics_dir, for the reason in the module docstring.
+    from prometheus_client import multiprocess
+
     children: set[int] = set()
     for _ in range(count):
         pid = os.fork()
@@ -57,6 +76,8 @@ def run_workers(count: int, serve: Callable[[], int]) -> int:
     while children:
         pid, wait_status = os.wait()
         children.discard(pid)
+        # Its gauges leave the sums; its counters stay.
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
         code = os.waitstatus_to_exitcode(wait_status)
         if code != 0:
             status = 1
@@ -65,3 +86,21 @@ def run_workers(count: int, serve: Callable[[], int]) -> int:
             stop(signal.SIGTERM, None)
             status = 1
     return status
+
+
+def _prepare_metrics_dir() -> Path | None:
+    """Point PROMETHEUS_MULTIPROC_DIR at an empty directory; returns it if made here.
+
+    A directory the operator named is emptied, as files of a previous run would add to
+    this run's counts; otherwise a fresh one is made in the temp directory.
+    """
+    named = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if named:
+        path = Path(named)
+        path.mkdir(parents=True, exist_ok=True)
+        for stale in path.glob("*.db"):
+            stale.unlink()
+        return None
+    path = Path(tempfile.mkdtemp(prefix="cafe-gateway-metrics-"))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    return path

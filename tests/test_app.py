@@ -10,6 +10,7 @@ from aiohttp.test_utils import TestClient
 from gateway.app import create_app
 from gateway.config import KafkaSettings, Settings
 from gateway.sink import MemorySink
+from gateway.state import DRAINING
 
 AiohttpClient = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
 SETTINGS = Settings(kafka=KafkaSettings(bootstrap="kafka.invalid:9092"))
@@ -44,6 +45,21 @@ async def test_readyz_follows_the_sink(aiohttp_client: AiohttpClient) -> None:
     resp = await client.get("/readyz")
     assert resp.status == 200
     assert await resp.json() == {"status": "ready"}
+
+
+async def test_readyz_is_503_once_draining_begins(aiohttp_client: AiohttpClient) -> None:
+    app = create_app(SETTINGS, sink=MemorySink())
+    client = await aiohttp_client(app)
+    assert (await client.get("/readyz")).status == 200
+    app[DRAINING].set()
+    resp = await client.get("/readyz")
+    assert resp.status == 503
+    body = await resp.json(content_type=None)
+    assert (body["code"], body["detail"]) == ("not_ready", "the gateway is shutting down")
+    # Still alive, and still serving while it drains, each answer closing its connection.
+    resp = await client.get("/healthz")
+    assert resp.status == 200
+    assert resp.headers["Connection"] == "close"
 
 
 async def test_unknown_route_is_a_404_problem(aiohttp_client: AiohttpClient) -> None:

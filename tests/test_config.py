@@ -36,6 +36,11 @@ def test_every_variable_is_read() -> None:
             "CAFE_KAFKA_CLIENT_ID": "gw-7",
             "CAFE_KAFKA_LINGER_MS": "0",
             "CAFE_KAFKA_REQUEST_TIMEOUT_MS": "5000",
+            "CAFE_LOG_FORMAT": "TEXT",
+            "CAFE_ACCESS_LOG": "off",
+            "CAFE_METRICS_PORT": "9100",
+            "CAFE_DRAIN_SECONDS": "2.5",
+            "CAFE_SHUTDOWN_GRACE_SECONDS": "30",
         }
     )
     assert settings == Settings(
@@ -43,6 +48,11 @@ def test_every_variable_is_read() -> None:
         port=9000,
         workers=2,
         log_level="DEBUG",
+        log_format="text",
+        access_log=False,
+        metrics_port=9100,
+        drain_seconds=2.5,
+        shutdown_grace_seconds=30.0,
         keys_file=Path("/etc/cafe/keys.json"),
         trusted_proxies=(ip_network("10.0.0.0/8"), ip_network("2001:db8::1/128")),
         max_body_bytes=2048,
@@ -73,6 +83,12 @@ def test_every_variable_is_read() -> None:
         ("CAFE_TOPIC_LOG", "cafe log", "CAFE_TOPIC_LOG='cafe log' is not a Kafka topic name"),
         ("CAFE_TOPIC_LOG", "..", "is not a Kafka topic name"),
         ("CAFE_WORKERS", "0", "CAFE_WORKERS=0 is outside 1..256"),
+        ("CAFE_LOG_FORMAT", "xml", "CAFE_LOG_FORMAT='xml' is not one of json, text"),
+        ("CAFE_ACCESS_LOG", "maybe", "CAFE_ACCESS_LOG='maybe' is not a boolean"),
+        ("CAFE_METRICS_PORT", "0", "CAFE_METRICS_PORT=0 is outside 1..65535"),
+        ("CAFE_METRICS_PORT", "8080", "CAFE_METRICS_PORT=8080 is CAFE_PORT"),
+        ("CAFE_DRAIN_SECONDS", "soon", "CAFE_DRAIN_SECONDS='soon' is not a number of seconds"),
+        ("CAFE_SHUTDOWN_GRACE_SECONDS", "-1", "CAFE_SHUTDOWN_GRACE_SECONDS=-1 is outside 0..3600"),
     ],
 )
 def test_a_bad_value_is_refused_naming_the_variable(name: str, value: str, message: str) -> None:

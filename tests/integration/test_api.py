@@ -27,6 +27,7 @@ from tests.integration.conftest import (
 )
 from tests.integration.tcp_proxy import free_ports
 from tests.keys import KeyFile, make_key_file
+from tests.scrape import Samples
 from tests.spec_samples import curl_bodies
 
 pytestmark = pytest.mark.integration
@@ -63,6 +64,11 @@ class Gateway:
             headers["x-api-key"] = key or self.key_file.key
         resp = await self.client.post(f"/v1/{name}", data=body, headers=headers)
         return resp.status, await resp.json(content_type=None)
+
+    async def metrics(self) -> Samples:
+        resp = await self.client.get("/metrics")
+        assert resp.status == 200
+        return Samples(await resp.text())
 
     async def on_topic(self, topic: str) -> list[Any]:
         return await consume_all(self.bootstrap, topic)
@@ -278,7 +284,7 @@ def _broker_pid(env: dict[str, str]) -> int:
     return int((home / f"run-{env['CAFE_KAFKA_PORT']}" / "broker.pid").read_text())
 
 
-async def test_kafka_frozen_or_down_is_503_with_retry_after(
+async def test_kafka_frozen_or_down_is_503_and_the_gateway_recovers_when_it_returns(
     aiohttp_client: AiohttpClient, tmp_path: Path, spare_broker: tuple[str, dict[str, str]]
 ) -> None:
     bootstrap, env = spare_broker
@@ -314,3 +320,21 @@ async def test_kafka_frozen_or_down_is_503_with_retry_after(
         return (await gw.client.get("/readyz")).status == 503
 
     await eventually(not_ready, within=10)
+    down = await gw.metrics()
+    assert down.value("cafe_kafka_ready") == 0
+    assert down.value("cafe_kafka_errors_total") >= 2
+    assert down.value("cafe_records_total", type="log", outcome="unavailable") == 2
+
+    # The broker comes back: the same gateway, not restarted, is ready and takes records.
+    await asyncio.to_thread(
+        subprocess.run, [str(KAFKA_SH), "up"], env=env, check=True, capture_output=True
+    )
+
+    async def ready() -> bool:
+        return (await gw.client.get("/readyz")).status == 200
+
+    await eventually(ready)
+    assert await gw.post("log", sample) == (200, {"accepted": 1})
+    back = await gw.metrics()
+    assert back.value("cafe_kafka_ready") == 1
+    assert back.value("cafe_records_total", type="log", outcome="accepted") == 2

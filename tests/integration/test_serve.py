@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -12,20 +13,68 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import orjson
 import psutil
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from tests.integration.conftest import Broker
-from tests.integration.tcp_proxy import free_port
+from tests.integration.conftest import Broker, consume_all
+from tests.integration.tcp_proxy import free_port, free_ports
 from tests.keys import KeyFile
+from tests.scrape import Samples
 from tests.spec_samples import curl_bodies
 
 pytestmark = pytest.mark.integration
 
 
-async def serve(env: dict[str, str]) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
+class Served:
+    """A `cafe-gateway serve` process whose output is read as it comes.
+
+    Read all along, not only at exit: a gateway that fills its stderr pipe blocks on
+    its next log line.
+    """
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self._output = bytearray()
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        while chunk := await self.proc.stdout.read(65536):
+            self._output.extend(chunk)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def send_signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    async def finish(self) -> str:
+        """Wait (at most 30 s) for the process to exit; returns everything it wrote."""
+        await asyncio.wait_for(self.proc.wait(), timeout=30)
+        await self._reader
+        return self._output.decode(errors="replace")
+
+    async def stop(self) -> str:
+        """SIGTERM, then check that it exits 0; returns everything it wrote."""
+        self.send_signal(signal.SIGTERM)
+        output = await self.finish()
+        assert self.returncode == 0, output
+        return output
+
+    async def kill(self) -> None:
+        """Kill the process and its workers (which would otherwise keep the pipe open)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+        await self.proc.wait()
+        await self._reader
+
+
+async def serve(env: dict[str, str]) -> Served:
+    proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "gateway",
@@ -33,7 +82,20 @@ async def serve(env: dict[str, str]) -> asyncio.subprocess.Process:
         env={**os.environ, **env},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,  # a process group of its own, for kill()
     )
+    return Served(proc)
+
+
+@contextlib.asynccontextmanager
+async def running(env: dict[str, str]) -> AsyncIterator[Served]:
+    """`serve`, killed on the way out unless the test has stopped it."""
+    proc = await serve(env)
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            await proc.kill()
 
 
 async def ready_in_a_row(http: aiohttp.ClientSession, times: int) -> None:
@@ -84,8 +146,7 @@ async def test_serve_becomes_ready_over_http_and_exits_0_on_sigterm(
     kafka: Broker, key_file: KeyFile, prefix: str
 ) -> None:
     port = free_port()
-    proc = await serve(gateway_env(port, kafka, key_file, prefix))
-    try:
+    async with running(gateway_env(port, kafka, key_file, prefix)) as proc:
         async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
             await ready_in_a_row(http, 1)
             async with http.get("/healthz") as resp:
@@ -96,50 +157,43 @@ async def test_serve_becomes_ready_over_http_and_exits_0_on_sigterm(
                 assert (await resp.json(content_type=None))["code"] == "not_found"
             async with http.get("/v1/ip", headers={"x-api-key": key_file.key}) as resp:
                 assert await resp.json() == {"ip": "127.0.0.1"}
-        proc.send_signal(signal.SIGTERM)
-        output, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
-        assert proc.returncode == 0, output.decode(errors="replace")
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await proc.stop()
 
 
 async def test_serve_refuses_to_start_without_keys() -> None:
     proc = await serve({"CAFE_KEYS_FILE": ""})
-    output, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
+    output = await proc.finish()
     assert proc.returncode == 2
-    assert "set CAFE_KEYS_FILE" in output.decode()
+    assert "set CAFE_KEYS_FILE" in output
 
 
 async def test_serve_refuses_a_keys_file_that_does_not_exist(tmp_path: Path) -> None:
     proc = await serve({"CAFE_KEYS_FILE": str(tmp_path / "absent.json"), "CAFE_PORT": "0"})
-    output, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
+    output = await proc.finish()
     assert proc.returncode != 0
-    assert "absent.json does not exist" in output.decode()
+    assert "absent.json does not exist" in output
 
 
 async def test_workers_refuse_a_keys_file_that_does_not_exist(tmp_path: Path) -> None:
     env = {"CAFE_KEYS_FILE": str(tmp_path / "absent.json"), "CAFE_WORKERS": "2"}
     proc = await serve({**env, "CAFE_PORT": str(free_port())})
-    output, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
+    output = await proc.finish()
     assert proc.returncode == 1
-    assert "absent.json does not exist" in output.decode()
+    assert "absent.json does not exist" in output
 
 
 async def test_serve_refuses_a_bad_setting_naming_the_variable() -> None:
     proc = await serve({"CAFE_PORT": "eighty"})
-    output, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
+    output = await proc.finish()
     assert proc.returncode == 2
-    assert "CAFE_PORT='eighty' is not an integer" in output.decode()
+    assert "CAFE_PORT='eighty' is not an integer" in output
 
 
 async def test_two_workers_share_one_port_and_stop_together(
     kafka: Broker, key_file: KeyFile, prefix: str
 ) -> None:
     port = free_port()
-    proc = await serve(gateway_env(port, kafka, key_file, prefix, CAFE_WORKERS="2"))
-    try:
+    async with running(gateway_env(port, kafka, key_file, prefix, CAFE_WORKERS="2")) as proc:
         parent = psutil.Process(proc.pid)
         async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
             await ready_in_a_row(http, 10)
@@ -150,11 +204,108 @@ async def test_two_workers_share_one_port_and_stop_together(
             for _ in range(10):
                 async with http.post("/v1/log", data=body, headers=headers) as resp:
                     assert resp.status == 200
-        proc.send_signal(signal.SIGTERM)
-        output, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
-        assert proc.returncode == 0, output.decode(errors="replace")
+        await proc.stop()
         assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+
+
+async def test_two_workers_report_one_set_of_metrics_on_the_metrics_port(
+    kafka: Broker, key_file: KeyFile, prefix: str
+) -> None:
+    port, metrics_port = free_ports(2)
+    env = gateway_env(
+        port, kafka, key_file, prefix, CAFE_WORKERS="2", CAFE_METRICS_PORT=str(metrics_port)
+    )
+    async with running(env) as proc:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+            await ready_in_a_row(http, 10)
+            body = curl_bodies()["log"]
+            headers = {
+                "x-api-key": key_file.key,
+                "Content-Type": "application/json",
+                # A new connection each time, so the kernel spreads them over both workers.
+                "Connection": "close",
+            }
+            served_by: set[str] = set()
+            for _ in range(40):
+                async with http.post("/v1/log", data=body, headers=headers) as resp:
+                    assert resp.status == 200
+                    served_by.add(resp.headers["X-Request-Id"][:16])  # a prefix per worker
+            for _ in range(10):
+                async with http.post("/v1/log", data=b"{", headers=headers) as resp:
+                    assert resp.status == 400
+            async with http.get("/metrics") as resp:
+                assert resp.status == 404  # only on the metrics port
+        assert len(served_by) == 2, "both workers should have served requests"
+
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{metrics_port}") as http:
+            # Whichever worker answers the scrape, it reports the sum of both.
+            for _ in range(6):
+                async with http.get("/metrics", headers={"Connection": "close"}) as resp:
+                    samples = Samples(await resp.text())
+                log_route = {"route": "/v1/log", "method": "POST"}
+                assert samples.value("cafe_http_requests_total", **log_route, status="200") == 40
+                assert samples.value("cafe_http_requests_total", **log_route, status="400") == 10
+                assert samples.value("cafe_records_total", type="log", outcome="accepted") == 40
+                assert samples.value("cafe_http_errors_total", code="invalid_json") == 10
+                assert samples.value("cafe_kafka_produce_seconds_count") >= 1
+                assert samples.value("cafe_api_keys_loaded") == 1
+                assert samples.value("cafe_kafka_ready") == 1
+                # The metrics port is not the API: its scrapes are not requests in flight.
+                assert samples.value("cafe_http_requests_in_flight") == 0
+        await proc.stop()
+
+
+async def test_sigterm_under_load_loses_no_acknowledged_record(
+    kafka: Broker, key_file: KeyFile, prefix: str
+) -> None:
+    port = free_port()
+    env = gateway_env(port, kafka, key_file, prefix, CAFE_DRAIN_SECONDS="1")
+    base = orjson.loads(curl_bodies()["activity"])["records"][0]
+    headers = {"x-api-key": key_file.key, "Content-Type": "application/json"}
+    acknowledged: list[str] = []
+    after_sigterm: list[int] = []
+    answers: dict[int, int] = {}
+    stopping = asyncio.Event()
+
+    async def client(http: aiohttp.ClientSession) -> None:
+        while True:
+            ids = [str(uuid.uuid4()) for _ in range(50)]
+            body = orjson.dumps({"records": [{**base, "eventId": i} for i in ids]})
+            try:
+                async with http.post("/v1/activity", data=body, headers=headers) as resp:
+                    answers[resp.status] = answers.get(resp.status, 0) + 1
+                    if resp.status == 200:
+                        acknowledged.extend(ids)
+                        if stopping.is_set():
+                            after_sigterm.append(len(ids))
+            except aiohttp.ClientError:
+                return  # the listener has closed
+
+    async with running(env) as proc:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+            await ready_in_a_row(http, 1)
+            clients = [asyncio.create_task(client(http)) for _ in range(8)]
+            await asyncio.sleep(1.5)
+            stopping.set()
+            stopped = asyncio.create_task(proc.stop())
+            await asyncio.sleep(0.3)
+            async with http.get("/readyz", headers={"Connection": "close"}) as resp:
+                assert resp.status == 503
+                assert (await resp.json(content_type=None))["detail"] == (
+                    "the gateway is shutting down"
+                )
+            await asyncio.wait_for(asyncio.gather(*clients), timeout=30)
+        await stopped
+
+    assert after_sigterm, "requests kept being served while draining"
+    assert set(answers) <= {200, 503}, answers
+    on_topic = {
+        orjson.loads(m.value)["eventId"]
+        for m in await consume_all(kafka.bootstrap, f"{prefix}.activity", partitions=6)
+    }
+    missing = set(acknowledged) - on_topic
+    assert not missing, f"{len(missing)} of {len(acknowledged)} acknowledged records lost"
+    print(
+        f"SIGTERM under load: {len(acknowledged)} records acknowledged "
+        f"({sum(after_sigterm)} after SIGTERM), all on the topic; answers {answers}"
+    )

@@ -1,0 +1,101 @@
+"""The outermost middleware: a request id, the request metrics, one access-log line."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from gateway.auth import API_KEY
+from gateway.clientip import client_ip
+from gateway.config import Settings
+from gateway.errors import PROBLEM_CODE
+from gateway.metrics import Metrics
+from gateway.requestid import RequestIds
+from gateway.state import DRAINING
+
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
+# (accepted, rejected) records of an ingest request, set by the handler for the log line.
+RECORD_COUNTS: web.RequestKey[tuple[int, int]] = web.RequestKey("record_counts", tuple)
+
+access_log = logging.getLogger("gateway.access")
+
+# Anything else a client sends as a method is counted as "other": labels stay bounded.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def access_middleware(settings: Settings, metrics: Metrics, request_ids: RequestIds) -> Middleware:
+    """A middleware that names, times, counts and logs every request."""
+    log_requests = settings.access_log
+
+    @web.middleware
+    async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        request_id = request_ids.adopt(request.headers.get("X-Request-Id"))
+        request[REQUEST_ID] = request_id
+        metrics.in_flight.inc()
+        try:
+            response = await handler(request)
+        finally:
+            metrics.in_flight.dec()
+        seconds = time.perf_counter() - started
+        response.headers["X-Request-Id"] = request_id
+        if request.app[DRAINING].is_set():
+            # Shutting down: the client's next request should open a new connection,
+            # which the load balancer sends to another instance.
+            response.force_close()
+
+        route = _route(request)
+        method = request.method if request.method in _METHODS else "other"
+        metrics.requests.labels(route, method, str(response.status)).inc()
+        metrics.request_seconds.labels(route).observe(seconds)
+        if request.content_length is not None:
+            metrics.body_bytes.labels(route).observe(request.content_length)
+        if log_requests and access_log.isEnabledFor(logging.INFO):
+            _log(request, response, route, request_id, seconds, settings)
+        return response
+
+    return observe
+
+
+def _route(request: web.Request) -> str:
+    """The path of a matched route, else "unmatched".
+
+    Paths are bounded label values here because every variable part of our routes is a
+    fixed alternation (e.g. activity|log|profile).
+    """
+    if request.match_info.http_exception is not None:
+        return "unmatched"
+    return request.path
+
+
+def _log(
+    request: web.Request,
+    response: web.StreamResponse,
+    route: str,
+    request_id: str,
+    seconds: float,
+    settings: Settings,
+) -> None:
+    key = request.get(API_KEY)
+    fields: dict[str, object] = {
+        "request_id": request_id,
+        "method": request.method,
+        "route": route,
+        "status": response.status,
+        "latency_ms": round(seconds * 1000, 3),
+        "bytes_in": request.content_length,
+        "bytes_out": response.content_length,
+        "client_ip": client_ip(request, settings.trusted_proxies),
+        # The key's id only: the plaintext never reaches a log.
+        "key_id": key.id if key is not None else None,
+    }
+    if route == "unmatched":
+        fields["path"] = request.path[:256]
+    if PROBLEM_CODE in request:
+        fields["code"] = request[PROBLEM_CODE]
+    if RECORD_COUNTS in request:
+        fields["accepted"], fields["rejected"] = request[RECORD_COUNTS]
+    access_log.info("%s %s %d", request.method, route, response.status, extra={"fields": fields})

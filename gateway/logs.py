@@ -1,0 +1,60 @@
+"""Log output: one JSON object per line (CAFE_LOG_FORMAT=json) or plain text, on stderr.
+
+A log call adds structured fields with `extra={"fields": {...}}`; the JSON format puts
+them beside the message, the text format appends them as key=value.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+# The LogRecord attribute that `extra={"fields": ...}` sets.
+_FIELDS = "fields"
+
+
+class JsonFormatter(logging.Formatter):
+    """time, level, logger, message, the record's fields, and a traceback if any."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, _FIELDS, None)
+        if fields:
+            line.update(fields)
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(line, default=str).decode()
+
+
+class TextFormatter(logging.Formatter):
+    """The usual one-line format, with the record's fields appended as key=value."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        fields = getattr(record, _FIELDS, None)
+        if fields:
+            text += " " + " ".join(f"{k}={v}" for k, v in fields.items())
+        return text
+
+
+def setup_logging(level: str, log_format: str) -> None:
+    """Send every logger's records at `level` and above to stderr in `log_format`."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)

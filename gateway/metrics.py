@@ -1,0 +1,152 @@
+"""Prometheus metrics: the gateway's metric objects, and the exposition at /metrics.
+
+Every metric lives on the registry `create_app` is given (a fresh one by default), never
+on prometheus_client's global one, so apps built side by side in tests keep their own
+counts. Label values are bounded: routes, record types, topics, outcomes and error codes
+come from fixed sets, never from request data.
+
+With several workers (CAFE_WORKERS > 1), `cafe-gateway serve` points
+PROMETHEUS_MULTIPROC_DIR at a fresh directory before any worker imports
+prometheus_client; each worker then writes its values to its own files there, and a
+scrape of any worker adds up the files of all of them.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+    values,
+)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# Seconds: from a cached 1 ms answer to the 5 s produce timeout and beyond.
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_RECORD_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500)
+_BYTE_BUCKETS = (256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
+
+
+class Metrics:
+    """The gateway's metrics, registered on one registry."""
+
+    def __init__(self, registry: CollectorRegistry, version: str) -> None:
+        if os.environ.get(MULTIPROC_ENV) and values.ValueClass is values.MutexValue:
+            # prometheus_client picks where values live when it is first imported.
+            raise RuntimeError(
+                f"prometheus_client was imported before {MULTIPROC_ENV} was set: "
+                "workers would each count alone"
+            )
+        self.registry = registry
+        # Gauges say how the files of several workers combine (ignored in one process):
+        # "live" modes leave out workers that have exited.
+        build_info = Gauge(
+            "cafe_build_info",
+            "Always 1; the labels say which gateway and Python are running",
+            ["version", "python"],
+            registry=registry,
+            multiprocess_mode="max",
+        )
+        build_info.labels(version, platform.python_version()).set(1)
+        self.requests = Counter(
+            "cafe_http_requests",
+            "HTTP requests answered, by route, method and status",
+            ["route", "method", "status"],
+            registry=registry,
+        )
+        self.request_seconds = Histogram(
+            "cafe_http_request_duration_seconds",
+            "Time from the request's arrival to its answer",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "cafe_http_requests_in_flight",
+            "Requests being worked on",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.body_bytes = Histogram(
+            "cafe_http_request_body_bytes",
+            "Declared size of request bodies (Content-Length)",
+            ["route"],
+            buckets=_BYTE_BUCKETS,
+            registry=registry,
+        )
+        self.errors = Counter(
+            "cafe_http_errors",
+            "Error answers by their machine-readable code",
+            ["code"],
+            registry=registry,
+        )
+        self.records = Counter(
+            "cafe_records",
+            "Records by type and outcome: accepted (acknowledged by Kafka), invalid, "
+            "forbidden (platform not allowed for the key), unavailable (Kafka did not "
+            "acknowledge in time; the client got a 503)",
+            ["type", "outcome"],
+            registry=registry,
+        )
+        self.dead_letters = Counter(
+            "cafe_dead_letters",
+            "Rejected records acknowledged on the dead-letter topic, by type and reason",
+            ["type", "reason"],
+            registry=registry,
+        )
+        self.records_per_request = Histogram(
+            "cafe_records_per_request",
+            "Records in each well-formed batch",
+            ["type"],
+            buckets=_RECORD_BUCKETS,
+            registry=registry,
+        )
+        self.produce_seconds = Histogram(
+            "cafe_kafka_produce_seconds",
+            "Time from a batch being handed to the producer to its acknowledgement",
+            ["topic"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.kafka_errors = Counter(
+            "cafe_kafka_errors",
+            "Produce failures by kind (timeout, not_connected, or the Kafka error's name)",
+            ["kind"],
+            registry=registry,
+        )
+        self.kafka_ready = Gauge(
+            "cafe_kafka_ready",
+            "1 while the producer is connected and a broker answers, else 0",
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
+        self.key_reloads = Counter(
+            "cafe_api_key_reloads",
+            "Reloads of the API keys file after it changed, by result (ok, failed)",
+            ["result"],
+            registry=registry,
+        )
+        self.keys_loaded = Gauge(
+            "cafe_api_keys_loaded",
+            "Enabled API keys in memory",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+
+    async def handle(self, request: web.Request) -> web.Response:
+        """GET /metrics: the text exposition, summed over workers when there are several."""
+        registry = self.registry
+        if os.environ.get(MULTIPROC_ENV):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        body = generate_latest(registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,57 @@
+"""One gateway process: listen, serve, and on SIGTERM drain and stop cleanly.
+
+On SIGTERM or SIGINT: /readyz answers 503 at once, so load balancers stop sending; for
+CAFE_DRAIN_SECONDS requests are still served as usual (time for them to notice); then
+the listener closes, requests in flight get CAFE_SHUTDOWN_GRACE_SECONDS to be answered
+(each is answered within the produce timeout: 200 once Kafka has its records, or 503),
+and the Kafka producer delivers what it holds and closes. The process then exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from aiohttp import web
+
+from gateway.app import create_app, create_metrics_app
+from gateway.config import Settings
+from gateway.state import DRAINING
+
+log = logging.getLogger(__name__)
+
+
+async def serve(settings: Settings) -> None:
+    """Serve until SIGTERM or SIGINT, then drain and return."""
+    app = create_app(settings)
+    # With several workers each binds the port itself; the kernel shares connections.
+    reuse_port = settings.workers > 1
+    runners = [
+        web.AppRunner(app, access_log=None, shutdown_timeout=settings.shutdown_grace_seconds)
+    ]
+    ports = [settings.port]
+    if settings.metrics_port is not None:
+        runners.append(web.AppRunner(create_metrics_app(app), access_log=None))
+        ports.append(settings.metrics_port)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        for runner, port in zip(runners, ports, strict=True):
+            await runner.setup()
+            site = web.TCPSite(runner, settings.host, port, reuse_port=reuse_port)
+            await site.start()
+            log.info("listening on http://%s:%d", settings.host, port)
+        await stop.wait()
+        app[DRAINING].set()
+        log.info("stopping: draining for %gs", settings.drain_seconds)
+        await asyncio.sleep(settings.drain_seconds)
+    finally:
+        # aiohttp closes the listener, waits for requests in flight, then runs the
+        # app's cleanup (the producer's flush); the metrics app goes last.
+        for runner in runners:
+            await runner.cleanup()
+    log.info("stopped")

@@ -1,0 +1,173 @@
+"""GET /metrics: every outcome of a request moves the counters an SRE would watch."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from importlib.metadata import version
+from pathlib import Path
+
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient
+from prometheus_client import CollectorRegistry
+
+from gateway.app import create_app, create_metrics_app
+from gateway.auth import KeyStore
+from gateway.config import Settings
+from gateway.errors import SinkUnavailable
+from gateway.metrics import Metrics
+from gateway.sink import MemorySink, Message
+from tests.keys import KeyFile
+from tests.scrape import Samples
+from tests.spec_samples import curl_bodies
+
+AiohttpClient = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
+
+
+class SwitchableSink(MemorySink):
+    """A memory sink whose sends fail with SinkUnavailable while `failing` is set."""
+
+    failing = False
+
+    async def send(self, topic: str, messages: Sequence[Message]) -> None:
+        if self.failing:
+            raise SinkUnavailable("Kafka did not acknowledge the records within 5s")
+        await super().send(topic, messages)
+
+
+async def scrape(client: TestClient) -> Samples:  # type: ignore[type-arg]
+    resp = await client.get("/metrics")
+    assert resp.status == 200
+    assert resp.content_type == "text/plain"
+    return Samples(await resp.text())
+
+
+def log_batch(*changes: dict[str, object]) -> bytes:
+    base = orjson.loads(curl_bodies()["log"])["records"][0]
+    return orjson.dumps({"records": [{**base, **c} for c in changes]})
+
+
+async def test_each_request_outcome_moves_its_counters(
+    aiohttp_client: AiohttpClient, key_file: KeyFile
+) -> None:
+    sink = SwitchableSink()
+    client = await aiohttp_client(create_app(Settings(keys_file=key_file.path), sink=sink))
+    headers = {"x-api-key": key_file.key, "Content-Type": "application/json"}
+    before = await scrape(client)
+    assert before.value("cafe_records_total") == 0
+    assert before.value("cafe_api_keys_loaded") == 1
+    gateway_version = version("cafe-gateway")
+    assert before.value("cafe_build_info", version=gateway_version) == 1
+
+    # 200: three records accepted.
+    resp = await client.post("/v1/log", data=log_batch({}, {}, {}), headers=headers)
+    assert resp.status == 200
+    # 207: one accepted, one invalid, one forbidden; both rejects dead-lettered.
+    mixed = log_batch({}, {"logLevel": "Loud"}, {"productPlatform": "someone-else"})
+    resp = await client.post("/v1/log", data=mixed, headers=headers)
+    assert resp.status == 207
+    # 503: Kafka does not acknowledge two records.
+    sink.failing = True
+    resp = await client.post("/v1/log", data=log_batch({}, {}), headers=headers)
+    assert resp.status == 503
+    sink.failing = False
+    # 400 and 401: no records counted.
+    resp = await client.post("/v1/log", data=b"{not json", headers=headers)
+    assert resp.status == 400
+    resp = await client.post("/v1/log", data=log_batch({}), headers={"x-api-key": "nope"})
+    assert resp.status == 401
+
+    after = await scrape(client)
+    records = {
+        outcome: after.value("cafe_records_total", type="log", outcome=outcome)
+        for outcome in ("accepted", "invalid", "forbidden", "unavailable")
+    }
+    assert records == {"accepted": 4, "invalid": 1, "forbidden": 1, "unavailable": 2}
+    assert after.value("cafe_dead_letters_total", type="log", reason="invalid") == 1
+    assert after.value("cafe_dead_letters_total", type="log", reason="forbidden") == 1
+    assert len(sink.topics["cafe.deadletter"]) == 2
+
+    route = {"route": "/v1/log", "method": "POST"}
+    statuses = {
+        status: after.value("cafe_http_requests_total", **route, status=status)
+        for status in ("200", "207", "503", "400", "401")
+    }
+    assert statuses == {"200": 1, "207": 1, "503": 1, "400": 1, "401": 1}
+    errors = {
+        code: after.value("cafe_http_errors_total", code=code)
+        for code in ("kafka_unavailable", "invalid_json", "invalid_api_key")
+    }
+    assert errors == {"kafka_unavailable": 1, "invalid_json": 1, "invalid_api_key": 1}
+    assert after.value("cafe_http_request_duration_seconds_count", route="/v1/log") == 5
+    assert after.value("cafe_http_request_body_bytes_count", route="/v1/log") == 5
+    assert after.value("cafe_http_request_body_bytes_sum", route="/v1/log") == sum(
+        len(b)
+        for b in (log_batch({}, {}, {}), mixed, log_batch({}, {}), b"{not json", log_batch({}))
+    )
+    # Well-formed batches only: 3 + 3 + 2 records.
+    assert after.value("cafe_records_per_request_count", type="log") == 3
+    assert after.value("cafe_records_per_request_sum", type="log") == 8
+    # The scrape itself is in flight while it renders; nothing else is.
+    assert after.value("cafe_http_requests_in_flight") == 1
+
+
+async def test_unknown_paths_and_methods_share_bounded_labels(
+    aiohttp_client: AiohttpClient, key_file: KeyFile
+) -> None:
+    client = await aiohttp_client(create_app(Settings(keys_file=key_file.path), sink=MemorySink()))
+    for path in ("/a", "/b", "/c/d"):
+        assert (await client.get(path)).status == 404
+    assert (await client.request("PROPFIND", "/healthz")).status == 405
+    samples = await scrape(client)
+    assert samples.value("cafe_http_requests_total", route="unmatched", status="404") == 3
+    other = samples.value("cafe_http_requests_total", route="unmatched", method="other")
+    assert other == 1
+    routes = {labels["route"] for name, labels, _ in samples.samples if "route" in labels}
+    assert routes == {"unmatched"}
+
+
+async def test_metrics_can_move_to_their_own_port(
+    aiohttp_client: AiohttpClient, key_file: KeyFile
+) -> None:
+    app = create_app(Settings(keys_file=key_file.path, metrics_port=9100), sink=MemorySink())
+    client = await aiohttp_client(app)
+    assert (await client.get("/metrics")).status == 404
+    assert (await client.get("/healthz")).status == 200
+    metrics_client = await aiohttp_client(create_metrics_app(app))
+    samples = await scrape(metrics_client)
+    # The main app's request is counted by the metrics app: one set of metrics.
+    assert samples.value("cafe_http_requests_total", route="/healthz", status="200") == 1
+    assert samples.value("cafe_http_requests_total", route="unmatched", status="404") == 1
+
+
+def test_key_reloads_are_counted_by_result(key_file: KeyFile) -> None:
+    metrics = Metrics(CollectorRegistry(), "test")
+    keys = KeyStore(key_file.path, metrics)
+    keys.load()
+    key_file.add("analytics-portal")
+    assert keys.reload_if_changed()
+    key_file.path.write_text("{ broken")
+    assert not keys.reload_if_changed()
+    registry = metrics.registry
+    assert registry.get_sample_value("cafe_api_key_reloads_total", {"result": "ok"}) == 1
+    assert registry.get_sample_value("cafe_api_key_reloads_total", {"result": "failed"}) == 1
+    # The last good set stays loaded.
+    assert registry.get_sample_value("cafe_api_keys_loaded") == 2
+
+
+def test_two_apps_in_one_process_count_apart(key_file: KeyFile) -> None:
+    first, second = CollectorRegistry(), CollectorRegistry()
+    settings = Settings(keys_file=key_file.path)
+    create_app(settings, sink=MemorySink(), registry=first)
+    create_app(settings, sink=MemorySink(), registry=second)
+    assert first.get_sample_value("cafe_kafka_ready") == 0
+    assert second.get_sample_value("cafe_kafka_ready") == 0
+
+
+def test_metrics_refuse_to_count_alone_when_workers_share_files(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # prometheus_client was imported by this test process without the variable set.
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    with pytest.raises(RuntimeError, match="imported before PROMETHEUS_MULTIPROC_DIR"):
+        Metrics(CollectorRegistry(), "test")
