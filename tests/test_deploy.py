@@ -1,0 +1,585 @@
+"""deploy/: the image, the compose file, the Kubernetes manifests, alerts and dashboard.
+
+Each file is read by the parser of the program that will consume it, and checked
+against the gateway's own code: its metric names, its settings, its endpoints.
+
+- Dockerfile: BuildKit's parser and its lint rules (`docker build --check`);
+- docker-compose.yml: compose-go, the loader behind `docker compose config`;
+- Kubernetes manifests: the Kubernetes JSON schemas that kubernetes-validate bundles
+  (strict: unknown fields are errors);
+- alerts.yml: Prometheus' rule file parser, as `promtool check rules` uses it;
+- alerts and dashboard: Prometheus' PromQL parser, then every metric they name must be
+  one gateway/metrics.py defines, and every metric it defines must be on the dashboard.
+
+The tools come from deploy/tools.sh, pinned, cached in ~/.cache/cafe-gateway/tools
+(CAFE_TOOLS_DIR). A tool that cannot be installed fails the tests; none is skipped.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import yaml  # type: ignore[import-untyped]
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+COMPOSE_FILE = DEPLOY / "docker-compose.yml"
+DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
+GRAFANA = DEPLOY / "grafana"
+DASHBOARD = GRAFANA / "dashboards" / "cafe-gateway.json"
+
+# Kubernetes versions the manifests must be valid for: the newest schemas
+# kubernetes-validate has, and an older release still common in managed clusters.
+KUBERNETES_VERSIONS = ("1.30", "1.37")
+# Shown in the manifests' directory but deliberately not applied by kustomization.yaml.
+EXAMPLE_MANIFESTS = {"secret.example.yaml"}
+# Series Prometheus makes itself, which alerts may use besides the gateway's.
+PROMETHEUS_SERIES = {"up"}
+# Grafana's built-in interval variables, replaced by a sample value before parsing.
+GRAFANA_INTERVALS = {"__rate_interval": "5m", "__interval": "1m", "__range": "1h"}
+TOOLS_TIMEOUT_SECONDS = 1200
+
+
+@dataclass(frozen=True)
+class Tools:
+    deploycheck: Path
+    kubernetes_validate: Path
+
+
+@pytest.fixture(scope="session")
+def tools() -> Tools:
+    """Install (or find in the cache) the pinned tools of deploy/tools.sh."""
+    env = {**os.environ, "PYTHON": sys.executable}
+    try:
+        done = subprocess.run(
+            ["bash", str(DEPLOY / "tools.sh")],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=TOOLS_TIMEOUT_SECONDS,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"deploy/tools.sh took over {TOOLS_TIMEOUT_SECONDS} s")
+    if done.returncode != 0:
+        pytest.fail(
+            "deploy/tools.sh could not install the deploy checks' tools "
+            f"(exit {done.returncode}); a cold cache needs the Go module proxy and PyPI:\n"
+            f"{done.stderr[-4000:]}"
+        )
+    paths = dict(line.split(" ", 1) for line in done.stdout.splitlines() if " " in line)
+    return Tools(
+        deploycheck=Path(paths["deploycheck"]),
+        kubernetes_validate=Path(paths["kubernetes-validate"]),
+    )
+
+
+def deploycheck(tools: Tools, *args: str, stdin: str | None = None) -> Any:
+    """Run deploycheck and return the JSON it prints; fail the test if it fails."""
+    done = subprocess.run(
+        [str(tools.deploycheck), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.fail(f"deploycheck {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+    return json.loads(done.stdout)
+
+
+def load_yaml(path: Path) -> Any:
+    with path.open(encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def k8s_manifests() -> list[Path]:
+    return sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def k8s_objects() -> dict[str, dict[str, Any]]:
+    """The applied (non-example) objects by kind; each file holds one."""
+    objects = {}
+    for path in k8s_manifests():
+        if path.name not in EXAMPLE_MANIFESTS:
+            doc = load_yaml(path)
+            objects[doc["kind"]] = doc
+    return objects
+
+
+def gateway_setting_names() -> set[str]:
+    """Every CAFE_* variable the gateway's code reads."""
+    names: set[str] = set()
+    for source in (ROOT / "gateway").glob("*.py"):
+        names.update(re.findall(r'"(CAFE_[A-Z0-9_]+)"', source.read_text(encoding="utf-8")))
+    return names
+
+
+def check_gateway_env(env: dict[str, str], where: str) -> None:
+    """`env` names only variables the gateway reads, with values its parser accepts."""
+    from gateway.config import Settings
+
+    cafe = {k: v for k, v in env.items() if k.startswith("CAFE_")}
+    unknown = set(cafe) - gateway_setting_names()
+    assert not unknown, f"{where} sets variables the gateway does not read: {sorted(unknown)}"
+    Settings.from_env(cafe)  # raises ConfigError, naming the variable, on a bad value
+
+
+# --- Dockerfile ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def dockerfile(tools: Tools) -> dict[str, Any]:
+    report: dict[str, Any] = deploycheck(tools, "dockerfile", str(DOCKERFILE), str(ROOT))
+    return report
+
+
+def test_dockerfile_has_no_lint_warnings(dockerfile: dict[str, Any]) -> None:
+    assert not dockerfile["warnings"], json.dumps(dockerfile["warnings"], indent=2)
+
+
+def test_image_runs_the_gateway_as_a_non_root_user(dockerfile: dict[str, Any]) -> None:
+    stages = dockerfile["stages"]
+    assert all(s["base"].startswith("python:3.11-slim") for s in stages), stages
+    final = stages[-1]
+    user = final["user"].split(":")[0]
+    assert user.isdigit(), f"USER {final['user']!r}: a numeric uid lets runAsNonRoot verify it"
+    assert int(user) != 0
+    assert final["entrypoint"] == ["cafe-gateway"]
+    assert final["entrypoint_json"], "ENTRYPOINT in shell form would not get SIGTERM"
+    assert final["cmd"] == ["serve"]
+    assert {"8080", "9100"} <= set(final["expose"])
+    assert "CAFE_HOST=0.0.0.0" in final["env"]
+
+
+def test_image_healthcheck_asks_healthz_without_curl(dockerfile: dict[str, Any]) -> None:
+    test = dockerfile["stages"][-1]["healthcheck"]
+    assert test, "the image has no HEALTHCHECK"
+    assert test[0] == "CMD"
+    assert test[1] == "python", "python:3.11-slim has no curl or wget"
+    assert "/healthz" in test[-1]
+
+
+def test_image_installs_with_the_pinned_constraints() -> None:
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    assert re.search(r"pip install -c constraints\.txt \.", text)
+
+
+def test_dockerfile_copies_only_files_the_build_context_sends(dockerfile: dict[str, Any]) -> None:
+    sources = dockerfile["copy_sources"]
+    assert sources
+    missing = [s["path"] for s in sources if not s["exists"]]
+    ignored = [s["path"] for s in sources if s["ignored"]]
+    assert not missing, f"COPY of paths that do not exist: {missing}"
+    assert not ignored, f"COPY of paths .dockerignore leaves out of the context: {ignored}"
+
+
+def test_dockerignore_leaves_out_local_state() -> None:
+    patterns = {
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    wanted = {".git", ".venv", ".dev", ".mypy_cache", ".pytest_cache", ".ruff_cache"}
+    wanted |= {"docs/bench", "loadtest/results"}
+    assert wanted <= patterns, sorted(wanted - patterns)
+
+
+# --- docker-compose.yml --------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def compose(tools: Tools) -> dict[str, Any]:
+    report: dict[str, Any] = deploycheck(tools, "compose", str(COMPOSE_FILE))
+    return report
+
+
+def test_compose_file_loads_and_its_files_exist(compose: dict[str, Any]) -> None:
+    assert set(compose["services"]) == {"kafka", "gateway", "prometheus", "grafana"}
+    assert not compose["missing_files"], compose["missing_files"]
+    gateway = compose["services"]["gateway"]
+    assert Path(gateway["build_context"]).resolve() == ROOT
+    assert (ROOT / gateway["dockerfile"]).resolve() == DOCKERFILE
+
+
+def test_compose_gateway_talks_to_the_compose_kafka(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    gateway = services["gateway"]
+    check_gateway_env(gateway["environment"], "docker-compose.yml")
+    assert gateway["depends_on"] == {"kafka": "service_healthy"}
+    assert services["kafka"]["healthcheck"], "kafka needs a healthcheck for service_healthy"
+    advertised = services["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+    for broker in gateway["environment"]["CAFE_KAFKA_BOOTSTRAP"].split(","):
+        assert broker.split(":")[0] in services
+        assert f"//{broker}" in advertised, f"{broker} is not an advertised listener"
+
+
+def test_compose_keys_file_is_on_a_volume(compose: dict[str, Any]) -> None:
+    gateway = compose["services"]["gateway"]
+    keys_dir = str(Path(gateway["environment"]["CAFE_KEYS_FILE"]).parent)
+    mounts = {v.split(":", 1)[1]: v.split(":", 1)[0] for v in gateway["volumes"]}
+    assert keys_dir in mounts, f"nothing is mounted at {keys_dir}"
+    assert mounts[keys_dir] in compose["volumes"]
+
+
+def test_compose_prometheus_scrapes_the_gateway_and_loads_the_alerts(
+    compose: dict[str, Any],
+) -> None:
+    prometheus = compose["services"]["prometheus"]
+    binds = {Path(b["source"]).resolve(): b["target"] for b in prometheus["binds"]}
+    config = load_yaml(PROMETHEUS_CONFIG)
+    assert binds[PROMETHEUS_CONFIG] == "/etc/prometheus/prometheus.yml"
+    assert config["rule_files"] == [binds[ALERTS]]
+    metrics_port = compose["services"]["gateway"]["environment"]["CAFE_METRICS_PORT"]
+    targets = [
+        target
+        for job in config["scrape_configs"]
+        if job["job_name"] == "cafe-gateway"
+        for group in job["static_configs"]
+        for target in group["targets"]
+    ]
+    assert targets == [f"gateway:{metrics_port}"]
+
+
+def test_compose_grafana_is_provisioned_with_the_dashboard(compose: dict[str, Any]) -> None:
+    grafana = compose["services"]["grafana"]
+    assert grafana["depends_on"] == {"prometheus": "service_healthy"}
+    binds = {Path(b["source"]).resolve(): b["target"] for b in grafana["binds"]}
+    assert binds[GRAFANA / "provisioning"] == "/etc/grafana/provisioning"
+    providers = load_yaml(GRAFANA / "provisioning" / "dashboards" / "cafe-gateway.yml")
+    assert [p["options"]["path"] for p in providers["providers"]] == [binds[DASHBOARD.parent]]
+    datasources = load_yaml(GRAFANA / "provisioning" / "datasources" / "prometheus.yml")
+    [datasource] = datasources["datasources"]
+    assert datasource["url"] == "http://prometheus:9090"
+    assert datasource["uid"] == load_dashboard_datasource_uid()
+
+
+# --- Kubernetes ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def kubernetes_validate(tools: Tools) -> Iterator[ModuleType]:
+    """kubernetes_validate.utils, imported from the tools cache."""
+    path = str(tools.kubernetes_validate)
+    sys.path.insert(0, path)
+    try:
+        yield importlib.import_module("kubernetes_validate.utils")
+    finally:
+        sys.path.remove(path)
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("path", k8s_manifests(), ids=lambda p: p.name)
+def test_manifest_matches_the_kubernetes_schema(
+    kubernetes_validate: ModuleType, path: Path, version: str
+) -> None:
+    docs = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d]
+    assert docs, f"{path.name} holds no object"
+    for doc in docs:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            where = ".".join(str(p) for p in exc.path)
+            pytest.fail(f"{path.name}: {doc['kind']} {where}: {exc.message}")
+        except kubernetes_validate.SchemaNotFoundError as exc:
+            pytest.fail(f"{path.name}: {exc.message}")
+
+
+def test_kustomization_applies_every_manifest_but_the_examples() -> None:
+    kustomization = load_yaml(K8S / "kustomization.yaml")
+    listed = kustomization["resources"]
+    assert len(listed) == len(set(listed))
+    expected = {p.name for p in k8s_manifests()} - EXAMPLE_MANIFESTS
+    assert set(listed) == expected
+
+
+def test_manifests_name_no_namespace() -> None:
+    for path in k8s_manifests():
+        assert "namespace" not in load_yaml(path)["metadata"], path.name
+    assert "namespace" not in load_yaml(K8S / "kustomization.yaml")
+
+
+def test_objects_refer_to_each_other_by_the_right_names_and_labels() -> None:
+    objects = k8s_objects()
+    deployment = objects["Deployment"]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= pod_labels.items()
+    assert objects["Service"]["spec"]["selector"].items() <= pod_labels.items()
+    assert objects["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"] == selector
+    target = objects["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    [env_from] = container["envFrom"]
+    assert env_from["configMapRef"]["name"] == objects["ConfigMap"]["metadata"]["name"]
+    port_names = {p["name"] for p in container["ports"]}
+    for port in objects["Service"]["spec"]["ports"]:
+        assert port["targetPort"] in port_names
+
+
+def test_deployment_serves_on_the_gateway_ports_with_its_probes() -> None:
+    objects = k8s_objects()
+    config = objects["ConfigMap"]["data"]
+    deployment = objects["Deployment"]
+    assert deployment["spec"]["replicas"] >= 2
+    assert objects["HorizontalPodAutoscaler"]["spec"]["minReplicas"] >= 2
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": int(config["CAFE_PORT"]), "metrics": int(config["CAFE_METRICS_PORT"])}
+    assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == config["CAFE_METRICS_PORT"]
+
+
+def test_deployment_shuts_down_within_the_grace_period() -> None:
+    objects = k8s_objects()
+    config = objects["ConfigMap"]["data"]
+    pod = objects["Deployment"]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    needed = (
+        float(command[1])
+        + float(config["CAFE_DRAIN_SECONDS"])
+        + float(config["CAFE_SHUTDOWN_GRACE_SECONDS"])
+        # Then the producer delivers what it holds, for at most the produce timeout.
+        + float(config["CAFE_PRODUCE_TIMEOUT_MS"]) / 1000
+    )
+    assert pod["terminationGracePeriodSeconds"] > needed
+
+
+def test_deployment_is_locked_down() -> None:
+    pod = k8s_objects()["Deployment"]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    security = container["securityContext"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["capabilities"]["drop"] == ["ALL"]
+    # A read-only root still needs a writable /tmp: the workers' metrics files go there.
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]]  # noqa: S108 (the container's /tmp)
+
+
+def test_image_user_is_the_pods_user(dockerfile: dict[str, Any]) -> None:
+    pod = k8s_objects()["Deployment"]["spec"]["template"]["spec"]
+    uid = dockerfile["stages"][-1]["user"].split(":")[0]
+    assert pod["securityContext"]["runAsUser"] == int(uid)
+
+
+def test_keys_file_comes_from_the_secret() -> None:
+    pod = k8s_objects()["Deployment"]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    keys_file = Path(env["CAFE_KEYS_FILE"])
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    # The whole directory, not a subPath: only then do Secret updates reach the file.
+    mount = mounts[str(keys_file.parent)]
+    assert "subPath" not in mount
+    assert mount["readOnly"] is True
+    secret = {v["name"]: v for v in pod["volumes"]}[mount["name"]]["secret"]
+    assert secret["secretName"] == "cafe-gateway-keys"
+    assert [i["path"] for i in secret["items"]] == [keys_file.name]
+    example = load_yaml(K8S / "secret.example.yaml")
+    assert example["metadata"]["name"] == secret["secretName"]
+    json.loads(example["stringData"][keys_file.name])
+
+
+def test_configmap_is_a_valid_gateway_configuration() -> None:
+    objects = k8s_objects()
+    config = objects["ConfigMap"]["data"]
+    [container] = objects["Deployment"]["spec"]["template"]["spec"]["containers"]
+    env = {**config, **{e["name"]: e["value"] for e in container["env"]}}
+    check_gateway_env(env, "the ConfigMap and Deployment")
+    # One worker per core of the CPU limit.
+    cpu_limit = str(container["resources"]["limits"]["cpu"])
+    cores = int(cpu_limit[:-1]) / 1000 if cpu_limit.endswith("m") else float(cpu_limit)
+    assert int(config["CAFE_WORKERS"]) <= cores
+
+
+# --- Prometheus rules ----------------------------------------------------------------
+
+
+def test_alert_rules_load_like_promtool_check_rules(tools: Tools) -> None:
+    [report] = deploycheck(tools, "rules", str(ALERTS))
+    assert report["errors"] == []
+    assert report["rules"] == len(alert_rules())
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    return [rule for group in load_yaml(ALERTS)["groups"] for rule in group["rules"]]
+
+
+def test_alerts_cover_errors_kafka_latency_dead_letters_and_keys() -> None:
+    rules = {rule["alert"]: rule for rule in alert_rules()}
+    assert len(rules) == len(alert_rules()), "two alerts share a name"
+    for name in (
+        "CafeGatewayHighErrorRatio",
+        "CafeGatewayKafkaUnavailable",
+        "CafeGatewayHighLatencyP99",
+        "CafeGatewayDeadLetterRatio",
+        "CafeGatewayApiKeyReloadFailed",
+    ):
+        assert name in rules
+    for name, rule in rules.items():
+        assert rule["labels"]["severity"] in {"page", "warning"}, name
+        assert rule["annotations"]["summary"], name
+    assert "cafe_http_request_duration_seconds_bucket" in rules["CafeGatewayHighLatencyP99"]["expr"]
+
+
+# --- Grafana and metric names --------------------------------------------------------
+
+
+def load_dashboard() -> dict[str, Any]:
+    dashboard: dict[str, Any] = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    return dashboard
+
+
+def load_dashboard_datasource_uid() -> str:
+    [variable] = [v for v in load_dashboard()["templating"]["list"] if v["type"] == "datasource"]
+    uid: str = variable["current"]["value"]
+    return uid
+
+
+def dashboard_panels() -> list[dict[str, Any]]:
+    """Every panel, those inside collapsed rows included."""
+    panels = []
+    for panel in load_dashboard()["panels"]:
+        panels.append(panel)
+        panels.extend(panel.get("panels", []))
+    return panels
+
+
+def test_dashboard_is_well_formed() -> None:
+    dashboard = load_dashboard()
+    assert dashboard["uid"] == "cafe-gateway"
+    panels = dashboard_panels()
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), "two panels share an id"
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, panel["title"]
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        assert panel["targets"], f"panel {panel['title']!r} queries nothing"
+        refs = [t["refId"] for t in panel["targets"]]
+        assert len(refs) == len(set(refs)), panel["title"]
+
+
+def grafana_variables() -> set[str]:
+    return {v["name"] for v in load_dashboard()["templating"]["list"]}
+
+
+def expand_grafana_variables(expr: str, where: str) -> str:
+    """The PromQL Prometheus receives: Grafana's $variables replaced by sample values."""
+    variables = grafana_variables()
+
+    def sample(match: re.Match[str]) -> str:
+        name = match[1] or match[2]
+        if name in GRAFANA_INTERVALS:
+            return GRAFANA_INTERVALS[name]
+        assert name in variables, f"{where}: ${name} is not a dashboard variable"
+        return ".*"
+
+    return re.sub(r"\$(?:\{(\w+)\}|(\w+))", sample, expr)
+
+
+def promql_in_use() -> list[tuple[str, str]]:
+    """(where, PromQL) for every expression of the dashboard and the alert rules."""
+    exprs = []
+    for panel in dashboard_panels():
+        for target in panel.get("targets", []):
+            where = f"dashboard panel {panel['title']!r} {target['refId']}"
+            exprs.append((where, expand_grafana_variables(target["expr"], where)))
+    for variable in load_dashboard()["templating"]["list"]:
+        if variable["type"] == "query":
+            # label_values(METRIC, LABEL) is Grafana's, not PromQL; its METRIC is.
+            query = variable["query"]["query"]
+            match = re.fullmatch(r"label_values\((.+),\s*\w+\)", query)
+            assert match, f"dashboard variable {variable['name']}: {query}"
+            exprs.append((f"dashboard variable {variable['name']}", match[1]))
+    exprs.extend((f"alert {rule['alert']}", rule["expr"]) for rule in alert_rules())
+    return exprs
+
+
+@pytest.fixture(scope="session")
+def promql_metrics(tools: Tools) -> list[tuple[str, set[str]]]:
+    """(where, metric names) of each expression in use, parsed by Prometheus' parser."""
+    exprs = promql_in_use()
+    parsed = deploycheck(tools, "promql", stdin=json.dumps([e for _, e in exprs]))
+    errors = [
+        f"{where}: {p['error']}"
+        for (where, _), p in zip(exprs, parsed, strict=True)
+        if p.get("error")
+    ]
+    assert not errors, "PromQL that does not parse:\n" + "\n".join(errors)
+    return [(where, set(p["metrics"])) for (where, _), p in zip(exprs, parsed, strict=True)]
+
+
+@pytest.fixture(scope="session")
+def gateway_series() -> dict[str, str]:
+    """Each series name the gateway exposes -> the metric it belongs to."""
+    from prometheus_client import CollectorRegistry
+
+    from gateway.metrics import Metrics
+
+    registry = CollectorRegistry()
+    Metrics(registry, "0.0.0")
+    suffixes = {
+        "counter": ("_total",),
+        "gauge": ("",),
+        "histogram": ("_bucket", "_sum", "_count"),
+        "summary": ("", "_sum", "_count"),
+        "info": ("_info",),
+    }
+    series = {}
+    for family in registry.collect():
+        assert family.type in suffixes, f"{family.name}: metric type {family.type}"
+        for suffix in suffixes[family.type]:
+            series[family.name + suffix] = family.name
+    assert series, "gateway/metrics.py defines no metric"
+    return series
+
+
+def test_dashboard_and_alerts_use_only_metrics_the_gateway_exposes(
+    promql_metrics: list[tuple[str, set[str]]], gateway_series: dict[str, str]
+) -> None:
+    known = set(gateway_series) | PROMETHEUS_SERIES
+    unknown = [
+        f"{where}: {sorted(names - known)}" for where, names in promql_metrics if names - known
+    ]
+    assert not unknown, "metrics gateway/metrics.py does not define:\n" + "\n".join(unknown)
+    assert all(names for _, names in promql_metrics), "an expression selects no metric"
+
+
+def test_dashboard_shows_every_gateway_metric(
+    promql_metrics: list[tuple[str, set[str]]], gateway_series: dict[str, str]
+) -> None:
+    shown = {
+        gateway_series[name]
+        for where, names in promql_metrics
+        if where.startswith("dashboard panel")
+        for name in names
+        if name in gateway_series
+    }
+    missing = set(gateway_series.values()) - shown
+    assert not missing, f"metrics with no dashboard panel: {sorted(missing)}"
