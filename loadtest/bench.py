@@ -7,6 +7,10 @@ handler that reads the body and answers. Then the gateway runs again at half its
 rate, for latency under a normal load. Last, the books: every eventId the gateway
 acknowledged must be on the topic.
 
+With --peer, an independent HTTP-to-Kafka bridge (deploy/peer/: Bento) gets the same
+records at the same batch sizes on the same broker, in the Kafka REST JSON embedded
+format, and its books are checked on its own topic.
+
 The server is pinned to CPU 0 and wrk to CPU 1 (on a 2-core machine the broker shares
 them), so the load generator never starves the server it measures. Only loopback
 traffic; every run is bounded by its duration.
@@ -36,7 +40,7 @@ from pathlib import Path
 
 import psutil
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from gateway import auth
 
@@ -46,6 +50,8 @@ BATCHES = (500, 20, 1)
 # requests do not queue for long inside the server.
 CONNECTIONS = {500: 8, 20: 32, 1: 64}
 TARGETS = ("gateway", "no-sink", "bare")
+PEER = "peer"
+PEER_SCRIPT = HERE.parent / "deploy" / "peer" / "peer.sh"
 # 16 times the connections that keep the gateway busy at W500.
 OVERLOAD_CONNECTIONS = 128
 TOPIC_PARTITIONS = 6
@@ -103,17 +109,23 @@ def server(target: str, env: dict[str, str]) -> Iterator[tuple[int, psutil.Proce
     """Start one target (pinned to CPU 0 if it is one process); yield its port and process."""
     port = free_port()
     python = sys.executable
+    health = "/healthz"
     if target == "gateway":
         cmd = [python, "-m", "gateway", "serve"]
+        health = "/readyz"
+    elif target == PEER:
+        # peer.sh execs Bento, so the process measured is Bento itself.
+        cmd = [str(PEER_SCRIPT), "run"]
+        health = "/ready"
     else:
         cmd = [python, "-m", "loadtest.ceilings", target, str(port)]
-    env = {**env, "CAFE_PORT": str(port), "CAFE_LOG_LEVEL": "WARNING"}
+    env = {**env, "CAFE_PORT": str(port), "CAFE_PEER_PORT": str(port), "CAFE_LOG_LEVEL": "WARNING"}
     if target != "gateway":
-        env["CAFE_WORKERS"] = "1"  # the ceilings are one process each
+        env["CAFE_WORKERS"] = "1"  # the ceilings and the peer are one process each
     pin = ["taskset", "-c", "0"] if env.get("CAFE_WORKERS", "1") == "1" else []
     proc = subprocess.Popen([*pin, *cmd], env=env, cwd=HERE.parent)
     try:
-        wait_healthy(port, proc, "/readyz" if target == "gateway" else "/healthz")
+        wait_healthy(port, proc, health)
         yield port, psutil.Process(proc.pid)
     finally:
         proc.terminate()
@@ -168,6 +180,7 @@ def run_wrk(
     load: str = "peak",
     delay_ms: float = 0,
     connections: int | None = None,
+    path: str = "/v1/activity",
 ) -> Result:
     env = {
         **os.environ,
@@ -176,13 +189,15 @@ def run_wrk(
         # wrk numbers requests from 1 in every run: the run's own tag keeps eventIds unique.
         "BENCH_RUN": f"{run_id}-{load}{batch}",
         "BENCH_DELAY_MS": str(delay_ms),
+        # The same records; the peer takes them wrapped in its JSON embedded format.
+        "BENCH_FORMAT": "bridge" if target == PEER else "cafe",
     }
     conns = connections or CONNECTIONS[batch]
     # With one server process, wrk has CPU 1 to itself; with more, everything shares.
     pin = ["taskset", "-c", "1"] if not proc.children() else []
     cmd = [
         *pin, "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--timeout", "10s",
-        "-s", str(HERE / "activity.lua"), f"http://127.0.0.1:{port}/v1/activity",
+        "-s", str(HERE / "activity.lua"), f"http://127.0.0.1:{port}{path}",
     ]  # fmt: skip
     cpu_before = tree_cpu_seconds(proc)
     wall_before = time.monotonic()
@@ -240,6 +255,16 @@ async def count_event_ids(bootstrap: str, topic: str, run_id: str) -> int:
         await consumer.stop()
 
 
+async def create_topic(bootstrap: str, topic: str) -> None:
+    """The peer's topic, partitioned like the gateway's (the broker creates none by itself)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, TOPIC_PARTITIONS, 1)])
+    finally:
+        await admin.close()
+
+
 async def delete_topics(bootstrap: str, topics: list[str]) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
@@ -272,7 +297,8 @@ def table(results: list[Result]) -> str:
         no_sink = peak.get(("no-sink", r.batch)) if r.load == "peak" else None
         bare = peak.get(("bare", r.batch)) if r.load == "peak" else None
         ratio = ""
-        if no_sink and r.target != "bare":
+        # no-sink is the gateway's own ceiling: it bounds neither bare nor the peer.
+        if no_sink and r.target not in ("bare", PEER):
             ratio = f"{r.requests_per_s / no_sink.requests_per_s:.0%}"
         bare_ratio = f"{r.requests_per_s / bare.requests_per_s:.0%}" if bare else ""
         name = r.target if r.load == "peak" else f"{r.target} ({r.load}, {r.connections} conns)"
@@ -280,6 +306,27 @@ def table(results: list[Result]) -> str:
             f"| W{r.batch} | {name} | {r.records_per_s:,} | {r.requests_per_s:,} | {r.p50_ms:.1f} "
             f"| {r.p99_ms:.1f} | {r.p999_ms:.1f} | {r.cpu_percent} | {r.rss_max_mb:.0f} "
             f"| {r.requests - r.ok:,} | {ratio} | {bare_ratio} |"
+        )
+    return "\n".join(lines)
+
+
+def side_by_side(results: list[Result]) -> str:
+    """The gateway and the peer at each batch size (peak runs), and their ratios."""
+    peak = {(r.target, r.batch): r for r in results if r.load == "peak"}
+    lines = [
+        "| batch | gateway records/s | peer records/s | peer vs gateway "
+        "| gateway p99 ms | peer p99 ms | peer p99 vs gateway |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for batch in BATCHES:
+        gateway = peak.get(("gateway", batch))
+        peer = peak.get((PEER, batch))
+        if gateway is None or peer is None:
+            continue
+        lines.append(
+            f"| W{batch} | {gateway.records_per_s:,} | {peer.records_per_s:,} "
+            f"| {peer.records_per_s / gateway.records_per_s:.0%} | {gateway.p99_ms:.1f} "
+            f"| {peer.p99_ms:.1f} | {peer.p99_ms / gateway.p99_ms:.0%} |"
         )
     return "\n".join(lines)
 
@@ -292,10 +339,11 @@ def chart(results: list[Result], path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     labels = [f"W{b}" for b in BATCHES]
-    width = 0.27
-    for i, target in enumerate(TARGETS):
+    targets = [t for t in (*TARGETS, PEER) if any(r.target == t for r in results)]
+    width = 0.8 / len(targets)
+    for i, target in enumerate(targets):
         rows = {r.batch: r for r in results if r.target == target and r.load == "peak"}
-        xs = [j + (i - 1) * width for j in range(len(BATCHES))]
+        xs = [j + (i - (len(targets) - 1) / 2) * width for j in range(len(BATCHES))]
         left.bar(xs, [rows[b].records_per_s if b in rows else 0 for b in BATCHES], width,
                  label=target)  # fmt: skip
         right.bar(xs, [rows[b].p99_ms if b in rows else 0 for b in BATCHES], width, label=target)
@@ -304,26 +352,44 @@ def chart(results: list[Result], path: Path) -> None:
         axis.set_title(title)
         axis.legend()
     left.set_yscale("log")
-    fig.suptitle("cafe-gateway on one core vs its ceilings (make bench)")
+    title = "cafe-gateway on one core vs its ceilings"
+    if PEER in targets:
+        title += " and a peer bridge, Bento"
+    fig.suptitle(f"{title} (make bench)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
 
 def measure(
-    target: str, port: int, proc: psutil.Process, *, seconds: int, key: str, run_id: str
+    target: str,
+    port: int,
+    proc: psutil.Process,
+    *,
+    seconds: int,
+    key: str,
+    run_id: str,
+    path: str = "/v1/activity",
 ) -> list[Result]:
     """Peak runs at every batch size; for the gateway, then half-load runs at W20 and W1."""
     results = []
-    if target == "gateway":
+    if target in ("gateway", PEER):
         # A fresh broker is a cold JVM: until its JIT has compiled the produce path the
-        # gateway's first figures measure the broker's warm-up. Warm both first.
-        run_wrk(port, proc, target=target, batch=500, seconds=10, key=key, run_id=run_id + "w")
+        # first figures measure the broker's warm-up. Warm both first (either may be the
+        # first to produce in a run).
+        run_wrk(
+            port, proc, target=target, batch=500, seconds=10, key=key, run_id=run_id + "w",
+            path=path,
+        )  # fmt: skip
     for batch in BATCHES:
         # A short warm-up (its own eventIds, outside the books) keeps set-up costs out.
-        run_wrk(port, proc, target=target, batch=batch, seconds=2, key=key, run_id=run_id + "w")
+        run_wrk(
+            port, proc, target=target, batch=batch, seconds=2, key=key, run_id=run_id + "w",
+            path=path,
+        )  # fmt: skip
         result = run_wrk(
-            port, proc, target=target, batch=batch, seconds=seconds, key=key, run_id=run_id
-        )
+            port, proc, target=target, batch=batch, seconds=seconds, key=key, run_id=run_id,
+            path=path,
+        )  # fmt: skip
         results.append(result)
         print(f"{target:8} W{batch:<4} {result.records_per_s:>9,} records/s", end="  ")
         print(f"p99 {result.p99_ms:6.1f} ms  cpu {result.cpu_percent}%", flush=True)
@@ -372,9 +438,28 @@ def main() -> None:
         "--targets", default=",".join(TARGETS), help="which servers, comma-separated"
     )
     parser.add_argument("--workers", type=int, default=1, help="gateway processes (CAFE_WORKERS)")
+    parser.add_argument(
+        "--peer",
+        action="store_true",
+        help="also measure the peer, an HTTP-to-Kafka bridge (deploy/peer/), at each batch size",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install wrk")
+    targets = args.targets.split(",")
+    if args.peer and PEER not in targets:
+        targets.append(PEER)
+    peer_version = ""
+    if PEER in targets:
+        # Installs it first if needed: a long build, which must not eat a run's time.
+        # (Its progress goes to stderr, left to the terminal; stdout is the path.)
+        peer_bin = subprocess.run(
+            [str(PEER_SCRIPT), "bin"], stdout=subprocess.PIPE, text=True, check=True
+        ).stdout.strip()
+        version = subprocess.run(
+            [peer_bin, "--version"], capture_output=True, text=True, check=True
+        ).stdout
+        peer_version = version.split()[1]  # "Version: v1.19.0 ..."
 
     run_id = uuid.uuid4().hex[:8]
     topics = {
@@ -391,25 +476,45 @@ def main() -> None:
         "CAFE_WORKERS": str(args.workers),
         **{f"CAFE_TOPIC_{name.upper()}": topic for name, topic in topics.items()},
     }
+    # The peer writes where the URL says, to a topic of the run's own.
+    peer_topic = f"bench.{run_id}.peer"
 
     results: list[Result] = []
+    peer_acknowledged = peer_on_topic = 0
     try:
-        for target in args.targets.split(","):
+        if PEER in targets:
+            asyncio.run(create_topic(args.bootstrap, peer_topic))
+            topics["peer"] = peer_topic
+        for target in targets:
+            path = f"/topics/{peer_topic}" if target == PEER else "/v1/activity"
             with server(target, env) as (port, proc):
-                results += measure(target, port, proc, seconds=args.seconds, key=key, run_id=run_id)
+                results += measure(
+                    target, port, proc, seconds=args.seconds, key=key, run_id=run_id, path=path
+                )
         acknowledged = sum(r.ok * r.batch for r in results if r.target == "gateway")
         on_topic = asyncio.run(count_event_ids(args.bootstrap, topics["activity"], run_id))
+        if PEER in targets:
+            peer_acknowledged = sum(r.ok * r.batch for r in results if r.target == PEER)
+            peer_on_topic = asyncio.run(count_event_ids(args.bootstrap, peer_topic, run_id))
     finally:
         asyncio.run(delete_topics(args.bootstrap, list(topics.values())))
         shutil.rmtree(workdir, ignore_errors=True)
 
     books_ok = on_topic >= acknowledged
+    peer_books_ok = peer_on_topic >= peer_acknowledged
     print()
     print(table(results))
     print()
     verdict = "OK" if books_ok else "MISSING RECORDS"
     print(f"books: {acknowledged:,} records acknowledged with 2xx; {on_topic:,} of this run's")
     print(f"eventIds are on the topic: {verdict}")
+    if PEER in targets:
+        verdict = "OK" if peer_books_ok else "MISSING RECORDS"
+        print(f"peer books: {peer_acknowledged:,} records acknowledged with 2xx; {peer_on_topic:,}")
+        print(f"of this run's eventIds are on its topic: {verdict}")
+        print()
+        print(f"gateway and peer (Bento {peer_version}, deploy/peer/bento.yaml), peak runs:")
+        print(side_by_side(results))
 
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
@@ -424,12 +529,23 @@ def main() -> None:
         "results": [asdict(r) for r in results],
         "books": {"acknowledged": acknowledged, "on_topic": on_topic, "ok": books_ok},
     }
+    markdown = table(results) + "\n"
     stem = "bench" if args.workers == 1 else f"bench-workers{args.workers}"
+    if PEER in targets:
+        report["peer"] = {"product": "Bento", "version": peer_version, "config": "deploy/peer"}
+        report["peer_books"] = {
+            "acknowledged": peer_acknowledged,
+            "on_topic": peer_on_topic,
+            "ok": peer_books_ok,
+        }
+        markdown += "\n" + side_by_side(results) + "\n"
+        # Its own files: a run with the peer does not replace the gateway's record.
+        stem += "-peer"
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(table(results) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown)
     chart(results, args.out / f"{stem}.png")
     print(f"wrote {args.out / stem}.json, .md and .png")
-    if not books_ok:
+    if not (books_ok and peer_books_ok):
         raise SystemExit(1)
 
 
