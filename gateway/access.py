@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -29,6 +30,9 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 def access_middleware(settings: Settings, metrics: Metrics, request_ids: RequestIds) -> Middleware:
     """A middleware that names, times, counts and logs every request."""
     log_requests = settings.access_log
+    # The labelled series of each (route, method, status) seen, looked up once: asking
+    # prometheus_client for them costs a lock and a few dict lookups per request.
+    series: dict[tuple[str, str, int], tuple[Any, Any, Any]] = {}
 
     @web.middleware
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -49,10 +53,18 @@ def access_middleware(settings: Settings, metrics: Metrics, request_ids: Request
 
         route = _route(request)
         method = request.method if request.method in _METHODS else "other"
-        metrics.requests.labels(route, method, str(response.status)).inc()
-        metrics.request_seconds.labels(route).observe(seconds)
+        key = (route, method, response.status)
+        if key not in series:
+            series[key] = (
+                metrics.requests.labels(route, method, str(response.status)),
+                metrics.request_seconds.labels(route),
+                metrics.body_bytes.labels(route),
+            )
+        requests, request_seconds, body_bytes = series[key]
+        requests.inc()
+        request_seconds.observe(seconds)
         if request.content_length is not None:
-            metrics.body_bytes.labels(route).observe(request.content_length)
+            body_bytes.observe(request.content_length)
         if log_requests and access_log.isEnabledFor(logging.INFO):
             _log(request, response, route, request_id, seconds, settings)
         return response
