@@ -14,14 +14,23 @@ from gateway.clientip import client_ip
 from gateway.config import Settings
 from gateway.errors import PROBLEM_CODE
 from gateway.metrics import Metrics
-from gateway.requestid import RequestIds
+from gateway.requestid import REQUEST_ID, RequestIds
 from gateway.state import DRAINING
 
-REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
 # (accepted, rejected) records of an ingest request, set by the handler for the log line.
 RECORD_COUNTS: web.RequestKey[tuple[int, int]] = web.RequestKey("record_counts", tuple)
 
 access_log = logging.getLogger("gateway.access")
+
+# On every answer. The API serves JSON to programs: nothing in it may be sniffed as
+# another type, framed, cached by a shared cache, or given a referrer.
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
 
 # Anything else a client sends as a method is counted as "other": labels stay bounded.
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -46,6 +55,7 @@ def access_middleware(settings: Settings, metrics: Metrics, request_ids: Request
             metrics.in_flight.dec()
         seconds = time.perf_counter() - started
         response.headers["X-Request-Id"] = request_id
+        response.headers.update(SECURITY_HEADERS)
         if request.app[DRAINING].is_set():
             # Shutting down: the client's next request should open a new connection,
             # which the load balancer sends to another instance.

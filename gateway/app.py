@@ -22,10 +22,11 @@ from gateway.ingest import ingest
 from gateway.kafka import KafkaSink
 from gateway.metrics import Metrics
 from gateway.openapi import build_openapi, get_openapi, get_schema
+from gateway.ratelimit import RateLimiter
 from gateway.requestid import RequestIds
 from gateway.schemas import load_record_types
 from gateway.sink import Sink
-from gateway.state import DRAINING, KEYS, METRICS, OPENAPI, RECORD_TYPES, SETTINGS, SINK
+from gateway.state import DRAINING, KEYS, LIMITER, METRICS, OPENAPI, RECORD_TYPES, SETTINGS, SINK
 
 
 def create_app(
@@ -44,21 +45,24 @@ def create_app(
     keys = KeyStore(settings.keys_file, metrics)
     record_types = load_record_types(settings.kafka.topics)
     admission = Admission(settings.max_inflight_bytes, settings.max_body_bytes)
+    limiter = RateLimiter(settings.workers)
     # The order matters. Outermost, every request gets its id, timing and log line,
     # whatever happens below. Then errors are rendered, so every error below gets the
-    # problem shape. Keys are checked before admission, so callers without a key take
-    # no capacity.
+    # problem shape. Keys, then their rate limits, are checked before admission, so
+    # callers without a key or over their limit take no capacity.
     app = web.Application(
         middlewares=[
             access_middleware(settings, metrics, RequestIds()),
             problem_middleware(metrics),
-            api_key_middleware(keys),
+            api_key_middleware(keys, metrics),
+            limiter.middleware(),
             admission.middleware(),
         ],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
     app[METRICS] = metrics
+    app[LIMITER] = limiter
     app[SINK] = sink if sink is not None else KafkaSink(settings.kafka, metrics)
     app[KEYS] = keys
     app[RECORD_TYPES] = record_types

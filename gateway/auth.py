@@ -57,6 +57,9 @@ class ApiKey:
     platforms: tuple[str, ...]
     enabled: bool
     created: str
+    # Rate limits (None: unlimited); see gateway/ratelimit.py.
+    requests_per_second: float | None = None
+    records_per_second: float | None = None
 
 
 # The key a request was admitted with, set by the middleware for handlers to read.
@@ -75,7 +78,12 @@ def check_platform(name: str) -> str:
     return name
 
 
-def mint_key(platforms: tuple[str, ...]) -> tuple[str, ApiKey]:
+def mint_key(
+    platforms: tuple[str, ...],
+    *,
+    requests_per_second: float | None = None,
+    records_per_second: float | None = None,
+) -> tuple[str, ApiKey]:
     """A new random key: (plaintext to show once, record to store)."""
     if not platforms:
         raise ValueError("a key needs at least one platform")
@@ -89,6 +97,8 @@ def mint_key(platforms: tuple[str, ...]) -> tuple[str, ApiKey]:
         platforms=tuple(dict.fromkeys(platforms)),
         enabled=True,
         created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        requests_per_second=requests_per_second,
+        records_per_second=records_per_second,
     )
     return plaintext, record
 
@@ -115,16 +125,17 @@ def read_keys_file(path: Path) -> list[ApiKey]:
     return keys
 
 
+_REQUIRED = {"id", "sha256", "platforms", "enabled", "created"}
+_LIMITS = ("requests_per_second", "records_per_second")
+
+
 def _parse_key(path: Path, index: int, entry: Any) -> ApiKey:
     where = f"{path}: keys[{index}]"
-    if not isinstance(entry, dict) or set(entry) != {
-        "id",
-        "sha256",
-        "platforms",
-        "enabled",
-        "created",
-    }:
-        raise KeysFileError(f"{where}: expected id, sha256, platforms, enabled, created")
+    if not isinstance(entry, dict) or not _REQUIRED <= set(entry) <= _REQUIRED | set(_LIMITS):
+        raise KeysFileError(
+            f"{where}: expected id, sha256, platforms, enabled, created "
+            f"(and optionally {', '.join(_LIMITS)})"
+        )
     if not isinstance(entry["id"], str) or not _ID.fullmatch(entry["id"]):
         raise KeysFileError(f"{where}: id must look like k_ and 12 hex digits")
     if not isinstance(entry["sha256"], str) or not _SHA256.fullmatch(entry["sha256"]):
@@ -140,12 +151,20 @@ def _parse_key(path: Path, index: int, entry: Any) -> ApiKey:
         raise KeysFileError(f"{where}: enabled must be true or false")
     if not isinstance(entry["created"], str):
         raise KeysFileError(f"{where}: created must be a string")
+    for limit in _LIMITS:
+        value = entry.get(limit)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int | float) or not value > 0
+        ):
+            raise KeysFileError(f"{where}: {limit} must be a positive number or null")
     return ApiKey(
         id=entry["id"],
         sha256=entry["sha256"],
         platforms=tuple(platforms),
         enabled=entry["enabled"],
         created=entry["created"],
+        requests_per_second=entry.get("requests_per_second"),
+        records_per_second=entry.get("records_per_second"),
     )
 
 
@@ -184,6 +203,7 @@ class KeyStore:
         self.path = path
         self._metrics = metrics
         self._by_hash: dict[str, ApiKey] = {}
+        self._disabled: frozenset[str] = frozenset()  # hashes, to say why a key is refused
         self._stamp: tuple[int, int, int] | None = None
 
     def __len__(self) -> int:
@@ -201,8 +221,16 @@ class KeyStore:
         self._install(read_keys_file(self.path), "loaded")
 
     def lookup(self, plaintext: str) -> ApiKey | None:
-        """The enabled key with this plaintext, or None."""
+        """The enabled key with this plaintext, or None.
+
+        Looked up by the key's SHA-256, never compared as text: how long a lookup takes
+        depends on the digest, which tells a caller nothing about any stored key.
+        """
         return self._by_hash.get(hash_key(plaintext))
+
+    def is_disabled(self, plaintext: str) -> bool:
+        """True if this is a key of the file that has been disabled."""
+        return hash_key(plaintext) in self._disabled
 
     def reload_if_changed(self) -> bool:
         """Reload if the file's inode, size or mtime moved; True if a new set is in place."""
@@ -228,6 +256,7 @@ class KeyStore:
 
     def _install(self, keys: list[ApiKey], verb: str) -> None:
         self._by_hash = {k.sha256: k for k in keys if k.enabled}
+        self._disabled = frozenset(k.sha256 for k in keys if not k.enabled)
         log.info("%s %d enabled API keys from %s", verb, len(self._by_hash), self.path)
         if self._metrics is not None:
             self._metrics.keys_loaded.set(len(self._by_hash))
@@ -255,17 +284,23 @@ def _file_stamp(path: Path) -> tuple[int, int, int] | None:
 _PUBLIC_PREFIXES = ("/v1/schema/", "/v1/openapi.json")
 
 
-def api_key_middleware(keys: KeyStore) -> Middleware:
-    """A middleware that admits /v1 requests carrying an enabled key in `x-api-key`."""
+def api_key_middleware(keys: KeyStore, metrics: Metrics) -> Middleware:
+    """A middleware that admits /v1 requests carrying an enabled key in `x-api-key`.
+
+    Refusals are counted by reason; the client is told only "unknown or disabled".
+    """
 
     @web.middleware
     async def check_api_key(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path.startswith("/v1/") and not request.path.startswith(_PUBLIC_PREFIXES):
             supplied = request.headers.get("x-api-key")
             if not supplied:
+                metrics.auth_failures.labels("missing").inc()
                 raise MissingApiKey("send an API key in the x-api-key header")
             key = keys.lookup(supplied)
             if key is None:
+                reason = "disabled" if keys.is_disabled(supplied) else "unknown"
+                metrics.auth_failures.labels(reason).inc()
                 raise InvalidApiKey("the API key is unknown or disabled")
             request[API_KEY] = key
         return await handler(request)

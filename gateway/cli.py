@@ -51,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
         type=auth.check_platform,
         help="a productPlatform the key may write (repeat for several)",
     )
+    for limit in ("requests", "records"):
+        create.add_argument(
+            f"--{limit}-per-second",
+            type=_positive,
+            metavar="N",
+            help=f"limit the key to N {limit} a second, summed over workers (default: none)",
+        )
     create.set_defaults(run=_keys_create)
     key_commands.add_parser("list", help="list key ids, platforms, state").set_defaults(
         run=_keys_list
@@ -99,6 +106,13 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
 def _keys_path(args: argparse.Namespace, settings: Settings) -> Path:
     path: Path | None = args.keys_file or settings.keys_file
     if path is None:
@@ -109,7 +123,11 @@ def _keys_path(args: argparse.Namespace, settings: Settings) -> Path:
 def _keys_create(args: argparse.Namespace, settings: Settings) -> int:
     path = _keys_path(args, settings)
     keys = auth.read_keys_file(path)
-    plaintext, record = auth.mint_key(tuple(args.platform))
+    plaintext, record = auth.mint_key(
+        tuple(args.platform),
+        requests_per_second=args.requests_per_second,
+        records_per_second=args.records_per_second,
+    )
     auth.write_keys_file(path, [*keys, record])
     print(f"created key {record.id} for {', '.join(record.platforms)} in {path}", file=sys.stderr)
     print(plaintext)
@@ -120,7 +138,18 @@ def _keys_list(args: argparse.Namespace, settings: Settings) -> int:
     keys = auth.read_keys_file(_keys_path(args, settings))
     for key in keys:
         state = "enabled" if key.enabled else "disabled"
-        print(f"{key.id}\t{state}\t{key.created}\t{','.join(key.platforms)}")
+        limits = [
+            f"{rate:g} {what}/s"
+            for rate, what in (
+                (key.requests_per_second, "requests"),
+                (key.records_per_second, "records"),
+            )
+            if rate is not None
+        ]
+        print(
+            f"{key.id}\t{state}\t{key.created}\t{','.join(key.platforms)}"
+            f"\t{', '.join(limits) or 'unlimited'}"
+        )
     return 0
 
 

@@ -68,6 +68,11 @@ class Settings:
     # then seconds requests in flight get to finish after the listener closes.
     drain_seconds: float = 0.0
     shutdown_grace_seconds: float = 10.0
+    # A connection is closed when it has sent no complete request for this long: idle
+    # keep-alive connections, and headers sent slowly (slow-loris).
+    idle_timeout_seconds: float = 15.0
+    # A request body must arrive within this time, else 408: a slow body holds capacity.
+    body_timeout_seconds: float = 10.0
     keys_file: Path | None = None
     # Peers whose X-Forwarded-For / Forwarded headers are believed.
     trusted_proxies: tuple[IPNetwork, ...] = ()
@@ -95,6 +100,12 @@ class Settings:
             drain_seconds=_seconds(env, "CAFE_DRAIN_SECONDS", defaults.drain_seconds),
             shutdown_grace_seconds=_seconds(
                 env, "CAFE_SHUTDOWN_GRACE_SECONDS", defaults.shutdown_grace_seconds
+            ),
+            idle_timeout_seconds=_seconds(
+                env, "CAFE_IDLE_TIMEOUT_SECONDS", defaults.idle_timeout_seconds
+            ),
+            body_timeout_seconds=_seconds(
+                env, "CAFE_BODY_TIMEOUT_SECONDS", defaults.body_timeout_seconds
             ),
             keys_file=Path(keys_file) if keys_file else None,
             trusted_proxies=_networks(env, "CAFE_TRUSTED_PROXIES"),

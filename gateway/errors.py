@@ -8,7 +8,9 @@
     ├── Unauthorized             401
     │   ├── MissingApiKey        401 missing_api_key
     │   └── InvalidApiKey        401 invalid_api_key    (unknown or disabled)
+    ├── BodyTimeout              408 body_timeout       (the body came too slowly)
     ├── PayloadTooLarge          413 payload_too_large
+    ├── RateLimited              429 rate_limited       (over the key's requests/s or records/s)
     ├── UnsupportedMediaType     415 unsupported_media_type
     ├── Overloaded               503 overloaded         (too much work in progress: shed)
     ├── NotReady                 503 not_ready          (Kafka unreachable, draining)
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING, ClassVar
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from gateway.requestid import REQUEST_ID
 from gateway.responses import json_response
 
 if TYPE_CHECKING:
@@ -97,6 +100,12 @@ class InvalidApiKey(Unauthorized):
     code = "invalid_api_key"
 
 
+class BodyTimeout(GatewayError):
+    status = 408
+    code = "body_timeout"
+    close_connection = True
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     code = "payload_too_large"
@@ -106,6 +115,22 @@ class PayloadTooLarge(GatewayError):
 class UnsupportedMediaType(GatewayError):
     status = 415
     code = "unsupported_media_type"
+
+
+class RateLimited(GatewayError):
+    """The key is over one of its rate limits; Retry-After says when there is room."""
+
+    status = 429
+    code = "rate_limited"
+    # Refused unread: reading the body would spend what the limit is there to save.
+    close_connection = True
+
+    def __init__(self, detail: str, *, retry_after: int) -> None:
+        super().__init__(detail)
+        self.wait_s = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.wait_s)}
 
 
 class NotReady(GatewayError):
@@ -149,16 +174,27 @@ _HTTP_CODES = {
 
 
 def problem(
-    status: int, code: str, detail: str, *, headers: dict[str, str] | None = None
+    status: int,
+    code: str,
+    detail: str,
+    *,
+    request_id: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> web.Response:
-    """An RFC 9457 problem response; `code` is the machine-readable reason."""
-    body = {
+    """An RFC 9457 problem response; `code` is the machine-readable reason.
+
+    `requestId` (the X-Request-Id) is what to quote to an operator: the body never
+    carries internals, the log line with that id does.
+    """
+    body: dict[str, object] = {
         "type": "about:blank",
         "title": HTTPStatus(status).phrase,
         "status": status,
         "code": code,
         "detail": detail,
     }
+    if request_id is not None:
+        body["requestId"] = request_id
     return json_response(body, status=status, headers=headers, content_type=PROBLEM_JSON)
 
 
@@ -185,6 +221,7 @@ def problem_middleware(metrics: Metrics) -> Middleware:
                 exc.status,
                 exc.code,
                 exc.detail,
+                extra={"fields": {"request_id": request.get(REQUEST_ID)}},
             )
             response = _answer(request, metrics, exc.status, exc.code, exc.detail, exc.headers())
             if exc.close_connection:
@@ -198,7 +235,12 @@ def problem_middleware(metrics: Metrics) -> Middleware:
             kept = {k: v for k, v in exc.headers.items() if k.lower() not in _BODY_HEADERS}
             return _answer(request, metrics, exc.status, code, exc.reason, kept)
         except Exception:
-            log.exception("%s %s failed", request.method, request.path)
+            log.exception(
+                "%s %s failed",
+                request.method,
+                request.path,
+                extra={"fields": {"request_id": request.get(REQUEST_ID)}},
+            )
             detail = "the gateway failed to handle this request"
             return _answer(request, metrics, 500, GatewayError.code, detail, {})
 
@@ -215,4 +257,4 @@ def _answer(
 ) -> web.Response:
     metrics.errors.labels(code).inc()
     request[PROBLEM_CODE] = code
-    return problem(status, code, detail, headers=headers)
+    return problem(status, code, detail, request_id=request.get(REQUEST_ID), headers=headers)

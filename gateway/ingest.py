@@ -9,20 +9,25 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.access import RECORD_COUNTS, REQUEST_ID
+from gateway.access import RECORD_COUNTS
 from gateway.auth import API_KEY, ApiKey
 from gateway.clientip import client_ip
+from gateway.config import Settings
 from gateway.errors import (
+    BadRequest,
+    BodyTimeout,
+    InvalidEnvelope,
     InvalidJson,
     InvalidUtf8,
     PayloadTooLarge,
     SinkUnavailable,
     UnsupportedMediaType,
 )
+from gateway.requestid import REQUEST_ID
 from gateway.responses import json_response
 from gateway.schemas import SCHEMA_VERSION, RecordType, record_error, records_of
 from gateway.sink import Message, Sink
-from gateway.state import METRICS, RECORD_TYPES, SETTINGS, SINK
+from gateway.state import LIMITER, METRICS, RECORD_TYPES, SETTINGS, SINK
 
 
 async def ingest(request: web.Request) -> web.Response:
@@ -33,7 +38,8 @@ async def ingest(request: web.Request) -> web.Response:
     request_id = request[REQUEST_ID]
     metrics = request.app[METRICS]
 
-    records = records_of(await _read_json(request, settings.max_body_bytes))
+    records = records_of(await _read_json(request, settings))
+    request.app[LIMITER].check_records(key, len(records))
     metrics.records_per_request.labels(record_type.name).observe(len(records))
 
     headers = _kafka_headers(request, record_type, key, request_id)
@@ -50,8 +56,11 @@ async def ingest(request: web.Request) -> web.Response:
         if isinstance(record, dict) and isinstance(record.get("eventId"), str):
             rejection["eventId"] = record["eventId"]
         rejections.append(rejection)
-        dead.append(_dead_letter(record, headers, reason, [error]))
-        metrics.records.labels(record_type.name, reason).inc()
+        dead.append(_dead_letter(index, record, headers, reason, [error]))
+    # Counted once the whole batch is known to be answerable: a record that cannot be
+    # dead-lettered turns the request into a 400, which counts no record.
+    for rejection in rejections:
+        metrics.records.labels(record_type.name, rejection["reason"]).inc()
 
     # A batch always holds a record, so at least one of the two has messages.
     sends = [(record_type.topic, accepted), (settings.kafka.topics.deadletter, dead)]
@@ -64,6 +73,8 @@ async def ingest(request: web.Request) -> web.Response:
     metrics.records.labels(record_type.name, "accepted").inc(len(accepted))
     for rejection in rejections:
         metrics.dead_letters.labels(record_type.name, rejection["reason"]).inc()
+    if any(rejection["reason"] == "forbidden" for rejection in rejections):
+        metrics.auth_failures.labels("platform").inc()
     request[RECORD_COUNTS] = (len(accepted), len(rejections))
 
     if not rejections:
@@ -102,8 +113,9 @@ def _problem_with(
     return None
 
 
-async def _read_json(request: web.Request, limit: int) -> Any:
+async def _read_json(request: web.Request, settings: Settings) -> Any:
     """The body parsed as JSON, after the media type and size checks."""
+    limit = settings.max_body_bytes
     if request.content_type != "application/json" and not request.content_type.endswith("+json"):
         raise UnsupportedMediaType(
             f"send Content-Type: application/json, not {request.content_type!r}"
@@ -113,13 +125,25 @@ async def _read_json(request: web.Request, limit: int) -> Any:
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"the body is {request.content_length} bytes; the limit is {limit}")
     try:
-        body = await request.read()
+        async with asyncio.timeout(settings.body_timeout_seconds):
+            body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes") from None
+    except TimeoutError:
+        raise BodyTimeout(
+            f"the body did not arrive within {settings.body_timeout_seconds:g}s"
+        ) from None
+    except web.RequestPayloadError as exc:
+        # aiohttp decodes Content-Encoding as it reads: a body that is not the gzip,
+        # deflate or br it claims to be (or whose chunking breaks off) is the client's fault.
+        reason = getattr(exc.__cause__, "message", None) or str(exc)
+        raise BadRequest(f"the body could not be read: {reason}") from None
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        if "UTF-8" in str(exc):
+        # orjson words a leading byte order mark as a UTF-8 error, but a BOM is valid
+        # UTF-8: it is the JSON that is wrong (RFC 8259 section 8.1 forbids sending one).
+        if "UTF-8" in str(exc) and "byte order mark" not in str(exc):
             raise InvalidUtf8(f"the body is not valid UTF-8: {exc}") from None
         raise InvalidJson(f"the body is not JSON: {exc}") from None
 
@@ -141,9 +165,22 @@ def _kafka_headers(
 
 
 def _dead_letter(
-    record: Any, headers: list[tuple[str, bytes]], reason: str, errors: list[dict[str, str]]
+    index: int,
+    record: Any,
+    headers: list[tuple[str, bytes]],
+    reason: str,
+    errors: list[dict[str, str]],
 ) -> Message:
     """A rejected record as sent, with why it was rejected in its headers."""
+    try:
+        value = orjson.dumps(record)
+    except orjson.JSONEncodeError:
+        # orjson parses 1024 levels of nesting but writes only 254. Such a record is
+        # garbage (no schema nests past 3), but it cannot be kept as a dead letter, so
+        # the whole request is refused rather than the record dropped without trace.
+        raise InvalidEnvelope(
+            f"records[{index}] is nested too deeply to be stored (orjson writes 254 levels)"
+        ) from None
     session = record.get("sessionId") if isinstance(record, dict) else None
     key = session.encode() if isinstance(session, str) else None
     reject_headers = [
@@ -151,4 +188,4 @@ def _dead_letter(
         ("cafe-reject-reason", reason.encode()),
         ("cafe-errors", orjson.dumps(errors)),
     ]
-    return Message(key, orjson.dumps(record), reject_headers)
+    return Message(key, value, reject_headers)

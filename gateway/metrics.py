@@ -129,6 +129,13 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livemin",
         )
+        self.auth_failures = Counter(
+            "cafe_auth_failures",
+            "Requests refused for their API key, by reason: missing, unknown, disabled, "
+            "or platform (records for a platform the key may not write; once per request)",
+            ["reason"],
+            registry=registry,
+        )
         self.key_reloads = Counter(
             "cafe_api_key_reloads",
             "Reloads of the API keys file after it changed, by result (ok, failed)",

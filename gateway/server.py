@@ -28,7 +28,13 @@ async def serve(settings: Settings) -> None:
     # With several workers each binds the port itself; the kernel shares connections.
     reuse_port = settings.workers > 1
     runners = [
-        web.AppRunner(app, access_log=None, shutdown_timeout=settings.shutdown_grace_seconds)
+        web.AppRunner(
+            app,
+            access_log=None,
+            shutdown_timeout=settings.shutdown_grace_seconds,
+            # aiohttp closes a connection that has waited this long for a request.
+            keepalive_timeout=settings.idle_timeout_seconds,
+        )
     ]
     ports = [settings.port]
     if settings.metrics_port is not None:

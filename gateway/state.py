@@ -7,6 +7,7 @@ from aiohttp import web
 from gateway.auth import KeyStore
 from gateway.config import Settings
 from gateway.metrics import Metrics
+from gateway.ratelimit import RateLimiter
 from gateway.schemas import RecordType
 from gateway.sink import Sink
 
@@ -14,6 +15,7 @@ SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
 SINK: web.AppKey[Sink] = web.AppKey("sink")
 KEYS: web.AppKey[KeyStore] = web.AppKey("keys")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+LIMITER: web.AppKey[RateLimiter] = web.AppKey("limiter")
 # By the name used in routes: activity, log, profile.
 RECORD_TYPES: web.AppKey[dict[str, RecordType]] = web.AppKey("record_types")
 # The OpenAPI document, built once at start-up.

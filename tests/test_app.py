@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from gateway.access import SECURITY_HEADERS
 from gateway.app import create_app
 from gateway.config import KafkaSettings, Settings
 from gateway.sink import MemorySink
@@ -39,6 +41,8 @@ async def test_readyz_follows_the_sink(aiohttp_client: AiohttpClient) -> None:
         "status": 503,
         "code": "not_ready",
         "detail": "Kafka at kafka.invalid:9092 is not reachable",
+        # What to quote to an operator: the id of the log lines about this request.
+        "requestId": resp.headers["X-Request-Id"],
     }
 
     sink.is_ready = True
@@ -112,3 +116,12 @@ async def test_unknown_v1_routes_need_a_key_too(aiohttp_client: AiohttpClient) -
     resp = await client.get("/v1/nothing-here")
     assert resp.status == 401
     assert (await resp.json(content_type=None))["code"] == "missing_api_key"
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/nothing-here", "/v1/ip"])
+async def test_every_answer_carries_the_security_headers(
+    aiohttp_client: AiohttpClient, path: str
+) -> None:
+    client = await aiohttp_client(create_app(SETTINGS, sink=MemorySink()))
+    resp = await client.get(path)
+    assert {k: resp.headers.get(k) for k in SECURITY_HEADERS} == SECURITY_HEADERS

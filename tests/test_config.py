@@ -41,6 +41,8 @@ def test_every_variable_is_read() -> None:
             "CAFE_METRICS_PORT": "9100",
             "CAFE_DRAIN_SECONDS": "2.5",
             "CAFE_SHUTDOWN_GRACE_SECONDS": "30",
+            "CAFE_IDLE_TIMEOUT_SECONDS": "5",
+            "CAFE_BODY_TIMEOUT_SECONDS": "2",
         }
     )
     assert settings == Settings(
@@ -53,6 +55,8 @@ def test_every_variable_is_read() -> None:
         metrics_port=9100,
         drain_seconds=2.5,
         shutdown_grace_seconds=30.0,
+        idle_timeout_seconds=5.0,
+        body_timeout_seconds=2.0,
         keys_file=Path("/etc/cafe/keys.json"),
         trusted_proxies=(ip_network("10.0.0.0/8"), ip_network("2001:db8::1/128")),
         max_body_bytes=2048,

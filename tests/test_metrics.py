@@ -171,3 +171,36 @@ def test_metrics_refuse_to_count_alone_when_workers_share_files(
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     with pytest.raises(RuntimeError, match="imported before PROMETHEUS_MULTIPROC_DIR"):
         Metrics(CollectorRegistry(), "test")
+
+
+async def test_refused_keys_are_counted_by_reason_never_by_key(
+    aiohttp_client: AiohttpClient, key_file: KeyFile
+) -> None:
+    disabled_key, disabled = key_file.add("analytics-portal")
+    key_file.disable(disabled.id)
+    client = await aiohttp_client(create_app(Settings(keys_file=key_file.path), sink=MemorySink()))
+    json_type = {"Content-Type": "application/json"}
+    for key in (None, "cafe_not-a-key", disabled_key):
+        headers = json_type if key is None else {**json_type, "x-api-key": key}
+        resp = await client.post("/v1/log", data=log_batch({}), headers=headers)
+        assert resp.status == 401
+        # The client is not told which: only the metrics are.
+        assert (await resp.json(content_type=None))["detail"] in (
+            "send an API key in the x-api-key header",
+            "the API key is unknown or disabled",
+        )
+    foreign = log_batch({}, {"productPlatform": "someone-else"}, {"productPlatform": "other"})
+    resp = await client.post(
+        "/v1/log", data=foreign, headers={**json_type, "x-api-key": key_file.key}
+    )
+    assert resp.status == 207
+
+    resp = await client.get("/metrics")
+    text = await resp.text()
+    samples = Samples(text)
+    reasons = {
+        reason: samples.value("cafe_auth_failures_total", reason=reason)
+        for reason in ("missing", "unknown", "disabled", "platform")
+    }
+    assert reasons == {"missing": 1, "unknown": 1, "disabled": 1, "platform": 1}
+    assert disabled_key not in text and key_file.key not in text

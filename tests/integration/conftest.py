@@ -23,6 +23,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from tests.integration.tcp_proxy import free_ports
+
 REPO = Path(__file__).resolve().parents[2]
 KAFKA_SH = REPO / "deploy" / "kafka" / "kafka.sh"
 TOPIC_PARTITIONS = 3
@@ -102,6 +104,30 @@ async def topic(kafka: Broker, request: pytest.FixtureRequest) -> AsyncIterator[
         await admin.delete_topics([name])
     finally:
         await admin.close()
+
+
+@pytest.fixture
+def spare_broker() -> Iterator[tuple[str, dict[str, str]]]:
+    """A broker of our own on free ports, which a test may freeze or stop.
+
+    Yields its bootstrap address and the environment that `kafka.sh up` / `down` need
+    to act on it (and never on the session's broker).
+    """
+    port, controller_port = free_ports(2)
+    env = {
+        **os.environ,
+        "CAFE_KAFKA_PORT": str(port),
+        "CAFE_KAFKA_CONTROLLER_PORT": str(controller_port),
+    }
+    up = subprocess.run(
+        [str(KAFKA_SH), "up"], env=env, capture_output=True, text=True, timeout=180, check=False
+    )
+    if up.returncode != 0:
+        pytest.fail(f"the spare broker did not start:\n{up.stderr}")
+    try:
+        yield f"127.0.0.1:{env['CAFE_KAFKA_PORT']}", env
+    finally:
+        subprocess.run([str(KAFKA_SH), "down"], env=env, check=True, capture_output=True)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

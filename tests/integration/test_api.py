@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,6 @@ from tests.integration.conftest import (
     consume_all,
     eventually,
 )
-from tests.integration.tcp_proxy import free_ports
 from tests.keys import KeyFile, make_key_file
 from tests.scrape import Samples
 from tests.spec_samples import curl_bodies
@@ -257,26 +256,6 @@ async def test_key_file_edits_apply_while_the_gateway_runs(gateway: Gateway) -> 
     await eventually(new_key_refused, within=5)
     # The original key kept working throughout.
     assert (await gateway.post("log", sample))[0] == 200
-
-
-@pytest.fixture
-def spare_broker() -> Iterator[tuple[str, dict[str, str]]]:
-    """A broker of our own on free ports, which a test may freeze or stop."""
-    port, controller_port = free_ports(2)
-    env = {
-        **os.environ,
-        "CAFE_KAFKA_PORT": str(port),
-        "CAFE_KAFKA_CONTROLLER_PORT": str(controller_port),
-    }
-    up = subprocess.run(
-        [str(KAFKA_SH), "up"], env=env, capture_output=True, text=True, timeout=180, check=False
-    )
-    if up.returncode != 0:
-        pytest.fail(f"the spare broker did not start:\n{up.stderr}")
-    try:
-        yield f"127.0.0.1:{env['CAFE_KAFKA_PORT']}", env
-    finally:
-        subprocess.run([str(KAFKA_SH), "down"], env=env, check=True, capture_output=True)
 
 
 def _broker_pid(env: dict[str, str]) -> int:

@@ -309,3 +309,50 @@ async def test_sigterm_under_load_loses_no_acknowledged_record(
         f"SIGTERM under load: {len(acknowledged)} records acknowledged "
         f"({sum(after_sigterm)} after SIGTERM), all on the topic; answers {answers}"
     )
+
+
+async def read_until_closed(reader: asyncio.StreamReader) -> bytes:
+    """Everything the server sends until it closes the connection (at most 20 s)."""
+    return await asyncio.wait_for(reader.read(), timeout=20)
+
+
+async def test_idle_connections_and_slow_bodies_are_cut_off(
+    kafka: Broker, key_file: KeyFile, prefix: str
+) -> None:
+    port = free_port()
+    env = gateway_env(
+        port, kafka, key_file, prefix, CAFE_IDLE_TIMEOUT_SECONDS="1", CAFE_BODY_TIMEOUT_SECONDS="1"
+    )
+    async with running(env) as proc:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+            await ready_in_a_row(http, 1)
+
+        # A connection that sends nothing is closed, unanswered, after the idle timeout.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        started = time.monotonic()
+        assert await read_until_closed(reader) == b""
+        assert time.monotonic() - started < 10
+        writer.close()
+        await writer.wait_closed()
+
+        # A body that stops arriving: 408 with a problem, and the connection closed.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        head = (
+            "POST /v1/log HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+            f"x-api-key: {key_file.key}\r\nContent-Length: 1000\r\n\r\n"
+        )
+        writer.write(head.encode() + b'{"records": [')
+        await writer.drain()
+        answer = await read_until_closed(reader)
+        writer.close()
+        await writer.wait_closed()
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+        assert b'"code":"body_timeout"' in answer
+
+        # Still serving.
+        async with (
+            aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http,
+            http.get("/healthz") as resp,
+        ):
+            assert resp.status == 200
+        await proc.stop()

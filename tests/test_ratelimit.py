@@ -1,0 +1,147 @@
+"""Per-key rate limits: token buckets, and 429 + Retry-After from the app."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient
+
+from gateway import auth
+from gateway.app import create_app
+from gateway.cli import main
+from gateway.config import Settings
+from gateway.errors import RateLimited
+from gateway.ratelimit import RateLimiter, TokenBucket
+from gateway.sink import MemorySink
+from tests.keys import KeyFile
+from tests.spec_samples import curl_bodies
+
+AiohttpClient = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
+
+
+def test_a_bucket_refills_at_its_rate_up_to_its_burst() -> None:
+    bucket = TokenBucket(rate=10, burst=20)
+    start = bucket._stamp
+    assert bucket.take(20, start) == 0.0
+    assert bucket.take(1, start) == pytest.approx(0.1)
+    assert bucket.take(5, start + 0.5) == 0.0  # 5 tokens came back in half a second
+    assert bucket.take(20, start + 100) == 0.0  # never more than the burst
+    assert bucket.take(1, start + 100) > 0
+
+
+def limited_key(
+    requests_per_second: float | None = None, records_per_second: float | None = None
+) -> auth.ApiKey:
+    _, key = auth.mint_key(
+        ("analytics-portal",),
+        requests_per_second=requests_per_second,
+        records_per_second=records_per_second,
+    )
+    return key
+
+
+def test_a_key_without_limits_is_never_refused() -> None:
+    limiter = RateLimiter(workers=1)
+    key = limited_key()
+    for _ in range(10_000):
+        limiter.check_request(key)
+        limiter.check_records(key, 500)
+
+
+def test_each_worker_takes_its_share_of_the_rate() -> None:
+    limiter = RateLimiter(workers=2)
+    key = limited_key(requests_per_second=10)
+    for _ in range(5):
+        limiter.check_request(key)
+    with pytest.raises(RateLimited) as info:
+        limiter.check_request(key)
+    assert "5 requests/s" in info.value.detail
+
+
+def test_a_full_batch_fits_even_under_a_low_record_rate() -> None:
+    limiter = RateLimiter(workers=1)
+    key = limited_key(records_per_second=10)
+    limiter.check_records(key, 500)
+    with pytest.raises(RateLimited) as info:
+        limiter.check_records(key, 1)
+    assert info.value.headers() == {"Retry-After": "1"}
+
+
+@pytest.fixture
+def limited_key_file(tmp_path: Path) -> KeyFile:
+    plaintext, record = auth.mint_key(
+        ("analytics-portal",), requests_per_second=2, records_per_second=600
+    )
+    path = tmp_path / "keys.json"
+    auth.write_keys_file(path, [record])
+    return KeyFile(path, plaintext, record)
+
+
+async def test_over_the_request_rate_is_429_with_retry_after_and_unread(
+    aiohttp_client: AiohttpClient, limited_key_file: KeyFile
+) -> None:
+    sink = MemorySink()
+    client = await aiohttp_client(create_app(Settings(keys_file=limited_key_file.path), sink=sink))
+    headers = {"x-api-key": limited_key_file.key, "Content-Type": "application/json"}
+    statuses = []
+    for _ in range(3):
+        resp = await client.post("/v1/log", data=curl_bodies()["log"], headers=headers)
+        statuses.append(resp.status)
+    assert statuses == [200, 200, 429]
+    body = await resp.json(content_type=None)
+    assert body["code"] == "rate_limited"
+    assert resp.headers["Retry-After"] == "1"
+    assert resp.headers["Connection"] == "close"  # the body was not read
+    assert len(sink.topics["cafe.log"]) == 2
+
+
+async def test_over_the_record_rate_is_429_and_nothing_is_produced(
+    aiohttp_client: AiohttpClient, limited_key_file: KeyFile
+) -> None:
+    sink = MemorySink()
+    client = await aiohttp_client(create_app(Settings(keys_file=limited_key_file.path), sink=sink))
+    record = orjson.loads(curl_bodies()["log"])["records"][0]
+    batch = orjson.dumps({"records": [record] * 500})
+    headers = {"x-api-key": limited_key_file.key, "Content-Type": "application/json"}
+    first = await client.post("/v1/log", data=batch, headers=headers)
+    assert first.status == 200
+    second = await client.post("/v1/log", data=batch, headers=headers)
+    assert second.status == 429
+    assert (await second.json(content_type=None))["code"] == "rate_limited"
+    assert len(sink.topics["cafe.log"]) == 500
+
+
+@pytest.mark.parametrize("value", [0, -1, "fast", True])
+def test_a_bad_limit_in_the_keys_file_is_refused(tmp_path: Path, value: object) -> None:
+    _, record = auth.mint_key(("web",))
+    doc = {"keys": [{**asdict(record), "requests_per_second": value}]}
+    path = tmp_path / "keys.json"
+    path.write_bytes(orjson.dumps(doc))
+    with pytest.raises(auth.KeysFileError, match="requests_per_second must be a positive number"):
+        auth.read_keys_file(path)
+
+
+def test_limits_survive_a_round_trip_through_the_file(tmp_path: Path) -> None:
+    _, record = auth.mint_key(("web",), requests_per_second=5, records_per_second=2.5)
+    auth.write_keys_file(tmp_path / "keys.json", [record])
+    assert auth.read_keys_file(tmp_path / "keys.json") == [record]
+
+
+def test_keys_create_sets_limits_and_list_shows_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = str(tmp_path / "keys.json")
+    create = ["keys", "--keys-file", path, "create", "--platform", "web"]
+    assert main([*create, "--requests-per-second", "5", "--records-per-second", "2000"]) == 0
+    assert main(create) == 0
+    capsys.readouterr()
+    assert main(["keys", "--keys-file", path, "list"]) == 0
+    limited, unlimited = capsys.readouterr().out.splitlines()
+    assert limited.endswith("\t5 requests/s, 2000 records/s")
+    assert unlimited.endswith("\tunlimited")
+    with pytest.raises(SystemExit):
+        main([*create, "--records-per-second", "0"])
