@@ -226,11 +226,15 @@ class KeyStore:
         Looked up by the key's SHA-256, never compared as text: how long a lookup takes
         depends on the digest, which tells a caller nothing about any stored key.
         """
+        if not plaintext.isascii():
+            # Keys are ASCII. aiohttp decodes other header bytes to lone surrogates,
+            # which cannot even be encoded for hashing: no key of ours.
+            return None
         return self._by_hash.get(hash_key(plaintext))
 
     def is_disabled(self, plaintext: str) -> bool:
         """True if this is a key of the file that has been disabled."""
-        return hash_key(plaintext) in self._disabled
+        return plaintext.isascii() and hash_key(plaintext) in self._disabled
 
     def reload_if_changed(self) -> bool:
         """Reload if the file's inode, size or mtime moved; True if a new set is in place."""

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 
 # The LogRecord attribute that `extra={"fields": ...}` sets.
 _FIELDS = "fields"
@@ -51,6 +52,25 @@ class TextFormatter(logging.Formatter):
         return text
 
 
+class MalformedRequests(logging.Filter):
+    """Tames aiohttp's line about a request its parser refused (bad header, bad length).
+
+    aiohttp logs those at ERROR with a traceback whose message quotes the offending
+    line, which may hold an x-api-key. Like every client error here it becomes one
+    DEBUG line naming only the kind of error.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, HttpProcessingError):
+            return True
+        record.msg = "refused a malformed request: %s"
+        record.args = (type(error).__name__,)
+        record.exc_info = record.exc_text = None
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
 def setup_logging(level: str, log_format: str) -> None:
     """Send every logger's records at `level` and above to stderr in `log_format`."""
     handler = logging.StreamHandler(sys.stderr)
@@ -58,3 +78,4 @@ def setup_logging(level: str, log_format: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.getLogger("aiohttp.server").addFilter(MalformedRequests())

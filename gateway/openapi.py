@@ -29,8 +29,10 @@ def _problem(description: str) -> dict[str, Any]:
     }
 
 
-def _json(description: str, schema: Mapping[str, Any]) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
+def _json(
+    description: str, schema: Mapping[str, Any], media_type: str = "application/json"
+) -> dict[str, Any]:
+    return {"description": description, "content": {media_type: {"schema": schema}}}
 
 
 def _request_body(record_type: str) -> dict[str, Any]:
@@ -165,7 +167,7 @@ def build_openapi(record_types: Mapping[str, RecordType], version: str) -> dict[
                 }
             ],
             "responses": {
-                "200": _json("The schema", {"type": "object"}),
+                "200": _json("The schema", {"type": "object"}, "application/schema+json"),
                 "404": _problem("No such record type"),
             },
         }

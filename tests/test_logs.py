@@ -6,8 +6,9 @@ import logging
 import sys
 
 import orjson
+from aiohttp.http_exceptions import BadHttpMessage
 
-from gateway.logs import JsonFormatter, TextFormatter
+from gateway.logs import JsonFormatter, MalformedRequests, TextFormatter
 
 
 def make_record(**fields: object) -> logging.LogRecord:
@@ -52,3 +53,35 @@ def test_text_lines_append_the_fields() -> None:
     line = TextFormatter().format(make_record(status=503))
     assert line.endswith("WARNING gateway.x: hello you status=503")
     assert TextFormatter().format(make_record()).endswith("gateway.x: hello you")
+
+
+def parser_error_record(key: str) -> logging.LogRecord:
+    """What aiohttp logs when its parser refuses a header line holding `key`."""
+    error = BadHttpMessage(f"Invalid header value char: b'x-api-key: {key}\\x01'")
+    return logging.LogRecord(
+        "aiohttp.server", logging.ERROR, __file__, 1, "Error handling request from %s",
+        ("10.0.0.1",), (type(error), error, None),
+    )  # fmt: skip
+
+
+def test_parser_errors_become_one_debug_line_without_the_header() -> None:
+    logging.getLogger("aiohttp.server").setLevel(logging.DEBUG)
+    try:
+        record = parser_error_record("cafe_secret")
+        assert MalformedRequests().filter(record)
+        line = JsonFormatter().format(record)
+        assert orjson.loads(line)["message"] == "refused a malformed request: BadHttpMessage"
+        assert record.levelno == logging.DEBUG
+        assert "cafe_secret" not in line
+    finally:
+        logging.getLogger("aiohttp.server").setLevel(logging.NOTSET)
+
+
+def test_parser_errors_are_dropped_below_debug() -> None:
+    assert not MalformedRequests().filter(parser_error_record("cafe_secret"))
+
+
+def test_other_aiohttp_errors_pass_untouched() -> None:
+    record = make_record()
+    assert MalformedRequests().filter(record)
+    assert record.levelno == logging.WARNING

@@ -316,7 +316,7 @@ async def read_until_closed(reader: asyncio.StreamReader) -> bytes:
     return await asyncio.wait_for(reader.read(), timeout=20)
 
 
-async def test_idle_connections_and_slow_bodies_are_cut_off(
+async def test_idle_connections_slow_headers_and_slow_bodies_are_cut_off(
     kafka: Broker, key_file: KeyFile, prefix: str
 ) -> None:
     port = free_port()
@@ -326,6 +326,20 @@ async def test_idle_connections_and_slow_bodies_are_cut_off(
     async with running(env) as proc:
         async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
             await ready_in_a_row(http, 1)
+
+        # Slow-loris: headers trickling in a byte at a time are cut off, unanswered.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        started = time.monotonic()
+        writer.write(b"POST /v1/log HTTP/1.1\r\nHost: gateway\r\nX-Slow: ")
+        with contextlib.suppress(ConnectionError):
+            while time.monotonic() - started < 10 and not reader.at_eof():
+                writer.write(b"a")
+                await writer.drain()
+                await asyncio.sleep(0.2)
+        assert time.monotonic() - started < 10, "slow headers were not cut off"
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
 
         # A connection that sends nothing is closed, unanswered, after the idle timeout.
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
