@@ -88,8 +88,10 @@ def _route(request: web.Request) -> str:
     Paths are bounded label values here because every variable part of our routes is a
     fixed alternation (e.g. activity|log|profile).
     """
-    if request.match_info.http_exception is not None:
+    error = request.match_info.http_exception
+    if error is not None and not isinstance(error, web.HTTPMethodNotAllowed):
         return "unmatched"
+    # A 405 (or a CORS preflight, answered before routing) is on a known path.
     return request.path
 
 

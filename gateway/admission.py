@@ -32,8 +32,10 @@ class Admission:
             if request.method != "POST" or (need is not None and need > self.max_body_bytes):
                 # Nothing to read, or a body the handler refuses unread (413).
                 return await handler(request)
-            if need is None:
-                need = self.max_body_bytes  # chunked: the handler reads at most this
+            if need is None or request.headers.get("Content-Encoding"):
+                # Chunked, or compressed (the declared size is not what it decodes to):
+                # the handler reads at most this.
+                need = self.max_body_bytes
             if self.in_flight_bytes and self.in_flight_bytes + need > self.cap_bytes:
                 raise Overloaded(
                     f"the gateway is at capacity ({self.in_flight_bytes} body bytes in progress)"

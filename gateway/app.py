@@ -17,6 +17,7 @@ from gateway.admission import Admission
 from gateway.auth import KeyStore, api_key_middleware
 from gateway.clientip import get_ip
 from gateway.config import Settings
+from gateway.cors import cors_middleware
 from gateway.errors import problem_middleware
 from gateway.ingest import ingest
 from gateway.kafka import KafkaSink
@@ -47,14 +48,17 @@ def create_app(
     admission = Admission(settings.max_inflight_bytes, settings.max_body_bytes)
     limiter = RateLimiter(settings.workers)
     # The order matters. Outermost, every request gets its id, timing and log line,
-    # whatever happens below. Then errors are rendered, so every error below gets the
+    # whatever happens below. CORS answers preflights, and marks the answers a page may
+    # read, errors included. Then errors are rendered, so every error below gets the
     # problem shape. Keys, then their rate limits, are checked before admission, so
     # callers without a key or over their limit take no capacity.
+    ingest_paths = frozenset(f"/v1/{name}" for name in record_types)
     app = web.Application(
         middlewares=[
             access_middleware(settings, metrics, RequestIds()),
+            cors_middleware(keys, ingest_paths),
             problem_middleware(metrics),
-            api_key_middleware(keys, metrics),
+            api_key_middleware(keys, metrics, ingest_paths),
             limiter.middleware(),
             admission.middleware(),
         ],

@@ -29,7 +29,13 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from gateway.errors import InvalidApiKey, MissingApiKey
+from gateway.errors import (
+    InvalidApiKey,
+    MissingApiKey,
+    NotABrowserKey,
+    OriginNotAllowed,
+    WriteOnlyKey,
+)
 
 if TYPE_CHECKING:
     # Only a type here: `cafe-gateway serve` imports this module before it decides
@@ -42,6 +48,8 @@ _ID = re.compile(r"k_[0-9a-f]{12}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # Same shape the record schemas allow for productPlatform.
 _PLATFORM = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# A web origin as browsers send it: scheme, host, optional port; no path, no slash.
+_ORIGIN = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?")
 
 
 class KeysFileError(ValueError):
@@ -60,6 +68,11 @@ class ApiKey:
     # Rate limits (None: unlimited); see gateway/ratelimit.py.
     requests_per_second: float | None = None
     records_per_second: float | None = None
+    # Web origins ("https://shop.example.com") whose pages may send with this key.
+    origins: tuple[str, ...] = ()
+    # A browser key may also come as ?api_key= (sendBeacon sets no headers), only from
+    # one of its origins, and only to send records: it reads nothing.
+    browser: bool = False
 
 
 # The key a request was admitted with, set by the middleware for handlers to read.
@@ -69,6 +82,13 @@ API_KEY: web.RequestKey[ApiKey] = web.RequestKey("api_key", ApiKey)
 def hash_key(plaintext: str) -> str:
     """The hex SHA-256 of a key, which is all the keys file holds of it."""
     return hashlib.sha256(plaintext.encode()).hexdigest()
+
+
+def check_origin(origin: str) -> str:
+    """Return `origin` if it is a web origin (scheme://host[:port]), else raise ValueError."""
+    if not _ORIGIN.fullmatch(origin):
+        raise ValueError(f"{origin!r} is not an origin like https://app.example.com[:port]")
+    return origin
 
 
 def check_platform(name: str) -> str:
@@ -83,12 +103,18 @@ def mint_key(
     *,
     requests_per_second: float | None = None,
     records_per_second: float | None = None,
+    origins: tuple[str, ...] = (),
+    browser: bool = False,
 ) -> tuple[str, ApiKey]:
     """A new random key: (plaintext to show once, record to store)."""
     if not platforms:
         raise ValueError("a key needs at least one platform")
     for name in platforms:
         check_platform(name)
+    for origin in origins:
+        check_origin(origin)
+    if browser and not origins:
+        raise ValueError("a browser key needs at least one origin")
     # 32 random bytes: guessing is hopeless, so an unsalted fast hash is safe to store.
     plaintext = "cafe_" + secrets.token_urlsafe(32)
     record = ApiKey(
@@ -99,6 +125,8 @@ def mint_key(
         created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         requests_per_second=requests_per_second,
         records_per_second=records_per_second,
+        origins=tuple(dict.fromkeys(origins)),
+        browser=browser,
     )
     return plaintext, record
 
@@ -127,14 +155,15 @@ def read_keys_file(path: Path) -> list[ApiKey]:
 
 _REQUIRED = {"id", "sha256", "platforms", "enabled", "created"}
 _LIMITS = ("requests_per_second", "records_per_second")
+_OPTIONAL = {*_LIMITS, "origins", "browser"}
 
 
 def _parse_key(path: Path, index: int, entry: Any) -> ApiKey:
     where = f"{path}: keys[{index}]"
-    if not isinstance(entry, dict) or not _REQUIRED <= set(entry) <= _REQUIRED | set(_LIMITS):
+    if not isinstance(entry, dict) or not _REQUIRED <= set(entry) <= _REQUIRED | _OPTIONAL:
         raise KeysFileError(
             f"{where}: expected id, sha256, platforms, enabled, created "
-            f"(and optionally {', '.join(_LIMITS)})"
+            f"(and optionally {', '.join(sorted(_OPTIONAL))})"
         )
     if not isinstance(entry["id"], str) or not _ID.fullmatch(entry["id"]):
         raise KeysFileError(f"{where}: id must look like k_ and 12 hex digits")
@@ -157,6 +186,14 @@ def _parse_key(path: Path, index: int, entry: Any) -> ApiKey:
             isinstance(value, bool) or not isinstance(value, int | float) or not value > 0
         ):
             raise KeysFileError(f"{where}: {limit} must be a positive number or null")
+    origins = entry.get("origins", [])
+    if not isinstance(origins, list) or not all(
+        isinstance(o, str) and _ORIGIN.fullmatch(o) for o in origins
+    ):
+        raise KeysFileError(f"{where}: origins must be a list of origins like https://host[:port]")
+    browser = entry.get("browser", False)
+    if not isinstance(browser, bool) or (browser and not origins):
+        raise KeysFileError(f"{where}: browser must be true or false, and true needs origins")
     return ApiKey(
         id=entry["id"],
         sha256=entry["sha256"],
@@ -165,6 +202,8 @@ def _parse_key(path: Path, index: int, entry: Any) -> ApiKey:
         created=entry["created"],
         requests_per_second=entry.get("requests_per_second"),
         records_per_second=entry.get("records_per_second"),
+        origins=tuple(origins),
+        browser=browser,
     )
 
 
@@ -204,6 +243,8 @@ class KeyStore:
         self._metrics = metrics
         self._by_hash: dict[str, ApiKey] = {}
         self._disabled: frozenset[str] = frozenset()  # hashes, to say why a key is refused
+        # Every enabled key's origins: a CORS preflight carries no key to look up.
+        self.origins: frozenset[str] = frozenset()
         self._stamp: tuple[int, int, int] | None = None
 
     def __len__(self) -> int:
@@ -261,6 +302,7 @@ class KeyStore:
     def _install(self, keys: list[ApiKey], verb: str) -> None:
         self._by_hash = {k.sha256: k for k in keys if k.enabled}
         self._disabled = frozenset(k.sha256 for k in keys if not k.enabled)
+        self.origins = frozenset(o for k in keys if k.enabled for o in k.origins)
         log.info("%s %d enabled API keys from %s", verb, len(self._by_hash), self.path)
         if self._metrics is not None:
             self._metrics.keys_loaded.set(len(self._by_hash))
@@ -288,16 +330,24 @@ def _file_stamp(path: Path) -> tuple[int, int, int] | None:
 _PUBLIC_PREFIXES = ("/v1/schema/", "/v1/openapi.json")
 
 
-def api_key_middleware(keys: KeyStore, metrics: Metrics) -> Middleware:
+def api_key_middleware(
+    keys: KeyStore, metrics: Metrics, ingest_paths: frozenset[str]
+) -> Middleware:
     """A middleware that admits /v1 requests carrying an enabled key in `x-api-key`.
 
-    Refusals are counted by reason; the client is told only "unknown or disabled".
+    On `ingest_paths` a browser key may come as `?api_key=` instead. A request with an
+    `Origin` (from a web page) is admitted only if the key lists that origin. Refusals
+    are counted by reason; the client is told only "unknown or disabled".
     """
 
     @web.middleware
     async def check_api_key(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path.startswith("/v1/") and not request.path.startswith(_PUBLIC_PREFIXES):
+            sends_records = request.method == "POST" and request.path in ingest_paths
             supplied = request.headers.get("x-api-key")
+            in_query = not supplied and sends_records and "api_key" in request.query
+            if in_query:
+                supplied = request.query["api_key"]
             if not supplied:
                 metrics.auth_failures.labels("missing").inc()
                 raise MissingApiKey("send an API key in the x-api-key header")
@@ -306,7 +356,27 @@ def api_key_middleware(keys: KeyStore, metrics: Metrics) -> Middleware:
                 reason = "disabled" if keys.is_disabled(supplied) else "unknown"
                 metrics.auth_failures.labels(reason).inc()
                 raise InvalidApiKey("the API key is unknown or disabled")
+            # Set before the browser checks, so that a refusal is logged with the key's id
+            # and its answer carries CORS headers only for the key's own origins.
             request[API_KEY] = key
+            _check_browser_use(key, request, sends_records=sends_records, in_query=in_query)
         return await handler(request)
+
+    def _check_browser_use(
+        key: ApiKey, request: web.Request, *, sends_records: bool, in_query: bool
+    ) -> None:
+        origin = request.headers.get("Origin")
+        if in_query and not key.browser:
+            metrics.auth_failures.labels("not_browser_key").inc()
+            raise NotABrowserKey("only a browser key may be sent as ?api_key=")
+        if in_query and origin is None:
+            metrics.auth_failures.labels("origin").inc()
+            raise OriginNotAllowed("?api_key= is accepted only from a web page (no Origin sent)")
+        if origin is not None and origin not in key.origins:
+            metrics.auth_failures.labels("origin").inc()
+            raise OriginNotAllowed(f"this API key may not be used from origin {origin!r}")
+        if key.browser and not sends_records:
+            metrics.auth_failures.labels("browser_read").inc()
+            raise WriteOnlyKey("a browser key may only send records")
 
     return check_api_key

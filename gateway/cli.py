@@ -51,6 +51,18 @@ def _parser() -> argparse.ArgumentParser:
         type=auth.check_platform,
         help="a productPlatform the key may write (repeat for several)",
     )
+    create.add_argument(
+        "--origin",
+        action="append",
+        default=[],
+        type=auth.check_origin,
+        help="a web origin (https://app.example.com) whose pages may use the key (repeat)",
+    )
+    create.add_argument(
+        "--browser",
+        action="store_true",
+        help="a browser key: may also be sent as ?api_key= (sendBeacon), from its origins only",
+    )
     for limit in ("requests", "records"):
         create.add_argument(
             f"--{limit}-per-second",
@@ -127,6 +139,8 @@ def _keys_create(args: argparse.Namespace, settings: Settings) -> int:
         tuple(args.platform),
         requests_per_second=args.requests_per_second,
         records_per_second=args.records_per_second,
+        origins=tuple(args.origin),
+        browser=args.browser,
     )
     auth.write_keys_file(path, [*keys, record])
     print(f"created key {record.id} for {', '.join(record.platforms)} in {path}", file=sys.stderr)

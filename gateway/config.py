@@ -80,6 +80,9 @@ class Settings:
     # Body bytes of requests in progress at once; past it, requests are shed with 503.
     # Parsed records take several times their JSON size, so this bounds memory too.
     max_inflight_bytes: int = 8 * 1024 * 1024
+    # A compressed body may decode to at most this many times its size (and at most
+    # max_body_bytes): more is a bomb, refused with 413.
+    max_compression_ratio: int = 100
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
 
     @classmethod
@@ -118,6 +121,13 @@ class Settings:
                 defaults.max_inflight_bytes,
                 low=1024,
                 high=1 << 34,
+            ),
+            max_compression_ratio=_int(
+                env,
+                "CAFE_MAX_COMPRESSION_RATIO",
+                defaults.max_compression_ratio,
+                low=1,
+                high=100_000,
             ),
             kafka=KafkaSettings(
                 bootstrap=_bootstrap(env, "CAFE_KAFKA_BOOTSTRAP", kafka_defaults.bootstrap),

@@ -4,10 +4,15 @@
     ├── BadRequest               400
     │   ├── InvalidJson          400 invalid_json       (not JSON at all)
     │   ├── InvalidUtf8          400 invalid_utf8       (bytes that are not UTF-8)
+    │   ├── InvalidEncoding      400 invalid_encoding   (not the Content-Encoding it claims)
     │   └── InvalidEnvelope      400 invalid_envelope   (JSON, but not {"records": [1..500]})
     ├── Unauthorized             401
     │   ├── MissingApiKey        401 missing_api_key
     │   └── InvalidApiKey        401 invalid_api_key    (unknown or disabled)
+    ├── Forbidden                403
+    │   ├── OriginNotAllowed     403 origin_not_allowed (a web page's origin the key does not list)
+    │   ├── NotABrowserKey       403 not_a_browser_key  (?api_key= with a key not marked browser)
+    │   └── WriteOnlyKey         403 write_only_key     (a browser key used to read)
     ├── BodyTimeout              408 body_timeout       (the body came too slowly)
     ├── PayloadTooLarge          413 payload_too_large
     ├── RateLimited              429 rate_limited       (over the key's requests/s or records/s)
@@ -80,6 +85,12 @@ class InvalidUtf8(BadRequest):
     code = "invalid_utf8"
 
 
+class InvalidEncoding(BadRequest):
+    code = "invalid_encoding"
+    # The rest of the body cannot be decoded either: do not try to read it.
+    close_connection = True
+
+
 class InvalidEnvelope(BadRequest):
     code = "invalid_envelope"
 
@@ -104,6 +115,23 @@ class BodyTimeout(GatewayError):
     status = 408
     code = "body_timeout"
     close_connection = True
+
+
+class Forbidden(GatewayError):
+    status = 403
+    code = "forbidden"
+
+
+class OriginNotAllowed(Forbidden):
+    code = "origin_not_allowed"
+
+
+class NotABrowserKey(Forbidden):
+    code = "not_a_browser_key"
+
+
+class WriteOnlyKey(Forbidden):
+    code = "write_only_key"
 
 
 class PayloadTooLarge(GatewayError):

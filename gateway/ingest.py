@@ -16,6 +16,7 @@ from gateway.config import Settings
 from gateway.errors import (
     BadRequest,
     BodyTimeout,
+    InvalidEncoding,
     InvalidEnvelope,
     InvalidJson,
     InvalidUtf8,
@@ -113,17 +114,27 @@ def _problem_with(
     return None
 
 
+_MEDIA_TYPES = frozenset({"application/json", "text/plain"})
+
+
 async def _read_json(request: web.Request, settings: Settings) -> Any:
-    """The body parsed as JSON, after the media type and size checks."""
+    """The body parsed as JSON, after the media type and size checks.
+
+    text/plain is what navigator.sendBeacon sends a string as; the body is the same
+    JSON. A compressed body (Content-Encoding) is decoded by aiohttp as it is read, up
+    to the body limit.
+    """
     limit = settings.max_body_bytes
-    if request.content_type != "application/json" and not request.content_type.endswith("+json"):
-        raise UnsupportedMediaType(
-            f"send Content-Type: application/json, not {request.content_type!r}"
-        )
+    media_type = request.content_type
+    if media_type not in _MEDIA_TYPES and not media_type.endswith("+json"):
+        raise UnsupportedMediaType(f"send Content-Type: application/json, not {media_type!r}")
     if request.charset is not None and request.charset.lower() not in ("utf-8", "utf8"):
         raise UnsupportedMediaType(f"the body must be UTF-8, not {request.charset!r}")
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"the body is {request.content_length} bytes; the limit is {limit}")
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding == "identity":
+        encoding = ""
     try:
         async with asyncio.timeout(settings.body_timeout_seconds):
             body = await request.read()
@@ -135,9 +146,19 @@ async def _read_json(request: web.Request, settings: Settings) -> Any:
         ) from None
     except web.RequestPayloadError as exc:
         # aiohttp decodes Content-Encoding as it reads: a body that is not the gzip,
-        # deflate or br it claims to be (or whose chunking breaks off) is the client's fault.
+        # deflate, br or zstd it claims to be (or whose chunking breaks off) is the
+        # client's fault.
         reason = getattr(exc.__cause__, "message", None) or str(exc)
+        if encoding:
+            raise InvalidEncoding(f"the body is not valid {encoding}: {reason}") from None
         raise BadRequest(f"the body could not be read: {reason}") from None
+    if encoding and request.content_length:
+        ratio = len(body) / request.content_length
+        if ratio > settings.max_compression_ratio:
+            raise PayloadTooLarge(
+                f"the body decompresses {ratio:.0f} times its size; the limit is "
+                f"{settings.max_compression_ratio}"
+            )
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 # The LogRecord attribute that `extra={"fields": ...}` sets.
@@ -53,7 +54,8 @@ class TextFormatter(logging.Formatter):
 
 
 class MalformedRequests(logging.Filter):
-    """Tames aiohttp's line about a request its parser refused (bad header, bad length).
+    """Tames aiohttp's line about a request its parser refused (bad header, bad length,
+    a body not in its Content-Encoding).
 
     aiohttp logs those at ERROR with a traceback whose message quotes the offending
     line, which may hold an x-api-key. Like every client error here it becomes one
@@ -62,6 +64,9 @@ class MalformedRequests(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, web.RequestPayloadError):
+            # Raised while aiohttp drains a body the gateway has already answered 400.
+            error = error.__cause__
         if not isinstance(error, HttpProcessingError):
             return True
         record.msg = "refused a malformed request: %s"

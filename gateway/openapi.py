@@ -105,6 +105,8 @@ def build_openapi(record_types: Mapping[str, RecordType], version: str) -> dict[
                     "required": True,
                     "content": {
                         "application/json": {"schema": _request_body(name)},
+                        # What navigator.sendBeacon sends a string as: the same JSON.
+                        "text/plain": {"schema": _request_body(name)},
                     },
                 },
                 "responses": {
@@ -122,8 +124,11 @@ def build_openapi(record_types: Mapping[str, RecordType], version: str) -> dict[
                     ),
                     "400": _problem("Not JSON, not UTF-8, or not the records envelope"),
                     "401": _problem("Missing, unknown or disabled API key"),
-                    "413": _problem("Body larger than the limit"),
+                    "403": _problem("A web origin, or a use, the key does not allow"),
+                    "408": _problem("The body did not arrive in time"),
+                    "413": _problem("Body larger than the limit, or a compression bomb"),
                     "415": _problem("Content type other than JSON"),
+                    "429": _problem("Over the key's rate limit; retry after Retry-After"),
                     "503": _problem("Kafka unavailable or not acknowledging; retry later"),
                 },
             }
@@ -150,6 +155,8 @@ def build_openapi(record_types: Mapping[str, RecordType], version: str) -> dict[
                     },
                 ),
                 "401": _problem("Missing, unknown or disabled API key"),
+                "403": _problem("A browser key, which may only send records"),
+                "429": _problem("Over the key's rate limit; retry after Retry-After"),
             },
         }
     }

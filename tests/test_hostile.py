@@ -190,12 +190,12 @@ def _bad_bodies(name: str) -> Iterator[Bad]:
         "payload_too_large",
         (("Content-Encoding", "gzip"),),
     )
-    for encoding in ("gzip", "deflate", "br"):
+    for encoding in ("gzip", "deflate", "br", "zstd"):
         yield Bad(
             f"corrupt-{encoding}",
             b"this is not compressed " * 8,
             400,
-            "bad_request",
+            "invalid_encoding",
             (("Content-Encoding", encoding),),
         )
     truncated_gzip = gzip.compress(good)[:-12]
@@ -203,7 +203,7 @@ def _bad_bodies(name: str) -> Iterator[Bad]:
         "truncated-gzip", truncated_gzip, 400, "invalid_json", (("Content-Encoding", "gzip"),)
     )
     for content_type in (
-        "text/plain",
+        "text/html",
         "application/x-www-form-urlencoded",
         "multipart/form-data; boundary=x",
         "application/jsonx",

@@ -165,7 +165,7 @@ async def test_a_record_of_another_type_is_rejected(gw: Gateway) -> None:
         (orjson.dumps({"records": [{}] * 501}), {}, 400, "invalid_envelope"),
         (b'{"records": [{}], "more": 1}', {}, 400, "invalid_envelope"),
         (b'[{"records": [{}]}]', {}, 400, "invalid_envelope"),
-        (b"{}", {"Content_Type": "text/plain"}, 415, UNSUPPORTED),
+        (b"{}", {"Content_Type": "text/html"}, 415, UNSUPPORTED),
         (b"{}", {"Content_Type": "application/x-www-form-urlencoded"}, 415, UNSUPPORTED),
         (b"{}", {"Content_Type": "application/json; charset=latin-1"}, 415, UNSUPPORTED),
         (b" " * (LIMIT + 1), {}, 413, "payload_too_large"),

@@ -6,7 +6,8 @@ import logging
 import sys
 
 import orjson
-from aiohttp.http_exceptions import BadHttpMessage
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, ContentEncodingError
 
 from gateway.logs import JsonFormatter, MalformedRequests, TextFormatter
 
@@ -75,6 +76,19 @@ def test_parser_errors_become_one_debug_line_without_the_header() -> None:
         assert "cafe_secret" not in line
     finally:
         logging.getLogger("aiohttp.server").setLevel(logging.NOTSET)
+
+
+def test_undecodable_bodies_drained_after_the_answer_are_tamed_too() -> None:
+    cause = ContentEncodingError("Can not decode content-encoding: gzip")
+    error = web.RequestPayloadError("Can not decode content-encoding: gzip")
+    error.__cause__ = cause
+    record = logging.LogRecord(
+        "aiohttp.server", logging.ERROR, __file__, 1, "Unhandled exception", (),
+        (type(error), error, None),
+    )  # fmt: skip
+    assert not MalformedRequests().filter(record)
+    assert record.levelno == logging.DEBUG
+    assert record.getMessage() == "refused a malformed request: ContentEncodingError"
 
 
 def test_parser_errors_are_dropped_below_debug() -> None:

@@ -201,7 +201,7 @@ async def test_request_errors_produce_nothing(gateway: Gateway) -> None:
             "invalid_envelope",
         ),
         (
-            await gateway.post("log", sample, content_type="text/plain"),
+            await gateway.post("log", sample, content_type="text/html"),
             415,
             "unsupported_media_type",
         ),
