@@ -337,7 +337,7 @@ def api_key_middleware(
 
     On `ingest_paths` a browser key may come as `?api_key=` instead. A request with an
     `Origin` (from a web page) is admitted only if the key lists that origin. Refusals
-    are counted by reason; the client is told only "unknown or disabled".
+    are counted by reason; an unknown key and a disabled one get the same answer.
     """
 
     @web.middleware
