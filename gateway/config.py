@@ -5,11 +5,13 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_N = TypeVar("_N", int, float)
 # Kafka's own rule for topic names.
 _TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 
@@ -176,15 +178,32 @@ def _text(env: Mapping[str, str], name: str, default: str) -> str:
 
 
 def _int(env: Mapping[str, str], name: str, default: int, *, low: int, high: int) -> int:
+    return _number(env, name, default, int, "an integer", low, high)
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    return _number(env, name, default, float, "a number of seconds", 0, 3600)
+
+
+def _number(
+    env: Mapping[str, str],
+    name: str,
+    default: _N,
+    parse: Callable[[str], _N],
+    what: str,
+    low: _N,
+    high: _N,
+) -> _N:
+    """A number within low..high (a NaN is within nothing), or the default if unset."""
     raw = env.get(name, "").strip()
     if not raw:
         return default
     try:
-        value = int(raw)
+        value = parse(raw)
     except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+        raise ConfigError(f"{name}={raw!r} is not {what}") from None
     if not low <= value <= high:
-        raise ConfigError(f"{name}={value} is outside {low}..{high}")
+        raise ConfigError(f"{name}={raw} is outside {low}..{high}")
     return value
 
 
@@ -210,19 +229,6 @@ def _optional_port(env: Mapping[str, str], name: str) -> int | None:
     if not env.get(name, "").strip():
         return None
     return _int(env, name, 0, low=1, high=65535)
-
-
-def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number of seconds") from None
-    if not 0 <= value <= 3600:
-        raise ConfigError(f"{name}={value:g} is outside 0..3600")
-    return value
 
 
 def _log_level(env: Mapping[str, str], name: str, default: str) -> str:
