@@ -130,6 +130,18 @@ def spare_broker() -> Iterator[tuple[str, dict[str, str]]]:
         subprocess.run([str(KAFKA_SH), "down"], env=env, check=True, capture_output=True)
 
 
+async def delete_topics(bootstrap: str, wanted: Callable[[str], bool]) -> None:
+    """Delete the topics that exist and for whose names `wanted` is true (test clean-up)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        names = [t for t in await admin.list_topics() if wanted(t)]
+        if names:
+            await admin.delete_topics(names)
+    finally:
+        await admin.close()
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Say which real Kafka the integration tests talked to, if any ran."""
     broker = terminalreporter.config.stash.get(BROKER_USED, None)

@@ -14,7 +14,6 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient
-from aiokafka.admin import AIOKafkaAdminClient
 
 from gateway.app import create_app
 from gateway.config import KafkaSettings, Settings, TopicSettings
@@ -23,6 +22,7 @@ from tests.integration.conftest import (
     TOPIC_PARTITIONS,
     Broker,
     consume_all,
+    delete_topics,
     eventually,
 )
 from tests.keys import KeyFile, make_key_file
@@ -112,12 +112,7 @@ async def gateway(
 ) -> AsyncIterator[Gateway]:
     gw = await start_gateway(aiohttp_client, kafka.bootstrap, key_file)
     yield gw
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
-    await admin.start()
-    try:
-        await admin.delete_topics(list(gw.topics.all()))
-    finally:
-        await admin.close()
+    await delete_topics(kafka.bootstrap, lambda t: t in gw.topics.all())
 
 
 @pytest.mark.parametrize("name", NAMES)

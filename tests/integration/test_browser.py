@@ -27,11 +27,10 @@ import orjson
 import pytest
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from playwright.async_api import Browser, Page, Request, async_playwright
 
 from gateway import auth
-from tests.integration.conftest import Broker, consume_all, eventually
+from tests.integration.conftest import Broker, consume_all, delete_topics, eventually
 from tests.integration.tcp_proxy import free_ports
 from tests.integration.test_serve import gateway_env, ready_in_a_row, running
 from tests.keys import KeyFile
@@ -119,17 +118,6 @@ async def page_server(port: int) -> web.AppRunner:
     return runner
 
 
-async def delete_topics(bootstrap: str, prefix: str) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        names = [t for t in await admin.list_topics() if t.startswith(prefix + ".")]
-        if names:
-            await admin.delete_topics(names)
-    finally:
-        await admin.close()
-
-
 @pytest.fixture
 async def stage(kafka: Broker, chromium: Path, tmp_path: Path) -> AsyncIterator[Stage]:
     gateway_port, page_port, stranger_port = free_ports(3)
@@ -179,7 +167,7 @@ async def stage(kafka: Broker, chromium: Path, tmp_path: Path) -> AsyncIterator[
                 browser=browser,
             )
     finally:
-        await delete_topics(kafka.bootstrap, prefix)
+        await delete_topics(kafka.bootstrap, lambda t: t.startswith(prefix + "."))
 
 
 def sample(kind: str) -> dict[str, Any]:

@@ -21,7 +21,6 @@ import psutil
 import pytest
 import schemathesis
 from aiohttp import web
-from aiokafka.admin import AIOKafkaAdminClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import Case, GenerationMode
@@ -35,7 +34,7 @@ from schemathesis.checks import (
 from gateway.app import create_app
 from gateway.config import KafkaSettings, Settings, TopicSettings
 from gateway.schemas import load_record_types, record_error
-from tests.integration.conftest import Broker, consume_all
+from tests.integration.conftest import Broker, consume_all, delete_topics
 from tests.integration.tcp_proxy import free_port
 from tests.integration.test_api import NAMES, unique_topics
 from tests.integration.test_serve import gateway_env, ready_in_a_row, running
@@ -69,17 +68,6 @@ class Tally:
     statuses: dict[tuple[str, int], int] = field(default_factory=dict)
     accepted: dict[str, int] = field(default_factory=dict)
     rejected: int = 0
-
-
-async def _delete_topics(bootstrap: str, names: list[str]) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        existing = set(await admin.list_topics())
-        if gone := [n for n in names if n in existing]:
-            await admin.delete_topics(gone)
-    finally:
-        await admin.close()
 
 
 @contextlib.asynccontextmanager
@@ -151,7 +139,7 @@ def _one_run(
 async def topics(kafka: Broker) -> AsyncIterator[TopicSettings]:
     topics = unique_topics()
     yield topics
-    await _delete_topics(kafka.bootstrap, list(topics.all()))
+    await delete_topics(kafka.bootstrap, lambda t: t in topics.all())
 
 
 async def test_schemathesis_finds_no_5xx_and_every_answer_is_as_documented(
@@ -265,5 +253,4 @@ async def test_rss_returns_to_baseline_after_100_hostile_5mb_bodies(
             assert after - baseline < 50, rss
             await proc.stop()
     finally:
-        names = [f"{prefix}.{t}" for t in ("activity", "log", "profile", "deadletter")]
-        await _delete_topics(kafka.bootstrap, names)
+        await delete_topics(kafka.bootstrap, lambda t: t.startswith(prefix + "."))

@@ -16,9 +16,8 @@ import aiohttp
 import orjson
 import psutil
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient
 
-from tests.integration.conftest import Broker, consume_all
+from tests.integration.conftest import Broker, consume_all, delete_topics
 from tests.integration.tcp_proxy import free_port, free_ports
 from tests.keys import KeyFile
 from tests.scrape import Samples
@@ -118,14 +117,7 @@ async def prefix(kafka: Broker) -> AsyncIterator[str]:
     """A topic prefix for one test; its topics are deleted afterwards."""
     prefix = f"serve.{uuid.uuid4().hex[:8]}"
     yield prefix
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
-    await admin.start()
-    try:
-        names = [t for t in await admin.list_topics() if t.startswith(prefix + ".")]
-        if names:
-            await admin.delete_topics(names)
-    finally:
-        await admin.close()
+    await delete_topics(kafka.bootstrap, lambda t: t.startswith(prefix + "."))
 
 
 def gateway_env(
