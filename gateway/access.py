@@ -13,24 +13,16 @@ from gateway.auth import API_KEY
 from gateway.clientip import client_ip
 from gateway.config import Settings
 from gateway.errors import PROBLEM_CODE
+from gateway.listener import over_capacity
 from gateway.metrics import Metrics
 from gateway.requestid import REQUEST_ID, RequestIds
+from gateway.responses import SECURITY_HEADERS
 from gateway.state import DRAINING
 
 # (accepted, rejected) records of an ingest request, set by the handler for the log line.
 RECORD_COUNTS: web.RequestKey[tuple[int, int]] = web.RequestKey("record_counts", tuple)
 
 access_log = logging.getLogger("gateway.access")
-
-# On every answer. The API serves JSON to programs: nothing in it may be sniffed as
-# another type, framed, cached by a shared cache, or given a referrer.
-SECURITY_HEADERS = {
-    "X-Content-Type-Options": "nosniff",
-    "X-Frame-Options": "DENY",
-    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
-    "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-store",
-}
 
 # Anything else a client sends as a method is counted as "other": labels stay bounded.
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -56,9 +48,9 @@ def access_middleware(settings: Settings, metrics: Metrics, request_ids: Request
         seconds = time.perf_counter() - started
         response.headers["X-Request-Id"] = request_id
         response.headers.update(SECURITY_HEADERS)
-        if request.app[DRAINING].is_set():
-            # Shutting down: the client's next request should open a new connection,
-            # which the load balancer sends to another instance.
+        if request.app[DRAINING].is_set() or over_capacity(request):
+            # Shutting down, or a connection past the cap: the client's next request
+            # should open a new connection, which may go to another instance.
             response.force_close()
 
         route = _route(request)

@@ -1,10 +1,11 @@
-"""Load shedding: a cap on the request bodies being worked on at once.
+"""Load shedding: a cap on the request bodies being worked on at once, and on connections.
 
 Every POST reserves its declared body size (or the body limit, when chunked) before a
 byte of it is read, and gives it back when answered. A request that would pass the cap
 is answered 503 `overloaded` with Retry-After at once, so under a flood the gateway
 keeps a bounded amount of work and memory in hand, serves what it can at full speed,
-and is back to normal the moment the load drops.
+and is back to normal the moment the load drops. A POST on a connection opened past the
+connection cap (gateway/listener.py) is shed the same way.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from gateway.errors import Overloaded
+from gateway.errors import Overloaded, TooManyConnections
+from gateway.listener import over_capacity
 
 
 class Admission:
@@ -32,6 +34,8 @@ class Admission:
             if request.method != "POST" or (need is not None and need > self.max_body_bytes):
                 # Nothing to read, or a body the handler refuses unread (413).
                 return await handler(request)
+            if over_capacity(request):
+                raise TooManyConnections("the gateway has too many connections open")
             if need is None or request.headers.get("Content-Encoding"):
                 # Chunked, or compressed (the declared size is not what it decodes to):
                 # the handler reads at most this.

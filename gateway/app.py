@@ -23,7 +23,7 @@ from gateway.ingest import ingest
 from gateway.kafka import KafkaSink
 from gateway.metrics import Metrics
 from gateway.openapi import build_openapi, get_openapi, get_schema
-from gateway.ratelimit import RateLimiter
+from gateway.ratelimit import BucketTable, RateLimiter
 from gateway.requestid import RequestIds
 from gateway.schemas import load_record_types
 from gateway.sink import Sink
@@ -35,18 +35,20 @@ def create_app(
     *,
     sink: Sink | None = None,
     registry: CollectorRegistry | None = None,
+    buckets: BucketTable | None = None,
 ) -> web.Application:
     """Build the gateway; `sink` replaces Kafka in unit tests and ceiling benchmarks.
 
     Record schemas are compiled here, so a broken schema stops start-up. Metrics go to
-    `registry`, a fresh one by default.
+    `registry`, a fresh one by default; rate-limit buckets to `buckets`, the table all
+    workers share, a fresh one by default.
     """
     gateway_version = version("cafe-gateway")
     metrics = Metrics(registry if registry is not None else CollectorRegistry(), gateway_version)
     keys = KeyStore(settings.keys_file, metrics)
     record_types = load_record_types(settings.kafka.topics)
     admission = Admission(settings.max_inflight_bytes, settings.max_body_bytes)
-    limiter = RateLimiter(settings.workers)
+    limiter = RateLimiter(settings.workers, buckets)
     # The order matters. Outermost, every request gets its id, timing and log line,
     # whatever happens below. CORS answers preflights, and marks the answers a page may
     # read, errors included. Then errors are rendered, so every error below gets the

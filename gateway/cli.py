@@ -12,6 +12,7 @@ from pathlib import Path
 from gateway import auth
 from gateway.config import ConfigError, Settings
 from gateway.logs import setup_logging
+from gateway.ratelimit import BucketTable
 from gateway.workers import run_workers
 
 
@@ -92,18 +93,21 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     # A keys file that cannot be loaded stops start-up here, with its reason, rather
     # than in every worker.
     auth.KeyStore(settings.keys_file).load()
+    # Made before the fork, so that every worker inherits it: a key's rate is then
+    # shared by all workers, whichever of them its connections land on.
+    buckets = BucketTable()
     # Fork before any event loop, thread or socket exists, so each worker starts clean.
-    return run_workers(settings.workers, lambda: _serve_one(settings))
+    return run_workers(settings.workers, lambda: _serve_one(settings, buckets))
 
 
-def _serve_one(settings: Settings) -> int:
+def _serve_one(settings: Settings, buckets: BucketTable | None = None) -> int:
     # Imported only now: with several workers, prometheus_client (imported by the app)
     # must first see where run_workers keeps the shared metrics.
     from gateway.server import serve
 
     loop = new_event_loop()
     try:
-        loop.run_until_complete(serve(settings))
+        loop.run_until_complete(serve(settings, buckets))
     finally:
         loop.close()
     return 0

@@ -75,6 +75,9 @@ class Settings:
     idle_timeout_seconds: float = 15.0
     # A request body must arrive within this time, else 408: a slow body holds capacity.
     body_timeout_seconds: float = 10.0
+    # Open connections per process; past it a connection is answered 503 and closed
+    # (gateway/listener.py). Each costs a file descriptor and some memory.
+    max_connections: int = 4096
     keys_file: Path | None = None
     # Peers whose X-Forwarded-For / Forwarded headers are believed.
     trusted_proxies: tuple[IPNetwork, ...] = ()
@@ -111,6 +114,9 @@ class Settings:
             ),
             body_timeout_seconds=_seconds(
                 env, "CAFE_BODY_TIMEOUT_SECONDS", defaults.body_timeout_seconds
+            ),
+            max_connections=_int(
+                env, "CAFE_MAX_CONNECTIONS", defaults.max_connections, low=1, high=1_000_000
             ),
             keys_file=Path(keys_file) if keys_file else None,
             trusted_proxies=_networks(env, "CAFE_TRUSTED_PROXIES"),

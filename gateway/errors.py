@@ -18,12 +18,14 @@
     ├── RateLimited              429 rate_limited       (over the key's requests/s or records/s)
     ├── UnsupportedMediaType     415 unsupported_media_type
     ├── Overloaded               503 overloaded         (too much work in progress: shed)
+    ├── TooManyConnections       503 too_many_connections (a connection past the cap)
     ├── NotReady                 503 not_ready          (Kafka unreachable, draining)
     └── SinkUnavailable          503 kafka_unavailable  (records not acknowledged in time)
 
-aiohttp's own HTTP errors (404, 405, 413, ...) are rendered the same way, so every
-error a client sees has one shape: `application/problem+json` with `code` and `detail`;
-each is counted by code in `cafe_http_errors_total`.
+aiohttp's own HTTP errors (404, 405, 413, ...) are rendered the same way, and so are
+requests its HTTP parser refuses (by gateway/listener.py): every error a client sees
+has one shape, `application/problem+json` with `code` and `detail`, and is counted by
+code in `cafe_http_errors_total`.
 """
 
 from __future__ import annotations
@@ -181,6 +183,12 @@ class Overloaded(GatewayError):
     # Shedding is the gateway working as meant, thousands of times a second in a flood:
     # a line each would cost more than the shedding itself.
     log_level = logging.DEBUG
+
+
+class TooManyConnections(Overloaded):
+    """A POST on a connection opened past CAFE_MAX_CONNECTIONS; shed unread."""
+
+    code = "too_many_connections"
 
 
 class SinkUnavailable(GatewayError):

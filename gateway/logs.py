@@ -59,7 +59,9 @@ class MalformedRequests(logging.Filter):
 
     aiohttp logs those at ERROR with a traceback whose message quotes the offending
     line, which may hold an x-api-key. Like every client error here it becomes one
-    DEBUG line naming only the kind of error.
+    DEBUG line naming only the kind of error. (On the API port gateway/listener.py
+    answers and logs parser refusals itself; this covers the rest: the metrics port,
+    and bodies aiohttp drains after the answer.)
     """
 
     def filter(self, record: logging.LogRecord) -> bool:

@@ -76,6 +76,12 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livesum",
         )
+        self.connections = Gauge(
+            "cafe_http_connections_open",
+            "Client connections open (the cap, CAFE_MAX_CONNECTIONS, is per process)",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
         self.body_bytes = Histogram(
             "cafe_http_request_body_bytes",
             "Declared size of request bodies (Content-Length)",

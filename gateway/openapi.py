@@ -122,14 +122,21 @@ def build_openapi(record_types: Mapping[str, RecordType], version: str) -> dict[
                         "No record accepted; each rejection says why",
                         {"$ref": "#/components/schemas/IngestResult"},
                     ),
-                    "400": _problem("Not JSON, not UTF-8, or not the records envelope"),
+                    "400": _problem(
+                        "Not JSON, not UTF-8, not the records envelope, or not valid HTTP/1.1"
+                    ),
                     "401": _problem("Missing, unknown or disabled API key"),
                     "403": _problem("A web origin, or a use, the key does not allow"),
                     "408": _problem("The body did not arrive in time"),
                     "413": _problem("Body larger than the limit, or a compression bomb"),
+                    "414": _problem("Request target over 4,096 bytes"),
                     "415": _problem("Content type other than JSON"),
                     "429": _problem("Over the key's rate limit; retry after Retry-After"),
-                    "503": _problem("Kafka unavailable or not acknowledging; retry later"),
+                    "431": _problem("A header line too long, or too many headers"),
+                    "503": _problem(
+                        "Kafka unavailable or not acknowledging, or the gateway over capacity; "
+                        "retry after Retry-After"
+                    ),
                 },
             }
         }

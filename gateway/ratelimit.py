@@ -1,28 +1,59 @@
 """Per-key rate limits: token buckets for requests/s and records/s, set in the keys file.
 
-A key without limits is not limited (the default). Buckets live in each process; with
-several workers each gets 1/CAFE_WORKERS of a key's rate, since the kernel spreads
-connections evenly across them, so the sum is the configured rate to within the
-unevenness of that spread. The request check runs before the body is read, so a
-refused request costs a hash lookup; the record check runs once the body is parsed
-and before any record is validated.
+A key without limits is not limited (the default), and costs nothing here. A limited
+key's buckets live in a table in shared memory, made before the workers are forked and
+inherited by all of them, so a key gets its configured rate whatever the connections:
+one keep-alive connection always lands on one worker, which with buckets per worker
+would cap it at that worker's share. The request check runs before the body is read,
+so a refused request costs a few microseconds; the record check runs once the body is
+parsed and before any record is validated.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import logging
 import math
+import mmap
+import os
+import struct
 import time
+import weakref
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+# Nothing here may import gateway.metrics: `cafe-gateway serve` makes the table before
+# it forks, and prometheus_client must not be imported before then (gateway/workers.py).
 from gateway.auth import API_KEY, ApiKey
 from gateway.errors import RateLimited
 from gateway.schemas import MAX_RECORDS
 
+log = logging.getLogger(__name__)
+
+# A bucket is known by its key id, kind ("requests" or "records") and rate, so a limit
+# changed in the keys file starts a new bucket.
+Bucket = tuple[str, str, float]
+
+# A slot of the table: the bucket's digest (0: empty slot), then its tokens and stamp.
+_DIGEST = struct.Struct("=Q")
+_STATE = struct.Struct("=dd")
+_SLOT_SIZE = _DIGEST.size + _STATE.size
+
+
+def _refill_and_take(
+    tokens: float, stamp: float, now: float, rate: float, burst: float, count: float
+) -> tuple[float, float]:
+    """The tokens left, and 0.0 if `count` were taken, else the seconds until they would be."""
+    tokens = min(burst, tokens + (now - stamp) * rate)
+    if tokens >= count:
+        return tokens - count, 0.0
+    return tokens, (count - tokens) / rate
+
 
 class TokenBucket:
-    """`rate` tokens a second, holding at most `burst`; starts full."""
+    """`rate` tokens a second, holding at most `burst`; starts full. One process's own."""
 
     def __init__(self, rate: float, burst: float) -> None:
         self.rate = rate
@@ -32,40 +63,103 @@ class TokenBucket:
 
     def take(self, count: float, now: float) -> float:
         """Take `count` tokens: 0.0 if taken, else the seconds until they would be there."""
-        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._tokens, wait_s = _refill_and_take(
+            self._tokens, self._stamp, now, self.rate, self.burst, count
+        )
         self._stamp = now
-        if self._tokens >= count:
-            self._tokens -= count
-            return 0.0
-        return (count - self._tokens) / self.rate
+        return wait_s
+
+
+class BucketTable:
+    """Token buckets in shared memory, for every process forked after it was made.
+
+    A fixed number of slots, found by open addressing on an 8-byte digest of the bucket.
+    A slot, once given to a bucket, keeps it for the table's life (a rate changed in the
+    keys file leaves its old bucket behind), so each process caches where its buckets are.
+    """
+
+    def __init__(self, slots: int = 16384) -> None:
+        self.slots = slots
+        # Anonymous memory with a file descriptor: mapped MAP_SHARED, so forked workers
+        # see one table, and a file the lock below can be taken on.
+        self._fd = os.memfd_create("cafe-gateway-ratelimit")
+        weakref.finalize(self, os.close, self._fd)  # tests make a table per app
+        os.ftruncate(self._fd, slots * _SLOT_SIZE)  # zero-filled: every slot empty
+        self._mem = mmap.mmap(self._fd, slots * _SLOT_SIZE)
+        self._offsets: dict[Bucket, int] = {}
+
+    def take(
+        self, bucket: Bucket, rate: float, burst: float, count: float, now: float
+    ) -> float | None:
+        """Take `count` tokens: 0.0 if taken, else the seconds until they would be there;
+        None if the bucket is new and the table has no room for it."""
+        # A POSIX record lock, not a multiprocessing.Lock: the kernel releases it when its
+        # process dies, so a worker killed inside this section cannot block the others
+        # forever. It belongs to the process, so it does not exclude threads; only the
+        # event loop's thread checks limits.
+        fcntl.lockf(self._fd, fcntl.LOCK_EX)
+        try:
+            offset = self._offsets.get(bucket)
+            if offset is None:
+                offset = self._claim(bucket, burst, now)
+                if offset is None:
+                    return None
+            tokens, stamp = _STATE.unpack_from(self._mem, offset)
+            # `now` was read before the lock, so it may be a hair older than the stamp
+            # another worker just wrote: the refill is then a hair negative, and the next
+            # one gives it back.
+            tokens, wait_s = _refill_and_take(tokens, stamp, now, rate, burst, count)
+            _STATE.pack_into(self._mem, offset, tokens, now)
+            return wait_s
+        finally:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+
+    def _claim(self, bucket: Bucket, burst: float, now: float) -> int | None:
+        """Where the bucket's tokens and stamp are, in the slot another process gave it or
+        in an empty one; None if there is none. Called under the lock."""
+        # blake2b, not hash(): the same in every process. 0 marks an empty slot.
+        digest = int.from_bytes(hashlib.blake2b(repr(bucket).encode(), digest_size=8).digest())
+        digest = digest or 1
+        start = digest % self.slots
+        for probe in range(self.slots):
+            slot = (start + probe) % self.slots * _SLOT_SIZE
+            (found,) = _DIGEST.unpack_from(self._mem, slot)
+            if found not in (0, digest):
+                continue
+            if found == 0:  # a new bucket: it starts full
+                _DIGEST.pack_into(self._mem, slot, digest)
+                _STATE.pack_into(self._mem, slot + _DIGEST.size, burst, now)
+            offset = self._offsets[bucket] = slot + _DIGEST.size
+            return offset
+        return None
 
 
 class RateLimiter:
-    """The buckets of every limited key, made when the key is first seen."""
+    """The rate limits of every key, checked against the buckets in `buckets`.
 
-    def __init__(self, workers: int) -> None:
-        self._share = 1 / workers
-        # By key id and rate, so a limit changed in the keys file starts a new bucket.
-        self._requests: dict[tuple[str, float], TokenBucket] = {}
-        self._records: dict[tuple[str, float], TokenBucket] = {}
+    `buckets` is shared with the other workers; a fresh table by default.
+    """
+
+    def __init__(self, workers: int, buckets: BucketTable | None = None) -> None:
+        self._workers = workers
+        self._table = buckets if buckets is not None else BucketTable()
+        # Buckets the table had no room for: this process's own, at 1/workers of the
+        # rate (the kernel spreads connections evenly, roughly, over the workers).
+        self._fallback: dict[Bucket, TokenBucket] = {}
 
     def check_request(self, key: ApiKey) -> None:
         """Raise RateLimited if the key has used up its requests for now."""
         if key.requests_per_second is None:
             return
-        rate = key.requests_per_second * self._share
         # A second's worth of burst, and always room for one request.
-        bucket = self._bucket(self._requests, key.id, rate, max(rate, 1.0))
-        self._take(bucket, 1, "requests")
+        self._take(key.id, "requests", key.requests_per_second, 1.0, 1)
 
     def check_records(self, key: ApiKey, count: int) -> None:
         """Raise RateLimited if the key may not send `count` more records now."""
         if key.records_per_second is None:
             return
-        rate = key.records_per_second * self._share
         # Always room for a full batch, or a low limit would refuse large batches forever.
-        bucket = self._bucket(self._records, key.id, rate, max(rate, float(MAX_RECORDS)))
-        self._take(bucket, count, "records")
+        self._take(key.id, "records", key.records_per_second, float(MAX_RECORDS), count)
 
     def middleware(self) -> Middleware:
         """A middleware that refuses a keyed request over its key's request rate, unread."""
@@ -79,20 +173,30 @@ class RateLimiter:
 
         return limit
 
-    @staticmethod
-    def _bucket(
-        buckets: dict[tuple[str, float], TokenBucket], key_id: str, rate: float, burst: float
-    ) -> TokenBucket:
-        bucket = buckets.get((key_id, rate))
-        if bucket is None:
-            bucket = buckets[(key_id, rate)] = TokenBucket(rate, burst)
-        return bucket
-
-    @staticmethod
-    def _take(bucket: TokenBucket, count: int, what: str) -> None:
-        wait_s = bucket.take(count, time.monotonic())
+    def _take(self, key_id: str, what: str, rate: float, min_burst: float, count: int) -> None:
+        bucket = (key_id, what, rate)
+        now = time.monotonic()
+        fallback = self._fallback.get(bucket)
+        if fallback is None:
+            wait_s = self._table.take(bucket, rate, max(rate, min_burst), count, now)
+            if wait_s is None:
+                fallback = self._fall_back(bucket, rate, min_burst)
+        if fallback is not None:
+            wait_s = fallback.take(count, now)
         if wait_s:
             raise RateLimited(
-                f"this API key is limited to {bucket.rate:g} {what}/s here; retry later",
+                f"this API key is limited to {rate:g} {what}/s; retry later",
                 retry_after=max(1, math.ceil(wait_s)),
             )
+
+    def _fall_back(self, bucket: Bucket, rate: float, min_burst: float) -> TokenBucket:
+        if not self._fallback:
+            log.warning(
+                "rate-limit table full (%d slots): further limits are kept by each "
+                "worker, at 1/%d of the rate",
+                self._table.slots,
+                self._workers,
+            )
+        share = rate / self._workers
+        fallback = self._fallback[bucket] = TokenBucket(share, max(share, min_burst))
+        return fallback

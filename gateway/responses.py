@@ -1,4 +1,4 @@
-"""JSON response bodies, encoded with orjson."""
+"""JSON response bodies, encoded with orjson, and the headers every answer carries."""
 
 from __future__ import annotations
 
@@ -6,6 +6,16 @@ from collections.abc import Mapping
 
 import orjson
 from aiohttp import web
+
+# On every answer. The API serves JSON to programs: nothing in it may be sniffed as
+# another type, framed, cached by a shared cache, or given a referrer.
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
 
 
 def json_response(

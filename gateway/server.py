@@ -11,24 +11,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 
 from aiohttp import web
 
 from gateway.app import create_app, create_metrics_app
 from gateway.config import Settings
+from gateway.listener import GatewayRunner
+from gateway.ratelimit import BucketTable
 from gateway.state import DRAINING
 
 log = logging.getLogger(__name__)
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, buckets: BucketTable | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then drain and return."""
-    app = create_app(settings)
+    app = create_app(settings, buckets=buckets)
+    _raise_file_limit(settings.max_connections)
     # With several workers each binds the port itself; the kernel shares connections.
     reuse_port = settings.workers > 1
-    runners = [
-        web.AppRunner(
+    runners: list[web.AppRunner] = [
+        GatewayRunner(
             app,
             access_log=None,
             shutdown_timeout=settings.shutdown_grace_seconds,
@@ -61,3 +65,29 @@ async def serve(settings: Settings) -> None:
         for runner in runners:
             await runner.cleanup()
     log.info("stopped")
+
+
+# Descriptors besides client connections: Kafka's sockets, the listener, logs, files.
+_SPARE_FILES = 256
+
+
+def _raise_file_limit(max_connections: int) -> None:
+    """Let the process open a descriptor for every connection the cap allows.
+
+    The soft limit is often 1024: past it, accept() fails and clients wait in the
+    backlog, unanswered. It may be raised up to the hard limit without privileges.
+    """
+    need = max_connections + _SPARE_FILES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    raised = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+    if raised < need:
+        log.warning(
+            "CAFE_MAX_CONNECTIONS=%d, but this process may open only %d files: "
+            "connections past about %d wait unanswered",
+            max_connections,
+            raised,
+            raised - _SPARE_FILES,
+        )

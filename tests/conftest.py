@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
+from gateway.listener import GatewayRunner
+from gateway.state import SETTINGS
 from tests.keys import KeyFile, make_key_file
+
+AiohttpClient = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -34,3 +42,23 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 def key_file(tmp_path: Path) -> KeyFile:
     """A keys file with one enabled key for the platform analytics-portal."""
     return make_key_file(tmp_path)
+
+
+class GatewayTestServer(TestServer):
+    """A test server that serves a gateway app as `cafe-gateway serve` does: through
+    GatewayRunner, so the connection cap and the answers to unparsable requests hold."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        return GatewayRunner(self.app, **kwargs)
+
+
+@pytest.fixture
+def aiohttp_client(aiohttp_client: AiohttpClient) -> AiohttpClient:
+    """pytest-aiohttp's fixture, serving every gateway app through GatewayTestServer."""
+
+    async def client(app: Any, **kwargs: Any) -> TestClient:  # type: ignore[type-arg]
+        if isinstance(app, web.Application) and SETTINGS in app:
+            app = GatewayTestServer(app, **kwargs.pop("server_kwargs", {}))
+        return await aiohttp_client(app, **kwargs)
+
+    return client

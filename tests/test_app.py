@@ -8,9 +8,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway.access import SECURITY_HEADERS
 from gateway.app import create_app
 from gateway.config import KafkaSettings, Settings
+from gateway.responses import SECURITY_HEADERS
 from gateway.sink import MemorySink
 from gateway.state import DRAINING
 

@@ -1,8 +1,14 @@
-"""Per-key rate limits: token buckets, and 429 + Retry-After from the app."""
+"""Per-key rate limits: token buckets shared by forked workers, and 429 + Retry-After."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,7 +21,7 @@ from gateway.app import create_app
 from gateway.cli import main
 from gateway.config import Settings
 from gateway.errors import RateLimited
-from gateway.ratelimit import RateLimiter, TokenBucket
+from gateway.ratelimit import BucketTable, RateLimiter, TokenBucket
 from gateway.sink import MemorySink
 from tests.keys import KeyFile
 from tests.spec_samples import curl_bodies
@@ -31,6 +37,23 @@ def test_a_bucket_refills_at_its_rate_up_to_its_burst() -> None:
     assert bucket.take(5, start + 0.5) == 0.0  # 5 tokens came back in half a second
     assert bucket.take(20, start + 100) == 0.0  # never more than the burst
     assert bucket.take(1, start + 100) > 0
+
+
+def test_a_shared_bucket_refills_at_its_rate_up_to_its_burst() -> None:
+    table = BucketTable()
+    bucket = ("k_000000000000", "records", 10.0)
+    start = 1000.0
+
+    def take(count: float, now: float) -> float | None:
+        return table.take(bucket, 10, 20, count, now)
+
+    assert take(20, start) == 0.0  # a new bucket starts full
+    assert take(1, start) == pytest.approx(0.1)
+    assert take(5, start + 0.5) == 0.0  # 5 tokens came back in half a second
+    assert take(20, start + 100) == 0.0  # never more than the burst
+    assert take(1, start + 100) == pytest.approx(0.1)
+    # Another kind or rate of the same key is another bucket.
+    assert table.take(("k_000000000000", "records", 11.0), 11, 20, 20, start + 100) == 0.0
 
 
 def limited_key(
@@ -52,14 +75,88 @@ def test_a_key_without_limits_is_never_refused() -> None:
         limiter.check_records(key, 500)
 
 
-def test_each_worker_takes_its_share_of_the_rate() -> None:
-    limiter = RateLimiter(workers=2)
+def test_workers_share_a_key_s_buckets() -> None:
+    # Two workers, as `cafe-gateway serve` forks them: the table is made before the fork.
+    buckets = BucketTable()
+    limiter = RateLimiter(workers=2, buckets=buckets)
     key = limited_key(requests_per_second=10)
-    for _ in range(5):
-        limiter.check_request(key)
+    pid = os.fork()
+    if pid == 0:  # the other worker: one connection gets the key's whole rate
+        code = 1
+        try:
+            for _ in range(10):
+                limiter.check_request(key)
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    # Within the next token's 0.1 s, the parent finds the bucket drained.
     with pytest.raises(RateLimited) as info:
         limiter.check_request(key)
-    assert "5 requests/s" in info.value.detail
+    assert "limited to 10 requests/s;" in info.value.detail
+
+
+@contextlib.contextmanager
+def deadline(seconds: int) -> Iterator[None]:
+    """Fail with TimeoutError instead of hanging (SIGALRM interrupts a waiting lock)."""
+
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError(f"still waiting after {seconds}s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_worker_killed_holding_the_lock_blocks_no_one() -> None:
+    buckets = BucketTable()
+    limiter = RateLimiter(workers=2, buckets=buckets)
+    key = limited_key(requests_per_second=10)
+    ready, tell = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a worker that dies inside the critical section
+        try:
+            fcntl.lockf(buckets._fd, fcntl.LOCK_EX)
+            os.write(tell, b"locked")
+            time.sleep(60)
+        finally:
+            os._exit(1)
+    try:
+        assert os.read(ready, 6) == b"locked"
+        with pytest.raises(OSError):  # the child does hold it
+            fcntl.lockf(buckets._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        os.close(ready)
+        os.close(tell)
+    assert os.waitstatus_to_exitcode(status) == -signal.SIGKILL
+    with deadline(5):
+        limiter.check_request(key)
+
+
+def test_past_a_full_table_buckets_fall_back_to_each_worker_s_share(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    limiter = RateLimiter(workers=2, buckets=BucketTable(slots=1))
+    first, second, third = (limited_key(requests_per_second=4) for _ in range(3))
+    with caplog.at_level(logging.WARNING, logger="gateway.ratelimit"):
+        limiter.check_request(first)  # takes the one slot
+        for _ in range(2):  # no room: this worker's half of 4/s, burst 2
+            limiter.check_request(second)
+        with pytest.raises(RateLimited) as info:
+            limiter.check_request(second)
+        limiter.check_request(third)
+    assert "limited to 4 requests/s;" in info.value.detail
+    assert [r.getMessage() for r in caplog.records] == [
+        "rate-limit table full (1 slots): further limits are kept by each worker, "
+        "at 1/2 of the rate"
+    ]
 
 
 def test_a_full_batch_fits_even_under_a_low_record_rate() -> None:

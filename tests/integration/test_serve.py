@@ -17,11 +17,13 @@ import orjson
 import psutil
 import pytest
 
+from gateway import auth
 from tests.integration.conftest import Broker, consume_all, delete_topics
 from tests.integration.tcp_proxy import free_port, free_ports
 from tests.keys import KeyFile
 from tests.scrape import Samples
 from tests.spec_samples import curl_bodies
+from tests.test_listener import Connection, connection
 
 pytestmark = pytest.mark.integration
 
@@ -198,6 +200,48 @@ async def test_two_workers_share_one_port_and_stop_together(
                     assert resp.status == 200
         await proc.stop()
         assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+
+
+async def test_two_workers_draw_a_keys_rate_from_one_bucket(
+    kafka: Broker, key_file: KeyFile, prefix: str
+) -> None:
+    rate = 5  # requests/s, and a burst of as many
+    plaintext, record = auth.mint_key(("analytics-portal",), requests_per_second=rate)
+    auth.write_keys_file(key_file.path, [*auth.read_keys_file(key_file.path), record])
+    get_ip = f"GET /v1/ip HTTP/1.1\r\nHost: t\r\nx-api-key: {plaintext}\r\n\r\n".encode()
+    port = free_port()
+    async with running(gateway_env(port, kafka, key_file, prefix, CAFE_WORKERS="2")):
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+            await ready_in_a_row(http, 10)
+        async with contextlib.AsyncExitStack() as stack:
+            # Two keep-alive connections served by different workers (a request id
+            # starts with its worker's prefix).
+            by_worker: dict[str, Connection] = {}
+            for _ in range(40):
+                conn = await stack.enter_async_context(connection(port))
+                answer = await conn.ask(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+                by_worker.setdefault(answer.headers["x-request-id"][:16], conn)
+                if len(by_worker) == 2:
+                    break
+            first, second = by_worker.values()
+            started = time.monotonic()
+            first_ok = await served_until_refused(first, get_ip)
+            second_ok = await served_until_refused(second, get_ip)
+            refilled = (time.monotonic() - started) * rate
+    # One connection gets the key's whole rate (a bucket per worker would give it half),
+    # and what it used is gone for the other worker too (not a full rate per worker).
+    assert first_ok >= rate, (first_ok, second_ok)
+    assert first_ok + second_ok <= rate + refilled + 1, (first_ok, second_ok, refilled)
+
+
+async def served_until_refused(conn: Connection, request: bytes) -> int:
+    """How many times `request` is answered 200 before a 429 (which closes the connection)."""
+    for served in range(100):
+        status = (await conn.ask(request)).status
+        if status != 200:
+            assert status == 429
+            return served
+    raise AssertionError("never refused")
 
 
 async def test_two_workers_report_one_set_of_metrics_on_the_metrics_port(

@@ -1,0 +1,202 @@
+"""The listener: the connection cap, and the answers to requests aiohttp's parser refuses.
+
+Over raw sockets, since these are about connections and bytes no HTTP client sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import resource
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient
+
+from gateway import access, server
+from gateway.app import create_app
+from gateway.config import Settings
+from gateway.responses import SECURITY_HEADERS
+from gateway.sink import MemorySink
+from tests.keys import KeyFile
+from tests.scrape import Samples
+from tests.spec_samples import curl_bodies
+
+AiohttpClient = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
+
+
+class Answer:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+class Connection:
+    """One keep-alive client connection, spoken to in raw HTTP/1.1."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    async def ask(self, request: bytes) -> Answer:
+        self.writer.write(request)
+        head = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        status_line, *lines = head.split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines if x)}
+        body = await self.reader.readexactly(int(headers.get("content-length", "0")))
+        return Answer(int(status_line.split()[1]), headers, body)
+
+    async def closed_by_server(self) -> bool:
+        return await asyncio.wait_for(self.reader.read(1), timeout=5) == b""
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@contextlib.asynccontextmanager
+async def connection(port: int) -> AsyncIterator[Connection]:
+    conn = Connection(*await asyncio.open_connection("127.0.0.1", port))
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def post_log(key: str) -> bytes:
+    body = curl_bodies()["log"]
+    head = (
+        f"POST /v1/log HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        f"x-api-key: {key}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+GET_HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+GET_METRICS = b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n"
+
+
+async def serve(aiohttp_client: AiohttpClient, key_file: KeyFile, **settings: Any) -> int:
+    app = create_app(Settings(keys_file=key_file.path, **settings), sink=MemorySink())
+    client = await aiohttp_client(app)
+    assert client.port is not None
+    return client.port
+
+
+async def test_connections_past_the_cap_are_refused_and_closed_the_rest_served(
+    aiohttp_client: AiohttpClient, key_file: KeyFile
+) -> None:
+    port = await serve(aiohttp_client, key_file, max_connections=2)
+    async with connection(port) as first, connection(port) as second:
+        for conn in (first, second):
+            assert (await conn.ask(post_log(key_file.key))).status == 200
+        async with connection(port) as third:
+            refused = await third.ask(post_log(key_file.key))
+            assert refused.status == 503
+            assert refused.json()["code"] == "too_many_connections"
+            assert refused.headers["retry-after"] == "1"
+            assert refused.headers["connection"] == "close"
+            assert await third.closed_by_server()
+        async with connection(port) as probe:
+            # A probe past the cap is answered, and its connection closed after.
+            healthz = await probe.ask(GET_HEALTHZ)
+            assert (healthz.status, healthz.headers["connection"]) == (200, "close")
+            assert await probe.closed_by_server()
+        # The connections opened first keep being served, kept alive.
+        again = await first.ask(post_log(key_file.key))
+        assert again.status == 200
+        assert "connection" not in again.headers
+        first.close()
+        await asyncio.sleep(0.1)  # the server sees the close
+        async with connection(port) as fresh:
+            # Back under the cap: a new connection is served as usual.
+            assert (await fresh.ask(post_log(key_file.key))).status == 200
+            samples = Samples((await fresh.ask(GET_METRICS)).body.decode())
+    assert samples.value("cafe_http_connections_open") == 2  # second, fresh
+    assert samples.value("cafe_http_errors_total", code="too_many_connections") == 1
+
+
+async def test_a_refused_request_line_is_a_problem_with_the_usual_headers_and_counts(
+    aiohttp_client: AiohttpClient, key_file: KeyFile, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = await serve(aiohttp_client, key_file)
+    header = f"x-api-key: {key_file.key}\x01\r\n"
+    with caplog.at_level(logging.DEBUG, logger="gateway.listener"):
+        async with connection(port) as conn:
+            answer = await conn.ask(
+                b"GET /v1/ip HTTP/1.1\r\nHost: t\r\n" + header.encode() + b"\r\n"
+            )
+            assert await conn.closed_by_server()
+    assert answer.status == 400
+    assert answer.headers["content-type"] == "application/problem+json"
+    problem = answer.json()
+    assert problem["code"] == "malformed_request"
+    assert answer.headers["x-request-id"] == problem["requestId"]
+    assert {k.lower(): v for k, v in SECURITY_HEADERS.items()}.items() <= answer.headers.items()
+    (line,) = [r for r in caplog.records if r.name == "gateway.listener"]
+    assert line.levelno == logging.DEBUG
+    assert line.getMessage() == "refused a malformed request: BadHttpMessage"
+    assert line.fields["request_id"] == problem["requestId"]  # type: ignore[attr-defined]
+    assert key_file.key not in caplog.text
+    async with connection(port) as conn:
+        samples = Samples((await conn.ask(GET_METRICS)).body.decode())
+    assert samples.value("cafe_http_errors_total", code="malformed_request") == 1
+    assert samples.value("cafe_http_requests_total", route="unmatched", status="400") == 1
+
+
+async def test_an_error_escaping_every_middleware_is_a_500_problem_and_logged(
+    aiohttp_client: AiohttpClient,
+    key_file: KeyFile,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(*args: Any) -> None:
+        raise RuntimeError("a bug in the access middleware")
+
+    # The access middleware is outermost: what it raises, no middleware answers.
+    monkeypatch.setattr(access, "_route", broken)
+    port = await serve(aiohttp_client, key_file)
+    with caplog.at_level(logging.ERROR, logger="gateway.listener"):
+        async with connection(port) as conn:
+            answer = await conn.ask(GET_HEALTHZ)
+    assert answer.status == 500
+    problem = answer.json()
+    assert problem["code"] == "internal_error"
+    assert "access" not in answer.body.decode()  # no internals to the client
+    (line,) = [r for r in caplog.records if r.name == "gateway.listener"]
+    assert line.exc_info is not None and "a bug in the access middleware" in str(line.exc_info[1])
+
+
+@pytest.fixture
+def file_limit() -> Any:
+    """Restores the soft limit on open files that a test changes."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    yield soft, hard
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_the_file_limit_is_raised_to_fit_the_cap(file_limit: tuple[int, int]) -> None:
+    _, hard = file_limit
+    if hard != resource.RLIM_INFINITY and hard < 2000:
+        pytest.skip(f"the hard limit ({hard}) leaves no room to raise")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    server._raise_file_limit(1500)
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == 1500 + server._SPARE_FILES
+
+
+def test_a_cap_past_the_hard_limit_is_warned_about(
+    file_limit: tuple[int, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    _, hard = file_limit
+    if hard == resource.RLIM_INFINITY:
+        pytest.skip("no hard limit on open files")
+    with caplog.at_level(logging.WARNING, logger="gateway.server"):
+        server._raise_file_limit(hard)
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
+    assert "CAFE_MAX_CONNECTIONS" in caplog.text
