@@ -4,6 +4,7 @@
 #   kafka.sh up      resolve the jars (first time only), format storage (first time only),
 #                    start the broker and return once it acknowledges a produced record
 #   kafka.sh down    stop the broker cleanly (SIGTERM, then SIGKILL after a grace period)
+#   kafka.sh destroy stop the broker and delete its data and logs (the jars stay)
 #   kafka.sh status  say whether it runs; exit 0 if it does, 3 if not
 #   kafka.sh fetch   only resolve the jars into the cache
 #   kafka.sh logs    print the tail of the broker log
@@ -196,6 +197,12 @@ down() {
     fi
 }
 
+destroy() {
+    down
+    rm -rf "$run"
+    say "deleted $run"
+}
+
 status() {
     local pid
     if pid=$(broker_pid); then
@@ -209,11 +216,12 @@ status() {
 case "${1:-}" in
     up) up ;;
     down) down ;;
+    destroy) destroy ;;
     status) status ;;
     fetch) fetch ;;
     logs) show_log_tail ;;
     *)
-        sed -n '2,10s/^# \{0,1\}//p' "$0" >&2
+        sed -n '2,11s/^# \{0,1\}//p' "$0" >&2
         exit 2
         ;;
 esac

@@ -127,7 +127,8 @@ def spare_broker() -> Iterator[tuple[str, dict[str, str]]]:
     try:
         yield f"127.0.0.1:{env['CAFE_KAFKA_PORT']}", env
     finally:
-        subprocess.run([str(KAFKA_SH), "down"], env=env, check=True, capture_output=True)
+        # Its data and logs go too: each test run would otherwise leave a directory.
+        subprocess.run([str(KAFKA_SH), "destroy"], env=env, check=True, capture_output=True)
 
 
 async def delete_topics(bootstrap: str, wanted: Callable[[str], bool]) -> None:

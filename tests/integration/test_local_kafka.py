@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -21,14 +23,17 @@ def kafka_sh(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str
 
 
 @pytest.fixture
-def ports_env() -> dict[str, str]:
-    """Environment for a broker on two free ports; it shares the jar cache with the main one."""
+def ports_env() -> Iterator[dict[str, str]]:
+    """Environment for a broker on two free ports; it shares the jar cache with the main one.
+    Its data and logs are deleted afterwards."""
     port, controller_port = free_ports(2)
-    return {
+    env = {
         **os.environ,
         "CAFE_KAFKA_PORT": str(port),
         "CAFE_KAFKA_CONTROLLER_PORT": str(controller_port),
     }
+    yield env
+    kafka_sh("destroy", env=env)
 
 
 def test_up_and_down_are_idempotent(ports_env: dict[str, str]) -> None:
@@ -49,6 +54,13 @@ def test_up_and_down_are_idempotent(ports_env: dict[str, str]) -> None:
     assert down_again.returncode == 0, down_again.stderr
     assert "not running" in down_again.stderr
     assert kafka_sh("status", env=ports_env).returncode == 3
+    # "starting Apache Kafka ... (logs: <its run directory>/logs)"
+    run_dir = Path(first.stderr.split("(logs: ", 1)[1].split(")", 1)[0]).parent
+    assert (run_dir.name, run_dir.is_dir()) == (f"run-{port}", True)
+    destroyed = kafka_sh("destroy", env=ports_env)
+    assert destroyed.returncode == 0, destroyed.stderr
+    assert f"deleted {run_dir}" in destroyed.stderr
+    assert not run_dir.exists()
 
 
 def test_a_broker_that_cannot_start_shows_its_log_and_fails(ports_env: dict[str, str]) -> None:
