@@ -136,8 +136,12 @@ async def _read_json(request: web.Request, settings: Settings) -> Any:
     if encoding == "identity":
         encoding = ""
     try:
-        async with asyncio.timeout(settings.body_timeout_seconds):
+        if request.content.is_eof():
+            # All here already (a small body comes with its headers): nothing to time.
             body = await request.read()
+        else:
+            async with asyncio.timeout(settings.body_timeout_seconds):
+                body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes") from None
     except TimeoutError:
