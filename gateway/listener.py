@@ -10,7 +10,9 @@ subclass of aiohttp's per-connection protocol (`RequestHandler`), made by
 The cap (CAFE_MAX_CONNECTIONS, per process): the kernel hands over a connection
 before anyone can refuse it, so one past the cap is accepted but marked. A POST on it
 is answered 503 `too_many_connections` with Retry-After, unread, and every answer on
-it closes it; connections opened before it are served as usual.
+it closes it; one that sends no request is closed after OVER_CAP_GRACE_SECONDS, so
+idle connections cannot pile up past the cap. Connections opened before it are served
+as usual.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ log = logging.getLogger(__name__)
 URI_LIMIT = 4096  # bytes of the request target (path and query); ours are short
 FIELD_LIMIT = 8190  # bytes of one header line, name and value (aiohttp's default)
 HEADER_LIMIT = 128  # header lines (aiohttp's default)
+
+# How long a connection past the cap may wait before sending its request.
+OVER_CAP_GRACE_SECONDS = 1.0
 
 
 class GatewayRunner(web.AppRunner):
@@ -107,6 +112,7 @@ class _Server(web.Server):
         self.metrics.connections.inc()
         if self.open_connections > self.max_connections and isinstance(handler, _Connection):
             handler.over_capacity = True
+            asyncio.get_running_loop().call_later(OVER_CAP_GRACE_SECONDS, handler.close_if_idle)
 
     def connection_lost(
         self, handler: web.RequestHandler, exc: BaseException | None = None
@@ -126,6 +132,13 @@ class _Connection(web.RequestHandler):
         self._gateway = manager
         # Opened past the cap; set by _Server.connection_made.
         self.over_capacity = False
+
+    def close_if_idle(self) -> None:
+        """Close the connection if it is waiting for a request (or for the rest of one)."""
+        # The test aiohttp's own idle timeout makes: a request being answered is left to
+        # finish, and the answer on a connection past the cap closes it anyway.
+        if self._waiter is not None and not self._waiter.done():
+            self.force_close()
 
     def handle_error(
         self,

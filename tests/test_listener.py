@@ -16,7 +16,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from gateway import access, server
+from gateway import access, listener, server
 from gateway.app import create_app
 from gateway.config import Settings
 from gateway.responses import SECURITY_HEADERS
@@ -120,6 +120,18 @@ async def test_connections_past_the_cap_are_refused_and_closed_the_rest_served(
             samples = Samples((await fresh.ask(GET_METRICS)).body.decode())
     assert samples.value("cafe_http_connections_open") == 2  # second, fresh
     assert samples.value("cafe_http_errors_total", code="too_many_connections") == 1
+
+
+async def test_an_idle_connection_past_the_cap_is_closed_within_a_grace_period(
+    aiohttp_client: AiohttpClient, key_file: KeyFile
+) -> None:
+    # The idle timeout (15 s) would keep it open long past the 5 s wait below.
+    port = await serve(aiohttp_client, key_file, max_connections=1)
+    async with connection(port) as first, connection(port) as idle:
+        assert await idle.closed_by_server()
+        await asyncio.sleep(listener.OVER_CAP_GRACE_SECONDS)
+        # The connection within the cap is left alone.
+        assert (await first.ask(post_log(key_file.key))).status == 200
 
 
 async def test_a_refused_request_line_is_a_problem_with_the_usual_headers_and_counts(
