@@ -20,6 +20,7 @@ from gateway.app import create_app
 from gateway.cli import new_event_loop
 from gateway.config import Settings
 from gateway.listener import GatewayRunner
+from gateway.server import tune_gc
 from gateway.sink import DiscardSink
 
 
@@ -35,6 +36,8 @@ async def _healthz(request: web.Request) -> web.Response:
 async def _serve(runner: web.AppRunner, port: int) -> None:
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
+    if isinstance(runner, GatewayRunner):
+        tune_gc()  # as `cafe-gateway serve` does
     await asyncio.Event().wait()  # until killed
 
 

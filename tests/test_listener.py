@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import resource
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -16,7 +15,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from gateway import access, listener, server
+from gateway import access, listener
 from gateway.app import create_app
 from gateway.config import Settings
 from gateway.responses import SECURITY_HEADERS
@@ -183,32 +182,3 @@ async def test_an_error_escaping_every_middleware_is_a_500_problem_and_logged(
     assert "access" not in answer.body.decode()  # no internals to the client
     (line,) = [r for r in caplog.records if r.name == "gateway.listener"]
     assert line.exc_info is not None and "a bug in the access middleware" in str(line.exc_info[1])
-
-
-@pytest.fixture
-def file_limit() -> Any:
-    """Restores the soft limit on open files that a test changes."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    yield soft, hard
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-
-def test_the_file_limit_is_raised_to_fit_the_cap(file_limit: tuple[int, int]) -> None:
-    _, hard = file_limit
-    if hard != resource.RLIM_INFINITY and hard < 2000:
-        pytest.skip(f"the hard limit ({hard}) leaves no room to raise")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
-    server._raise_file_limit(1500)
-    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == 1500 + server._SPARE_FILES
-
-
-def test_a_cap_past_the_hard_limit_is_warned_about(
-    file_limit: tuple[int, int], caplog: pytest.LogCaptureFixture
-) -> None:
-    _, hard = file_limit
-    if hard == resource.RLIM_INFINITY:
-        pytest.skip("no hard limit on open files")
-    with caplog.at_level(logging.WARNING, logger="gateway.server"):
-        server._raise_file_limit(hard)
-    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
-    assert "CAFE_MAX_CONNECTIONS" in caplog.text
