@@ -25,6 +25,7 @@ from gateway.config import Settings
 from gateway.schemas import SCHEMA_BASE, schema_dir
 from gateway.sink import MemorySink, Message
 from tests.keys import KeyFile
+from tests.rawhttp import read_answer
 from tests.spec_samples import curl_bodies
 
 AiohttpClient = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
@@ -572,11 +573,8 @@ async def raw_exchange(port: int, request: bytes) -> tuple[int, str, bytes]:
 
 
 async def _read_response(reader: asyncio.StreamReader) -> tuple[int, str, bytes]:
-    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-    status_line, *lines = head.split("\r\n")
-    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines if line)}
-    body = await reader.readexactly(int(headers.get("content-length", "0")))
-    return int(status_line.split()[1]), headers.get("content-type", ""), body
+    answer = await read_answer(reader)
+    return answer.status, answer.headers.get("content-type", ""), answer.body
 
 
 def _request(key: bytes, *extra: bytes, body: bytes = b"{}") -> bytes:

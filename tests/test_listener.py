@@ -6,12 +6,10 @@ Over raw sockets, since these are about connections and bytes no HTTP client sen
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
@@ -21,51 +19,11 @@ from gateway.config import Settings
 from gateway.responses import SECURITY_HEADERS
 from gateway.sink import MemorySink
 from tests.keys import KeyFile
+from tests.rawhttp import connection
 from tests.scrape import Samples
 from tests.spec_samples import curl_bodies
 
 AiohttpClient = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
-
-
-class Answer:
-    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
-        self.status = status
-        self.headers = headers
-        self.body = body
-
-    def json(self) -> Any:
-        return orjson.loads(self.body)
-
-
-class Connection:
-    """One keep-alive client connection, spoken to in raw HTTP/1.1."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    async def ask(self, request: bytes) -> Answer:
-        self.writer.write(request)
-        head = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-        status_line, *lines = head.split("\r\n")
-        headers = {k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines if x)}
-        body = await self.reader.readexactly(int(headers.get("content-length", "0")))
-        return Answer(int(status_line.split()[1]), headers, body)
-
-    async def closed_by_server(self) -> bool:
-        return await asyncio.wait_for(self.reader.read(1), timeout=5) == b""
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-@contextlib.asynccontextmanager
-async def connection(port: int) -> AsyncIterator[Connection]:
-    conn = Connection(*await asyncio.open_connection("127.0.0.1", port))
-    try:
-        yield conn
-    finally:
-        conn.close()
 
 
 def post_log(key: str) -> bytes:

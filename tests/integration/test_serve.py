@@ -21,9 +21,9 @@ from gateway import auth
 from tests.integration.conftest import Broker, consume_all, delete_topics
 from tests.integration.tcp_proxy import free_port, free_ports
 from tests.keys import KeyFile
+from tests.rawhttp import Connection, connection
 from tests.scrape import Samples
 from tests.spec_samples import curl_bodies
-from tests.test_listener import Connection, connection
 
 pytestmark = pytest.mark.integration
 
