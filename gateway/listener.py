@@ -81,22 +81,9 @@ class _Server(web.Server):
     """Makes the connections, and counts the open ones against the cap."""
 
     def __init__(
-        self,
-        handler: Any,
-        *,
-        max_connections: int,
-        metrics: Metrics,
-        request_factory: Any,
-        handler_cancellation: bool = False,
-        **handler_kwargs: Any,
+        self, handler: Any, *, max_connections: int, metrics: Metrics, **kwargs: Any
     ) -> None:
-        super().__init__(
-            handler,
-            request_factory=request_factory,
-            handler_cancellation=handler_cancellation,
-            **handler_kwargs,
-        )
-        self._handler_kwargs = handler_kwargs
+        super().__init__(handler, **kwargs)
         self.max_connections = max_connections
         self.open_connections = 0
         self.metrics = metrics
@@ -104,7 +91,8 @@ class _Server(web.Server):
         self.request_ids = RequestIds()
 
     def __call__(self) -> _Connection:
-        return _Connection(self, loop=asyncio.get_running_loop(), **self._handler_kwargs)
+        # As aiohttp's Server.__call__, with our class: _kwargs are the handler's settings.
+        return _Connection(self, loop=asyncio.get_running_loop(), **self._kwargs)
 
     def connection_made(self, handler: web.RequestHandler, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)
