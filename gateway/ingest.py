@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import UTC, datetime
 from typing import Any
 
@@ -135,13 +136,15 @@ async def _read_json(request: web.Request, settings: Settings) -> Any:
     encoding = request.headers.get("Content-Encoding", "").strip().lower()
     if encoding == "identity":
         encoding = ""
+    # A body all here already (a small one comes with its headers) needs no timer.
+    timer = (
+        contextlib.nullcontext()
+        if request.content.is_eof()
+        else asyncio.timeout(settings.body_timeout_seconds)
+    )
     try:
-        if request.content.is_eof():
-            # All here already (a small body comes with its headers): nothing to time.
+        async with timer:
             body = await request.read()
-        else:
-            async with asyncio.timeout(settings.body_timeout_seconds):
-                body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes") from None
     except TimeoutError:
