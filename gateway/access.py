@@ -104,7 +104,7 @@ def _log(
         "latency_ms": round(seconds * 1000, 3),
         "bytes_in": request.content_length,
         "bytes_out": response.content_length,
-        "client_ip": client_ip(request, settings.trusted_proxies),
+        "client_ip": client_ip(request, settings),
         # The key's id only: the plaintext never reaches a log.
         "key_id": key.id if key is not None else None,
     }

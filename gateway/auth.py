@@ -1,6 +1,7 @@
 """API keys: the keys file (hashes only), the in-memory key set, and the key check.
 
-The file is JSON, written atomically and readable by its owner only:
+The file is JSON, replaced atomically and readable by its owner only; every change is
+made under a lock on `<file>.lock` beside it:
 
     {"keys": [{"id": "k_3f9a1c0b2e7d", "sha256": "<64 hex>",
                "platforms": ["analytics-portal"], "enabled": true,
@@ -14,12 +15,15 @@ one lookup, and polls the file for changes once a second.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import re
 import secrets
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -222,6 +226,27 @@ def write_keys_file(path: Path, keys: list[ApiKey]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def update_keys_file(path: Path, change: Callable[[list[ApiKey]], list[ApiKey]]) -> None:
+    """Read the file, apply `change` and write the result, all under the file's lock."""
+    with _keys_file_lock(path):
+        write_keys_file(path, change(read_keys_file(path)))
+
+
+@contextlib.contextmanager
+def _keys_file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `<path>.lock`, so changes by two processes never interleave."""
+    # A file of its own, never deleted: the keys file is replaced on every write, so a
+    # lock on it would be on an inode the next writer no longer opens. The gateway
+    # reads without it, since a replace is atomic.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # which releases the lock
 
 
 def disable_key(keys: list[ApiKey], key_id: str) -> list[ApiKey]:

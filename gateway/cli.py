@@ -39,11 +39,21 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the HTTP gateway (settings: CAFE_* env)")
     serve.set_defaults(run=_serve)
 
-    keys = commands.add_parser("keys", help="manage API keys in the keys file")
-    keys.add_argument("--keys-file", type=Path, help="the keys file (default: $CAFE_KEYS_FILE)")
+    # --keys-file goes before or after the action. Neither copy has a default, so the one
+    # not given leaves the other alone; given twice, the one after the action wins.
+    keys_file = argparse.ArgumentParser(add_help=False)
+    keys_file.add_argument(
+        "--keys-file",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help="the keys file (default: $CAFE_KEYS_FILE)",
+    )
+    keys = commands.add_parser("keys", parents=[keys_file], help="manage API keys in the keys file")
     key_commands = keys.add_subparsers(required=True, metavar="ACTION")
     create = key_commands.add_parser(
-        "create", help="mint a key and print it (the only time it is shown)"
+        "create",
+        parents=[keys_file],
+        help="mint a key and print it (the only time it is shown)",
     )
     create.add_argument(
         "--platform",
@@ -72,10 +82,10 @@ def _parser() -> argparse.ArgumentParser:
             help=f"limit the key to N {limit} a second, summed over workers (default: none)",
         )
     create.set_defaults(run=_keys_create)
-    key_commands.add_parser("list", help="list key ids, platforms, state").set_defaults(
-        run=_keys_list
-    )
-    disable = key_commands.add_parser("disable", help="disable a key by id")
+    key_commands.add_parser(
+        "list", parents=[keys_file], help="list key ids, platforms, state"
+    ).set_defaults(run=_keys_list)
+    disable = key_commands.add_parser("disable", parents=[keys_file], help="disable a key by id")
     disable.add_argument("key_id")
     disable.set_defaults(run=_keys_disable)
     return parser
@@ -130,7 +140,7 @@ def _positive(text: str) -> float:
 
 
 def _keys_path(args: argparse.Namespace, settings: Settings) -> Path:
-    path: Path | None = args.keys_file or settings.keys_file
+    path: Path | None = getattr(args, "keys_file", None) or settings.keys_file
     if path is None:
         raise ValueError("no keys file: pass --keys-file or set CAFE_KEYS_FILE")
     return path
@@ -138,7 +148,6 @@ def _keys_path(args: argparse.Namespace, settings: Settings) -> Path:
 
 def _keys_create(args: argparse.Namespace, settings: Settings) -> int:
     path = _keys_path(args, settings)
-    keys = auth.read_keys_file(path)
     plaintext, record = auth.mint_key(
         tuple(args.platform),
         requests_per_second=args.requests_per_second,
@@ -146,7 +155,7 @@ def _keys_create(args: argparse.Namespace, settings: Settings) -> int:
         origins=tuple(args.origin),
         browser=args.browser,
     )
-    auth.write_keys_file(path, [*keys, record])
+    auth.update_keys_file(path, lambda keys: [*keys, record])
     print(f"created key {record.id} for {', '.join(record.platforms)} in {path}", file=sys.stderr)
     print(plaintext)
     return 0
@@ -174,10 +183,9 @@ def _keys_list(args: argparse.Namespace, settings: Settings) -> int:
 def _keys_disable(args: argparse.Namespace, settings: Settings) -> int:
     path = _keys_path(args, settings)
     try:
-        keys = auth.disable_key(auth.read_keys_file(path), args.key_id)
+        auth.update_keys_file(path, lambda keys: auth.disable_key(keys, args.key_id))
     except KeyError:
         print(f"cafe-gateway: no key with id {args.key_id} in {path}", file=sys.stderr)
         return 1
-    auth.write_keys_file(path, keys)
     print(f"disabled key {args.key_id}", file=sys.stderr)
     return 0

@@ -1,11 +1,12 @@
 """The caller's address: the socket peer, or what trusted proxies say it was.
 
-A proxy appends the address it received a request from to `X-Forwarded-For` (or adds
-a `for=` element to `Forwarded`). Reading that list from the right, every entry up to
-and including the first untrusted address was written by a proxy we trust; anything
-further left was written by the client and may be forged. So the caller is the
-right-most address that is not a trusted proxy. Headers from an untrusted peer are
-ignored entirely.
+A proxy appends the address it received a request from to `X-Forwarded-For`, or adds
+a `for=` element to `Forwarded`: which of the two is a setting, and the other header is
+ignored, since a proxy passes the client's own copy of it through untouched. Reading
+that list from the right, every entry up to and including the first untrusted address
+was written by a proxy we trust; anything further left was written by the client and
+may be forged. So the caller is the right-most address that is not a trusted proxy.
+Headers from an untrusted peer are ignored entirely.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from gateway.config import IPNetwork
+from gateway.config import IPNetwork, Settings
 from gateway.responses import json_response
 from gateway.state import SETTINGS
 
@@ -27,14 +28,17 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _FORWARDED_FOR = re.compile(r'(?i)(?:^|[;,\s])for=("[^"]*"|[^;,\s]*)')
 
 
-def client_ip(request: web.Request, trusted: Sequence[IPNetwork]) -> str:
+def client_ip(request: web.Request, settings: Settings) -> str:
     """The caller's IP address as text (IPv4-mapped IPv6 is shown as IPv4)."""
+    # Given the settings whole, so no caller can pass the trusted proxies without the
+    # one header they write.
     peer = _peer(request)
     if peer is None:
         return "unknown"
+    trusted = settings.trusted_proxies
     if not _is_trusted(peer, trusted):
         return _text(peer)
-    hops = _forwarded_chain(request)
+    hops = _forwarded_chain(request, settings.forwarded_header)
     caller = peer
     for hop in reversed(hops):
         address = _parse(hop)
@@ -54,16 +58,14 @@ def _peer(request: web.Request) -> IPAddress | None:
     return _parse(str(peername[0]))
 
 
-def _forwarded_chain(request: web.Request) -> list[str]:
-    """Addresses from X-Forwarded-For, or else Forwarded, in the order proxies added them."""
-    xff = request.headers.getall("X-Forwarded-For", [])
-    if xff:
-        return [hop.strip() for line in xff for hop in line.split(",")]
-    return [
-        match.group(1).strip('"')
-        for line in request.headers.getall("Forwarded", [])
-        for match in _FORWARDED_FOR.finditer(line)
-    ]
+def _forwarded_chain(request: web.Request, header: str) -> list[str]:
+    """Addresses from `header` alone, in the order proxies added them."""
+    lines = request.headers.getall(header, [])
+    if header == "forwarded":
+        return [
+            match.group(1).strip('"') for line in lines for match in _FORWARDED_FOR.finditer(line)
+        ]
+    return [hop.strip() for line in lines for hop in line.split(",")]
 
 
 # Every request asks for the same few peers and proxies again, and ipaddress parses and
@@ -95,4 +97,4 @@ def _is_trusted(address: IPAddress, trusted: Sequence[IPNetwork]) -> bool:
 
 async def get_ip(request: web.Request) -> web.Response:
     """GET /v1/ip: the caller's address as the gateway sees it."""
-    return json_response({"ip": client_ip(request, request.app[SETTINGS].trusted_proxies)})
+    return json_response({"ip": client_ip(request, request.app[SETTINGS])})

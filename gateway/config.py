@@ -79,8 +79,12 @@ class Settings:
     # (gateway/listener.py). Each costs a file descriptor and some memory.
     max_connections: int = 4096
     keys_file: Path | None = None
-    # Peers whose X-Forwarded-For / Forwarded headers are believed.
+    # Peers whose forwarded_header is believed.
     trusted_proxies: tuple[IPNetwork, ...] = ()
+    # The one header the trusted proxies write the caller's address in: "x-forwarded-for"
+    # or "forwarded" (RFC 7239). The other is ignored: a proxy that writes one passes the
+    # client's own copy of the other through, so believing it lets a client pick its address.
+    forwarded_header: str = "x-forwarded-for"
     max_body_bytes: int = 10 * 1024 * 1024
     # Body bytes of requests in progress at once; past it, requests are shed with 503.
     # Parsed records take several times their JSON size, so this bounds memory too.
@@ -120,6 +124,12 @@ class Settings:
             ),
             keys_file=Path(keys_file) if keys_file else None,
             trusted_proxies=_networks(env, "CAFE_TRUSTED_PROXIES"),
+            forwarded_header=_choice(
+                env,
+                "CAFE_FORWARDED_HEADER",
+                defaults.forwarded_header,
+                ("x-forwarded-for", "forwarded"),
+            ),
             max_body_bytes=_int(
                 env, "CAFE_MAX_BODY_BYTES", defaults.max_body_bytes, low=1024, high=1 << 30
             ),

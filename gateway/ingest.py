@@ -184,7 +184,7 @@ def _kafka_headers(
     received_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     return [
         ("cafe-key-id", key.id.encode()),
-        ("cafe-client-ip", client_ip(request, settings.trusted_proxies).encode()),
+        ("cafe-client-ip", client_ip(request, settings).encode()),
         ("cafe-received-at", received_at.encode()),
         ("cafe-request-id", request_id.encode()),
         ("cafe-schema", record_type.name.encode()),

@@ -16,14 +16,16 @@ class KeyFile:
     key: str
     record: auth.ApiKey
 
-    def add(self, *platforms: str) -> tuple[str, auth.ApiKey]:
+    def add(
+        self, *platforms: str, origins: tuple[str, ...] = (), browser: bool = False
+    ) -> tuple[str, auth.ApiKey]:
         """Mint another key into the file; returns its plaintext and record."""
-        plaintext, record = auth.mint_key(platforms)
-        auth.write_keys_file(self.path, [*auth.read_keys_file(self.path), record])
+        plaintext, record = auth.mint_key(platforms, origins=origins, browser=browser)
+        auth.update_keys_file(self.path, lambda keys: [*keys, record])
         return plaintext, record
 
     def disable(self, key_id: str) -> None:
-        auth.write_keys_file(self.path, auth.disable_key(auth.read_keys_file(self.path), key_id))
+        auth.update_keys_file(self.path, lambda keys: auth.disable_key(keys, key_id))
 
 
 def make_key_file(directory: Path) -> KeyFile:

@@ -22,6 +22,7 @@ def test_every_variable_is_read() -> None:
             "CAFE_PORT": "9000",
             "CAFE_WORKERS": "2",
             "CAFE_TRUSTED_PROXIES": "10.0.0.0/8, 2001:db8::1",
+            "CAFE_FORWARDED_HEADER": "Forwarded",
             "CAFE_MAX_BODY_BYTES": "2048",
             "CAFE_MAX_INFLIGHT_BYTES": "4096",
             "CAFE_PRODUCE_TIMEOUT_MS": "1500",
@@ -59,6 +60,7 @@ def test_every_variable_is_read() -> None:
         body_timeout_seconds=2.0,
         keys_file=Path("/etc/cafe/keys.json"),
         trusted_proxies=(ip_network("10.0.0.0/8"), ip_network("2001:db8::1/128")),
+        forwarded_header="forwarded",
         max_body_bytes=2048,
         max_inflight_bytes=4096,
         kafka=KafkaSettings(
@@ -84,6 +86,9 @@ def test_every_variable_is_read() -> None:
         ("CAFE_KAFKA_LINGER_MS", "-1", "CAFE_KAFKA_LINGER_MS=-1 is outside 0..1000"),
         ("CAFE_KAFKA_REQUEST_TIMEOUT_MS", "10", "is outside 1000..300000"),
         ("CAFE_TRUSTED_PROXIES", "10.0.0.0/8,proxy", "'proxy' is not an IP network"),
+        ("CAFE_FORWARDED_HEADER", "x-real-ip",
+         "CAFE_FORWARDED_HEADER='x-real-ip' is not one of x-forwarded-for, forwarded"),
+        ("CAFE_FORWARDED_HEADER", "x-forwarded-for, forwarded", "is not one of"),
         ("CAFE_TOPIC_LOG", "cafe log", "CAFE_TOPIC_LOG='cafe log' is not a Kafka topic name"),
         ("CAFE_TOPIC_LOG", "..", "is not a Kafka topic name"),
         ("CAFE_WORKERS", "0", "CAFE_WORKERS=0 is outside 1..256"),
@@ -94,12 +99,26 @@ def test_every_variable_is_read() -> None:
         ("CAFE_DRAIN_SECONDS", "soon", "CAFE_DRAIN_SECONDS='soon' is not a number of seconds"),
         ("CAFE_SHUTDOWN_GRACE_SECONDS", "-1", "CAFE_SHUTDOWN_GRACE_SECONDS=-1 is outside 0..3600"),
     ],
-)
+)  # fmt: skip
 def test_a_bad_value_is_refused_naming_the_variable(name: str, value: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         Settings.from_env({name: value})
     assert message in str(info.value)
     assert name in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("", "x-forwarded-for"),
+        ("x-forwarded-for", "x-forwarded-for"),
+        ("X-Forwarded-For", "x-forwarded-for"),
+        ("forwarded", "forwarded"),
+        (" FORWARDED ", "forwarded"),
+    ],
+)
+def test_the_forwarded_header_is_one_of_two(value: str, expected: str) -> None:
+    assert Settings.from_env({"CAFE_FORWARDED_HEADER": value}).forwarded_header == expected
 
 
 def test_blank_values_mean_unset() -> None:

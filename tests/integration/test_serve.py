@@ -207,7 +207,7 @@ async def test_two_workers_draw_a_keys_rate_from_one_bucket(
 ) -> None:
     rate = 5  # requests/s, and a burst of as many
     plaintext, record = auth.mint_key(("analytics-portal",), requests_per_second=rate)
-    auth.write_keys_file(key_file.path, [*auth.read_keys_file(key_file.path), record])
+    auth.update_keys_file(key_file.path, lambda keys: [*keys, record])
     get_ip = f"GET /v1/ip HTTP/1.1\r\nHost: t\r\nx-api-key: {plaintext}\r\n\r\n".encode()
     port = free_port()
     async with running(gateway_env(port, kafka, key_file, prefix, CAFE_WORKERS="2")):
