@@ -1,11 +1,14 @@
 """Load shedding: a cap on the request bodies being worked on at once, and on connections.
 
-Every POST reserves its declared body size (or the body limit, when chunked) before a
-byte of it is read, and gives it back when answered. A request that would pass the cap
-is answered 503 `overloaded` with Retry-After at once, so under a flood the gateway
-keeps a bounded amount of work and memory in hand, serves what it can at full speed,
-and is back to normal the moment the load drops. A POST on a connection opened past the
-connection cap (gateway/listener.py) is shed the same way.
+A POST with a plain body reserves its declared size before a byte of it is read; a
+compressed or chunked body, whose size is known only once decoded, reserves as it is
+decoded (`Reservation.take`, called by the body reader). Either way the bytes are given
+back when the request is answered. A request that would pass the cap is answered 503
+`overloaded` with Retry-After at once, so under a flood the gateway keeps a bounded
+amount of work and memory in hand, serves what it can at full speed, and is back to
+normal the moment the load drops. A request alone in progress is never shed, so a body
+up to the body limit is served even when that is more than the cap. A POST on a
+connection opened past the connection cap (gateway/listener.py) is shed the same way.
 """
 
 from __future__ import annotations
@@ -30,24 +33,51 @@ class Admission:
 
         @web.middleware
         async def admit(request: web.Request, handler: Handler) -> web.StreamResponse:
-            need = request.content_length
-            if request.method != "POST" or (need is not None and need > self.max_body_bytes):
+            declared = request.content_length
+            if request.method != "POST" or (
+                declared is not None and declared > self.max_body_bytes
+            ):
                 # Nothing to read, or a body the handler refuses unread (413).
                 return await handler(request)
             if over_capacity(request):
                 raise TooManyConnections("the gateway has too many connections open")
-            if need is None or request.headers.get("Content-Encoding"):
-                # Chunked, or compressed (the declared size is not what it decodes to):
-                # the handler reads at most this.
-                need = self.max_body_bytes
-            if self.in_flight_bytes and self.in_flight_bytes + need > self.cap_bytes:
-                raise Overloaded(
-                    f"the gateway is at capacity ({self.in_flight_bytes} body bytes in progress)"
-                )
-            self.in_flight_bytes += need
+            reservation = Reservation(self)
+            if declared is not None and not request.headers.get("Content-Encoding"):
+                reservation.take(declared)
+            request[BODY_RESERVATION] = reservation
             try:
                 return await handler(request)
             finally:
-                self.in_flight_bytes -= need
+                self.in_flight_bytes -= reservation.held
 
         return admit
+
+
+class Reservation:
+    """One request's share of the cap: what it holds, grown as its body decodes."""
+
+    __slots__ = ("_admission", "held", "used")
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+        self.held = 0
+        self.used = 0
+
+    def take(self, size: int) -> None:
+        """Count `size` more body bytes; raise Overloaded if they do not fit beside the rest."""
+        self.used += size
+        more = self.used - self.held
+        if more <= 0:
+            return  # within what was reserved up front
+        admission = self._admission
+        others = admission.in_flight_bytes - self.held
+        if others and admission.in_flight_bytes + more > admission.cap_bytes:
+            raise Overloaded(
+                f"the gateway is at capacity ({admission.in_flight_bytes} body bytes in progress)"
+            )
+        admission.in_flight_bytes += more
+        self.held += more
+
+
+# The reservation of a POST being served, for the body reader to count decoded bytes on.
+BODY_RESERVATION: web.RequestKey[Reservation] = web.RequestKey("body_reservation", Reservation)

@@ -14,6 +14,7 @@
     │   ├── NotABrowserKey       403 not_a_browser_key  (?api_key= with a key not marked browser)
     │   └── WriteOnlyKey         403 write_only_key     (a browser key used to read)
     ├── BodyTimeout              408 body_timeout       (the body came too slowly)
+    ├── ClientAborted            499 client_aborted     (the client left mid-body; no one hears)
     ├── PayloadTooLarge          413 payload_too_large
     ├── RateLimited              429 rate_limited       (over the key's requests/s or records/s)
     ├── UnsupportedMediaType     415 unsupported_media_type
@@ -119,6 +120,18 @@ class BodyTimeout(GatewayError):
     close_connection = True
 
 
+class ClientAborted(GatewayError):
+    """The client closed the connection while sending its body: its fault, not ours.
+
+    No one is left to read the answer; 499 is what nginx logs for this ("client closed
+    request"), kept apart from 4xx answers a client sees and from 5xx, so that clients
+    leaving a page do not set off server-error alerts.
+    """
+
+    status = 499
+    code = "client_aborted"
+
+
 class Forbidden(GatewayError):
     status = 403
     code = "forbidden"
@@ -209,6 +222,10 @@ _HTTP_CODES = {
 }
 
 
+# Statuses outside the IANA registry that HTTPStatus knows.
+_TITLES = {ClientAborted.status: "Client Closed Request"}
+
+
 def problem(
     status: int,
     code: str,
@@ -224,7 +241,7 @@ def problem(
     """
     body: dict[str, object] = {
         "type": "about:blank",
-        "title": HTTPStatus(status).phrase,
+        "title": _TITLES.get(status) or HTTPStatus(status).phrase,
         "status": status,
         "code": code,
         "detail": detail,

@@ -11,12 +11,14 @@ import orjson
 from aiohttp import web
 
 from gateway.access import RECORD_COUNTS
+from gateway.admission import BODY_RESERVATION
 from gateway.auth import API_KEY, ApiKey
 from gateway.clientip import client_ip
 from gateway.config import Settings
 from gateway.errors import (
     BadRequest,
     BodyTimeout,
+    ClientAborted,
     InvalidEncoding,
     InvalidEnvelope,
     InvalidJson,
@@ -122,8 +124,7 @@ async def _read_json(request: web.Request, settings: Settings) -> Any:
     """The body parsed as JSON, after the media type and size checks.
 
     text/plain is what navigator.sendBeacon sends a string as; the body is the same
-    JSON. A compressed body (Content-Encoding) is decoded by aiohttp as it is read, up
-    to the body limit.
+    JSON.
     """
     limit = settings.max_body_bytes
     media_type = request.content_type
@@ -144,13 +145,13 @@ async def _read_json(request: web.Request, settings: Settings) -> Any:
     )
     try:
         async with timer:
-            body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes") from None
+            body = await _read_body(request, limit)
     except TimeoutError:
         raise BodyTimeout(
             f"the body did not arrive within {settings.body_timeout_seconds:g}s"
         ) from None
+    except ConnectionResetError:
+        raise ClientAborted("the client closed the connection before its body arrived") from None
     except web.RequestPayloadError as exc:
         # aiohttp decodes Content-Encoding as it reads: a body that is not the gzip,
         # deflate, br or zstd it claims to be (or whose chunking breaks off) is the
@@ -159,8 +160,8 @@ async def _read_json(request: web.Request, settings: Settings) -> Any:
         if encoding:
             raise InvalidEncoding(f"the body is not valid {encoding}: {reason}") from None
         raise BadRequest(f"the body could not be read: {reason}") from None
-    if encoding and request.content_length:
-        ratio = len(body) / request.content_length
+    if encoding:
+        ratio = len(body) / max(request.content.total_raw_bytes, 1)
         if ratio > settings.max_compression_ratio:
             raise PayloadTooLarge(
                 f"the body decompresses {ratio:.0f} times its size; the limit is "
@@ -174,6 +175,23 @@ async def _read_json(request: web.Request, settings: Settings) -> Any:
         if "UTF-8" in str(exc) and "byte order mark" not in str(exc):
             raise InvalidUtf8(f"the body is not valid UTF-8: {exc}") from None
         raise InvalidJson(f"the body is not JSON: {exc}") from None
+
+
+async def _read_body(request: web.Request, limit: int) -> bytearray:
+    """The body, decoded (Content-Encoding) and counted against admission as it arrives.
+
+    aiohttp decodes a compressed body a piece at a time as it is read, so a body is cut
+    at `limit` and shed past the in-flight cap without ever being decoded whole.
+    """
+    reservation = request[BODY_RESERVATION]
+    body = bytearray()
+    stream = request.content
+    while chunk := await stream.readany():
+        if len(body) + len(chunk) > limit:
+            raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes")
+        reservation.take(len(chunk))
+        body += chunk
+    return body
 
 
 def _kafka_headers(

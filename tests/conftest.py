@@ -49,6 +49,9 @@ class GatewayTestServer(TestServer):
     GatewayRunner, so the connection cap and the answers to unparsable requests hold."""
 
     async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        # aiohttp's test server cancels a handler whose client has gone; `serve` does not
+        # (aiohttp's default), so a request keeps running to its answer, as in production.
+        kwargs.pop("handler_cancellation", None)
         return GatewayRunner(self.app, **kwargs)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -14,6 +16,8 @@ from gateway.config import Settings
 from gateway.errors import SinkUnavailable
 from gateway.sink import MemorySink, Message
 from tests.keys import KeyFile
+from tests.rawhttp import connection
+from tests.scrape import Samples
 from tests.spec_samples import curl_bodies
 
 AiohttpClient = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
@@ -258,3 +262,39 @@ async def test_the_plaintext_key_is_never_logged(
     await gw.post("/v1/log", curl_bodies()["log"], key=gw.key_file.key + "x")
     assert caplog.records, "expected some log lines at DEBUG"
     assert gw.key_file.key not in caplog.text
+
+
+async def test_a_client_leaving_mid_body_is_counted_as_an_abort_not_a_server_error(
+    gw: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    assert gw.client.port is not None
+    body = curl_bodies()["log"]
+    head = (
+        "POST /v1/log HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+        f"x-api-key: {gw.key_file.key}\r\nContent-Length: {len(body) + 10_000}\r\n\r\n"
+    ).encode()
+    for _ in range(5):
+        async with connection(gw.client.port) as conn:
+            conn.writer.write(head + body)  # then the socket is closed, short of the length
+            await conn.writer.drain()
+
+    async def scrape() -> Samples:
+        return Samples(await (await gw.client.get("/metrics")).text())
+
+    # Wait (a deadline, not a timing) until all five have been answered, to no one.
+    deadline = asyncio.get_running_loop().time() + 10
+    while (await scrape()).value("cafe_http_requests_total", route="/v1/log") < 5:
+        assert asyncio.get_running_loop().time() < deadline, "the aborted requests never ended"
+        await asyncio.sleep(0.05)
+    samples = await scrape()
+    assert samples.value("cafe_http_errors_total", code="client_aborted") == 5
+    assert samples.value("cafe_http_errors_total", code="internal_error") == 0
+    assert samples.value("cafe_http_requests_total", route="/v1/log", status="499") == 5
+    five_hundreds = [
+        labels for name, labels, value in samples.samples
+        if name == "cafe_http_requests_total" and labels["status"].startswith("5") and value
+    ]  # fmt: skip
+    assert five_hundreds == []
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert gw.sink.topics == {}
