@@ -16,6 +16,7 @@
     ├── BodyTimeout              408 body_timeout       (the body came too slowly)
     ├── ClientAborted            499 client_aborted     (the client left mid-body; no one hears)
     ├── PayloadTooLarge          413 payload_too_large
+    │   └── RecordTooLarge       413 record_too_large   (a record Kafka refuses as too large)
     ├── RateLimited              429 rate_limited       (over the key's requests/s or records/s)
     ├── UnsupportedMediaType     415 unsupported_media_type
     ├── Overloaded               503 overloaded         (too much work in progress: shed)
@@ -153,6 +154,14 @@ class PayloadTooLarge(GatewayError):
     status = 413
     code = "payload_too_large"
     close_connection = True
+
+
+class RecordTooLarge(PayloadTooLarge):
+    """A record larger than Kafka takes: the producer's request limit, or the topic's."""
+
+    code = "record_too_large"
+    # Raised once the body has been read: the connection can serve the next request.
+    close_connection = False
 
 
 class UnsupportedMediaType(GatewayError):

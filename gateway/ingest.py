@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 from datetime import UTC, datetime
 from typing import Any
 
@@ -57,10 +58,11 @@ async def ingest(request: web.Request) -> web.Response:
             continue
         reason, error = problem
         rejection = {"index": index, "reason": reason, "errors": [error]}
-        if isinstance(record, dict) and isinstance(record.get("eventId"), str):
-            rejection["eventId"] = record["eventId"]
+        event_id = record.get("eventId") if isinstance(record, dict) else None
+        if isinstance(event_id, str) and len(event_id) <= _MAX_ECHOED_ID:
+            rejection["eventId"] = event_id
         rejections.append(rejection)
-        dead.append(_dead_letter(index, record, headers, reason, [error]))
+        dead.append(_dead_letter(index, record, headers, reason, [error], record_type))
     # Counted once the whole batch is known to be answerable: a record that cannot be
     # dead-lettered turns the request into a 400, which counts no record.
     for rejection in rejections:
@@ -77,6 +79,9 @@ async def ingest(request: web.Request) -> web.Response:
     metrics.records.labels(record_type.name, "accepted").inc(len(accepted))
     for rejection in rejections:
         metrics.dead_letters.labels(record_type.name, rejection["reason"]).inc()
+    truncated = sum(1 for message in dead if message.headers and _TRUNCATED in message.headers)
+    if truncated:
+        metrics.dead_letters_truncated.labels(record_type.name).inc(truncated)
     if any(rejection["reason"] == "forbidden" for rejection in rejections):
         metrics.auth_failures.labels("platform").inc()
     request[RECORD_COUNTS] = (len(accepted), len(rejections))
@@ -210,12 +215,22 @@ def _kafka_headers(
     ]
 
 
+# A dead letter keeps at most this much of its record (and says so in its headers):
+# a rejected record may be as large as the body, past what Kafka takes in one message
+# (1 MiB by default). Every valid record the schemas allow is smaller.
+DEAD_LETTER_MAX_BYTES = 256 * 1024
+# An eventId longer than any schema allows is not echoed back: the index names the record.
+_MAX_ECHOED_ID = 128
+_TRUNCATED = ("cafe-truncated", b"true")
+
+
 def _dead_letter(
     index: int,
     record: Any,
     headers: list[tuple[str, bytes]],
     reason: str,
     errors: list[dict[str, str]],
+    record_type: RecordType,
 ) -> Message:
     """A rejected record as sent, with why it was rejected in its headers."""
     try:
@@ -227,11 +242,34 @@ def _dead_letter(
         raise InvalidEnvelope(
             f"records[{index}] is nested too deeply to be stored (orjson writes 254 levels)"
         ) from None
-    session = record.get("sessionId") if isinstance(record, dict) else None
-    key = session.encode() if isinstance(session, str) else None
     reject_headers = [
         *headers,
+        ("cafe-record-index", str(index).encode()),
         ("cafe-reject-reason", reason.encode()),
         ("cafe-errors", orjson.dumps(errors)),
     ]
+    session = record.get("sessionId") if isinstance(record, dict) else None
+    key = None
+    if isinstance(session, str):
+        limit = record_type.max_key_length
+        if 0 < len(session) <= limit:
+            key = session.encode()
+        else:
+            why = f"sessionId is {len(session)} characters; a key is 1 to {limit}"
+            reject_headers.append(("cafe-key-omitted", why.encode()))
+    if len(value) > DEAD_LETTER_MAX_BYTES:
+        reject_headers += [
+            ("cafe-original-bytes", str(len(value)).encode()),
+            ("cafe-original-sha256", hashlib.sha256(value).hexdigest().encode()),
+            _TRUNCATED,
+        ]
+        value = _utf8_prefix(value, DEAD_LETTER_MAX_BYTES)
     return Message(key, value, reject_headers)
+
+
+def _utf8_prefix(text: bytes, size: int) -> bytes:
+    """The longest prefix of UTF-8 `text` of at most `size` bytes that ends on a whole character."""
+    end = size
+    while end > 0 and text[end] & 0xC0 == 0x80:  # a continuation byte starts no character
+        end -= 1
+    return text[:end]

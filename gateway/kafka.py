@@ -13,11 +13,20 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError, for_code
+from aiokafka.errors import (
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    TopicAlreadyExistsError,
+    UnknownTopicOrPartitionError,
+    for_code,
+)
 from aiokafka.partitioner import murmur2
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from gateway.config import KafkaSettings
-from gateway.errors import SinkUnavailable
+from gateway.errors import RecordTooLarge, SinkUnavailable
 from gateway.metrics import Metrics
 from gateway.sink import Message
 
@@ -33,13 +42,18 @@ _REPLICATION = 3
 # Room for a W500 request's share of one partition in one batch (records are ~0.5 KiB),
 # well under the broker's default limit on a batch (message.max.bytes, ~1 MiB).
 _MAX_BATCH_BYTES = 256 * 1024
-# aiokafka's bound on one produce request, which also caps what one record may weigh.
-_MAX_REQUEST_BYTES = 1024 * 1024
+# aiokafka's bound on one produce request, which also caps what one record may weigh;
+# the broker's default for a batch (message.max.bytes) is a few bytes more. Every
+# message is checked against it before it is batched (`send`): a batch the broker
+# refuses for good spends sequence numbers, see `_renew`.
+_MAX_MESSAGE_BYTES = 1024 * 1024
 # How often cafe_kafka_ready is refreshed once connected.
 _HEALTH_EVERY_S = 5.0
 
 
-@functools.lru_cache(maxsize=65536)
+# Keys are sessionIds of at most 128 characters (ingest drops longer ones), so the cache
+# holds at most 16,384 x 512 bytes of keys, 8 MiB, however clients choose them.
+@functools.lru_cache(maxsize=16384)
 def murmur2_cached(key: bytes) -> int:
     """aiokafka's pure-Python murmur2 costs microseconds; session keys repeat a lot."""
     result: int = murmur2(key)
@@ -48,15 +62,24 @@ def murmur2_cached(key: bytes) -> int:
 
 async def _send_batch(
     producer: AIOKafkaProducer, batch: Any, topic: str, partition: int
-) -> asyncio.Future[Any]:
-    """Queue a built batch; returns the future of its ack.
+) -> asyncio.Future[Any] | None:
+    """Queue a built batch; returns the future of its ack, or None if the partition is gone.
 
     aiokafka queues one batch per partition and makes the next wait for a free slot,
     but counts the time already waited again on every wake-up, so under load it gives
     up with KafkaTimeoutError long before its timeout. The batch is untouched then, so
     queue it again. Requests waiting on the batch stop at their own produce timeout.
+
+    The partition is looked up each time: the topic may have been made again with fewer
+    partitions meanwhile, and aiokafka refuses a batch for one it does not know.
     """
     while True:
+        # A producer that has just replaced another may not know the topic yet.
+        partitions = producer.client.cluster.partitions_for_topic(
+            topic
+        ) or await producer.partitions_for(topic)
+        if partition not in partitions:
+            return None
         try:
             future: asyncio.Future[Any] = await producer.send_batch(
                 batch, topic, partition=partition
@@ -72,28 +95,28 @@ class _Batcher:
     aiokafka's `send()` costs a future and some Python per record; here records go
     into an open batch shared by every request writing to the partition, and a request
     waits on the one future of each batch that holds its records. One task per
-    partition hands the batches to aiokafka in order: while one waits for its slot
-    (aiokafka queues a single batch per partition), records gather in the next.
+    partition hands the batches to the sink's producer in order: while one waits for
+    its slot (aiokafka queues a single batch per partition), records gather in the next.
     """
 
-    def __init__(
-        self, producer: AIOKafkaProducer, topic: str, partition: int, metrics: Metrics | None
-    ) -> None:
-        self._producer = producer
+    def __init__(self, sink: KafkaSink, topic: str, partition: int) -> None:
+        self._sink = sink
         self._topic = topic
         self._partition = partition
+        self._where = (topic, partition)
+        metrics = sink.metrics
         self._produce_seconds = metrics.produce_seconds.labels(topic) if metrics else None
         self._open: tuple[Any, asyncio.Future[None]] | None = None
         self._ready: collections.deque[tuple[Any, asyncio.Future[None]]] = collections.deque()
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._hand_over(), name=f"batches-{topic}-{partition}")
 
-    def append(self, message: Message) -> asyncio.Future[None]:
+    def append(self, producer: AIOKafkaProducer, message: Message) -> asyncio.Future[None]:
         """Add a message to the open batch; returns that batch's ack future."""
         if self._open is None or not _add(self._open[0], message):
             if self._open is not None:
                 self._ready.append(self._open)  # full: it goes as it is
-            self._open = self._new_batch()
+            self._open = self._new_batch(producer)
             _add(self._open[0], message)  # an empty batch always takes a record
         self._wake.set()
         return self._open[1]
@@ -103,11 +126,13 @@ class _Batcher:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
 
-    def _new_batch(self) -> tuple[Any, asyncio.Future[None]]:
+    def _new_batch(self, producer: AIOKafkaProducer) -> tuple[Any, asyncio.Future[None]]:
         acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # Mark a failure as seen even if every request waiting on it has timed out.
         acked.add_done_callback(lambda f: f.cancelled() or f.exception())
-        return self._producer.create_batch(), acked
+        # A built batch belongs to no producer until it is handed over, so one made
+        # here may go out through a producer that replaces this one.
+        return producer.create_batch(), acked
 
     async def _hand_over(self) -> None:
         while True:
@@ -121,19 +146,62 @@ class _Batcher:
                 else:
                     break
                 batch.close()
-                handed_at = time.perf_counter()
                 try:
-                    ack = await _send_batch(self._producer, batch, self._topic, self._partition)
-                except Exception as exc:
-                    # Fail this batch's requests, and keep serving the partition.
-                    log.exception("could not queue a batch for %s-%d", self._topic, self._partition)
+                    if not await self._send(batch, acked):
+                        self._end(acked)
+                        return
+                except KafkaError as exc:
+                    # E.g. the topic is gone; fail this batch's requests (503), and keep
+                    # serving the partition.
+                    log.warning("could not queue a batch for %s-%d: %r", *self._where, exc)
                     acked.set_exception(exc)
-                    continue
-                ack.add_done_callback(functools.partial(_settle, acked))
-                if self._produce_seconds is not None:
-                    ack.add_done_callback(
-                        functools.partial(_observe, self._produce_seconds, handed_at)
-                    )
+                except Exception as exc:
+                    log.exception("could not queue a batch for %s-%d", *self._where)
+                    acked.set_exception(exc)
+
+    async def _send(self, batch: Any, acked: asyncio.Future[None]) -> bool:
+        """Hand one closed batch to the sink's producer; False if the partition is gone."""
+        producer = await self._sink.producer_for_batches()
+        handed_at = time.perf_counter()
+        ack = await _send_batch(producer, batch, self._topic, self._partition)
+        if ack is None:
+            return False
+        ack.add_done_callback(functools.partial(self._settle, producer, acked))
+        if self._produce_seconds is not None:
+            ack.add_done_callback(functools.partial(_observe, self._produce_seconds, handed_at))
+        return True
+
+    def _end(self, acked: asyncio.Future[None]) -> None:
+        """The topic is gone, or was made again with fewer partitions: fail what is held
+        (503) and leave the sink, whose next send to the topic goes by its partitions now."""
+        self._sink.forget(self._topic, self._partition)
+        gone = UnknownTopicOrPartitionError(f"{self._topic} has no partition {self._partition}")
+        held = [acked, *(waiting for _, waiting in self._ready)]
+        if self._open is not None:
+            held.append(self._open[1])
+        for waiting in held:
+            waiting.set_exception(gone)
+        log.info(
+            "%s has no partition %d now; stopped batching for it", self._topic, self._partition
+        )
+
+    def _settle(
+        self, producer: AIOKafkaProducer, acked: asyncio.Future[None], ack: asyncio.Future[Any]
+    ) -> None:
+        """Pass aiokafka's verdict on a batch to the future its requests wait on."""
+        if acked.done():
+            return
+        if ack.cancelled():
+            acked.set_exception(KafkaError("the batch was cancelled"))
+            return
+        failure = ack.exception()
+        if failure is None:
+            acked.set_result(None)
+            return
+        acked.set_exception(failure)
+        # With idempotence aiokafka retries what can be retried, so a batch that fails
+        # was refused for good, and the sequence numbers it was given are spent.
+        self._sink.renew(producer, f"{self._topic}-{self._partition}", failure)
 
 
 def _add(batch: Any, message: Message) -> bool:
@@ -150,18 +218,16 @@ def _observe(histogram: Any, since: float, ack: asyncio.Future[Any]) -> None:
         histogram.observe(time.perf_counter() - since)
 
 
-def _settle(acked: asyncio.Future[None], ack: asyncio.Future[Any]) -> None:
-    """Pass aiokafka's verdict on a batch to the future its requests wait on."""
-    if acked.done():
-        return
-    if ack.cancelled():
-        acked.set_exception(KafkaError("the batch was cancelled"))
-        return
-    failure = ack.exception()
-    if failure is not None:
-        acked.set_exception(failure)
-    else:
-        acked.set_result(None)
+def _check_size(topic: str, message: Message) -> None:
+    """Raise RecordTooLarge for a message the producer would refuse, before it is batched."""
+    size = DefaultRecordBatchBuilder.estimate_size_in_bytes(
+        message.key, message.value, message.headers or []
+    )
+    if size > _MAX_MESSAGE_BYTES:
+        raise RecordTooLarge(
+            f"a record for {topic} is {size} bytes as a Kafka message; "
+            f"the limit is {_MAX_MESSAGE_BYTES}"
+        )
 
 
 class KafkaSink:
@@ -170,14 +236,25 @@ class KafkaSink:
     `start` returns at once and connects in the background, retrying until the cluster
     answers and every topic exists (created if missing), so the gateway can boot, and
     report not-ready, while Kafka is down.
+
+    The broker refuses a batch for good (too large for the topic, a partition that has
+    gone, or one that waited leaderless past the request timeout) after the idempotent
+    producer has numbered its records; every later batch to that partition would then
+    be refused as out of sequence. So a refused batch retires its producer: a new one,
+    with a new producer id whose sequences start afresh, takes the next batches, and the
+    old one delivers what it holds and closes (`renew`).
     """
 
     def __init__(self, settings: KafkaSettings, metrics: Metrics | None = None) -> None:
         self._settings = settings
-        self._metrics = metrics
+        self.metrics = metrics
         self._producer: AIOKafkaProducer | None = None
         self._connecting: asyncio.Task[None] | None = None
         self._watching: asyncio.Task[None] | None = None
+        # A producer being made to replace one whose batch was refused.
+        self._renewing: asyncio.Task[None] | None = None
+        # Replaced producers delivering what they hold before they close.
+        self._retiring: set[asyncio.Task[None]] = set()
         self._unkeyed = 0  # round-robin position for messages without a key
         self._batchers: dict[tuple[str, int], _Batcher] = {}
 
@@ -185,13 +262,15 @@ class KafkaSink:
         self._connecting = asyncio.create_task(self._connect(), name="kafka-connect")
 
     async def close(self) -> None:
-        for task in (self._connecting, self._watching):
+        for task in (self._connecting, self._watching, self._renewing):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        for batcher in self._batchers.values():
+        for batcher in list(self._batchers.values()):
             await batcher.close()
+        if self._retiring:
+            await asyncio.wait(self._retiring)
         if self._producer is not None:
             await self._stop(self._producer)
             self._producer = None
@@ -212,8 +291,8 @@ class KafkaSink:
 
     async def ready(self) -> bool:
         ready = await self._broker_answers()
-        if self._metrics is not None:
-            self._metrics.kafka_ready.set(1 if ready else 0)
+        if self.metrics is not None:
+            self.metrics.kafka_ready.set(1 if ready else 0)
         return ready
 
     async def _broker_answers(self) -> bool:
@@ -242,6 +321,8 @@ class KafkaSink:
         if producer is None:
             self._count_error("not_connected")
             raise SinkUnavailable(f"not connected to Kafka at {self._settings.bootstrap}")
+        for message in messages:
+            _check_size(topic, message)
         timeout_s = self._settings.produce_timeout_ms / 1000
         try:
             async with asyncio.timeout(timeout_s):
@@ -252,7 +333,7 @@ class KafkaSink:
                 acks: set[asyncio.Future[None]] = set()
                 for message in messages:
                     partition = self._partition(message.key, len(partitions))
-                    acks.add(self._batcher(producer, topic, partition).append(message))
+                    acks.add(self._batcher(topic, partition).append(producer, message))
                 # wait(), not gather(): a timeout here must not cancel a future that other
                 # requests' records share. (wait() refuses an empty set: nothing to send.)
                 if acks:
@@ -266,14 +347,18 @@ class KafkaSink:
             raise SinkUnavailable(
                 f"Kafka did not acknowledge the records within {timeout_s:g}s"
             ) from None
+        except (MessageSizeTooLargeError, RecordListTooLargeError) as exc:
+            # The topic's own limit (max.message.bytes) is below the producer's.
+            self._count_error(type(exc).__name__)
+            raise RecordTooLarge(f"Kafka refused a record as too large for {topic}") from exc
         except KafkaError as exc:
             # aiokafka's error classes are a fixed set: a bounded label.
             self._count_error(type(exc).__name__)
             raise SinkUnavailable(f"Kafka did not acknowledge the records: {exc}") from exc
 
     def _count_error(self, kind: str) -> None:
-        if self._metrics is not None:
-            self._metrics.kafka_errors.labels(kind).inc()
+        if self.metrics is not None:
+            self.metrics.kafka_errors.labels(kind).inc()
 
     def _partition(self, key: bytes | None, partitions: int) -> int:
         """Kafka's default partitioner: murmur2 of the key, so Java clients agree."""
@@ -282,12 +367,60 @@ class KafkaSink:
             return self._unkeyed
         return (murmur2_cached(key) & 0x7FFFFFFF) % partitions
 
-    def _batcher(self, producer: AIOKafkaProducer, topic: str, partition: int) -> _Batcher:
+    def _batcher(self, topic: str, partition: int) -> _Batcher:
         batcher = self._batchers.get((topic, partition))
         if batcher is None:
-            batcher = _Batcher(producer, topic, partition, self._metrics)
+            batcher = _Batcher(self, topic, partition)
             self._batchers[(topic, partition)] = batcher
         return batcher
+
+    def forget(self, topic: str, partition: int) -> None:
+        """Drop the batcher of a partition that no longer exists."""
+        del self._batchers[(topic, partition)]
+
+    async def producer_for_batches(self) -> AIOKafkaProducer:
+        """The producer to hand the next batch to: the new one, while one is being made."""
+        if self._renewing is not None:
+            await asyncio.shield(self._renewing)
+        if self._producer is None:  # closed while the batch waited
+            raise KafkaError("the Kafka sink is closed")
+        return self._producer
+
+    def renew(self, producer: AIOKafkaProducer, where: str, error: BaseException) -> None:
+        """Replace `producer`, whose batch for `where` Kafka refused for good."""
+        if producer is not self._producer or self._renewing is not None:
+            return  # already replaced, or being replaced
+        name = type(error).__name__
+        log.warning(
+            "Kafka refused a batch for %s for good (%s); a new producer takes over, since "
+            "the old one's sequence numbers for it are spent",
+            where,
+            name,
+        )
+        if self.metrics is not None:
+            self.metrics.producer_renewals.labels(name).inc()
+        self._renewing = asyncio.create_task(self._renew(producer), name="kafka-renew")
+
+    async def _renew(self, old: AIOKafkaProducer) -> None:
+        delay = _FIRST_RETRY_S
+        while True:
+            producer = self._new_producer()
+            try:
+                await producer.start()
+            except (KafkaError, OSError, TimeoutError) as exc:
+                await producer.stop()
+                log.warning(
+                    "could not start a new Kafka producer (%s); retrying in %.2fs", exc, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _LAST_RETRY_S)
+                continue
+            break
+        self._producer = producer
+        self._renewing = None
+        retiring = asyncio.create_task(self._stop(old), name="kafka-retire")
+        self._retiring.add(retiring)
+        retiring.add_done_callback(self._retiring.discard)
 
     def _new_producer(self) -> AIOKafkaProducer:
         s = self._settings
@@ -301,7 +434,7 @@ class KafkaSink:
             linger_ms=s.linger_ms,
             request_timeout_ms=s.request_timeout_ms,
             max_batch_size=_MAX_BATCH_BYTES,
-            max_request_size=_MAX_REQUEST_BYTES,
+            max_request_size=_MAX_MESSAGE_BYTES,
         )
 
     async def _connect(self) -> None:

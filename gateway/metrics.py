@@ -109,6 +109,12 @@ class Metrics:
             ["type", "reason"],
             registry=registry,
         )
+        self.dead_letters_truncated = Counter(
+            "cafe_dead_letters_truncated",
+            "Dead letters stored truncated (the record was over the dead-letter size limit)",
+            ["type"],
+            registry=registry,
+        )
         self.records_per_request = Histogram(
             "cafe_records_per_request",
             "Records in each well-formed batch",
@@ -127,6 +133,12 @@ class Metrics:
             "cafe_kafka_errors",
             "Produce failures by kind (timeout, not_connected, or the Kafka error's name)",
             ["kind"],
+            registry=registry,
+        )
+        self.producer_renewals = Counter(
+            "cafe_kafka_producer_renewals",
+            "Producers replaced after Kafka refused a batch for good, by the error's name",
+            ["error"],
             registry=registry,
         )
         self.kafka_ready = Gauge(

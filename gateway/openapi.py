@@ -128,7 +128,9 @@ def build_openapi(record_types: Mapping[str, RecordType], version: str) -> dict[
                     "401": _problem("Missing, unknown or disabled API key"),
                     "403": _problem("A web origin, or a use, the key does not allow"),
                     "408": _problem("The body did not arrive in time"),
-                    "413": _problem("Body larger than the limit, or a compression bomb"),
+                    "413": _problem(
+                        "Body over the limit, a compression bomb, or a record too large for Kafka"
+                    ),
                     "414": _problem("Request target over 4,096 bytes"),
                     "415": _problem("Content type other than JSON"),
                     "429": _problem("Over the key's rate limit; retry after Retry-After"),

@@ -87,6 +87,8 @@ class RecordType:
     schema: Mapping[str, Any]
     validate: Callable[[Any], Any]
     topic: str
+    # The longest sessionId the schema allows: a longer one is no Kafka key.
+    max_key_length: int
 
 
 def load_record_types(topics: TopicSettings) -> dict[str, RecordType]:
@@ -104,6 +106,7 @@ def load_record_types(topics: TopicSettings) -> dict[str, RecordType]:
             # a few percent of every validation.
             validate=fastjsonschema.compile(schema, formats=_FORMATS, use_default=False),
             topic=topic,
+            max_key_length=schema["properties"]["sessionId"]["maxLength"],
         )
     return types
 

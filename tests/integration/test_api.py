@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import io
 import os
 import signal
 import subprocess
@@ -61,7 +63,9 @@ class Gateway:
         headers = {"Content-Type": content_type}
         if key != "":
             headers["x-api-key"] = key or self.key_file.key
-        resp = await self.client.post(f"/v1/{name}", data=body, headers=headers)
+        # aiohttp warns that a large body given as bytes may block its loop.
+        data = io.BytesIO(body) if len(body) > 1024 * 1024 else body
+        resp = await self.client.post(f"/v1/{name}", data=data, headers=headers)
         return resp.status, await resp.json(content_type=None)
 
     async def metrics(self) -> Samples:
@@ -89,12 +93,17 @@ def unique_topics() -> TopicSettings:
 
 
 async def start_gateway(
-    aiohttp_client: AiohttpClient, bootstrap: str, key_file: KeyFile, **kafka: Any
+    aiohttp_client: AiohttpClient,
+    bootstrap: str,
+    key_file: KeyFile,
+    *,
+    max_body_bytes: int = 256 * 1024,
+    **kafka: Any,
 ) -> Gateway:
     topics = unique_topics()
     settings = Settings(
         keys_file=key_file.path,
-        max_body_bytes=256 * 1024,
+        max_body_bytes=max_body_bytes,
         kafka=KafkaSettings(bootstrap=bootstrap, topics=topics, **kafka),
     )
     client = await aiohttp_client(create_app(settings))
@@ -111,6 +120,18 @@ async def gateway(
     aiohttp_client: AiohttpClient, kafka: Broker, key_file: KeyFile
 ) -> AsyncIterator[Gateway]:
     gw = await start_gateway(aiohttp_client, kafka.bootstrap, key_file)
+    yield gw
+    await delete_topics(kafka.bootstrap, lambda t: t in gw.topics.all())
+
+
+@pytest.fixture
+async def roomy_gateway(
+    aiohttp_client: AiohttpClient, kafka: Broker, key_file: KeyFile
+) -> AsyncIterator[Gateway]:
+    """A gateway with the default body limit (10 MiB), room for records of megabytes."""
+    gw = await start_gateway(
+        aiohttp_client, kafka.bootstrap, key_file, max_body_bytes=Settings().max_body_bytes
+    )
     yield gw
     await delete_topics(kafka.bootstrap, lambda t: t in gw.topics.all())
 
@@ -312,3 +333,76 @@ async def test_kafka_frozen_or_down_is_503_and_the_gateway_recovers_when_it_retu
     back = await gw.metrics()
     assert back.value("cafe_kafka_ready") == 1
     assert back.value("cafe_records_total", type="log", outcome="accepted") == 2
+
+
+def activity(event_id: str, **changes: Any) -> dict[str, Any]:
+    (record,) = orjson.loads(curl_bodies()["activity"])["records"]
+    return {**record, "eventId": event_id, **changes}
+
+
+async def test_a_record_of_megabytes_is_rejected_and_kept_truncated_without_wedging(
+    roomy_gateway: Gateway,
+) -> None:
+    gw = roomy_gateway
+    # 2 MB of a character that takes two bytes in UTF-8: the cut must not split one.
+    huge = activity("huge", eventCategory="é" * 1_000_000)
+    status, body = await gw.post("activity", orjson.dumps({"records": [huge]}))
+    assert status == 422, body
+    assert [(r["index"], r["reason"]) for r in body["rejections"]] == [(0, "invalid")]
+
+    # The same session's next rejected records are stored as usual: nothing is wedged.
+    for n in range(3):
+        small = activity(f"small-{n}", eventTime="yesterday")
+        assert (await gw.post("activity", orjson.dumps({"records": [small]})))[0] == 422
+    # A valid record beside a huge invalid one: 207, and the valid one stored once.
+    both = [activity("valid"), activity("huge-2", eventCategory="x" * 2_000_000)]
+    status, body = await gw.post("activity", orjson.dumps({"records": both}))
+    assert (status, body["accepted"], body["rejected"]) == (207, 1, 1)
+
+    (valid,) = await gw.on_topic(gw.topics.activity)
+    assert orjson.loads(valid.value)["eventId"] == "valid"
+    dead = await gw.on_topic(gw.topics.deadletter)
+    assert len(dead) == 5
+    for message, sent in ((truncated_at(dead, 0), huge), (truncated_at(dead, 1), both[1])):
+        whole = orjson.dumps(sent)
+        headers = dict(message.headers)
+        assert headers["cafe-truncated"] == b"true"
+        assert headers["cafe-original-bytes"] == str(len(whole)).encode()
+        assert headers["cafe-original-sha256"] == hashlib.sha256(whole).hexdigest().encode()
+        assert headers["cafe-reject-reason"] == b"invalid"
+        assert orjson.loads(headers["cafe-errors"])[0]["pointer"] == "/eventCategory"
+        assert 256 * 1024 - 4 < len(message.value) <= 256 * 1024
+        assert whole.startswith(message.value)
+        message.value.decode()  # whole characters only
+        assert message.key == sent["sessionId"].encode()
+    untouched = [m for m in dead if "cafe-truncated" not in dict(m.headers)]
+    assert sorted(orjson.loads(m.value)["eventId"] for m in untouched) == [
+        "small-0", "small-1", "small-2",
+    ]  # fmt: skip
+
+
+def truncated_at(dead: list[Any], index: int) -> Any:
+    """The one truncated dead letter that was record `index` of its request."""
+    (found,) = [
+        m
+        for m in dead
+        if dict(m.headers).get("cafe-record-index") == str(index).encode()
+        and "cafe-truncated" in dict(m.headers)
+    ]
+    return found
+
+
+async def test_a_session_id_too_long_for_a_key_leaves_its_dead_letter_keyless(
+    roomy_gateway: Gateway,
+) -> None:
+    gw = roomy_gateway
+    record = activity("long-session", sessionId="s" * 900_000)
+    status, body = await gw.post("activity", orjson.dumps({"records": [record]}))
+    assert status == 422, body
+    assert body["rejections"][0]["errors"][0]["pointer"] == "/sessionId"
+    (message,) = await gw.on_topic(gw.topics.deadletter)
+    assert message.key is None
+    assert dict(message.headers)["cafe-key-omitted"] == (
+        b"sessionId is 900000 characters; a key is 1 to 128"
+    )
+    assert dict(message.headers)["cafe-record-index"] == b"0"

@@ -8,18 +8,32 @@ import random
 import re
 import subprocess
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import orjson
 import pytest
 from aiohttp.test_utils import TestClient
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
-from gateway.config import KafkaSettings, Settings
+from gateway.config import KafkaSettings, Settings, TopicSettings
+from gateway.errors import RecordTooLarge
 from gateway.kafka import KafkaSink
+from gateway.metrics import Metrics
 from gateway.sink import Message
-from tests.integration.conftest import KAFKA_SH, Broker, consume_all, eventually
+from tests.integration.conftest import (
+    KAFKA_SH,
+    Broker,
+    consume_all,
+    delete_topics,
+    eventually,
+)
 from tests.integration.tcp_proxy import TcpProxy, free_port
+from tests.keys import make_key_file
+from tests.spec_samples import curl_bodies
 
 pytestmark = pytest.mark.integration
 
@@ -115,3 +129,122 @@ def test_partitions_agree_with_the_java_client() -> None:
 async def test_sending_nothing_returns_at_once(kafka: Broker, sink: KafkaSink, topic: str) -> None:
     await sink.send(topic, [])  # asyncio.wait() would raise ValueError on no futures
     assert await consume_all(kafka.bootstrap, topic) == []
+
+
+async def test_a_message_over_the_size_limit_is_refused_before_kafka(
+    kafka: Broker, sink: KafkaSink, topic: str
+) -> None:
+    with pytest.raises(RecordTooLarge):
+        await sink.send(topic, [Message(b"session", b"x" * 2_000_000)])
+    await sink.send(topic, [Message(b"session", b"small")])
+    assert [m.value for m in await consume_all(kafka.bootstrap, topic)] == [b"small"]
+
+
+async def test_a_batch_kafka_refuses_for_good_does_not_wedge_its_partition(
+    kafka: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A topic whose own limit is below the producer's: the broker refuses the batch after
+    # the producer has numbered it, which used to fail every later batch to the partition.
+    name = f"test.small-limit.{uuid.uuid4().hex[:8]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(name, 1, 1, topic_configs={"max.message.bytes": "10000"})]
+        )
+        metrics = Metrics(CollectorRegistry(), "test")
+        sink = KafkaSink(KafkaSettings(bootstrap=kafka.bootstrap), metrics)
+        await sink.start()
+        try:
+            await eventually(sink.ready)
+            await sink.send(name, [Message(b"session", b"before")])
+            with pytest.raises(RecordTooLarge):
+                await sink.send(name, [Message(b"session", b"x" * 50_000)])
+            for n in range(3):
+                await sink.send(name, [Message(b"session", f"after-{n}".encode())])
+        finally:
+            await sink.close()
+        stored = [m.value for m in await consume_all(kafka.bootstrap, name, partitions=1)]
+        assert stored == [b"before", b"after-0", b"after-1", b"after-2"]
+        renewals = metrics.producer_renewals.labels("MessageSizeTooLargeError")
+        assert renewals._value.get() == 1
+        assert "a new producer takes over" in caplog.text
+    finally:
+        await admin.delete_topics([name])
+        await admin.close()
+
+
+async def test_a_topic_made_again_with_fewer_partitions_is_followed(
+    kafka: Broker, aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
+    topics = TopicSettings(
+        activity=f"test.shrink.{uuid.uuid4().hex[:8]}",
+        log=f"test.shrink-log.{uuid.uuid4().hex[:8]}",
+        profile=f"test.shrink-profile.{uuid.uuid4().hex[:8]}",
+        deadletter=f"test.shrink-dead.{uuid.uuid4().hex[:8]}",
+        partitions=6,
+    )
+    key_file = make_key_file(tmp_path)
+    settings = Settings(
+        keys_file=key_file.path,
+        # A short request timeout lets a batch held for a partition that has gone expire
+        # within the test, as it does after 30 s by default.
+        kafka=KafkaSettings(
+            bootstrap=kafka.bootstrap,
+            topics=topics,
+            produce_timeout_ms=2000,
+            request_timeout_ms=1000,
+        ),
+    )
+    client = await aiohttp_client(create_app(settings))
+    headers = {"Content-Type": "application/json", "x-api-key": key_file.key}
+    (base,) = orjson.loads(curl_bodies()["activity"])["records"]
+    sessions = [f"session-{n}" for n in range(24)]  # enough to reach all six partitions
+    statuses: Counter[int] = Counter()
+
+    async def send_all(tag: str) -> list[int]:
+        """One record per session, three times each, all at once; their statuses."""
+        records = [
+            {**base, "sessionId": s, "eventId": f"{tag}-{s}-{n}"}
+            for s in sessions
+            for n in range(3)
+        ]
+        answers = await asyncio.gather(
+            *(
+                client.post("/v1/activity", data=orjson.dumps({"records": [r]}), headers=headers)
+                for r in records
+            )
+        )
+        statuses.update(a.status for a in answers)
+        return [a.status for a in answers]
+
+    async def ready() -> bool:
+        return (await client.get("/readyz")).status == 200
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    await admin.start()
+    try:
+        await eventually(ready)
+        assert await send_all("six") == [200] * len(sessions) * 3
+        await admin.delete_topics([topics.activity])
+
+        async def made_again() -> bool:
+            response = await admin.create_topics([NewTopic(topics.activity, 2, 1)])
+            return not response.topic_errors[0][1]  # a deletion takes a moment
+
+        await eventually(made_again)
+        rounds = 0
+
+        async def all_sent() -> bool:
+            nonlocal rounds
+            rounds += 1
+            return await send_all(f"two-{rounds}") == [200] * len(sessions) * 3
+
+        await eventually(all_sent, within=60)
+        stored = await consume_all(kafka.bootstrap, topics.activity, partitions=2)
+        acknowledged = {f"two-{rounds}-{s}-{n}" for s in sessions for n in range(3)}
+        assert acknowledged <= {orjson.loads(m.value)["eventId"] for m in stored}
+        assert set(statuses) <= {200, 503}, statuses
+    finally:
+        await admin.close()
+        await delete_topics(kafka.bootstrap, lambda t: t in topics.all())
