@@ -39,6 +39,7 @@ class Broker:
 
 
 BROKER_USED = pytest.StashKey[Broker]()
+SUMMARY_LINES = pytest.StashKey[list[str]]()
 
 
 def _docker_answers() -> bool:
@@ -143,8 +144,17 @@ async def delete_topics(bootstrap: str, wanted: Callable[[str], bool]) -> None:
         await admin.close()
 
 
+def summarise(config: pytest.Config, line: str) -> None:
+    """Have `line` printed at the end of the run, where `make test` shows it (pytest
+    captures what a test prints)."""
+    config.stash.setdefault(SUMMARY_LINES, []).append(line)
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Say which real Kafka the integration tests talked to, if any ran."""
+    """Print the lines tests asked for, and say which real Kafka the integration tests
+    talked to, if any ran."""
+    for line in terminalreporter.config.stash.get(SUMMARY_LINES, []):
+        terminalreporter.write_line(line)
     broker = terminalreporter.config.stash.get(BROKER_USED, None)
     if broker is not None:
         terminalreporter.write_line(
@@ -161,10 +171,11 @@ async def eventually(check: Callable[[], Awaitable[bool]], *, within: float = 30
         await asyncio.sleep(0.1)
 
 
-async def consume_all(
+async def consume(
     bootstrap: str, topic: str, partitions: int = TOPIC_PARTITIONS
-) -> list[ConsumerRecord]:
-    """Every message on `topic`, read up to the end offsets it has now.
+) -> AsyncIterator[ConsumerRecord]:
+    """Every message on `topic`, read up to the end offsets it has now, as it arrives
+    (for topics too large to hold at once).
 
     Reading to the end offsets, not until a quiet period, proves positively that
     nothing else is there.
@@ -176,10 +187,17 @@ async def consume_all(
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         end = await consumer.end_offsets(tps)
-        seen: list[ConsumerRecord] = []
         while [tp for tp in tps if await consumer.position(tp) < end[tp]]:
             batches = await consumer.getmany(*tps, timeout_ms=1000)
-            seen.extend(msg for msgs in batches.values() for msg in msgs)
-        return seen
+            for messages in batches.values():
+                for message in messages:
+                    yield message
     finally:
         await consumer.stop()
+
+
+async def consume_all(
+    bootstrap: str, topic: str, partitions: int = TOPIC_PARTITIONS
+) -> list[ConsumerRecord]:
+    """Every message on `topic`, read up to the end offsets it has now (see `consume`)."""
+    return [message async for message in consume(bootstrap, topic, partitions)]
