@@ -2,13 +2,14 @@
 
 A POST with a plain body reserves its declared size before a byte of it is read; a
 compressed or chunked body, whose size is known only once decoded, reserves as it is
-decoded (`Reservation.take`, called by the body reader). Either way the bytes are given
-back when the request is answered. A request that would pass the cap is answered 503
-`overloaded` with Retry-After at once, so under a flood the gateway keeps a bounded
-amount of work and memory in hand, serves what it can at full speed, and is back to
-normal the moment the load drops. A request alone in progress is never shed, so a body
-up to the body limit is served even when that is more than the cap. A POST on a
-connection opened past the connection cap (gateway/listener.py) is shed the same way.
+decoded (the body reader calls `Reservation.take` with every piece it reads). Either
+way the bytes are given back when the request is answered. A request that would pass
+the cap is answered 503 `overloaded` with Retry-After at once, so under a flood the
+gateway keeps a bounded amount of work and memory in hand, serves what it can at full
+speed, and is back to normal the moment the load drops. A request alone in progress is
+never shed, so a body up to the body limit is served even when that is more than the
+cap. A POST on a connection opened past the connection cap (gateway/listener.py) is
+shed the same way.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class Admission:
                 raise TooManyConnections("the gateway has too many connections open")
             reservation = Reservation(self)
             if declared is not None and not request.headers.get("Content-Encoding"):
-                reservation.take(declared)
+                reservation.reserve(declared)
             request[BODY_RESERVATION] = reservation
             try:
                 return await handler(request)
@@ -54,7 +55,7 @@ class Admission:
 
 
 class Reservation:
-    """One request's share of the cap: what it holds, grown as its body decodes."""
+    """One request's share of the cap: what it holds, and how much of that its body uses."""
 
     __slots__ = ("_admission", "held", "used")
 
@@ -63,14 +64,20 @@ class Reservation:
         self.held = 0
         self.used = 0
 
+    def reserve(self, size: int) -> None:
+        """Hold `size` bytes before the body is read; raise Overloaded if they do not fit."""
+        self._grow(size)
+
     def take(self, size: int) -> None:
-        """Count `size` more body bytes; raise Overloaded if they do not fit beside the rest."""
+        """Count `size` more body bytes read, holding more if they pass what is held."""
         self.used += size
-        more = self.used - self.held
-        if more <= 0:
-            return  # within what was reserved up front
+        if self.used > self.held:
+            self._grow(self.used - self.held)
+
+    def _grow(self, more: int) -> None:
         admission = self._admission
         others = admission.in_flight_bytes - self.held
+        # A request alone in progress always fits, however large.
         if others and admission.in_flight_bytes + more > admission.cap_bytes:
             raise Overloaded(
                 f"the gateway is at capacity ({admission.in_flight_bytes} body bytes in progress)"

@@ -85,6 +85,22 @@ async def test_requests_past_the_cap_are_shed_and_the_rest_still_served(
     assert sum(len(m) for m in sink.topics.values()) == 1 + 1 + 20
 
 
+async def test_as_many_requests_as_the_cap_holds_are_served_at_once(
+    aiohttp_client: AiohttpClient, key_file: KeyFile
+) -> None:
+    body = batch(20)
+    sink = GatedSink()
+    settings = Settings(keys_file=key_file.path, max_inflight_bytes=4 * len(body))
+    client = await aiohttp_client(create_app(settings, sink=sink))
+    headers = {"Content-Type": "application/json", "x-api-key": key_file.key}
+    posts = [asyncio.create_task(sink.post(client, body, headers)) for _ in range(4)]
+    for _ in posts:
+        await sink.arrived.get()
+    sink.gate.set()
+    # Each counted once: its Content-Length up front covers the bytes then read.
+    assert [await p for p in posts] == [200] * 4
+
+
 async def test_a_single_request_larger_than_the_cap_is_still_served(
     aiohttp_client: AiohttpClient, key_file: KeyFile
 ) -> None:
