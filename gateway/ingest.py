@@ -217,8 +217,10 @@ def _kafka_headers(
 
 # A dead letter keeps at most this much of its record (and says so in its headers):
 # a rejected record may be as large as the body, past what Kafka takes in one message
-# (1 MiB by default). Every valid record the schemas allow is smaller.
-DEAD_LETTER_MAX_BYTES = 256 * 1024
+# (1 MiB by default). The largest record the schemas accept is smaller (354 KB of JSON:
+# an activity with every string at its bound, in six-byte escapes), so a record of a
+# size they allow is always kept whole.
+DEAD_LETTER_MAX_BYTES = 512 * 1024
 # An eventId longer than any schema allows is not echoed back: the index names the record.
 _MAX_ECHOED_ID = 128
 _TRUNCATED = ("cafe-truncated", b"true")

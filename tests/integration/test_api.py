@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway.app import create_app
 from gateway.config import KafkaSettings, Settings, TopicSettings
+from gateway.ingest import DEAD_LETTER_MAX_BYTES
 from tests.integration.conftest import (
     KAFKA_SH,
     TOPIC_PARTITIONS,
@@ -371,7 +372,7 @@ async def test_a_record_of_megabytes_is_rejected_and_kept_truncated_without_wedg
         assert headers["cafe-original-sha256"] == hashlib.sha256(whole).hexdigest().encode()
         assert headers["cafe-reject-reason"] == b"invalid"
         assert orjson.loads(headers["cafe-errors"])[0]["pointer"] == "/eventCategory"
-        assert 256 * 1024 - 4 < len(message.value) <= 256 * 1024
+        assert DEAD_LETTER_MAX_BYTES - 4 < len(message.value) <= DEAD_LETTER_MAX_BYTES
         assert whole.startswith(message.value)
         message.value.decode()  # whole characters only
         assert message.key == sent["sessionId"].encode()

@@ -12,7 +12,7 @@ offsets, and:
 
 - every record answered as accepted is on its own topic exactly once, as it was sent;
 - every record listed as rejected is on the dead-letter topic exactly once, found by
-  its request id and index, with its reason and errors, cut to 256 KiB on a character
+  its request id and index, with its reason and errors, cut to 512 KiB on a character
   boundary if its JSON is longer, and keyless if its sessionId cannot be a key;
 - nothing of a refused request or a vanished client is on any topic, nor is anything
   else;
@@ -91,7 +91,7 @@ OVERSIZED_FIELD = "productEnvironment"  # at most 64 characters in every schema
 OVERSIZED_CHARS = 2_000_000
 LONG_SESSION = "s" * 200_000
 MAX_KEY_CHARS = 128  # a longer (or empty) sessionId goes to the dead-letter topic keyless
-DEAD_LETTER_LIMIT = 256 * 1024  # bytes of a dead letter's value; past it, truncated
+DEAD_LETTER_LIMIT = 512 * 1024  # bytes of a dead letter's value; past it, truncated
 BOMB_CHARS = 400_000  # of one letter: gzip shrinks the body far past the allowed ratio
 MAX_COMPRESSION_RATIO = 100  # CAFE_MAX_COMPRESSION_RATIO's default
 
