@@ -8,7 +8,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -45,7 +45,7 @@ _MAX_BATCH_BYTES = 256 * 1024
 # aiokafka's bound on one produce request, which also caps what one record may weigh;
 # the broker's default for a batch (message.max.bytes) is a few bytes more. Every
 # message is checked against it before it is batched (`send`): a batch the broker
-# refuses for good spends sequence numbers, see `_renew`.
+# refuses for good spends sequence numbers (see KafkaSink).
 _MAX_MESSAGE_BYTES = 1024 * 1024
 # How often cafe_kafka_ready is refreshed once connected.
 _HEALTH_EVERY_S = 5.0
@@ -103,7 +103,6 @@ class _Batcher:
         self._sink = sink
         self._topic = topic
         self._partition = partition
-        self._where = (topic, partition)
         metrics = sink.metrics
         self._produce_seconds = metrics.produce_seconds.labels(topic) if metrics else None
         self._open: tuple[Any, asyncio.Future[None]] | None = None
@@ -153,10 +152,12 @@ class _Batcher:
                 except KafkaError as exc:
                     # E.g. the topic is gone; fail this batch's requests (503), and keep
                     # serving the partition.
-                    log.warning("could not queue a batch for %s-%d: %r", *self._where, exc)
+                    log.warning(
+                        "could not queue a batch for %s-%d: %r", self._topic, self._partition, exc
+                    )
                     acked.set_exception(exc)
                 except Exception as exc:
-                    log.exception("could not queue a batch for %s-%d", *self._where)
+                    log.exception("could not queue a batch for %s-%d", self._topic, self._partition)
                     acked.set_exception(exc)
 
     async def _send(self, batch: Any, acked: asyncio.Future[None]) -> bool:
@@ -402,21 +403,7 @@ class KafkaSink:
         self._renewing = asyncio.create_task(self._renew(producer), name="kafka-renew")
 
     async def _renew(self, old: AIOKafkaProducer) -> None:
-        delay = _FIRST_RETRY_S
-        while True:
-            producer = self._new_producer()
-            try:
-                await producer.start()
-            except (KafkaError, OSError, TimeoutError) as exc:
-                await producer.stop()
-                log.warning(
-                    "could not start a new Kafka producer (%s); retrying in %.2fs", exc, delay
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _LAST_RETRY_S)
-                continue
-            break
-        self._producer = producer
+        self._producer = await self._started_producer()
         self._renewing = None
         retiring = asyncio.create_task(self._stop(old), name="kafka-retire")
         self._retiring.add(retiring)
@@ -438,12 +425,21 @@ class KafkaSink:
         )
 
     async def _connect(self) -> None:
+        self._producer = await self._started_producer(self._ensure_topics)
+        log.info("connected to Kafka at %s", self._settings.bootstrap)
+        self._watching = asyncio.create_task(self._watch(), name="kafka-watch")
+
+    async def _started_producer(
+        self, prepare: Callable[[AIOKafkaProducer], Awaitable[None]] | None = None
+    ) -> AIOKafkaProducer:
+        """A new producer, started (and `prepare`d), retrying until the cluster answers."""
         delay = _FIRST_RETRY_S
         while True:
             producer = self._new_producer()
             try:
                 await producer.start()
-                await self._ensure_topics(producer)
+                if prepare is not None:
+                    await prepare(producer)
             except (KafkaError, OSError, TimeoutError) as exc:
                 await producer.stop()
                 self._count_error("connect")
@@ -456,10 +452,7 @@ class KafkaSink:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _LAST_RETRY_S)
                 continue
-            self._producer = producer
-            log.info("connected to Kafka at %s", self._settings.bootstrap)
-            self._watching = asyncio.create_task(self._watch(), name="kafka-watch")
-            return
+            return producer
 
     async def _ensure_topics(self, producer: AIOKafkaProducer) -> None:
         """Create the topics that are missing, then wait until the producer sees them all."""
