@@ -136,7 +136,7 @@ CLIENT_TIMEOUT_S = 120.0
 # The gateway serves W500 in about 90 MB (`make bench`). Here, at worst, each heavy
 # client holds about 12 MB (a 2.6 MB body, its 2 MB record parsed as a 4 MB str, the
 # record's JSON for the dead letter) and each other one a parsed batch of 500 (about
-# 2.5 MB): some 350 MB if every client peaks at once. Measured peaks: 262 MiB.
+# 2.5 MB): some 350 MB if every client peaks at once. Measured peaks: 262-273 MiB.
 RSS_LIMIT_BYTES = 400 * 2**20
 # How long /metrics may take to count the last hang-ups (a deadline, not a timing).
 ABORTS_COUNTED_WITHIN_S = 30.0
