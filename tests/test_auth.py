@@ -1,4 +1,4 @@
-"""API keys: minting, the keys file, and the `cafe-gateway keys` commands."""
+"""API keys: minting, the keys file, the key store (the `keys` commands: test_cli.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import orjson
 import pytest
 
 from gateway import auth
-from gateway.cli import main
 from tests.keys import KeyFile
 
 
@@ -83,51 +82,6 @@ def test_platform_names_are_checked() -> None:
         auth.mint_key(("bad/name",))
     with pytest.raises(ValueError, match="at least one platform"):
         auth.mint_key(())
-
-
-def test_keys_commands_create_list_disable(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    path = tmp_path / "keys.json"
-    assert main(["keys", "--keys-file", str(path), "create", "--platform", "web"]) == 0
-    out, err = capsys.readouterr()
-    plaintext = out.strip()
-    (record,) = auth.read_keys_file(path)
-    # stdout holds the plaintext alone, so `$(cafe-gateway keys create ...)` captures it.
-    assert out == plaintext + "\n"
-    assert record.sha256 == auth.hash_key(plaintext)
-    assert record.id in err and plaintext not in err
-
-    assert main(["keys", "--keys-file", str(path), "list"]) == 0
-    listed = capsys.readouterr().out
-    assert listed.startswith(f"{record.id}\tenabled\t")
-    assert plaintext not in listed
-
-    assert main(["keys", "--keys-file", str(path), "disable", record.id]) == 0
-    assert auth.read_keys_file(path)[0].enabled is False
-    assert main(["keys", "--keys-file", str(path), "disable", "k_000000000000"]) == 1
-    assert "no key with id k_000000000000" in capsys.readouterr().err
-
-
-def test_keys_file_comes_from_the_environment(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setenv("CAFE_KEYS_FILE", str(tmp_path / "env-keys.json"))
-    assert main(["keys", "create", "--platform", "web"]) == 0
-    assert len(auth.read_keys_file(tmp_path / "env-keys.json")) == 1
-    monkeypatch.delenv("CAFE_KEYS_FILE")
-    assert main(["keys", "list"]) == 1
-    assert "pass --keys-file or set CAFE_KEYS_FILE" in capsys.readouterr().err
-
-
-def test_a_malformed_file_is_reported_not_overwritten(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    path = tmp_path / "keys.json"
-    path.write_text("{oops")
-    assert main(["keys", "--keys-file", str(path), "create", "--platform", "web"]) == 1
-    assert "not JSON" in capsys.readouterr().err
-    assert path.read_text() == "{oops"
 
 
 def test_the_store_admits_enabled_keys_only(key_file: KeyFile) -> None:

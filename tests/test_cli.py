@@ -1,4 +1,5 @@
-"""The `cafe-gateway keys` command: where --keys-file may go, and concurrent changes."""
+"""The `cafe-gateway keys` commands: what they print, where --keys-file may go, and
+concurrent changes."""
 
 from __future__ import annotations
 
@@ -25,6 +26,51 @@ def _keys(path: Path, action: list[str], *, position: str) -> list[str]:
     if position == "before":
         return ["keys", *option, *action]
     return ["keys", action[0], *option, *action[1:]]
+
+
+def test_keys_commands_create_list_disable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "keys.json"
+    assert main(["keys", "--keys-file", str(path), "create", "--platform", "web"]) == 0
+    out, err = capsys.readouterr()
+    plaintext = out.strip()
+    (record,) = auth.read_keys_file(path)
+    # stdout holds the plaintext alone, so `$(cafe-gateway keys create ...)` captures it.
+    assert out == plaintext + "\n"
+    assert record.sha256 == auth.hash_key(plaintext)
+    assert record.id in err and plaintext not in err
+
+    assert main(["keys", "--keys-file", str(path), "list"]) == 0
+    listed = capsys.readouterr().out
+    assert listed.startswith(f"{record.id}\tenabled\t")
+    assert plaintext not in listed
+
+    assert main(["keys", "--keys-file", str(path), "disable", record.id]) == 0
+    assert auth.read_keys_file(path)[0].enabled is False
+    assert main(["keys", "--keys-file", str(path), "disable", "k_000000000000"]) == 1
+    assert "no key with id k_000000000000" in capsys.readouterr().err
+
+
+def test_keys_file_comes_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CAFE_KEYS_FILE", str(tmp_path / "env-keys.json"))
+    assert main(["keys", "create", "--platform", "web"]) == 0
+    assert len(auth.read_keys_file(tmp_path / "env-keys.json")) == 1
+    monkeypatch.delenv("CAFE_KEYS_FILE")
+    assert main(["keys", "list"]) == 1
+    assert "pass --keys-file or set CAFE_KEYS_FILE" in capsys.readouterr().err
+
+
+def test_a_malformed_file_is_reported_not_overwritten(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "keys.json"
+    path.write_text("{oops")
+    assert main(["keys", "--keys-file", str(path), "create", "--platform", "web"]) == 1
+    assert "not JSON" in capsys.readouterr().err
+    assert path.read_text() == "{oops"
 
 
 @pytest.mark.parametrize("position", ["before", "after"])
