@@ -47,6 +47,10 @@ _MAX_BATCH_BYTES = 256 * 1024
 # message is checked against it before it is batched (`send`): a batch the broker
 # refuses for good spends sequence numbers (see KafkaSink).
 _MAX_MESSAGE_BYTES = 1024 * 1024
+# Weighing a message as Kafka will costs about 0.5 us, 3% of a record's whole cost at
+# W500; keys (at most 512 bytes) and headers (a few hundred) are the gateway's own and
+# small, so only a message whose value alone is past this could be over the limit.
+_WEIGH_ABOVE = _MAX_MESSAGE_BYTES // 2
 # How often cafe_kafka_ready is refreshed once connected.
 _HEALTH_EVERY_S = 5.0
 
@@ -323,7 +327,8 @@ class KafkaSink:
             self._count_error("not_connected")
             raise SinkUnavailable(f"not connected to Kafka at {self._settings.bootstrap}")
         for message in messages:
-            _check_size(topic, message)
+            if len(message.value) > _WEIGH_ABOVE:
+                _check_size(topic, message)
         timeout_s = self._settings.produce_timeout_ms / 1000
         try:
             async with asyncio.timeout(timeout_s):
