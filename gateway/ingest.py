@@ -34,6 +34,16 @@ from gateway.schemas import SCHEMA_VERSION, RecordType, record_error, records_of
 from gateway.sink import Message, Sink
 from gateway.state import LIMITER, METRICS, RECORD_TYPES, SETTINGS, SINK
 
+# A dead letter keeps at most this much of its record (and says so in its headers):
+# a rejected record may be as large as the body, past what Kafka takes in one message
+# (1 MiB by default). The largest record the schemas accept is smaller (354 KB of JSON:
+# an activity with every string at its bound, in six-byte escapes), so a record of a
+# size they allow is always kept whole.
+DEAD_LETTER_MAX_BYTES = 512 * 1024
+# An eventId longer than any schema allows is not echoed back: the index names the record.
+_MAX_ECHOED_ID = 128
+_TRUNCATED = ("cafe-truncated", b"true")
+
 
 async def ingest(request: web.Request) -> web.Response:
     """Accept a batch of records of the type named by the route."""
@@ -213,17 +223,6 @@ def _kafka_headers(
         ("cafe-schema", record_type.name.encode()),
         ("cafe-schema-version", str(SCHEMA_VERSION).encode()),
     ]
-
-
-# A dead letter keeps at most this much of its record (and says so in its headers):
-# a rejected record may be as large as the body, past what Kafka takes in one message
-# (1 MiB by default). The largest record the schemas accept is smaller (354 KB of JSON:
-# an activity with every string at its bound, in six-byte escapes), so a record of a
-# size they allow is always kept whole.
-DEAD_LETTER_MAX_BYTES = 512 * 1024
-# An eventId longer than any schema allows is not echoed back: the index names the record.
-_MAX_ECHOED_ID = 128
-_TRUNCATED = ("cafe-truncated", b"true")
 
 
 def _dead_letter(
