@@ -341,23 +341,28 @@ def activity(event_id: str, **changes: Any) -> dict[str, Any]:
     return {**record, "eventId": event_id, **changes}
 
 
+async def send_activity(gw: Gateway, *records: dict[str, Any]) -> tuple[int, Any]:
+    """POST these activity records as one batch; the status and the answer."""
+    return await gw.post("activity", orjson.dumps({"records": records}))
+
+
 async def test_a_record_of_megabytes_is_rejected_and_kept_truncated_without_wedging(
     roomy_gateway: Gateway,
 ) -> None:
     gw = roomy_gateway
     # 2 MB of a character that takes two bytes in UTF-8: the cut must not split one.
     huge = activity("huge", eventCategory="é" * 1_000_000)
-    status, body = await gw.post("activity", orjson.dumps({"records": [huge]}))
+    status, body = await send_activity(gw, huge)
     assert status == 422, body
     assert [(r["index"], r["reason"]) for r in body["rejections"]] == [(0, "invalid")]
 
     # The same session's next rejected records are stored as usual: nothing is wedged.
     for n in range(3):
         small = activity(f"small-{n}", eventTime="yesterday")
-        assert (await gw.post("activity", orjson.dumps({"records": [small]})))[0] == 422
+        assert (await send_activity(gw, small))[0] == 422
     # A valid record beside a huge invalid one: 207, and the valid one stored once.
     both = [activity("valid"), activity("huge-2", eventCategory="x" * 2_000_000)]
-    status, body = await gw.post("activity", orjson.dumps({"records": both}))
+    status, body = await send_activity(gw, *both)
     assert (status, body["accepted"], body["rejected"]) == (207, 1, 1)
 
     (valid,) = await gw.on_topic(gw.topics.activity)
@@ -398,7 +403,7 @@ async def test_a_session_id_too_long_for_a_key_leaves_its_dead_letter_keyless(
 ) -> None:
     gw = roomy_gateway
     record = activity("long-session", sessionId="s" * 900_000)
-    status, body = await gw.post("activity", orjson.dumps({"records": [record]}))
+    status, body = await send_activity(gw, record)
     assert status == 422, body
     assert body["rejections"][0]["errors"][0]["pointer"] == "/sessionId"
     (message,) = await gw.on_topic(gw.topics.deadletter)
