@@ -22,7 +22,7 @@ define kafka_for_run
 endef
 BOOTSTRAP := $${CAFE_KAFKA_BOOTSTRAP:-127.0.0.1:$(CAFE_KAFKA_PORT)}
 
-.PHONY: help install run test bench loadtest lint fmt kafka-up kafka-down kafka-status lock clean
+.PHONY: help install run test test-cluster bench loadtest lint fmt kafka-up kafka-down kafka-status lock clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -47,6 +47,9 @@ run: $(INSTALLED) $(DEV)/api-key ## start Kafka and the gateway on 127.0.0.1:808
 test: $(INSTALLED) ## run the whole test suite, integration tests against a real Kafka
 	$(kafka_for_run)
 	CAFE_KAFKA_BOOTSTRAP=$(BOOTSTRAP) $(BIN)/pytest $(PYTEST_ARGS)
+
+test-cluster: $(INSTALLED) ## only the tests that start their own 3-broker Kafka cluster (a few minutes)
+	$(BIN)/pytest -m cluster $(PYTEST_ARGS)
 
 BENCH_SECONDS ?= 10
 WORKERS ?= 1

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# A single-node Apache Kafka (KRaft, broker + controller) on loopback, from Maven Central.
+# Apache Kafka (KRaft) on loopback, from Maven Central: by default a single node (broker
+# + controller in one JVM); with --nodes N, a cluster of N brokers and one controller.
 #
 #   kafka.sh up      resolve the jars (first time only), format storage (first time only),
 #                    start the broker and return once it acknowledges a produced record
@@ -9,12 +10,21 @@
 #   kafka.sh fetch   only resolve the jars into the cache
 #   kafka.sh logs    print the tail of the broker log
 #
+#   --nodes N        (up, down, destroy, status, logs) act on a cluster instead: N brokers
+#                    on client ports CAFE_KAFKA_PORT .. +N-1 and a KRaft controller of
+#                    their own, each in its own JVM. up starts the nodes that are not
+#                    running and returns once every broker is in sync and a record is
+#                    acknowledged; status prints "NAME HOST:PORT PID" (PID - if down) for
+#                    each node and exits 0 only if all run; down stops them all.
+#
 # up and down are idempotent. Jars, data and logs live outside the repository.
 # Settings (environment):
-#   CAFE_KAFKA_PORT             client port on 127.0.0.1 (9092)
-#   CAFE_KAFKA_CONTROLLER_PORT  KRaft controller port (client port + 1)
+#   CAFE_KAFKA_PORT             client port on 127.0.0.1 (9092); a cluster's first broker
+#   CAFE_KAFKA_CONTROLLER_PORT  KRaft controller port (client port + 1; with --nodes N,
+#                               client port + N)
 #   CAFE_KAFKA_HOME             cache and state root (${XDG_CACHE_HOME:-~/.cache}/cafe-gateway/kafka)
-#   CAFE_KAFKA_HEAP             JVM heap flags (-Xms256m -Xmx512m)
+#   CAFE_KAFKA_HEAP             JVM heap flags (-Xms256m -Xmx512m; per node with --nodes:
+#                               -Xms128m -Xmx256m)
 #   CAFE_KAFKA_START_TIMEOUT    seconds to wait for the first acknowledged record (120)
 set -euo pipefail
 
@@ -31,6 +41,10 @@ version=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$here/pom.x
 libs=$home/$version/libs
 run=$home/run-$port
 pidfile=$run/broker.pid
+# With --nodes: cluster.id (formatted into every node once), brokers (N, which a later
+# `up` must match), and a directory per node (controller, broker-1 .. broker-N) holding
+# its server.properties, data/, logs/ and kafka.pid.
+cluster=$home/cluster-$port
 
 say() { echo "kafka.sh: $*" >&2; }
 
@@ -47,26 +61,31 @@ java_bin() {
     echo "$java"
 }
 
-# The pid in $pidfile, if that process is alive and is our broker.
-broker_pid() {
+# The pid in PIDFILE, if that process is alive and is the Kafka node run with PROPERTIES.
+node_pid() {
+    local pidfile=$1 properties=$2
     [ -f "$pidfile" ] || return 1
     local pid
     pid=$(cat "$pidfile")
     [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] || return 1
     local cmdline
     cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline")
-    [[ $cmdline == *"kafka.Kafka $run/server.properties"* ]] || return 1
+    [[ $cmdline == *"kafka.Kafka $properties"* ]] || return 1
     echo "$pid"
 }
 
+broker_pid() { node_pid "$pidfile" "$run/server.properties"; }
+
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+# The tail of the logs in LOGS (the single node's by default).
 show_log_tail() {
-    say "last lines of $run/logs/server.log:"
-    tail -n 40 "$run/logs/server.log" 2>/dev/null >&2 || true
-    if [ -s "$run/logs/stdout.log" ]; then
-        say "last lines of $run/logs/stdout.log:"
-        tail -n 20 "$run/logs/stdout.log" >&2
+    local logs=${1:-$run/logs}
+    say "last lines of $logs/server.log:"
+    tail -n 40 "$logs/server.log" 2>/dev/null >&2 || true
+    if [ -s "$logs/stdout.log" ]; then
+        say "last lines of $logs/stdout.log:"
+        tail -n 20 "$logs/stdout.log" >&2
     fi
 }
 
@@ -90,15 +109,41 @@ fetch() {
     touch "$libs/.complete"
 }
 
-# The probe is compiled once per change of Probe.java, against the broker's client jars.
+# Waits for BOOTSTRAP's cluster of BROKERS brokers to acknowledge a record (see
+# Probe.java), failing early if one of the PIDs exits. The probe is compiled once per
+# change of Probe.java, against the broker's client jars.
 probe() {
-    local java=$1 timeout=$2 pid=${3:-}
+    local java=$1 timeout=$2 bootstrap=$3 brokers=$4
+    shift 4
     local classes=$home/$version/probe
     if [ ! -f "$classes/Probe.class" ] || [ "$here/Probe.java" -nt "$classes/Probe.class" ]; then
         mkdir -p "$classes"
         "$(dirname "$java")/javac" -nowarn -cp "$libs/*" -d "$classes" "$here/Probe.java"
     fi
-    "$java" -Xmx64m -cp "$classes:$libs/*" Probe "127.0.0.1:$port" "$timeout" $pid
+    "$java" -Xmx64m -cp "$classes:$libs/*" Probe "$bootstrap" "$timeout" "$brokers" "$@"
+}
+
+# A KRaft cluster id is 16 random bytes in URL-safe base64 without padding. One that
+# starts with "-" would be read as an option by the storage tool (as Kafka's own
+# Uuid.randomUuid knows): draw again.
+new_cluster_id() {
+    local cluster_id=-
+    while [ "${cluster_id#-}" != "$cluster_id" ]; do
+        cluster_id=$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | cut -c 1-22)
+    done
+    echo "$cluster_id"
+}
+
+# Formats the log dirs of the node configured by PROPERTIES as a member of CLUSTER_ID.
+format_node() {
+    local java=$1 properties=$2 logs=$3 cluster_id=$4
+    "$java" -Xmx128m -Dlog4j2.configurationFile="$here/log4j2.properties" \
+        -Dkafka.logs.dir="$logs" -cp "$libs/*" kafka.tools.StorageTool \
+        format -t "$cluster_id" -c "$properties" >"$logs/format.log" 2>&1 || {
+        say "formatting storage failed:"
+        cat "$logs/format.log" >&2
+        return 1
+    }
 }
 
 format_storage() {
@@ -109,27 +154,29 @@ format_storage() {
     if [ -f "$run/data/meta.properties" ]; then
         return
     fi
-    # A KRaft cluster id is 16 random bytes in URL-safe base64 without padding. One that
-    # starts with "-" would be read as an option by the storage tool (as Kafka's own
-    # Uuid.randomUuid knows): draw again.
-    local cluster_id=-
-    while [ "${cluster_id#-}" != "$cluster_id" ]; do
-        cluster_id=$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | cut -c 1-22)
-    done
-    "$java" -Xmx128m -Dlog4j2.configurationFile="$here/log4j2.properties" \
-        -Dkafka.logs.dir="$run/logs" -cp "$libs/*" kafka.tools.StorageTool \
-        format -t "$cluster_id" -c "$run/server.properties" >"$run/logs/format.log" 2>&1 || {
-        say "formatting storage failed:"
-        cat "$run/logs/format.log" >&2
-        exit 1
-    }
+    format_node "$java" "$run/server.properties" "$run/logs" "$(new_cluster_id)" || exit 1
+}
+
+# Starts, in the background, the Kafka node configured by PROPERTIES with HEAP (JVM
+# flags), logging into LOGS; writes its pid to PIDFILE.
+launch() {
+    local java=$1 heap=$2 properties=$3 logs=$4 pidfile=$5
+    # setsid: the broker outlives the shell that started it and does not receive the
+    # Ctrl-C meant for a gateway running in the foreground of the same terminal.
+    # G1 with a short pause goal keeps produce latency steady on a small heap.
+    # shellcheck disable=SC2086
+    setsid "$java" $heap -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true \
+        -Dlog4j2.configurationFile="$here/log4j2.properties" -Dkafka.logs.dir="$logs" \
+        -cp "$libs/*" kafka.Kafka "$properties" \
+        </dev/null >"$logs/stdout.log" 2>&1 &
+    echo "$!" >"$pidfile"
 }
 
 up() {
     local java pid
     java=$(java_bin)
     if pid=$(broker_pid); then
-        if probe "$java" 30 "$pid"; then
+        if probe "$java" 30 "127.0.0.1:$port" 1 "$pid"; then
             say "already running on 127.0.0.1:$port (pid $pid)"
             return
         fi
@@ -150,28 +197,21 @@ up() {
     fetch
     format_storage "$java"
     say "starting Apache Kafka $version on 127.0.0.1:$port (logs: $run/logs)"
-    # setsid: the broker outlives the shell that started it and does not receive the
-    # Ctrl-C meant for a gateway running in the foreground of the same terminal.
-    # G1 with a short pause goal keeps produce latency steady on a small heap.
-    # shellcheck disable=SC2086
-    setsid "$java" $heap -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true \
-        -Dlog4j2.configurationFile="$here/log4j2.properties" -Dkafka.logs.dir="$run/logs" \
-        -cp "$libs/*" kafka.Kafka "$run/server.properties" \
-        </dev/null >"$run/logs/stdout.log" 2>&1 &
-    pid=$!
-    echo "$pid" >"$pidfile"
-    if probe "$java" "$start_timeout" "$pid"; then
+    launch "$java" "$heap" "$run/server.properties" "$run/logs" "$pidfile"
+    pid=$(cat "$pidfile")
+    if probe "$java" "$start_timeout" "127.0.0.1:$port" 1 "$pid"; then
         say "ready on 127.0.0.1:$port (pid $pid)"
         return
     fi
     show_log_tail
     say "broker did not accept a produce request (waited up to ${start_timeout}s); stopping it"
-    stop_pid "$pid"
+    stop_pid "$pid" "$pidfile"
     exit 1
 }
 
+# Stops PID (SIGTERM, SIGKILL after 30 s) and removes PIDFILE.
 stop_pid() {
-    local pid=$1
+    local pid=$1 pidfile=$2
     kill -TERM "$pid" 2>/dev/null || true
     # A controlled shutdown of one node takes a few seconds; past 30 s it is stuck.
     for _ in $(seq 1 300); do
@@ -179,7 +219,7 @@ stop_pid() {
         sleep 0.1
     done
     if kill -0 "$pid" 2>/dev/null; then
-        say "broker pid $pid ignored SIGTERM for 30s; killing it"
+        say "Kafka pid $pid ignored SIGTERM for 30s; killing it"
         kill -KILL "$pid" 2>/dev/null || true
     fi
     rm -f "$pidfile"
@@ -189,7 +229,7 @@ down() {
     local pid
     if pid=$(broker_pid); then
         say "stopping broker on 127.0.0.1:$port (pid $pid)"
-        stop_pid "$pid"
+        stop_pid "$pid" "$pidfile"
         say "stopped"
     else
         rm -f "$pidfile"
@@ -213,15 +253,245 @@ status() {
     fi
 }
 
-case "${1:-}" in
+# The cluster's nodes, controller first: the brokers register with it as they start.
+cluster_nodes() {
+    echo controller
+    seq -f 'broker-%g' 1 "$nodes"
+}
+
+node_port() {
+    case $1 in
+        controller) echo "$controller_port" ;;
+        broker-*) echo $((port + ${1#broker-} - 1)) ;;
+    esac
+}
+
+# The brokers' client ports, for messages: 9092-9094.
+broker_ports() {
+    if [ "$nodes" -gt 1 ]; then
+        echo "$port-$((port + nodes - 1))"
+    else
+        echo "$port"
+    fi
+}
+
+cluster_node_pid() { node_pid "$cluster/$1/kafka.pid" "$cluster/$1/server.properties"; }
+
+cluster_bootstrap() {
+    local bootstrap i
+    bootstrap=127.0.0.1:$port
+    for i in $(seq 2 "$nodes"); do
+        bootstrap=$bootstrap,127.0.0.1:$((port + i - 1))
+    done
+    echo "$bootstrap"
+}
+
+# Writes the server.properties of NODE (controller or broker-I) from its template.
+write_node_properties() {
+    local name=$1 dir=$cluster/$1 template=broker id=${1#broker-}
+    if [ "$name" = controller ]; then
+        template=controller id=0
+    fi
+    local replication=$((nodes < 3 ? nodes : 3))
+    mkdir -p "$dir/data" "$dir/logs"
+    sed -e "s|@NODE_ID@|$id|g" -e "s|@PORT@|$(node_port "$name")|g" \
+        -e "s|@CONTROLLER_PORT@|$controller_port|g" -e "s|@DATA_DIR@|$dir/data|g" \
+        -e "s|@REPLICATION@|$replication|g" \
+        -e "s|@INTERNAL_MIN_ISR@|$((replication < 2 ? replication : 2))|g" \
+        "$here/$template.properties.in" >"$dir/server.properties"
+}
+
+cluster_up() {
+    local java name pid
+    java=$(java_bin)
+    if [ -f "$cluster/brokers" ] && [ "$(cat "$cluster/brokers")" != "$nodes" ]; then
+        say "$cluster holds a cluster of $(cat "$cluster/brokers") brokers, not $nodes;" \
+            "kafka.sh destroy --nodes $(cat "$cluster/brokers") first"
+        exit 1
+    fi
+    local -a starting=()
+    for name in $(cluster_nodes); do
+        cluster_node_pid "$name" >/dev/null || starting+=("$name")
+    done
+    if [ ${#starting[@]} -gt 0 ]; then
+        if [ "$controller_port" -ge "$port" ] && [ "$controller_port" -lt $((port + nodes)) ]; then
+            say "the controller port $controller_port is a broker's ($(broker_ports));" \
+                "set CAFE_KAFKA_CONTROLLER_PORT"
+            exit 1
+        fi
+        for name in "${starting[@]}"; do
+            if port_in_use "$(node_port "$name")"; then
+                say "127.0.0.1:$(node_port "$name"), the port of $name, is taken by another" \
+                    "process; set CAFE_KAFKA_PORT (brokers: $(broker_ports)) or" \
+                    "CAFE_KAFKA_CONTROLLER_PORT ($controller_port) to use other ports"
+                exit 1
+            fi
+        done
+        fetch
+        mkdir -p "$cluster"
+        [ -s "$cluster/cluster.id" ] || new_cluster_id >"$cluster/cluster.id"
+        echo "$nodes" >"$cluster/brokers"
+        # Formatting starts a JVM per node: side by side, their start-ups overlap.
+        local -a formatting=()
+        for name in "${starting[@]}"; do
+            write_node_properties "$name"
+            if [ ! -f "$cluster/$name/data/meta.properties" ]; then
+                format_node "$java" "$cluster/$name/server.properties" "$cluster/$name/logs" \
+                    "$(cat "$cluster/cluster.id")" &
+                formatting+=("$!")
+            fi
+        done
+        for pid in "${formatting[@]}"; do
+            wait "$pid" || exit 1
+        done
+        say "starting ${starting[*]} (Apache Kafka $version; brokers on" \
+            "127.0.0.1:$(broker_ports), controller on 127.0.0.1:$controller_port; state in $cluster)"
+        for name in "${starting[@]}"; do
+            launch "$java" "$heap" "$cluster/$name/server.properties" "$cluster/$name/logs" \
+                "$cluster/$name/kafka.pid"
+        done
+    fi
+    # Every node's pid, including those just launched and maybe dead already: the probe
+    # gives up as soon as one of them exits.
+    local -a pids=()
+    for name in $(cluster_nodes); do
+        pids+=("$(cat "$cluster/$name/kafka.pid")")
+    done
+    local timeout=$start_timeout
+    if [ ${#starting[@]} -eq 0 ]; then
+        timeout=30
+    fi
+    if probe "$java" "$timeout" "$(cluster_bootstrap)" "$nodes" "${pids[@]}"; then
+        say "ready: $nodes broker(s) on 127.0.0.1:$(broker_ports), controller on" \
+            "127.0.0.1:$controller_port"
+        return
+    fi
+    if [ ${#starting[@]} -gt 0 ]; then
+        for name in "${starting[@]}"; do
+            show_log_tail "$cluster/$name/logs"
+        done
+    else
+        cluster_logs
+    fi
+    say "the cluster did not acknowledge a record with every broker in sync (waited up to" \
+        "${timeout}s)"
+    if [ ${#starting[@]} -gt 0 ]; then
+        say "stopping the nodes this command started: ${starting[*]}"
+        # In reverse, the controller last (see cluster_down).
+        local i
+        for ((i = ${#starting[@]} - 1; i >= 0; i--)); do
+            name=${starting[i]}
+            stop_pid "$(cat "$cluster/$name/kafka.pid")" "$cluster/$name/kafka.pid"
+        done
+    fi
+    exit 1
+}
+
+# Stops the cluster's node in DIR if it runs.
+stop_node() {
+    local dir=$1 name pid
+    name=$(basename "$dir")
+    if pid=$(cluster_node_pid "$name"); then
+        say "stopping $name on 127.0.0.1:$(node_port "$name") (pid $pid)"
+        stop_pid "$pid" "$dir/kafka.pid"
+    else
+        rm -f "$dir/kafka.pid"
+    fi
+}
+
+# Stops every node under $cluster, whatever --nodes says.
+cluster_down() {
+    local dir pid
+    local -a stopping=()
+    # The brokers first, side by side: a broker's controlled shutdown waits for the
+    # controller to let it go.
+    for dir in "$cluster"/broker-*; do
+        if [ -d "$dir" ]; then
+            stop_node "$dir" &
+            stopping+=("$!")
+        fi
+    done
+    for pid in "${stopping[@]}"; do
+        wait "$pid"
+    done
+    if [ -d "$cluster/controller" ]; then
+        stop_node "$cluster/controller"
+    fi
+    say "no node of the cluster on 127.0.0.1:$port runs"
+}
+
+cluster_destroy() {
+    cluster_down
+    rm -rf "$cluster"
+    say "deleted $cluster"
+}
+
+cluster_status() {
+    local name pid running=0 total=0
+    for name in $(cluster_nodes); do
+        total=$((total + 1))
+        if pid=$(cluster_node_pid "$name"); then
+            running=$((running + 1))
+        else
+            pid=-
+        fi
+        printf '%-10s 127.0.0.1:%-5s %s\n' "$name" "$(node_port "$name")" "$pid"
+    done
+    say "$running of $total nodes running (Apache Kafka $version; state in $cluster)"
+    [ "$running" = "$total" ] || exit 3
+}
+
+cluster_logs() {
+    local name
+    for name in $(cluster_nodes); do
+        show_log_tail "$cluster/$name/logs"
+    done
+}
+
+usage() {
+    sed -n '2,18s/^# \{0,1\}//p' "$0" >&2
+    exit 2
+}
+
+command=${1:-}
+[ $# -eq 0 ] || shift
+nodes=
+while [ $# -gt 0 ]; do
+    case $1 in
+        --nodes)
+            [ $# -ge 2 ] || usage
+            nodes=$2
+            shift 2
+            ;;
+        --nodes=*)
+            nodes=${1#--nodes=}
+            shift
+            ;;
+        *) usage ;;
+    esac
+done
+if [ -n "$nodes" ]; then
+    if ! [[ $nodes =~ ^[1-9][0-9]*$ ]]; then
+        say "--nodes wants a number of brokers, 1 or more, not '$nodes'"
+        exit 2
+    fi
+    controller_port=${CAFE_KAFKA_CONTROLLER_PORT:-$((port + nodes))}
+    # Four JVMs or more share the 2-core machine with the gateway and its load generator;
+    # a few test topics fit in half the single node's heap.
+    heap=${CAFE_KAFKA_HEAP:-"-Xms128m -Xmx256m"}
+fi
+
+case "$command${nodes:+ --nodes}" in
     up) up ;;
     down) down ;;
     destroy) destroy ;;
     status) status ;;
-    fetch) fetch ;;
+    fetch | "fetch --nodes") fetch ;;
     logs) show_log_tail ;;
-    *)
-        sed -n '2,11s/^# \{0,1\}//p' "$0" >&2
-        exit 2
-        ;;
+    "up --nodes") cluster_up ;;
+    "down --nodes") cluster_down ;;
+    "destroy --nodes") cluster_destroy ;;
+    "status --nodes") cluster_status ;;
+    "logs --nodes") cluster_logs ;;
+    *) usage ;;
 esac

@@ -5,12 +5,17 @@ The broker is chosen once per session, in this order:
 2. testcontainers' Kafka, if a Docker daemon answers;
 3. the local broker from `deploy/kafka/kafka.sh`, started if it is not running.
 A broker that cannot be had fails the tests; it never skips them.
+
+Tests that stop or kill brokers get their own: `spare_broker` (one node) or
+`kafka_cluster` (3 brokers and a KRaft controller, marker `cluster`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -19,11 +24,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from tests.integration.tcp_proxy import free_ports
+from tests.integration.tcp_proxy import consecutive_free_ports, free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 KAFKA_SH = REPO / "deploy" / "kafka" / "kafka.sh"
@@ -130,6 +136,92 @@ def spare_broker() -> Iterator[tuple[str, dict[str, str]]]:
     finally:
         # Its data and logs go too: each test run would otherwise leave a directory.
         subprocess.run([str(KAFKA_SH), "destroy"], env=env, check=True, capture_output=True)
+
+
+@dataclass
+class Cluster:
+    """A Kafka cluster of a test's own: `brokers` brokers and a KRaft controller, each a
+    JVM on loopback, run by `kafka.sh --nodes`."""
+
+    bootstrap: str  # every broker, comma-separated
+    env: dict[str, str]  # what kafka.sh needs to act on this cluster (and no other)
+    brokers: int
+    started_in_s: float = 0.0  # how long the first `up` took
+
+    def kafka_sh(self, command: str) -> subprocess.CompletedProcess[str]:
+        """`kafka.sh COMMAND --nodes N` on this cluster; fails the test if it fails."""
+        done = subprocess.run(
+            [str(KAFKA_SH), command, "--nodes", str(self.brokers)],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        if done.returncode != 0:
+            pytest.fail(f"kafka.sh {command} --nodes {self.brokers} failed:\n{done.stderr}")
+        return done
+
+    def pids(self) -> dict[str, int | None]:
+        """Each node's pid (None if it is not running), keyed by name: controller,
+        broker-1 .. broker-N. kafka.sh reads them from the nodes' pidfiles, and names only
+        a live process that is that node."""
+        done = subprocess.run(
+            [str(KAFKA_SH), "status", "--nodes", str(self.brokers)],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        nodes = {}
+        for line in done.stdout.splitlines():
+            name, _, pid = line.split()
+            nodes[name] = None if pid == "-" else int(pid)
+        return nodes
+
+    def kill_broker(self, number: int) -> None:
+        """SIGKILL broker `number` (1 .. brokers, also its node id); returns once it is gone."""
+        pid = self.pids()[f"broker-{number}"]
+        assert pid is not None, f"broker-{number} is not running"
+        process = psutil.Process(pid)
+        process.send_signal(signal.SIGKILL)
+        # Gone, or a zombie its new parent has yet to reap: either way its sockets are
+        # closed and its port is free.
+        deadline = time.monotonic() + 30
+        with contextlib.suppress(psutil.NoSuchProcess):
+            while process.status() != psutil.STATUS_ZOMBIE:
+                assert time.monotonic() < deadline, f"broker-{number} outlived SIGKILL"
+                time.sleep(0.05)
+
+    def up(self) -> float:
+        """Start the nodes that are not running; returns once every broker is in sync and
+        a record is acknowledged, with how long that took."""
+        started = time.monotonic()
+        self.kafka_sh("up")
+        return time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def kafka_cluster() -> Iterator[Cluster]:
+    """A 3-broker cluster on free ports, deleted after the module's tests (a few minutes
+    of their time: tests that use it are marked `cluster`). A test that kills brokers
+    brings them back before it ends."""
+    brokers = 3
+    *_, controller_port = ports = consecutive_free_ports(brokers + 1)
+    env = {
+        **os.environ,
+        "CAFE_KAFKA_PORT": str(ports[0]),
+        "CAFE_KAFKA_CONTROLLER_PORT": str(controller_port),
+    }
+    bootstrap = ",".join(f"127.0.0.1:{port}" for port in ports[:brokers])
+    cluster = Cluster(bootstrap, env, brokers)
+    try:
+        cluster.started_in_s = cluster.up()
+        yield cluster
+    finally:
+        # Its data and logs go too (see spare_broker).
+        cluster.kafka_sh("destroy")
 
 
 async def delete_topics(bootstrap: str, wanted: Callable[[str], bool]) -> None:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import socket
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -27,6 +29,38 @@ def free_ports(count: int) -> list[int]:
         for s in sockets:
             s.bind(("127.0.0.1", 0))
         return [s.getsockname()[1] for s in sockets]
+
+
+def consecutive_free_ports(count: int) -> list[int]:
+    """`count` consecutive loopback ports nothing listens on right now (a Kafka cluster's
+    brokers take consecutive ports).
+
+    Drawn below the kernel's ephemeral range, where it never picks the local port of an
+    outgoing connection: one of the cluster's own connections cannot take a port
+    between this check and the JVM binding it, seconds later.
+    """
+    first_ephemeral = _ephemeral_ports()[0]
+    for _ in range(100):
+        first = random.randrange(10_000, first_ephemeral - count)
+        ports = list(range(first, first + count))
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in ports:
+                    stack.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return ports
+    raise RuntimeError(f"found no {count} consecutive free ports below {first_ephemeral}")
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range of local ports for outgoing connections (Linux's default if
+    it cannot be read)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+    except (OSError, ValueError):
+        return 32768, 60999
+    return int(low), int(high)
 
 
 class TcpProxy:
