@@ -48,6 +48,11 @@ class KafkaSettings:
     request_timeout_ms: int = 30_000
     # A request whose records are not all acknowledged within this time gets a 503.
     produce_timeout_ms: int = 5_000
+    # Bytes of record values the sink may hold unacknowledged, including those of
+    # requests already answered 503 that it still delivers; past it, requests get 503 at
+    # once. Healthy traffic holds about what the requests in flight carry, so it must be
+    # at least max_inflight_bytes; the default leaves four times that.
+    max_queued_bytes: int = 32 * 1024 * 1024
     topics: TopicSettings = field(default_factory=TopicSettings)
 
 
@@ -167,6 +172,13 @@ class Settings:
                     low=100,
                     high=300_000,
                 ),
+                max_queued_bytes=_int(
+                    env,
+                    "CAFE_MAX_QUEUED_BYTES",
+                    kafka_defaults.max_queued_bytes,
+                    low=1024,
+                    high=1 << 36,
+                ),
                 topics=TopicSettings(
                     activity=_topic(env, "CAFE_TOPIC_ACTIVITY", topic_defaults.activity),
                     log=_topic(env, "CAFE_TOPIC_LOG", topic_defaults.log),
@@ -180,6 +192,12 @@ class Settings:
         )
         if settings.workers > 1 and settings.port == 0:
             raise ConfigError(f"CAFE_WORKERS={settings.workers} needs a fixed CAFE_PORT, not 0")
+        if settings.kafka.max_queued_bytes < settings.max_inflight_bytes:
+            raise ConfigError(
+                f"CAFE_MAX_QUEUED_BYTES={settings.kafka.max_queued_bytes} is below "
+                f"CAFE_MAX_INFLIGHT_BYTES={settings.max_inflight_bytes}: the requests "
+                "admitted at once could not all be queued"
+            )
         if settings.metrics_port is not None and settings.metrics_port == settings.port:
             raise ConfigError(
                 f"CAFE_METRICS_PORT={settings.metrics_port} is CAFE_PORT; unset it to serve "

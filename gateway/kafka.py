@@ -12,15 +12,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import (
     KafkaError,
     KafkaTimeoutError,
     MessageSizeTooLargeError,
     RecordListTooLargeError,
-    TopicAlreadyExistsError,
     UnknownTopicOrPartitionError,
-    for_code,
 )
 from aiokafka.partitioner import murmur2
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
@@ -29,6 +26,7 @@ from gateway.config import KafkaSettings
 from gateway.errors import RecordTooLarge, SinkUnavailable
 from gateway.metrics import Metrics
 from gateway.sink import Message
+from gateway.topics import prepare_topics
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +35,6 @@ _FIRST_RETRY_S = 0.25
 _LAST_RETRY_S = 5.0
 # A readiness probe that cannot reach a broker within this time answers "not ready".
 _READY_TIMEOUT_S = 2.0
-# Created topics get this many replicas, or one per broker on a smaller cluster.
-_REPLICATION = 3
 # Room for a W500 request's share of one partition in one batch (records are ~0.5 KiB),
 # well under the broker's default limit on a batch (message.max.bytes, ~1 MiB).
 _MAX_BATCH_BYTES = 256 * 1024
@@ -51,6 +47,8 @@ _MAX_MESSAGE_BYTES = 1024 * 1024
 # W500; keys (at most 512 bytes) and headers (a few hundred) are the gateway's own and
 # small, so only a message whose value alone is past this could be over the limit.
 _WEIGH_ABOVE = _MAX_MESSAGE_BYTES // 2
+# How long a producer being closed without its records may wait for its sender to stop.
+_SENDER_CLOSE_S = 1.0
 # How often cafe_kafka_ready is refreshed once connected.
 _HEALTH_EVERY_S = 5.0
 
@@ -93,6 +91,18 @@ async def _send_batch(
         return future
 
 
+class _Batch:
+    """One record batch of a partition, and the future its requests wait on."""
+
+    __slots__ = ("acked", "builder", "records", "size")
+
+    def __init__(self, builder: Any, acked: asyncio.Future[None]) -> None:
+        self.builder = builder
+        self.acked = acked
+        self.records = 0
+        self.size = 0  # bytes of record values, as the sink counts what it holds
+
+
 class _Batcher:
     """Builds one partition's record batches from the messages of many requests.
 
@@ -101,41 +111,81 @@ class _Batcher:
     waits on the one future of each batch that holds its records. One task per
     partition hands the batches to the sink's producer in order: while one waits for
     its slot (aiokafka queues a single batch per partition), records gather in the next.
+
+    A partition is *down* from the moment a request's records for it were not
+    acknowledged within the produce timeout (or no broker answered the sink at all),
+    until Kafka acknowledges one of its batches again. While it is down the sink queues
+    nothing new for it: the batches it already holds are the probe. Should those fail
+    instead, one request may go through to probe again (`admits`).
     """
 
     def __init__(self, sink: KafkaSink, topic: str, partition: int) -> None:
         self._sink = sink
-        self._topic = topic
-        self._partition = partition
+        self.topic = topic
+        self.partition = partition
         metrics = sink.metrics
         self._produce_seconds = metrics.produce_seconds.labels(topic) if metrics else None
-        self._open: tuple[Any, asyncio.Future[None]] | None = None
-        self._ready: collections.deque[tuple[Any, asyncio.Future[None]]] = collections.deque()
+        self._open: _Batch | None = None
+        self._ready: collections.deque[_Batch] = collections.deque()
+        # Batches made and not yet settled: being filled, waiting, or with aiokafka.
+        self.unsettled: set[_Batch] = set()
+        self.down_since: float | None = None
         self._wake = asyncio.Event()
+        self._idle = asyncio.Event()  # nothing is waiting to be handed over
+        self._idle.set()
         self._task = asyncio.create_task(self._hand_over(), name=f"batches-{topic}-{partition}")
 
     def append(self, producer: AIOKafkaProducer, message: Message) -> asyncio.Future[None]:
         """Add a message to the open batch; returns that batch's ack future."""
-        if self._open is None or not _add(self._open[0], message):
+        if self._open is None or not _add(self._open.builder, message):
             if self._open is not None:
                 self._ready.append(self._open)  # full: it goes as it is
             self._open = self._new_batch(producer)
-            _add(self._open[0], message)  # an empty batch always takes a record
+            _add(self._open.builder, message)  # an empty batch always takes a record
+        self._open.records += 1
+        self._open.size += len(message.value)
+        self._idle.clear()
         self._wake.set()
-        return self._open[1]
+        return self._open.acked
+
+    def admits(self, renewing: bool) -> bool:
+        """Whether records for this partition may be queued now."""
+        if self.down_since is None:
+            return True
+        # Down, and holding nothing that could show Kafka is back: a probe may go, once
+        # a producer is there to take it.
+        return not self.unsettled and not renewing
+
+    def mark_down(self) -> None:
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            self._sink.partition_down(self)
+
+    async def flush(self) -> None:
+        """Return once every batch made so far has been handed to the producer."""
+        self._wake.set()
+        await self._idle.wait()
 
     async def close(self) -> None:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
 
-    def _new_batch(self, producer: AIOKafkaProducer) -> tuple[Any, asyncio.Future[None]]:
-        acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        # Mark a failure as seen even if every request waiting on it has timed out.
-        acked.add_done_callback(lambda f: f.cancelled() or f.exception())
+    def _new_batch(self, producer: AIOKafkaProducer) -> _Batch:
         # A built batch belongs to no producer until it is handed over, so one made
         # here may go out through a producer that replaces this one.
-        return producer.create_batch(), acked
+        batch = _Batch(producer.create_batch(), asyncio.get_running_loop().create_future())
+        self.unsettled.add(batch)
+        batch.acked.add_done_callback(functools.partial(self._settled, batch))
+        return batch
+
+    def _settled(self, batch: _Batch, acked: asyncio.Future[None]) -> None:
+        self.unsettled.discard(batch)
+        self._sink.release(batch.size)
+        # Also marks a failure as seen, even if every request waiting on it timed out.
+        if not acked.cancelled() and acked.exception() is None and self.down_since is not None:
+            self.down_since = None
+            self._sink.partition_up(self)
 
     async def _hand_over(self) -> None:
         while True:
@@ -143,52 +193,52 @@ class _Batcher:
             self._wake.clear()
             while True:
                 if self._ready:
-                    batch, acked = self._ready.popleft()
+                    batch = self._ready.popleft()
                 elif self._open is not None:
-                    (batch, acked), self._open = self._open, None
+                    batch, self._open = self._open, None
                 else:
                     break
-                batch.close()
+                batch.builder.close()
                 try:
-                    if not await self._send(batch, acked):
-                        self._end(acked)
+                    if not await self._send(batch):
+                        self._end(batch)
                         return
                 except KafkaError as exc:
                     # E.g. the topic is gone; fail this batch's requests (503), and keep
                     # serving the partition.
                     log.warning(
-                        "could not queue a batch for %s-%d: %r", self._topic, self._partition, exc
+                        "could not queue a batch for %s-%d: %r", self.topic, self.partition, exc
                     )
-                    acked.set_exception(exc)
+                    batch.acked.set_exception(exc)
                 except Exception as exc:
-                    log.exception("could not queue a batch for %s-%d", self._topic, self._partition)
-                    acked.set_exception(exc)
+                    log.exception("could not queue a batch for %s-%d", self.topic, self.partition)
+                    batch.acked.set_exception(exc)
+            self._idle.set()
 
-    async def _send(self, batch: Any, acked: asyncio.Future[None]) -> bool:
+    async def _send(self, batch: _Batch) -> bool:
         """Hand one closed batch to the sink's producer; False if the partition is gone."""
         producer = await self._sink.producer_for_batches()
         handed_at = time.perf_counter()
-        ack = await _send_batch(producer, batch, self._topic, self._partition)
+        ack = await _send_batch(producer, batch.builder, self.topic, self.partition)
         if ack is None:
             return False
-        ack.add_done_callback(functools.partial(self._settle, producer, acked))
+        ack.add_done_callback(functools.partial(self._settle, producer, batch.acked))
         if self._produce_seconds is not None:
             ack.add_done_callback(functools.partial(_observe, self._produce_seconds, handed_at))
         return True
 
-    def _end(self, acked: asyncio.Future[None]) -> None:
+    def _end(self, batch: _Batch) -> None:
         """The topic is gone, or was made again with fewer partitions: fail what is held
         (503) and leave the sink, whose next send to the topic goes by its partitions now."""
-        self._sink.forget(self._topic, self._partition)
-        gone = UnknownTopicOrPartitionError(f"{self._topic} has no partition {self._partition}")
-        held = [acked, *(waiting for _, waiting in self._ready)]
+        self._sink.forget(self)
+        gone = UnknownTopicOrPartitionError(f"{self.topic} has no partition {self.partition}")
+        held = [batch, *self._ready]
         if self._open is not None:
-            held.append(self._open[1])
+            held.append(self._open)
         for waiting in held:
-            waiting.set_exception(gone)
-        log.info(
-            "%s has no partition %d now; stopped batching for it", self._topic, self._partition
-        )
+            waiting.acked.set_exception(gone)
+        self._idle.set()
+        log.info("%s has no partition %d now; stopped batching for it", self.topic, self.partition)
 
     def _settle(
         self, producer: AIOKafkaProducer, acked: asyncio.Future[None], ack: asyncio.Future[Any]
@@ -206,7 +256,7 @@ class _Batcher:
         acked.set_exception(failure)
         # With idempotence aiokafka retries what can be retried, so a batch that fails
         # was refused for good, and the sequence numbers it was given are spent.
-        self._sink.renew(producer, f"{self._topic}-{self._partition}", failure)
+        self._sink.renew(producer, f"{self.topic}-{self.partition}", failure)
 
 
 def _add(batch: Any, message: Message) -> bool:
@@ -262,36 +312,67 @@ class KafkaSink:
         self._retiring: set[asyncio.Task[None]] = set()
         self._unkeyed = 0  # round-robin position for messages without a key
         self._batchers: dict[tuple[str, int], _Batcher] = {}
+        self._held_bytes = 0  # record values in unsettled batches (see _admit)
+        self._down: set[_Batcher] = set()
+        self._refused_while_down = 0
 
     async def start(self) -> None:
         self._connecting = asyncio.create_task(self._connect(), name="kafka-connect")
 
     async def close(self) -> None:
-        for task in (self._connecting, self._watching, self._renewing):
+        """Deliver what the sink holds, for as long as a request would wait for it, then
+        close; log how many records were dropped, if any were."""
+        deadline = asyncio.get_running_loop().time() + self._settings.produce_timeout_ms / 1000
+        for task in (self._connecting, self._watching):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        for batcher in list(self._batchers.values()):
+        batchers = list(self._batchers.values())
+        if self._producer is not None:
+            # Records of requests already answered 503 are delivered too: the client
+            # may have given up on them, but a retry is only a duplicate, not a loss.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await asyncio.gather(*(batcher.flush() for batcher in batchers))
+        if self._renewing is not None:
+            self._renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewing
+        for batcher in batchers:
             await batcher.close()
         if self._retiring:
             await asyncio.wait(self._retiring)
         if self._producer is not None:
-            await self._stop(self._producer)
+            await self._stop(self._producer, deadline)
             self._producer = None
+        dropped = sum(batch.records for b in batchers for batch in b.unsettled)
+        if dropped:
+            log.error(
+                "closed with %d records Kafka had not acknowledged; they are dropped "
+                "(no client was told they were stored)",
+                dropped,
+            )
 
-    async def _stop(self, producer: AIOKafkaProducer) -> None:
-        """Deliver what is buffered, for as long as a request would wait for it, then close."""
-        grace_s = self._settings.produce_timeout_ms / 1000
+    async def _stop(self, producer: AIOKafkaProducer, deadline: float | None = None) -> None:
+        """Deliver what is buffered, until `deadline` (by default for as long as a request
+        would wait for it), then close."""
+        if deadline is None:
+            deadline = asyncio.get_running_loop().time() + self._settings.produce_timeout_ms / 1000
         try:
-            async with asyncio.timeout(grace_s):
+            async with asyncio.timeout_at(deadline):
                 await producer.stop()
         except TimeoutError:
             # With idempotence aiokafka retries a batch until a broker takes it, so stop()
             # would wait forever for a cluster that is gone. The requests these records
             # came with have already been answered 503, so nothing acknowledged is lost.
-            log.error("Kafka took no buffered records within %gs; closing without them", grace_s)
-            await producer._sender.close()
+            log.warning("Kafka did not take every buffered record in time; closing without them")
+            # Cancelled, aiokafka's sender still waits for the answers to its requests in
+            # flight, which a stalled broker may never give; cancelled again by this
+            # timeout, it stops waiting.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_SENDER_CLOSE_S):
+                    await producer._sender.close()
             await producer.client.close()
 
     async def ready(self) -> bool:
@@ -316,9 +397,14 @@ class KafkaSink:
         return False
 
     async def _watch(self) -> None:
-        """Keep cafe_kafka_ready current even where nothing probes /readyz."""
+        """Keep cafe_kafka_ready current even where nothing probes /readyz, and mark
+        every partition down while no broker answers."""
         while True:
-            await self.ready()
+            if not await self.ready():
+                for batcher in list(self._batchers.values()):
+                    batcher.mark_down()
+            if self.metrics is not None:
+                self.metrics.kafka_queued_bytes.set(self._held_bytes)
             await asyncio.sleep(_HEALTH_EVERY_S)
 
     async def send(self, topic: str, messages: Sequence[Message]) -> None:
@@ -330,16 +416,20 @@ class KafkaSink:
             if len(message.value) > _WEIGH_ABOVE:
                 _check_size(topic, message)
         timeout_s = self._settings.produce_timeout_ms / 1000
+        acks: dict[asyncio.Future[None], _Batcher] = {}
         try:
             async with asyncio.timeout(timeout_s):
                 partitions = producer.client.cluster.partitions_for_topic(topic)
                 if not partitions:
                     partitions = await producer.partitions_for(topic)
+                batchers = [
+                    self._batcher(topic, self._partition(message.key, len(partitions)))
+                    for message in messages
+                ]
+                self._admit(topic, messages, batchers)
                 # Appended in order, so one key's messages keep their order.
-                acks: set[asyncio.Future[None]] = set()
-                for message in messages:
-                    partition = self._partition(message.key, len(partitions))
-                    acks.add(self._batcher(topic, partition).append(producer, message))
+                for batcher, message in zip(batchers, messages, strict=True):
+                    acks[batcher.append(producer, message)] = batcher
                 # wait(), not gather(): a timeout here must not cancel a future that other
                 # requests' records share. (wait() refuses an empty set: nothing to send.)
                 if acks:
@@ -349,6 +439,9 @@ class KafkaSink:
                     if failure is not None:
                         raise failure
         except TimeoutError:
+            for ack, batcher in acks.items():
+                if not ack.done():
+                    batcher.mark_down()
             self._count_error("timeout")
             raise SinkUnavailable(
                 f"Kafka did not acknowledge the records within {timeout_s:g}s"
@@ -361,6 +454,60 @@ class KafkaSink:
             # aiokafka's error classes are a fixed set: a bounded label.
             self._count_error(type(exc).__name__)
             raise SinkUnavailable(f"Kafka did not acknowledge the records: {exc}") from exc
+
+    def _admit(self, topic: str, messages: Sequence[Message], batchers: Sequence[_Batcher]) -> None:
+        """Refuse the request (503) before anything of it is queued, if the sink holds
+        too much already or a partition it writes to is down; else count its bytes held.
+
+        Queued while Kafka is down, records would be delivered when it is back, and so
+        would every client's retry of them: one record could land many times.
+        """
+        size = sum(len(message.value) for message in messages)
+        limit = self._settings.max_queued_bytes
+        if self._held_bytes + size > limit:
+            self._refuse(topic, len(messages), "queue_full")
+            raise SinkUnavailable(
+                f"the gateway holds {self._held_bytes} bytes of records Kafka has not yet "
+                f"acknowledged; the limit is {limit}"
+            )
+        if self._down:
+            renewing = self._renewing is not None
+            if not all(batcher.admits(renewing) for batcher in set(batchers)):
+                self._refuse(topic, len(messages), "kafka_down")
+                self._refused_while_down += len(messages)
+                raise SinkUnavailable(f"Kafka is not acknowledging records for {topic} now")
+        self._held_bytes += size
+
+    def _refuse(self, topic: str, records: int, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.kafka_refused.labels(topic, reason).inc(records)
+
+    def release(self, size: int) -> None:
+        """A batch is settled: its records are no longer held."""
+        self._held_bytes -= size
+
+    def partition_down(self, batcher: _Batcher) -> None:
+        if not self._down:
+            log.warning(
+                "Kafka has not acknowledged %s-%d in time; requests for partitions in this "
+                "state are answered 503 at once until Kafka acknowledges them again",
+                batcher.topic,
+                batcher.partition,
+            )
+            self._refused_while_down = 0
+        self._down.add(batcher)
+        if self.metrics is not None:
+            self.metrics.kafka_partitions_down.set(len(self._down))
+
+    def partition_up(self, batcher: _Batcher) -> None:
+        self._down.discard(batcher)
+        if self.metrics is not None:
+            self.metrics.kafka_partitions_down.set(len(self._down))
+        if not self._down:
+            log.info(
+                "Kafka acknowledges every partition again; %d records were refused meanwhile",
+                self._refused_while_down,
+            )
 
     def _count_error(self, kind: str) -> None:
         if self.metrics is not None:
@@ -380,9 +527,10 @@ class KafkaSink:
             self._batchers[(topic, partition)] = batcher
         return batcher
 
-    def forget(self, topic: str, partition: int) -> None:
+    def forget(self, batcher: _Batcher) -> None:
         """Drop the batcher of a partition that no longer exists."""
-        del self._batchers[(topic, partition)]
+        del self._batchers[(batcher.topic, batcher.partition)]
+        self._down.discard(batcher)
 
     async def producer_for_batches(self) -> AIOKafkaProducer:
         """The producer to hand the next batch to: the new one, while one is being made."""
@@ -460,36 +608,9 @@ class KafkaSink:
             return producer
 
     async def _ensure_topics(self, producer: AIOKafkaProducer) -> None:
-        """Create the topics that are missing, then wait until the producer sees them all."""
-        topics = self._settings.topics
+        """Create and check the topics, then wait until the producer sees them all."""
         brokers = len(producer.client.cluster.brokers())
-        admin = AIOKafkaAdminClient(
-            bootstrap_servers=self._settings.bootstrap,
-            client_id=self._settings.client_id,
-            request_timeout_ms=self._settings.request_timeout_ms,
-        )
-        await admin.start()
-        try:
-            existing = set(await admin.list_topics())
-            missing = [t for t in topics.all() if t not in existing]
-            if missing:
-                replicas = max(1, min(_REPLICATION, brokers))
-                response = await admin.create_topics(
-                    [NewTopic(t, topics.partitions, replicas) for t in missing]
-                )
-                for name, code, *_ in response.topic_errors:
-                    error = for_code(code)
-                    # Another gateway may have created it first.
-                    if code and error is not TopicAlreadyExistsError:
-                        raise error(f"cannot create topic {name}")
-                log.info(
-                    "created topics %s (%d partitions, %d replicas)",
-                    ", ".join(missing),
-                    topics.partitions,
-                    replicas,
-                )
-        finally:
-            await admin.close()
+        await prepare_topics(self._settings, brokers, self.metrics)
         async with asyncio.timeout(self._settings.request_timeout_ms / 1000):
-            for topic in topics.all():
+            for topic in self._settings.topics.all():
                 await producer.partitions_for(topic)

@@ -141,6 +141,34 @@ class Metrics:
             ["error"],
             registry=registry,
         )
+        self.kafka_refused = Counter(
+            "cafe_kafka_records_refused",
+            "Records answered 503 without being queued for Kafka, by topic and reason: "
+            "kafka_down (their partition has not acknowledged within the produce timeout) "
+            "or queue_full (the sink holds CAFE_MAX_QUEUED_BYTES)",
+            ["topic", "reason"],
+            registry=registry,
+        )
+        self.kafka_partitions_down = Gauge(
+            "cafe_kafka_partitions_down",
+            "Partitions whose records are refused until Kafka acknowledges them again",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.kafka_queued_bytes = Gauge(
+            "cafe_kafka_queued_bytes",
+            "Bytes of records the sink holds that Kafka has not acknowledged (every 5 s)",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.kafka_topic_single_copy = Gauge(
+            "cafe_kafka_topic_single_copy",
+            "1 for a topic of 3 or more replicas whose min.insync.replicas is 1: a 2xx "
+            "may rest on one broker's disk (checked when the gateway connects)",
+            ["topic"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
         self.kafka_ready = Gauge(
             "cafe_kafka_ready",
             "1 while the producer is connected and a broker answers, else 0",

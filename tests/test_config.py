@@ -26,6 +26,7 @@ def test_every_variable_is_read() -> None:
             "CAFE_MAX_BODY_BYTES": "2048",
             "CAFE_MAX_INFLIGHT_BYTES": "4096",
             "CAFE_PRODUCE_TIMEOUT_MS": "1500",
+            "CAFE_MAX_QUEUED_BYTES": "65536",
             "CAFE_TOPIC_ACTIVITY": "a",
             "CAFE_TOPIC_LOG": "l",
             "CAFE_TOPIC_PROFILE": "p",
@@ -69,6 +70,7 @@ def test_every_variable_is_read() -> None:
             linger_ms=0,
             request_timeout_ms=5000,
             produce_timeout_ms=1500,
+            max_queued_bytes=65536,
             topics=TopicSettings(activity="a", log="l", profile="p", deadletter="d", partitions=12),
         ),
     )
@@ -98,6 +100,8 @@ def test_every_variable_is_read() -> None:
         ("CAFE_METRICS_PORT", "8080", "CAFE_METRICS_PORT=8080 is CAFE_PORT"),
         ("CAFE_DRAIN_SECONDS", "soon", "CAFE_DRAIN_SECONDS='soon' is not a number of seconds"),
         ("CAFE_SHUTDOWN_GRACE_SECONDS", "-1", "CAFE_SHUTDOWN_GRACE_SECONDS=-1 is outside 0..3600"),
+        ("CAFE_MAX_QUEUED_BYTES", "4194304",
+         "CAFE_MAX_QUEUED_BYTES=4194304 is below CAFE_MAX_INFLIGHT_BYTES=8388608"),
     ],
 )  # fmt: skip
 def test_a_bad_value_is_refused_naming_the_variable(name: str, value: str, message: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import re
@@ -11,6 +12,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -20,7 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
 from gateway.config import KafkaSettings, Settings, TopicSettings
-from gateway.errors import RecordTooLarge
+from gateway.errors import RecordTooLarge, SinkUnavailable
 from gateway.kafka import KafkaSink
 from gateway.metrics import Metrics
 from gateway.sink import Message
@@ -32,6 +34,7 @@ from tests.integration.conftest import (
     eventually,
 )
 from tests.integration.tcp_proxy import TcpProxy, free_port
+from tests.integration.test_outage import broker_pid, frozen
 from tests.keys import make_key_file
 from tests.spec_samples import curl_bodies
 
@@ -248,3 +251,145 @@ async def test_a_topic_made_again_with_fewer_partitions_is_followed(
     finally:
         await admin.close()
         await delete_topics(kafka.bootstrap, lambda t: t in topics.all())
+
+
+@contextlib.asynccontextmanager
+async def spare_sink(
+    bootstrap: str, partitions: int, **settings: Any
+) -> AsyncIterator[tuple[KafkaSink, Metrics, str]]:
+    """A started sink on the spare broker, its metrics, and a fresh topic."""
+    name = f"test.spare.{uuid.uuid4().hex[:8]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, partitions, 1)])
+    finally:
+        await admin.close()
+    metrics = Metrics(CollectorRegistry(), "test")
+    sink = KafkaSink(KafkaSettings(bootstrap=bootstrap, **settings), metrics)
+    await sink.start()
+    try:
+        await eventually(sink.ready)
+        yield sink, metrics, name
+    finally:
+        await sink.close()
+
+
+def _sample(metrics: Metrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def test_while_a_partition_is_not_acknowledging_its_new_records_are_refused_not_queued(
+    spare_broker: tuple[str, dict[str, str]],
+) -> None:
+    bootstrap, env = spare_broker
+    async with spare_sink(bootstrap, 1, produce_timeout_ms=1000) as (sink, metrics, topic):
+        await sink.send(topic, [Message(b"session", b"before")])
+        with frozen(broker_pid(env["CAFE_KAFKA_PORT"])):
+            with pytest.raises(SinkUnavailable, match="within 1s"):
+                await sink.send(topic, [Message(b"session", b"timed-out")])
+            assert _sample(metrics, "cafe_kafka_partitions_down") == 1
+            # Queued now, these would reach Kafka after the frozen batch, and so would
+            # every client's retry of them.
+            for n in range(3):
+                with pytest.raises(SinkUnavailable, match="not acknowledging"):
+                    await sink.send(topic, [Message(b"session", f"refused-{n}".encode())])
+        # Thawed: the held batch is acknowledged, which takes the partition up again.
+        sent_after: list[bytes] = []
+
+        async def taken() -> bool:
+            value = f"after-{len(sent_after)}".encode()
+            sent_after.append(value)
+            try:
+                await sink.send(topic, [Message(b"session", value)])
+            except SinkUnavailable:
+                return False
+            return True
+
+        await eventually(taken)
+        assert _sample(metrics, "cafe_kafka_partitions_down") == 0
+        refused = _sample(
+            metrics, "cafe_kafka_records_refused_total", topic=topic, reason="kafka_down"
+        )
+    stored = [m.value for m in await consume_all(bootstrap, topic, partitions=1)]
+    assert stored[:2] == [b"before", b"timed-out"]
+    assert sent_after[-1] in stored
+    assert not [value for value in stored if value.startswith(b"refused")]
+    assert len(stored) == len(set(stored))
+    # The three, and any attempt after the thaw that came before the acknowledgement.
+    assert refused >= 3
+
+
+async def test_the_records_the_sink_holds_are_bounded_in_bytes(
+    spare_broker: tuple[str, dict[str, str]],
+) -> None:
+    bootstrap, env = spare_broker
+    limit = 64 * 1024
+    async with spare_sink(bootstrap, 2, produce_timeout_ms=1000, max_queued_bytes=limit) as (
+        sink,
+        metrics,
+        topic,
+    ):
+        # Two keys on different partitions: the second is refused for the bytes held,
+        # not because its own partition is down.
+        first, second = b"session-1", b"session-2"
+        assert sink._partition(first, 2) != sink._partition(second, 2)
+        await sink.send(topic, [Message(first, b"before")])  # the sink learns the topic
+        with frozen(broker_pid(env["CAFE_KAFKA_PORT"])):
+            with pytest.raises(SinkUnavailable, match="within 1s"):
+                await sink.send(topic, [Message(first, b"x" * 40_000)])
+            with pytest.raises(SinkUnavailable, match="the limit is 65536"):
+                await sink.send(topic, [Message(second, b"y" * 40_000)])
+        assert (
+            _sample(metrics, "cafe_kafka_records_refused_total", topic=topic, reason="queue_full")
+            == 1
+        )
+
+        async def taken() -> bool:
+            try:
+                await sink.send(topic, [Message(second, b"y" * 40_000)])
+            except SinkUnavailable:
+                return False
+            return True
+
+        # Once the held batch is acknowledged, its bytes are free again.
+        await eventually(taken)
+    stored = sorted(m.value[:1] for m in await consume_all(bootstrap, topic, partitions=2))
+    assert stored == [b"b", b"x", b"y"]
+
+
+async def test_closing_delivers_what_the_sink_holds_or_says_how_many_records_it_dropped(
+    spare_broker: tuple[str, dict[str, str]], caplog: pytest.LogCaptureFixture
+) -> None:
+    bootstrap, env = spare_broker
+
+    async def hold_three(sink: KafkaSink, topic: str, tag: str) -> None:
+        """Three requests answered 503 while the broker is frozen; their batches wait at
+        aiokafka, for aiokafka's one slot per partition, and open in the sink."""
+        sends = []
+        for n in range(3):
+            message = Message(b"session", f"{tag}-{n}".encode())
+            sends.append(asyncio.create_task(sink.send(topic, [message])))
+            await asyncio.sleep(0.1)  # each its own batch
+        for send in sends:
+            with pytest.raises(SinkUnavailable, match="within 2s"):
+                await send
+
+    async with spare_sink(bootstrap, 1, produce_timeout_ms=2000) as (sink, _, topic):
+        await sink.send(topic, [Message(b"session", b"before")])  # the sink learns the topic
+        with frozen(broker_pid(env["CAFE_KAFKA_PORT"])):
+            await hold_three(sink, topic, "delivered")
+    # closed right after the thaw: every held batch was handed over and acknowledged
+    stored = [m.value for m in await consume_all(bootstrap, topic, partitions=1)]
+    assert stored == [b"before", b"delivered-0", b"delivered-1", b"delivered-2"]
+    assert "dropped" not in caplog.text
+
+    # Closed while the broker is still frozen: nothing can be delivered, and the log
+    # says how much was lost (none of it acknowledged to a client).
+    caplog.clear()
+    async with spare_sink(bootstrap, 1, produce_timeout_ms=2000) as (sink, _, topic):
+        await sink.send(topic, [Message(b"session", b"before")])
+        with frozen(broker_pid(env["CAFE_KAFKA_PORT"])):
+            await hold_three(sink, topic, "dropped")
+            await sink.close()
+    assert "closed with 3 records Kafka had not acknowledged" in caplog.text

@@ -1,21 +1,32 @@
-"""Kafka stops and comes back under load: nothing acknowledged is lost, nothing hangs.
+"""Kafka goes away under load: nothing acknowledged is lost, nothing hangs.
 
-A `cafe-gateway serve` process produces to a spare broker of the test's own. While
+A `cafe-gateway serve` process produces to a spare broker of the test's own, while
 clients send batches of activity records, each retrying its batch on 503 or a broken
-connection until it gets a 2xx, the test stops the broker (`kafka.sh down`), keeps it
-down until the gateway has said so, and starts it again (`kafka.sh up`). The same
-gateway process must recover by itself, and every record it answered 2xx for must be
-on the topic: a 2xx for a record Kafka did not acknowledge would show up as a loss.
+connection until it gets a 2xx. Two outages:
+
+- stopped: the test stops the broker (`kafka.sh down`), keeps it down until the
+  gateway has said so, and starts it again (`kafka.sh up`);
+- frozen: the test stops the broker process with SIGSTOP for a minute, so its sockets
+  stay open and nothing answers, then lets it go on (SIGCONT). Retries must not pile
+  up behind the stuck batch to be delivered, many times over, when it thaws.
+
+The same gateway process must recover by itself, and every record it answered 2xx for
+must be on the topic: a 2xx for a record Kafka did not acknowledge would show up as a
+loss.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import os
+import signal
 import subprocess
 import time
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,10 +35,11 @@ import orjson
 import psutil
 import pytest
 
-from tests.integration.conftest import KAFKA_SH, Broker, consume_all, eventually
+from tests.integration.conftest import KAFKA_SH, Broker, consume_all, eventually, summarise
 from tests.integration.tcp_proxy import free_port
 from tests.integration.test_serve import gateway_env, ready_in_a_row, running
 from tests.keys import KeyFile
+from tests.scrape import Samples
 from tests.spec_samples import curl_bodies
 
 pytestmark = pytest.mark.integration
@@ -46,6 +58,24 @@ PACE_S = 0.05
 RETRY_MIN_S, RETRY_MAX_S = 0.2, 1.0
 GATEWAY_PARTITIONS = 6  # CAFE_TOPIC_PARTITIONS' default: the gateway creates the topic
 
+# The frozen broker: long enough for every client to resend its batch many times over.
+FREEZE_S = 60.0
+FREEZE_PRODUCE_TIMEOUT_MS = 2000
+FREEZE_ANSWER_WITHIN_S = FREEZE_PRODUCE_TIMEOUT_MS / 1000 + 2.5
+FREEZE_SENDERS = 16
+FREEZE_BATCH = 20
+# What the sink may hold unacknowledged (CAFE_MAX_QUEUED_BYTES): 8 MiB is some 16,000
+# activity records of ~0.5 KiB, several seconds of this test's load.
+MAX_QUEUED_BYTES = 8 * 2**20
+# A batch queued just before the freeze is answered 503 when its produce timeout passes,
+# yet lands when the broker thaws; its first retry the gateway takes after that lands
+# too. Any further copy is a retry that was queued behind the stuck batch.
+MAX_COPIES = 2
+# Measured peaks of the gateway over the whole run: 59 MiB with retries queued behind
+# the stuck batch (6,400 extra records, ~3 MiB), 52 MiB with them refused. The bound
+# leaves room for a slower machine's allocator, not for a queue that grows unchecked.
+FREEZE_RSS_LIMIT_BYTES = 150 * 2**20
+
 
 @dataclass
 class Tally:
@@ -59,6 +89,14 @@ class Tally:
     slowest_s: float = 0.0
     connection_errors: int = 0
     hangs: int = 0
+    # The most POSTs one batch took to be answered 2xx.
+    most_attempts: int = 0
+
+    async def acknowledged_at_least(self, count: int) -> bool:
+        return len(self.acknowledged) >= count
+
+    async def answered_at_least(self, status: int, count: int) -> bool:
+        return self.statuses[status] >= count
 
 
 async def send_until_acknowledged(
@@ -69,7 +107,9 @@ async def send_until_acknowledged(
 ) -> None:
     """POST one batch until it is answered 2xx; give up only on an unexpected status."""
     body = orjson.dumps({"records": records})
+    attempts = 0
     while True:
+        attempts += 1
         started = time.monotonic()
         try:
             async with http.post("/v1/activity", data=body, headers=headers) as resp:
@@ -79,6 +119,7 @@ async def send_until_acknowledged(
                 tally.slowest_s = max(tally.slowest_s, took)
                 if 200 <= resp.status < 300:
                     tally.acknowledged.extend(r["eventId"] for r in records)
+                    tally.most_attempts = max(tally.most_attempts, attempts)
                     return
                 if resp.status != 503:
                     return  # asserted against afterwards; retrying would not help
@@ -96,18 +137,52 @@ async def send_until_acknowledged(
 
 
 async def sender(
-    http: aiohttp.ClientSession, headers: dict[str, str], tally: Tally, stop: asyncio.Event
+    http: aiohttp.ClientSession,
+    headers: dict[str, str],
+    tally: Tally,
+    stop: asyncio.Event,
+    batch: int = BATCH,
 ) -> None:
-    """One client session: batches of fresh eventIds until told to stop."""
+    """One client session: batches of `batch` fresh eventIds until told to stop."""
     base = orjson.loads(curl_bodies()["activity"])["records"][0]
     session_id = str(uuid.uuid4())
     while not stop.is_set():
         records = [
-            {**base, "sessionId": session_id, "eventId": str(uuid.uuid4())} for _ in range(BATCH)
+            {**base, "sessionId": session_id, "eventId": str(uuid.uuid4())} for _ in range(batch)
         ]
         tally.sent.update(r["eventId"] for r in records)
         await send_until_acknowledged(http, headers, records, tally)
         await asyncio.sleep(PACE_S)
+
+
+@contextlib.asynccontextmanager
+async def clients(
+    http: aiohttp.ClientSession,
+    headers: dict[str, str],
+    tally: Tally,
+    count: int,
+    *,
+    batch: int = BATCH,
+    watchers: Sequence[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = (),
+) -> AsyncIterator[None]:
+    """`count` senders, and `watchers`, at work for the block. When it ends, each sender
+    finishes the batch in hand (it retries until that gets a 2xx); if it fails, every
+    one is cancelled."""
+    stop = asyncio.Event()
+    tasks = [
+        asyncio.create_task(sender(http, headers, tally, stop, batch=batch)) for _ in range(count)
+    ]
+    tasks += [asyncio.create_task(watch(stop)) for watch in watchers]
+    try:
+        yield
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    finally:
+        stop.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
 
 
 async def watch_rss(pid: int, peak: list[int], stop: asyncio.Event) -> None:
@@ -147,6 +222,66 @@ async def kafka_sh(command: str, env: dict[str, str]) -> float:
     return time.monotonic() - started
 
 
+def broker_pid(port: str) -> int:
+    """The pid of the kafka.sh broker on `port`: the one java process whose command line
+    ends `kafka.Kafka <run dir>/server.properties`, the run dir being `run-<port>`."""
+    pids: list[int] = [
+        proc.pid
+        for proc in psutil.process_iter(["cmdline"])
+        if (cmdline := proc.info["cmdline"] or [])[-2:-1] == ["kafka.Kafka"]
+        and cmdline[-1].endswith(f"/run-{port}/server.properties")
+    ]
+    assert len(pids) == 1, f"not one kafka.sh broker on port {port}: pids {pids}"
+    return pids[0]
+
+
+@contextlib.contextmanager
+def frozen(pid: int) -> Iterator[None]:
+    """Stop the process `pid` (SIGSTOP) for the block; it goes on (SIGCONT) however the
+    block ends, or the spare broker would be left frozen for its teardown to kill."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # gone: nothing left to thaw
+            os.kill(pid, signal.SIGCONT)
+
+
+@dataclass
+class OnTopic:
+    """What the activity topic holds, compared with what the clients were told."""
+
+    copies: Counter[str]  # eventId -> how many messages carry it
+    messages: int
+    missing: set[str]  # acknowledged, yet not on the topic
+
+    @property
+    def duplicated(self) -> list[int]:
+        return [n for n in self.copies.values() if n > 1]
+
+    @property
+    def extra_copies(self) -> int:
+        return sum(n - 1 for n in self.copies.values())
+
+    @property
+    def max_copies(self) -> int:
+        return max(self.copies.values(), default=0)
+
+
+async def read_topic(bootstrap: str, topic: str, tally: Tally) -> OnTopic:
+    """Read `topic` to its end offsets and count each eventId's copies."""
+    records = await consume_all(bootstrap, topic, partitions=GATEWAY_PARTITIONS)
+    copies = Counter(orjson.loads(r.value)["eventId"] for r in records)
+    return OnTopic(copies, len(records), set(tally.acknowledged) - copies.keys())
+
+
+async def scrape(http: aiohttp.ClientSession) -> Samples:
+    """The gateway's /metrics (served on its main port unless CAFE_METRICS_PORT is set)."""
+    async with http.get("/metrics") as resp:
+        assert resp.status == 200
+        return Samples(await resp.text())
+
+
 async def test_kafka_stopped_and_restarted_under_load_loses_no_acknowledged_record(
     key_file: KeyFile, spare_broker: tuple[str, dict[str, str]]
 ) -> None:
@@ -163,15 +298,8 @@ async def test_kafka_stopped_and_restarted_under_load_loses_no_acknowledged_reco
     headers = {"x-api-key": key_file.key, "Content-Type": "application/json"}
     tally = Tally()
     rss_peak = [0]
-    stop = asyncio.Event()
     timings: dict[str, float] = {}
     started = time.monotonic()
-
-    async def acknowledged_at_least(count: int) -> bool:
-        return len(tally.acknowledged) >= count
-
-    async def answered_503_at_least(count: int) -> bool:
-        return tally.statuses[503] >= count
 
     timeout = aiohttp.ClientTimeout(total=CLIENT_TIMEOUT_S)
     async with (
@@ -179,15 +307,14 @@ async def test_kafka_stopped_and_restarted_under_load_loses_no_acknowledged_reco
         aiohttp.ClientSession(f"http://127.0.0.1:{port}", timeout=timeout) as http,
     ):
         await ready_in_a_row(http, 1)
-        watching = asyncio.create_task(watch_rss(gateway.pid, rss_peak, stop))
-        senders = [asyncio.create_task(sender(http, headers, tally, stop)) for _ in range(SENDERS)]
-        try:
-            await eventually(lambda: acknowledged_at_least(20 * BATCH), within=15)
+        rss = functools.partial(watch_rss, gateway.pid, rss_peak)
+        async with clients(http, headers, tally, SENDERS, watchers=[rss]):
+            await eventually(lambda: tally.acknowledged_at_least(20 * BATCH), within=15)
 
             timings["kafka.sh down"] = await kafka_sh("down", broker_env)
             down_at = time.monotonic()
             before = tally.statuses[503]
-            await eventually(lambda: answered_503_at_least(before + 2 * SENDERS), within=15)
+            await eventually(lambda: tally.answered_at_least(503, before + 2 * SENDERS), within=15)
             await eventually(lambda: readyz_is(http, 503), within=15)
             timings["outage until 503s and not ready"] = time.monotonic() - down_at
 
@@ -196,29 +323,19 @@ async def test_kafka_stopped_and_restarted_under_load_loses_no_acknowledged_reco
             await eventually(lambda: readyz_is(http, 200), within=30)
             timings["ready again after up"] = time.monotonic() - up_at
             after = len(tally.acknowledged)
-            await eventually(lambda: acknowledged_at_least(after + 20 * BATCH), within=30)
+            await eventually(lambda: tally.acknowledged_at_least(after + 20 * BATCH), within=30)
             timings["taking records again after up"] = time.monotonic() - up_at
-        except BaseException:
-            for task in (*senders, watching):
-                task.cancel()
-            await asyncio.gather(*senders, watching, return_exceptions=True)
-            raise
-        finally:
-            stop.set()
-        # Each sender finishes the batch in hand: it retries until that gets a 2xx.
-        await asyncio.wait_for(asyncio.gather(*senders, watching), timeout=30)
         await gateway.stop()
 
-    records = await consume_all(bootstrap, f"{prefix}.activity", partitions=GATEWAY_PARTITIONS)
+    on_topic = await read_topic(bootstrap, f"{prefix}.activity", tally)
     timings["total"] = time.monotonic() - started
-    on_topic = Counter(orjson.loads(r.value)["eventId"] for r in records)
     acknowledged = set(tally.acknowledged)
-    missing = acknowledged - on_topic.keys()
-    duplicated = [n for n in on_topic.values() if n > 1]
+    missing = on_topic.missing
+    duplicated = on_topic.duplicated
     print(
         f"\nKafka outage: {len(tally.sent)} records sent, {len(acknowledged)} acknowledged, "
-        f"{len(on_topic)} distinct on the topic ({len(records)} messages), "
-        f"{len(missing)} lost, {len(duplicated)} duplicated ({sum(duplicated) - len(duplicated)} "
+        f"{len(on_topic.copies)} distinct on the topic ({on_topic.messages} messages), "
+        f"{len(missing)} lost, {len(duplicated)} duplicated ({on_topic.extra_copies} "
         f"extra copies); answers {dict(tally.statuses)}, 503 codes {dict(tally.codes_503)}, "
         f"slowest 503 {tally.slowest_503_s:.2f}s, slowest answer {tally.slowest_s:.2f}s, "
         f"{tally.connection_errors} connection errors, {tally.hangs} hangs; "
@@ -229,10 +346,129 @@ async def test_kafka_stopped_and_restarted_under_load_loses_no_acknowledged_reco
     # A 2xx promises the records are on the topic: none may be missing.
     assert not missing, f"{len(missing)} of {len(acknowledged)} acknowledged records lost"
     # Nothing reached the topic that the clients did not send.
-    assert on_topic.keys() <= tally.sent
+    assert on_topic.copies.keys() <= tally.sent
     assert set(tally.statuses) <= {200, 503}, tally.statuses
     assert set(tally.codes_503) == {"kafka_unavailable"}, tally.codes_503
     assert tally.hangs == 0
     assert tally.slowest_503_s < ANSWER_WITHIN_S
     assert tally.slowest_s < ANSWER_WITHIN_S
     assert 0 < rss_peak[0] < RSS_LIMIT_BYTES
+
+
+async def test_kafka_frozen_for_a_minute_under_retrying_clients_duplicates_no_record_thrice(
+    key_file: KeyFile, spare_broker: tuple[str, dict[str, str]], request: pytest.FixtureRequest
+) -> None:
+    """While a produce request is stuck, retries are refused (503) rather than queued
+    behind it, so none lands twice over; memory stays bounded; refusals are counted."""
+    bootstrap, broker_env = spare_broker
+    broker = broker_pid(broker_env["CAFE_KAFKA_PORT"])
+    port = free_port()
+    prefix = f"freeze.{uuid.uuid4().hex[:8]}"
+    env = gateway_env(
+        port,
+        Broker(bootstrap, "spare broker"),
+        key_file,
+        prefix,
+        CAFE_PRODUCE_TIMEOUT_MS=str(FREEZE_PRODUCE_TIMEOUT_MS),
+        # Ignored by a gateway that does not know it yet, so the test runs on either.
+        CAFE_MAX_QUEUED_BYTES=str(MAX_QUEUED_BYTES),
+    )
+    headers = {"x-api-key": key_file.key, "Content-Type": "application/json"}
+    tally = Tally()
+    rss_peak = [0]
+    timings: dict[str, float] = {}
+    started = time.monotonic()
+
+    timeout = aiohttp.ClientTimeout(total=CLIENT_TIMEOUT_S)
+    async with (
+        running(env) as gateway,
+        aiohttp.ClientSession(f"http://127.0.0.1:{port}", timeout=timeout) as http,
+    ):
+        await ready_in_a_row(http, 1)
+        rss = functools.partial(watch_rss, gateway.pid, rss_peak)
+        async with clients(
+            http, headers, tally, FREEZE_SENDERS, batch=FREEZE_BATCH, watchers=[rss]
+        ):
+            # A steady start: every client has had batches through, on average.
+            steady = 10 * FREEZE_SENDERS * FREEZE_BATCH
+            await eventually(lambda: tally.acknowledged_at_least(steady), within=30)
+            timings["steady after start"] = time.monotonic() - started
+
+            frozen_at = time.monotonic()
+            with frozen(broker):
+                before = tally.statuses[503]
+                await eventually(
+                    lambda: tally.answered_at_least(503, before + FREEZE_SENDERS), within=FREEZE_S
+                )
+                timings["503s after freeze"] = time.monotonic() - frozen_at
+                await asyncio.sleep(max(0.0, FREEZE_S - (time.monotonic() - frozen_at)))
+            thawed_at = time.monotonic()
+            timings["frozen"] = thawed_at - frozen_at
+
+            after = len(tally.acknowledged)
+            await eventually(lambda: tally.acknowledged_at_least(after + 1), within=60)
+            timings["first 2xx after thaw"] = time.monotonic() - thawed_at
+            # Taking records again for a while: each client has had several batches
+            # through, and whatever the gateway held has had time to reach the broker.
+            await eventually(lambda: tally.acknowledged_at_least(after + steady), within=60)
+            await asyncio.sleep(max(0.0, 10.0 - (time.monotonic() - thawed_at)))
+            timings["sending after thaw"] = time.monotonic() - thawed_at
+        metrics = await scrape(http)
+        await gateway.stop()
+
+    on_topic = await read_topic(bootstrap, f"{prefix}.activity", tally)
+    timings["total"] = time.monotonic() - started
+    acknowledged = set(tally.acknowledged)
+    refused = metrics.value("cafe_kafka_records_refused_total")
+    line = (
+        f"Kafka frozen {FREEZE_S:.0f}s, {FREEZE_SENDERS} clients retrying: "
+        f"{len(tally.sent)} records sent, {len(acknowledged)} acknowledged, "
+        f"{len(on_topic.missing)} lost, {on_topic.messages} messages on the topic, "
+        f"max copies {on_topic.max_copies}, {on_topic.extra_copies} extra copies "
+        f"({len(on_topic.duplicated)} records duplicated); answers {dict(tally.statuses)}, "
+        f"503 codes {dict(tally.codes_503)}, slowest answer {tally.slowest_s:.2f}s, "
+        f"{tally.connection_errors} connection errors, {tally.hangs} hangs, "
+        f"most POSTs of one batch {tally.most_attempts}; cafe_kafka_records_refused_total "
+        f"{refused:.0f}; peak RSS {rss_peak[0] / 2**20:.0f} MiB; "
+        + ", ".join(f"{name} {s:.1f}s" for name, s in timings.items())
+    )
+    print("\n" + line)
+    summarise(request.config, line)
+
+    # Every unmet promise is reported at once: a gateway mid-fix sees what is left.
+    refused_names = sorted(name for name in metrics.names() if "refused" in name)
+    problems = [
+        problem
+        for failed, problem in (
+            # A 2xx promises the records are on the topic: none may be missing.
+            (bool(on_topic.missing), f"{len(on_topic.missing)} acknowledged records lost"),
+            (not on_topic.copies.keys() <= tally.sent, "records on the topic nobody sent"),
+            # Retries refused while the broker is stuck are never queued, so never land.
+            (
+                on_topic.max_copies > MAX_COPIES,
+                f"a record is on the topic {on_topic.max_copies} times "
+                f"({on_topic.extra_copies} extra copies in all)",
+            ),
+            (not set(tally.statuses) <= {200, 503}, f"answers {dict(tally.statuses)}"),
+            (
+                set(tally.codes_503) != {"kafka_unavailable"},
+                f"503 codes {dict(tally.codes_503)}",
+            ),
+            (tally.hangs > 0, f"{tally.hangs} requests unanswered in {CLIENT_TIMEOUT_S:g}s"),
+            (
+                tally.slowest_s >= FREEZE_ANSWER_WITHIN_S,
+                f"an answer took {tally.slowest_s:.2f}s (limit {FREEZE_ANSWER_WITHIN_S:g}s)",
+            ),
+            (
+                not 0 < rss_peak[0] < FREEZE_RSS_LIMIT_BYTES,
+                f"peak RSS {rss_peak[0] >> 20} MiB (limit {FREEZE_RSS_LIMIT_BYTES >> 20} MiB)",
+            ),
+            (
+                refused <= 0,
+                "cafe_kafka_records_refused_total counted no refused records "
+                f"(metrics named *refused*: {refused_names})",
+            ),
+        )
+        if failed
+    ]
+    assert not problems, "; ".join(problems)
