@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import TypeVar
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# CAFE_MAX_QUEUED_BYTES, unset, is this many times CAFE_MAX_INFLIGHT_BYTES: room for the
+# records of requests answered 503 that the sink still delivers, beside those in flight.
+_QUEUED_PER_INFLIGHT = 4
 _N = TypeVar("_N", int, float)
 # Kafka's own rule for topic names.
 _TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
@@ -51,7 +54,8 @@ class KafkaSettings:
     # Bytes of record values the sink may hold unacknowledged, including those of
     # requests already answered 503 that it still delivers; past it, requests get 503 at
     # once. Healthy traffic holds about what the requests in flight carry, so it must be
-    # at least max_inflight_bytes; the default leaves four times that.
+    # at least max_inflight_bytes; unset, it is _QUEUED_PER_INFLIGHT times that (the
+    # default here is for the default max_inflight_bytes).
     max_queued_bytes: int = 32 * 1024 * 1024
     topics: TopicSettings = field(default_factory=TopicSettings)
 
@@ -106,6 +110,9 @@ class Settings:
         kafka_defaults = defaults.kafka
         topic_defaults = kafka_defaults.topics
         keys_file = env.get("CAFE_KEYS_FILE", "").strip()
+        max_inflight_bytes = _int(
+            env, "CAFE_MAX_INFLIGHT_BYTES", defaults.max_inflight_bytes, low=1024, high=1 << 34
+        )
         settings = cls(
             host=_text(env, "CAFE_HOST", defaults.host),
             port=_int(env, "CAFE_PORT", defaults.port, low=0, high=65535),
@@ -138,13 +145,7 @@ class Settings:
             max_body_bytes=_int(
                 env, "CAFE_MAX_BODY_BYTES", defaults.max_body_bytes, low=1024, high=1 << 30
             ),
-            max_inflight_bytes=_int(
-                env,
-                "CAFE_MAX_INFLIGHT_BYTES",
-                defaults.max_inflight_bytes,
-                low=1024,
-                high=1 << 34,
-            ),
+            max_inflight_bytes=max_inflight_bytes,
             max_compression_ratio=_int(
                 env,
                 "CAFE_MAX_COMPRESSION_RATIO",
@@ -175,7 +176,7 @@ class Settings:
                 max_queued_bytes=_int(
                     env,
                     "CAFE_MAX_QUEUED_BYTES",
-                    kafka_defaults.max_queued_bytes,
+                    _QUEUED_PER_INFLIGHT * max_inflight_bytes,
                     low=1024,
                     high=1 << 36,
                 ),

@@ -129,6 +129,17 @@ def test_blank_values_mean_unset() -> None:
     assert Settings.from_env({"CAFE_PORT": " ", "CAFE_KEYS_FILE": ""}) == Settings()
 
 
+def test_the_queue_bound_follows_the_in_flight_cap_unless_set() -> None:
+    mib = 1024 * 1024
+    assert Settings().kafka.max_queued_bytes == 4 * Settings().max_inflight_bytes
+    raised = Settings.from_env({"CAFE_MAX_INFLIGHT_BYTES": str(100 * mib)})
+    assert raised.kafka.max_queued_bytes == 400 * mib
+    both = Settings.from_env(
+        {"CAFE_MAX_INFLIGHT_BYTES": str(100 * mib), "CAFE_MAX_QUEUED_BYTES": str(150 * mib)}
+    )
+    assert both.kafka.max_queued_bytes == 150 * mib
+
+
 def test_several_workers_need_a_fixed_port() -> None:
     with pytest.raises(ConfigError, match="CAFE_WORKERS=2 needs a fixed CAFE_PORT"):
         Settings.from_env({"CAFE_WORKERS": "2", "CAFE_PORT": "0"})
