@@ -129,7 +129,7 @@ class _Batcher:
         self._ready: collections.deque[_Batch] = collections.deque()
         # Batches made and not yet settled: being filled, waiting, or with aiokafka.
         self.unsettled: set[_Batch] = set()
-        self.down_since: float | None = None
+        self.down = False
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()  # nothing is waiting to be handed over
         self._idle.set()
@@ -150,15 +150,15 @@ class _Batcher:
 
     def admits(self, renewing: bool) -> bool:
         """Whether records for this partition may be queued now."""
-        if self.down_since is None:
+        if not self.down:
             return True
         # Down, and holding nothing that could show Kafka is back: a probe may go, once
         # a producer is there to take it.
         return not self.unsettled and not renewing
 
     def mark_down(self) -> None:
-        if self.down_since is None:
-            self.down_since = time.monotonic()
+        if not self.down:
+            self.down = True
             self._sink.partition_down(self)
 
     async def flush(self) -> None:
@@ -183,8 +183,8 @@ class _Batcher:
         self.unsettled.discard(batch)
         self._sink.release(batch.size)
         # Also marks a failure as seen, even if every request waiting on it timed out.
-        if not acked.cancelled() and acked.exception() is None and self.down_since is not None:
-            self.down_since = None
+        if not acked.cancelled() and acked.exception() is None and self.down:
+            self.down = False
             self._sink.partition_up(self)
 
     async def _hand_over(self) -> None:
@@ -314,6 +314,7 @@ class KafkaSink:
         self._batchers: dict[tuple[str, int], _Batcher] = {}
         self._held_bytes = 0  # record values in unsettled batches (see _admit)
         self._down: set[_Batcher] = set()
+        self._down_since = 0.0  # when the first of them went down
         self._refused_while_down = 0
 
     async def start(self) -> None:
@@ -494,6 +495,7 @@ class KafkaSink:
                 batcher.topic,
                 batcher.partition,
             )
+            self._down_since = time.monotonic()
             self._refused_while_down = 0
         self._down.add(batcher)
         if self.metrics is not None:
@@ -505,7 +507,9 @@ class KafkaSink:
             self.metrics.kafka_partitions_down.set(len(self._down))
         if not self._down:
             log.info(
-                "Kafka acknowledges every partition again; %d records were refused meanwhile",
+                "Kafka acknowledges every partition again after %.1fs; %d records were "
+                "refused meanwhile",
+                time.monotonic() - self._down_since,
                 self._refused_while_down,
             )
 

@@ -255,14 +255,14 @@ async def test_a_topic_made_again_with_fewer_partitions_is_followed(
 
 @contextlib.asynccontextmanager
 async def spare_sink(
-    bootstrap: str, partitions: int, **settings: Any
+    bootstrap: str, partitions: int, topic_configs: dict[str, str] | None = None, **settings: Any
 ) -> AsyncIterator[tuple[KafkaSink, Metrics, str]]:
     """A started sink on the spare broker, its metrics, and a fresh topic."""
     name = f"test.spare.{uuid.uuid4().hex[:8]}"
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(name, partitions, 1)])
+        await admin.create_topics([NewTopic(name, partitions, 1, topic_configs=topic_configs)])
     finally:
         await admin.close()
     metrics = Metrics(CollectorRegistry(), "test")
@@ -318,6 +318,41 @@ async def test_while_a_partition_is_not_acknowledging_its_new_records_are_refuse
     assert len(stored) == len(set(stored))
     # The three, and any attempt after the thaw that came before the acknowledgement.
     assert refused >= 3
+
+
+async def test_a_down_partition_whose_held_batch_fails_is_probed_by_one_request(
+    spare_broker: tuple[str, dict[str, str]],
+) -> None:
+    bootstrap, env = spare_broker
+    # The held batch must fail rather than be acknowledged when the broker thaws: one
+    # record over the topic's own size limit, refused for good.
+    small_limit = {"max.message.bytes": "10000"}
+    async with spare_sink(bootstrap, 1, small_limit, produce_timeout_ms=1000) as (sink, _, topic):
+        await sink.send(topic, [Message(b"session", b"before")])
+        with frozen(broker_pid(env["CAFE_KAFKA_PORT"])):
+            with pytest.raises(SinkUnavailable, match="within 1s"):
+                await sink.send(topic, [Message(b"session", b"x" * 50_000)])
+            with pytest.raises(SinkUnavailable, match="not acknowledging"):
+                await sink.send(topic, [Message(b"session", b"refused")])
+        # Thawed: Kafka refuses the held batch, which leaves nothing to show it is back;
+        # so a request goes through as the probe, and its acknowledgement ends the outage.
+        sent_after: list[bytes] = []
+
+        async def taken() -> bool:
+            value = f"after-{len(sent_after)}".encode()
+            sent_after.append(value)
+            try:
+                await sink.send(topic, [Message(b"session", value)])
+            except SinkUnavailable:
+                return False
+            return True
+
+        await eventually(taken)
+        assert not sink._down
+    stored = [m.value for m in await consume_all(bootstrap, topic, partitions=1)]
+    assert stored[0] == b"before"
+    assert sent_after[-1] in stored
+    assert b"refused" not in stored
 
 
 async def test_the_records_the_sink_holds_are_bounded_in_bytes(
