@@ -275,6 +275,23 @@ async def spare_sink(
         await sink.close()
 
 
+async def send_until_taken(sink: KafkaSink, topic: str) -> list[bytes]:
+    """Send one record at a time, "after-0", "after-1", ..., until one is acknowledged
+    (30 s at most); returns every value sent, the acknowledged one last."""
+    sent: list[bytes] = []
+
+    async def taken() -> bool:
+        sent.append(f"after-{len(sent)}".encode())
+        try:
+            await sink.send(topic, [Message(b"session", sent[-1])])
+        except SinkUnavailable:
+            return False
+        return True
+
+    await eventually(taken)
+    return sent
+
+
 def _sample(metrics: Metrics, name: str, **labels: str) -> float:
     return metrics.registry.get_sample_value(name, labels) or 0.0
 
@@ -295,18 +312,7 @@ async def test_while_a_partition_is_not_acknowledging_its_new_records_are_refuse
                 with pytest.raises(SinkUnavailable, match="not acknowledging"):
                     await sink.send(topic, [Message(b"session", f"refused-{n}".encode())])
         # Thawed: the held batch is acknowledged, which takes the partition up again.
-        sent_after: list[bytes] = []
-
-        async def taken() -> bool:
-            value = f"after-{len(sent_after)}".encode()
-            sent_after.append(value)
-            try:
-                await sink.send(topic, [Message(b"session", value)])
-            except SinkUnavailable:
-                return False
-            return True
-
-        await eventually(taken)
+        sent_after = await send_until_taken(sink, topic)
         assert _sample(metrics, "cafe_kafka_partitions_down") == 0
         refused = _sample(
             metrics, "cafe_kafka_records_refused_total", topic=topic, reason="kafka_down"
@@ -336,18 +342,7 @@ async def test_a_down_partition_whose_held_batch_fails_is_probed_by_one_request(
                 await sink.send(topic, [Message(b"session", b"refused")])
         # Thawed: Kafka refuses the held batch, which leaves nothing to show it is back;
         # so a request goes through as the probe, and its acknowledgement ends the outage.
-        sent_after: list[bytes] = []
-
-        async def taken() -> bool:
-            value = f"after-{len(sent_after)}".encode()
-            sent_after.append(value)
-            try:
-                await sink.send(topic, [Message(b"session", value)])
-            except SinkUnavailable:
-                return False
-            return True
-
-        await eventually(taken)
+        sent_after = await send_until_taken(sink, topic)
         assert not sink._down
     stored = [m.value for m in await consume_all(bootstrap, topic, partitions=1)]
     assert stored[0] == b"before"
