@@ -13,7 +13,7 @@ import logging
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import TopicAlreadyExistsError, for_code
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
 from gateway.config import KafkaSettings
 from gateway.metrics import Metrics
@@ -42,7 +42,11 @@ async def prepare_topics(settings: KafkaSettings, brokers: int, metrics: Metrics
         missing = [t for t in topics.all() if t not in existing]
         if missing:
             await _create(admin, missing, topics.partitions, brokers)
-        await _check(admin, topics.all(), metrics)
+        try:
+            await _check(admin, topics.all(), metrics)
+        except KafkaError as exc:
+            # Advice, not a condition of serving: a principal may lack DescribeConfigs.
+            log.warning("could not read the topics' replication settings: %r", exc)
     finally:
         await admin.close()
 
@@ -89,7 +93,10 @@ async def _check(
                 if entry["config_names"] == _MIN_INSYNC_KEY:
                     min_insync[resource["resource_name"]] = int(entry["config_value"])
     for name in names:
-        weak = is_single_copy(replicas.get(name, 0), min_insync.get(name, 1))
+        if name not in replicas or name not in min_insync:
+            log.warning("could not read the replication settings of topic %s", name)
+            continue
+        weak = is_single_copy(replicas[name], min_insync[name])
         if metrics is not None:
             metrics.kafka_topic_single_copy.labels(name).set(int(weak))
         if weak:
@@ -99,7 +106,7 @@ async def _check(
                 "--entity-name %s --add-config min.insync.replicas=%d)",
                 name,
                 replicas[name],
-                min_insync.get(name, 1),
+                min_insync[name],
                 MIN_INSYNC,
                 name,
                 MIN_INSYNC,
