@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from importlib.metadata import version
+from pathlib import Path
 
 import orjson
 from aiohttp import web
@@ -36,15 +37,19 @@ def create_app(
     sink: Sink | None = None,
     registry: CollectorRegistry | None = None,
     buckets: BucketTable | None = None,
+    metrics_dir: Path | None = None,
 ) -> web.Application:
     """Build the gateway; `sink` replaces Kafka in unit tests and ceiling benchmarks.
 
     Record schemas are compiled here, so a broken schema stops start-up. Metrics go to
     `registry`, a fresh one by default; rate-limit buckets to `buckets`, the table all
-    workers share, a fresh one by default.
+    workers share, a fresh one by default; with several workers, metrics keep their
+    values in files in `metrics_dir`, which every worker's scrape adds up.
     """
     gateway_version = version("cafe-gateway")
-    metrics = Metrics(registry if registry is not None else CollectorRegistry(), gateway_version)
+    metrics = Metrics(
+        registry if registry is not None else CollectorRegistry(), gateway_version, metrics_dir
+    )
     keys = KeyStore(settings.keys_file, metrics)
     record_types = load_record_types(settings.kafka.topics)
     admission = Admission(settings.max_inflight_bytes, settings.max_body_bytes)

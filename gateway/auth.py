@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -40,11 +40,7 @@ from gateway.errors import (
     OriginNotAllowed,
     WriteOnlyKey,
 )
-
-if TYPE_CHECKING:
-    # Only a type here: `cafe-gateway serve` imports this module before it decides
-    # where worker metrics live, which must come before prometheus_client is imported.
-    from gateway.metrics import Metrics
+from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

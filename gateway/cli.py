@@ -13,6 +13,7 @@ from gateway import auth
 from gateway.config import ConfigError, Settings
 from gateway.logs import setup_logging
 from gateway.ratelimit import BucketTable
+from gateway.server import serve
 from gateway.workers import run_workers
 
 
@@ -107,17 +108,17 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     # shared by all workers, whichever of them its connections land on.
     buckets = BucketTable()
     # Fork before any event loop, thread or socket exists, so each worker starts clean.
-    return run_workers(settings.workers, lambda: _serve_one(settings, buckets))
+    return run_workers(
+        settings.workers, lambda metrics_dir: _serve_one(settings, buckets, metrics_dir)
+    )
 
 
-def _serve_one(settings: Settings, buckets: BucketTable | None = None) -> int:
-    # Imported only now: with several workers, prometheus_client (imported by the app)
-    # must first see where run_workers keeps the shared metrics.
-    from gateway.server import serve
-
+def _serve_one(
+    settings: Settings, buckets: BucketTable | None = None, metrics_dir: Path | None = None
+) -> int:
     loop = new_event_loop()
     try:
-        loop.run_until_complete(serve(settings, buckets))
+        loop.run_until_complete(serve(settings, buckets, metrics_dir))
     finally:
         loop.close()
     return 0

@@ -34,18 +34,14 @@ from __future__ import annotations
 
 import logging
 from http import HTTPStatus
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from gateway.metrics import Metrics
 from gateway.requestid import REQUEST_ID
 from gateway.responses import json_response
-
-if TYPE_CHECKING:
-    # Only a type here: `cafe-gateway serve` imports this module before it decides
-    # where worker metrics live, which must come before prometheus_client is imported.
-    from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

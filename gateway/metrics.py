@@ -5,16 +5,16 @@ on prometheus_client's global one, so apps built side by side in tests keep thei
 counts. Label values are bounded: routes, record types, topics, outcomes and error codes
 come from fixed sets, never from request data.
 
-With several workers (CAFE_WORKERS > 1), `cafe-gateway serve` points
-PROMETHEUS_MULTIPROC_DIR at a fresh directory before any worker imports
-prometheus_client; each worker then writes its values to its own files there, and a
-scrape of any worker adds up the files of all of them.
+With several workers (CAFE_WORKERS > 1), `cafe-gateway serve` makes a directory before
+it forks and gives it to each worker's `Metrics`: every worker then writes its values to
+files of its own there, and a scrape of any worker adds up the files of all of them.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import (
@@ -28,6 +28,8 @@ from prometheus_client import (
     values,
 )
 
+# prometheus_client's own setting for where worker files live (it reads it as each
+# value is made, and when it checks a gauge's multiprocess_mode).
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # Seconds: from a cached 1 ms answer to the 5 s produce timeout and beyond.
@@ -37,16 +39,16 @@ _BYTE_BUCKETS = (256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
 
 
 class Metrics:
-    """The gateway's metrics, registered on one registry."""
+    """The gateway's metrics, registered on one registry; with `shared_dir`, kept in files
+    there that every worker's scrape adds up."""
 
-    def __init__(self, registry: CollectorRegistry, version: str) -> None:
-        if os.environ.get(MULTIPROC_ENV) and values.ValueClass is values.MutexValue:
-            # prometheus_client picks where values live when it is first imported.
-            raise RuntimeError(
-                f"prometheus_client was imported before {MULTIPROC_ENV} was set: "
-                "workers would each count alone"
-            )
+    def __init__(
+        self, registry: CollectorRegistry, version: str, shared_dir: Path | None = None
+    ) -> None:
+        if shared_dir is not None:
+            _share_values(shared_dir)
         self.registry = registry
+        self.shared_dir = shared_dir
         # Gauges say how the files of several workers combine (ignored in one process):
         # "live" modes leave out workers that have exited.
         build_info = Gauge(
@@ -200,8 +202,19 @@ class Metrics:
     async def handle(self, request: web.Request) -> web.Response:
         """GET /metrics: the text exposition, summed over workers when there are several."""
         registry = self.registry
-        if os.environ.get(MULTIPROC_ENV):
+        if self.shared_dir is not None:
             registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            multiprocess.MultiProcessCollector(registry, str(self.shared_dir))  # type: ignore[no-untyped-call]
         body = generate_latest(registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _share_values(directory: Path) -> None:
+    """Make prometheus_client keep the values of metrics made from now on in files in
+    `directory`, whenever it was imported.
+
+    It picks its value class once, at import, from the environment; setting both here
+    makes where values live this call's business alone, not a matter of import order.
+    """
+    os.environ[MULTIPROC_ENV] = str(directory)
+    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]

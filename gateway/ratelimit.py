@@ -24,8 +24,6 @@ import weakref
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-# Nothing here may import gateway.metrics: `cafe-gateway serve` makes the table before
-# it forks, and prometheus_client must not be imported before then (gateway/workers.py).
 from gateway.auth import API_KEY, ApiKey
 from gateway.errors import RateLimited
 from gateway.schemas import MAX_RECORDS

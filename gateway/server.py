@@ -14,6 +14,7 @@ import gc
 import logging
 import resource
 import signal
+from pathlib import Path
 
 from aiohttp import web
 
@@ -26,9 +27,12 @@ from gateway.state import DRAINING
 log = logging.getLogger(__name__)
 
 
-async def serve(settings: Settings, buckets: BucketTable | None = None) -> None:
-    """Serve until SIGTERM or SIGINT, then drain and return."""
-    app = create_app(settings, buckets=buckets)
+async def serve(
+    settings: Settings, buckets: BucketTable | None = None, metrics_dir: Path | None = None
+) -> None:
+    """Serve until SIGTERM or SIGINT, then drain and return. `metrics_dir`: where the
+    workers' metrics meet, with several."""
+    app = create_app(settings, buckets=buckets, metrics_dir=metrics_dir)
     _raise_file_limit(settings.max_connections)
     # With several workers each binds the port itself; the kernel shares connections.
     reuse_port = settings.workers > 1

@@ -8,8 +8,8 @@ supervisor (systemd, Kubernetes) restarts the whole set, rather than this code
 guessing how to heal.
 
 Workers share their Prometheus metrics through files: before the first fork the parent
-points PROMETHEUS_MULTIPROC_DIR at an empty directory, so that every worker's
-prometheus_client, imported after it, writes its values there.
+makes an empty directory, and hands it to every worker (`serve(directory)`), whose
+metrics keep their values there (gateway/metrics.py).
 """
 
 from __future__ import annotations
@@ -25,30 +25,32 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
+from prometheus_client import multiprocess
+
+from gateway.metrics import MULTIPROC_ENV
+
 log = logging.getLogger(__name__)
 
 
-def run_workers(count: int, serve: Callable[[], int]) -> int:
-    """Fork `count` workers that each run `serve`; return 0 if all stopped cleanly."""
-    metrics_dir = _prepare_metrics_dir()
+def run_workers(count: int, serve: Callable[[Path], int]) -> int:
+    """Fork `count` workers that each run `serve` with the directory their metrics share;
+    return 0 if all stopped cleanly."""
+    metrics_dir, made_here = _prepare_metrics_dir()
     try:
-        return _fork_and_wait(count, serve)
+        return _fork_and_wait(count, serve, metrics_dir)
     finally:
-        if metrics_dir is not None:
+        if made_here:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def _fork_and_wait(count: int, serve: Callable[[], int]) -> int:
-    # Imported here, after _prepare_metrics_dir, for the reason in the module docstring.
-    from prometheus_client import multiprocess
-
+def _fork_and_wait(count: int, serve: Callable[[Path], int], metrics_dir: Path) -> int:
     children: set[int] = set()
     for _ in range(count):
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
-                code = serve()
+                code = serve(metrics_dir)
             except Exception:
                 # The parent sees only the exit status: say here what went wrong.
                 log.exception("worker %d failed", os.getpid())
@@ -77,7 +79,7 @@ def _fork_and_wait(count: int, serve: Callable[[], int]) -> int:
         pid, wait_status = os.wait()
         children.discard(pid)
         # Its gauges leave the sums; its counters stay.
-        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+        multiprocess.mark_process_dead(pid, str(metrics_dir))  # type: ignore[no-untyped-call]
         code = os.waitstatus_to_exitcode(wait_status)
         if code != 0:
             status = 1
@@ -88,19 +90,18 @@ def _fork_and_wait(count: int, serve: Callable[[], int]) -> int:
     return status
 
 
-def _prepare_metrics_dir() -> Path | None:
-    """Point PROMETHEUS_MULTIPROC_DIR at an empty directory; returns it if made here.
+def _prepare_metrics_dir() -> tuple[Path, bool]:
+    """An empty directory for the workers' metrics, and whether it was made here.
 
-    A directory the operator named is emptied, as files of a previous run would add to
-    this run's counts; otherwise a fresh one is made in the temp directory.
+    A directory the operator named in PROMETHEUS_MULTIPROC_DIR (prometheus_client's own
+    setting) is used, emptied: files of a previous run would add to this run's counts.
+    Otherwise a fresh one is made in the temp directory.
     """
-    named = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    named = os.environ.get(MULTIPROC_ENV)
     if named:
         path = Path(named)
         path.mkdir(parents=True, exist_ok=True)
         for stale in path.glob("*.db"):
             stale.unlink()
-        return None
-    path = Path(tempfile.mkdtemp(prefix="cafe-gateway-metrics-"))
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
-    return path
+        return path, False
+    return Path(tempfile.mkdtemp(prefix="cafe-gateway-metrics-")), True

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from importlib.metadata import version
 from pathlib import Path
 
 import orjson
 import pytest
-from aiohttp.test_utils import TestClient
-from prometheus_client import CollectorRegistry
+from aiohttp.test_utils import TestClient, make_mocked_request
+from prometheus_client import CollectorRegistry, values
 
 from gateway.app import create_app, create_metrics_app
 from gateway.auth import KeyStore
 from gateway.config import Settings
 from gateway.errors import SinkUnavailable
-from gateway.metrics import Metrics
+from gateway.metrics import MULTIPROC_ENV, Metrics
 from gateway.sink import MemorySink, Message
 from tests.keys import KeyFile
 from tests.scrape import Samples
@@ -165,13 +166,23 @@ def test_two_apps_in_one_process_count_apart(key_file: KeyFile) -> None:
     assert second.get_sample_value("cafe_kafka_ready") == 0
 
 
-def test_metrics_refuse_to_count_alone_when_workers_share_files(
+async def test_metrics_given_a_shared_dir_keep_their_values_there_whenever_imported(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    # prometheus_client was imported by this test process without the variable set.
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
-    with pytest.raises(RuntimeError, match="imported before PROMETHEUS_MULTIPROC_DIR"):
-        Metrics(CollectorRegistry(), "test")
+    # prometheus_client was imported long ago by this process, with no directory set:
+    # the one given to Metrics decides where values live all the same. (What it sets is
+    # process-wide: monkeypatch takes both back after the test, so that neither the
+    # other tests nor the gateways they start inherit it.)
+    monkeypatch.setattr(values, "ValueClass", values.ValueClass)
+    monkeypatch.setenv(MULTIPROC_ENV, "")
+    metrics = Metrics(CollectorRegistry(), "test", tmp_path)
+    metrics.records.labels("log", "accepted").inc(3)
+    assert any(name.startswith("counter_") for name in os.listdir(tmp_path)), "no value file"
+    # A scrape adds up the files of every worker: here, this process's.
+    response = await metrics.handle(make_mocked_request("GET", "/metrics"))
+    assert isinstance(response.body, bytes)
+    samples = Samples(response.body.decode())
+    assert samples.value("cafe_records_total", type="log", outcome="accepted") == 3
 
 
 async def test_refused_keys_are_counted_by_reason_never_by_key(
