@@ -18,6 +18,9 @@ from gateway.errors import InvalidEnvelope
 SCHEMA_VERSION = 1
 MAX_RECORDS = 500
 SCHEMA_BASE = "https://cafe.example.com/v1/schema/"
+# The longest sessionId, and so Kafka key, a schema may allow: the partition cache in
+# gateway/kafka.py is sized for keys of at most this many characters (512 bytes).
+MAX_KEY_LENGTH = 128
 
 # RFC 3339 section 5.6, strictly: a 'T', seconds, and an offset with a colon.
 _DATE_TIME = re.compile(
@@ -92,23 +95,61 @@ class RecordType:
 
 
 def load_record_types(topics: TopicSettings) -> dict[str, RecordType]:
-    """Read and compile every record schema; a missing or broken one raises at start-up."""
+    """Read and compile every record schema; a missing or broken one raises at start-up.
+
+    A schema is broken, too, when it does not promise what the gateway reads of the
+    records it passes: the ValueError names the file and what is missing.
+    """
     by_topic = {"activity": topics.activity, "log": topics.log, "profile": topics.profile}
     types = {}
     for name, topic in by_topic.items():
-        schema = orjson.loads((schema_dir() / f"{name}.json").read_bytes())
-        if schema.get("$id") != SCHEMA_BASE + name:
-            raise ValueError(f"schema {name}.json has $id {schema.get('$id')!r}")
+        path = schema_dir() / f"{name}.json"
+        schema = orjson.loads(path.read_bytes())
+        # Our schemas set no defaults: leaving out the code that fills them in saves a
+        # few percent of every validation.
+        validate = fastjsonschema.compile(schema, formats=_FORMATS, use_default=False)
+        _check_what_the_gateway_reads(path, name, schema)
         types[name] = RecordType(
             name=name,
             schema=schema,
-            # Our schemas set no defaults: leaving out the code that fills them in saves
-            # a few percent of every validation.
-            validate=fastjsonschema.compile(schema, formats=_FORMATS, use_default=False),
+            validate=validate,
             topic=topic,
             max_key_length=schema["properties"]["sessionId"]["maxLength"],
         )
     return types
+
+
+def _check_what_the_gateway_reads(path: Path, name: str, schema: dict[str, Any]) -> None:
+    """Refuse a (well-formed) schema that does not promise what ingest reads of a record.
+
+    Ingest takes the sessionId of every record the schema passes as its Kafka key and
+    compares its productPlatform with the API key's platforms: a schema that let a record
+    through without them would turn that record into a 500.
+    """
+    if schema.get("$id") != SCHEMA_BASE + name:
+        raise ValueError(f"schema {path} has $id {schema.get('$id')!r}, not {SCHEMA_BASE + name!r}")
+    if schema.get("type") != "object":
+        raise ValueError(f'schema {path} must say "type": "object": ingest reads fields of records')
+    required = schema.get("required", [])
+    properties = schema.get("properties", {})
+    for field in ("sessionId", "productPlatform"):
+        if field not in required:
+            raise ValueError(
+                f"schema {path} does not require {field}: ingest reads it of every record"
+            )
+        if properties.get(field, {}).get("type") != "string":
+            raise ValueError(f'schema {path} must give {field} "type": "string"')
+    shortest = properties["sessionId"].get("minLength")
+    longest = properties["sessionId"].get("maxLength")
+    if not (
+        isinstance(shortest, int)
+        and isinstance(longest, int)
+        and 1 <= shortest <= longest <= MAX_KEY_LENGTH
+    ):
+        raise ValueError(
+            f"schema {path} must bound sessionId, the Kafka key, to minLength >= 1 and "
+            f"maxLength <= {MAX_KEY_LENGTH}, not {shortest!r} and {longest!r}"
+        )
 
 
 # The spec's envelope with its items left to the per-record validators, so one bad

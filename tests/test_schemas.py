@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,16 +12,20 @@ import fastjsonschema
 import orjson
 import pytest
 
+from gateway.cli import main
 from gateway.config import TopicSettings
 from gateway.errors import InvalidEnvelope
 from gateway.schemas import (
+    MAX_KEY_LENGTH,
     MAX_RECORDS,
+    SCHEMA_BASE,
     is_rfc3339_date_time,
     load_record_types,
     record_error,
     records_of,
     schema_dir,
 )
+from tests.keys import make_key_file
 from tests.spec_samples import curl_bodies, sample_requests
 
 TYPES = load_record_types(TopicSettings())
@@ -225,3 +231,93 @@ def test_a_broken_schema_stops_start_up(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr("gateway.schemas.schema_dir", lambda: tmp_path)
     with pytest.raises(fastjsonschema.JsonSchemaDefinitionException, match="Unknown type"):
         load_record_types(TopicSettings())
+
+
+Schema = dict[str, Any]
+
+
+def _use_schema_copies(
+    directory: Path, monkeypatch: pytest.MonkeyPatch, name: str, edit: Callable[[Schema], object]
+) -> None:
+    """Make the loader read copies of the real schemas, `name`'s changed by `edit`."""
+    directory.mkdir()
+    for path in schema_dir().glob("*.json"):
+        (directory / path.name).write_bytes(path.read_bytes())
+    schema = orjson.loads((directory / f"{name}.json").read_bytes())
+    edit(schema)
+    (directory / f"{name}.json").write_bytes(orjson.dumps(schema))
+    monkeypatch.setattr("gateway.schemas.schema_dir", lambda: directory)
+
+
+def _session_id(schema: Schema) -> Schema:
+    session: Schema = schema["properties"]["sessionId"]
+    return session
+
+
+def test_the_real_schemas_promise_what_the_gateway_reads() -> None:
+    assert set(TYPES) == {"activity", "log", "profile"}
+    for record_type in TYPES.values():
+        assert {"sessionId", "productPlatform"} <= set(record_type.schema["required"])
+        assert record_type.max_key_length == MAX_KEY_LENGTH
+
+
+def test_unedited_copies_of_the_schemas_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # So that the refusals below come from the edits, not from the copying.
+    _use_schema_copies(tmp_path / "schemas", monkeypatch, "log", lambda schema: None)
+    assert load_record_types(TopicSettings()).keys() == TYPES.keys()
+
+
+@pytest.mark.parametrize(
+    ("name", "edit", "message"),
+    [
+        ("log", lambda s: s["required"].remove("sessionId"),
+         "does not require sessionId"),
+        ("activity", lambda s: s["required"].remove("productPlatform"),
+         "does not require productPlatform"),
+        ("profile", lambda s: s.pop("required"), "does not require sessionId"),
+        ("log", lambda s: _session_id(s).update(type="integer"),
+         'must give sessionId "type": "string"'),
+        ("activity", lambda s: _session_id(s).update(type=["string", "null"]),
+         'must give sessionId "type": "string"'),
+        ("profile", lambda s: s["properties"]["productPlatform"].pop("type"),
+         'must give productPlatform "type": "string"'),
+        ("log", lambda s: s["properties"]["productPlatform"].update(type="object"),
+         'must give productPlatform "type": "string"'),
+        ("activity", lambda s: s["properties"].update(sessionId={}),
+         'must give sessionId "type": "string"'),
+        ("log", lambda s: s.pop("type"), '"type": "object"'),
+        ("profile", lambda s: _session_id(s).pop("maxLength"), "must bound sessionId"),
+        ("activity", lambda s: _session_id(s).update(maxLength=MAX_KEY_LENGTH + 1),
+         "must bound sessionId"),
+        ("log", lambda s: _session_id(s).update(minLength=0), "must bound sessionId"),
+        ("log", lambda s: s.update({"$id": SCHEMA_BASE + "activity"}), "has $id"),
+    ],
+)  # fmt: skip
+def test_a_schema_without_what_the_gateway_reads_stops_start_up(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    edit: Callable[[Schema], object],
+    message: str,
+) -> None:
+    _use_schema_copies(tmp_path / "schemas", monkeypatch, name, edit)
+    with pytest.raises(ValueError, match=rf"schema \S*/{name}\.json .*{re.escape(message)}"):
+        load_record_types(TopicSettings())
+
+
+def test_serve_names_the_schema_and_the_field_and_exits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _use_schema_copies(
+        tmp_path / "schemas", monkeypatch, "log", lambda s: s["required"].remove("productPlatform")
+    )
+    monkeypatch.setenv("CAFE_KEYS_FILE", str(make_key_file(tmp_path).path))
+    monkeypatch.delenv("CAFE_WORKERS", raising=False)
+    # serve would point the root logger at stderr; the test's logging stays as it is.
+    monkeypatch.setattr("gateway.cli.setup_logging", lambda level, log_format: None)
+    assert main(["serve"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("cafe-gateway: schema ")
+    assert "log.json does not require productPlatform" in err
