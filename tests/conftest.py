@@ -14,6 +14,7 @@ from gateway.listener import GatewayRunner
 from gateway.state import SETTINGS
 from tests.keys import KeyFile, make_key_file
 
+# The type of pytest-aiohttp's `aiohttp_client` fixture, for every test's annotations.
 AiohttpClient = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
 
 

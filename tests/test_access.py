@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -14,10 +13,9 @@ from gateway.app import create_app
 from gateway.config import Settings
 from gateway.logs import JsonFormatter
 from gateway.sink import MemorySink
+from tests.conftest import AiohttpClient
 from tests.keys import KeyFile
 from tests.spec_samples import curl_bodies
-
-AiohttpClient = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
 
 
 @pytest.fixture

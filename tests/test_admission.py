@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import tracemalloc
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
@@ -18,10 +18,9 @@ from backports import zstd
 from gateway.app import create_app
 from gateway.config import Settings
 from gateway.sink import MemorySink, Message
+from tests.conftest import AiohttpClient
 from tests.keys import KeyFile
 from tests.spec_samples import curl_bodies
-
-AiohttpClient = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
 
 
 class GatedSink(MemorySink):

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
 
 from gateway.app import create_app
 from gateway.config import KafkaSettings, Settings
 from gateway.responses import SECURITY_HEADERS
 from gateway.sink import MemorySink
 from gateway.state import DRAINING
+from tests.conftest import AiohttpClient
 
-AiohttpClient = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
 SETTINGS = Settings(kafka=KafkaSettings(bootstrap="kafka.invalid:9092"))
 
 

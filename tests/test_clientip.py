@@ -4,22 +4,20 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Awaitable, Callable
 from unittest import mock
 
 import pytest
-from aiohttp.test_utils import TestClient, make_mocked_request
+from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
 from gateway.app import create_app
 from gateway.clientip import client_ip
 from gateway.config import Settings
 from gateway.sink import MemorySink
+from tests.conftest import AiohttpClient
 from tests.keys import KeyFile
 from tests.spec_samples import curl_bodies
 from tests.test_access import access_lines
-
-AiohttpClient = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
 
 PROXIES = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8"))
 

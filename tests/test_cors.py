@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import zlib
-from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,9 @@ from gateway.app import create_app
 from gateway.cli import main
 from gateway.config import Settings
 from gateway.sink import MemorySink
+from tests.conftest import AiohttpClient
 from tests.spec_samples import curl_bodies
 
-AiohttpClient = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
 PAGE = "http://127.0.0.1:8123"
 OTHER_PAGE = "http://127.0.0.1:9999"
 LOG = curl_bodies()["log"]

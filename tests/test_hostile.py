@@ -13,7 +13,7 @@ import contextlib
 import gzip
 import io
 import json
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import orjson
@@ -24,11 +24,11 @@ from gateway.app import create_app
 from gateway.config import Settings
 from gateway.schemas import SCHEMA_BASE, schema_dir
 from gateway.sink import MemorySink, Message
+from tests.conftest import AiohttpClient
 from tests.keys import KeyFile
 from tests.rawhttp import read_answer
 from tests.spec_samples import curl_bodies
 
-AiohttpClient = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
 LIMIT = 1024 * 1024
 NAMES = ("activity", "log", "profile")
 RECORD_TOPICS = tuple(f"cafe.{name}" for name in NAMES)

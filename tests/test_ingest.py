@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -15,12 +14,12 @@ from gateway.app import create_app
 from gateway.config import Settings
 from gateway.errors import SinkUnavailable
 from gateway.sink import MemorySink, Message
+from tests.conftest import AiohttpClient
 from tests.keys import KeyFile
 from tests.rawhttp import connection
 from tests.scrape import Samples
 from tests.spec_samples import curl_bodies
 
-AiohttpClient = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
 LIMIT = 256 * 1024
 UNSUPPORTED = "unsupported_media_type"
 

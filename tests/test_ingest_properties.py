@@ -8,14 +8,12 @@ start of every example. Example counts are bounded to keep the file near ten sec
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import jsonschema  # type: ignore[import-untyped]
 import orjson
 import pytest
 import schemathesis
-from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
@@ -25,11 +23,11 @@ from gateway.config import Settings, TopicSettings
 from gateway.openapi import build_openapi
 from gateway.schemas import load_record_types, schema_dir
 from gateway.sink import MemorySink
+from tests.conftest import AiohttpClient
 from tests.keys import KeyFile
 from tests.spec_samples import curl_bodies
 from tests.test_hostile import DEAD, LIMIT, NAMES, Gateway
 
-AiohttpClient = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
 PLATFORM = "analytics-portal"
 
 

@@ -7,23 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
 
 from gateway import access, listener
 from gateway.app import create_app
 from gateway.config import Settings
 from gateway.responses import SECURITY_HEADERS
 from gateway.sink import MemorySink
+from tests.conftest import AiohttpClient
 from tests.keys import KeyFile
 from tests.rawhttp import connection
 from tests.scrape import Samples
 from tests.spec_samples import curl_bodies
-
-AiohttpClient = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
 
 
 def post_log(key: str) -> bytes:

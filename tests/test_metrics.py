@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
 
@@ -18,11 +18,10 @@ from gateway.config import Settings
 from gateway.errors import SinkUnavailable
 from gateway.metrics import MULTIPROC_ENV, Metrics
 from gateway.sink import MemorySink, Message
+from tests.conftest import AiohttpClient
 from tests.keys import KeyFile
 from tests.scrape import Samples
 from tests.spec_samples import curl_bodies
-
-AiohttpClient = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
 
 
 class SwitchableSink(MemorySink):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient
@@ -13,9 +11,8 @@ from gateway.app import create_app
 from gateway.config import Settings
 from gateway.schemas import schema_dir
 from gateway.sink import MemorySink
+from tests.conftest import AiohttpClient
 from tests.keys import KeyFile
-
-AiohttpClient = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
 
 
 @pytest.fixture

@@ -8,13 +8,12 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
 import orjson
 import pytest
-from aiohttp.test_utils import TestClient
 
 from gateway import auth
 from gateway.app import create_app
@@ -23,10 +22,9 @@ from gateway.config import Settings
 from gateway.errors import RateLimited
 from gateway.ratelimit import BucketTable, RateLimiter, TokenBucket
 from gateway.sink import MemorySink
+from tests.conftest import AiohttpClient
 from tests.keys import KeyFile
 from tests.spec_samples import curl_bodies
-
-AiohttpClient = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
 
 
 def test_a_bucket_refills_at_its_rate_up_to_its_burst() -> None:

@@ -9,7 +9,7 @@ import os
 import signal
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from aiohttp.test_utils import TestClient
 from gateway.app import create_app
 from gateway.config import KafkaSettings, Settings, TopicSettings
 from gateway.ingest import DEAD_LETTER_MAX_BYTES
+from tests.conftest import AiohttpClient
 from tests.integration.conftest import (
     KAFKA_SH,
     TOPIC_PARTITIONS,
@@ -34,7 +35,6 @@ from tests.spec_samples import curl_bodies
 
 pytestmark = pytest.mark.integration
 
-AiohttpClient = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
 NAMES = ("activity", "log", "profile")
 
 

@@ -10,13 +10,12 @@ import re
 import subprocess
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from aiohttp.test_utils import TestClient
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from prometheus_client import CollectorRegistry
 
@@ -26,6 +25,7 @@ from gateway.errors import RecordTooLarge, SinkUnavailable
 from gateway.kafka import KafkaSink
 from gateway.metrics import Metrics
 from gateway.sink import Message
+from tests.conftest import AiohttpClient
 from tests.integration.conftest import (
     KAFKA_SH,
     Broker,
@@ -39,8 +39,6 @@ from tests.keys import make_key_file
 from tests.spec_samples import curl_bodies
 
 pytestmark = pytest.mark.integration
-
-AiohttpClient = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
 
 
 @pytest.fixture
