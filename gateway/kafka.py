@@ -20,6 +20,10 @@ from aiokafka.errors import (
     UnknownTopicOrPartitionError,
 )
 from aiokafka.partitioner import murmur2
+
+# aiokafka's internal record module (see _check_size); pyproject.toml keeps aiokafka below
+# its next minor version for it and the other internals used here (producer._sender and
+# the undocumented producer.client), and tests/test_private_apis.py checks each one.
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from gateway.config import KafkaSettings
@@ -76,7 +80,9 @@ async def _send_batch(
     partitions meanwhile, and aiokafka refuses a batch for one it does not know.
     """
     while True:
-        # A producer that has just replaced another may not know the topic yet.
+        # A producer that has just replaced another may not know the topic yet. The
+        # undocumented client's metadata answers without an await; partitions_for() is
+        # the public way, and the fallback.
         partitions = producer.client.cluster.partitions_for_topic(
             topic
         ) or await producer.partitions_for(topic)
@@ -275,6 +281,8 @@ def _observe(histogram: Any, since: float, ack: asyncio.Future[Any]) -> None:
 
 def _check_size(topic: str, message: Message) -> None:
     """Raise RecordTooLarge for a message the producer would refuse, before it is batched."""
+    # The producer's own check, from its send(), which batches bypass; aiokafka offers
+    # it only on this internal class.
     size = DefaultRecordBatchBuilder.estimate_size_in_bytes(
         message.key, message.value, message.headers or []
     )
@@ -368,9 +376,11 @@ class KafkaSink:
             # would wait forever for a cluster that is gone. The requests these records
             # came with have already been answered 503, so nothing acknowledged is lost.
             log.warning("Kafka did not take every buffered record in time; closing without them")
-            # Cancelled, aiokafka's sender still waits for the answers to its requests in
-            # flight, which a stalled broker may never give; cancelled again by this
-            # timeout, it stops waiting.
+            # stop() is the public way, and the one that just timed out: the private
+            # _sender and the undocumented client are closed directly, as stop() would.
+            # Cancelled, the sender still waits for the answers to its requests in flight,
+            # which a stalled broker may never give; cancelled again by this timeout, it
+            # stops waiting.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(_SENDER_CLOSE_S):
                     await producer._sender.close()
@@ -386,6 +396,8 @@ class KafkaSink:
         producer = self._producer
         if producer is None:
             return False
+        # The producer has no public "is a broker reachable"; its undocumented client,
+        # which holds the connections and metadata, answers that.
         client = producer.client
         try:
             async with asyncio.timeout(_READY_TIMEOUT_S):
@@ -420,6 +432,7 @@ class KafkaSink:
         acks: dict[asyncio.Future[None], _Batcher] = {}
         try:
             async with asyncio.timeout(timeout_s):
+                # As in _send_batch: known metadata without an await, else the public way.
                 partitions = producer.client.cluster.partitions_for_topic(topic)
                 if not partitions:
                     partitions = await producer.partitions_for(topic)
@@ -613,6 +626,7 @@ class KafkaSink:
 
     async def _ensure_topics(self, producer: AIOKafkaProducer) -> None:
         """Create and check the topics, then wait until the producer sees them all."""
+        # The brokers the producer's undocumented client learned of; no public getter.
         brokers = len(producer.client.cluster.brokers())
         await prepare_topics(self._settings, brokers, self.metrics)
         async with asyncio.timeout(self._settings.request_timeout_ms / 1000):

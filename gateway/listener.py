@@ -51,6 +51,9 @@ HEADER_LIMIT = 128  # header lines (aiohttp's default)
 OVER_CAP_GRACE_SECONDS = 1.0
 
 
+# Private parts of aiohttp used below, where no public API reaches: AppRunner._make_server,
+# BaseRunner._kwargs, Server._kwargs and RequestHandler._waiter. pyproject.toml keeps aiohttp
+# below its next minor version for them, and tests/test_private_apis.py checks each one.
 class GatewayRunner(web.AppRunner):
     """aiohttp's AppRunner, whose connections are `_Connection`s under the app's cap."""
 
@@ -73,6 +76,8 @@ class GatewayRunner(web.AppRunner):
             request_factory=plain.request_factory,
             max_connections=self.app[SETTINGS].max_connections,
             metrics=self.app[METRICS],
+            # The runner's private copy of its keyword arguments, as AppRunner completed
+            # them (it adds access_log_class); no public attribute holds them.
             **self._kwargs,
         )
 
@@ -91,7 +96,9 @@ class _Server(web.Server):
         self.request_ids = RequestIds()
 
     def __call__(self) -> _Connection:
-        # As aiohttp's Server.__call__, with our class: _kwargs are the handler's settings.
+        # As aiohttp's Server.__call__, with our class (Server takes no protocol class).
+        # Its private _kwargs are the connection settings, less the options Server.__init__
+        # keeps for itself; reading them keeps that split aiohttp's, not a copy of it here.
         return _Connection(self, loop=asyncio.get_running_loop(), **self._kwargs)
 
     def connection_made(self, handler: web.RequestHandler, transport: asyncio.Transport) -> None:
@@ -124,7 +131,9 @@ class _Connection(web.RequestHandler):
     def close_if_idle(self) -> None:
         """Close the connection if it is waiting for a request (or for the rest of one)."""
         # The test aiohttp's own idle timeout makes: a request being answered is left to
-        # finish, and the answer on a connection past the cap closes it anyway.
+        # finish, and the answer on a connection past the cap closes it anyway. _waiter is
+        # private, the future a connection awaits its next request on; aiohttp has no
+        # public "is idle" to ask instead.
         if self._waiter is not None and not self._waiter.done():
             self.force_close()
 
