@@ -39,10 +39,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from gateway import auth
+from loadtest.topics import read_to_end
 
 HERE = Path(__file__).resolve().parent
 BATCHES = (500, 20, 1)
@@ -232,27 +232,13 @@ def run_wrk(
 
 async def count_event_ids(bootstrap: str, topic: str, run_id: str) -> int:
     """Distinct eventIds of this run on the topic, read to its end offsets."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, max_partition_fetch_bytes=8 << 20
-    )
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(TOPIC_PARTITIONS)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        end = await consumer.end_offsets(tps)
-        pattern = re.compile(rb'"eventId":"(' + re.escape(run_id.encode()) + rb'-[^"]+)"')
-        seen: set[bytes] = set()
-        while [tp for tp in tps if await consumer.position(tp) < end[tp]]:
-            batches = await consumer.getmany(*tps, timeout_ms=1000, max_records=50_000)
-            for messages in batches.values():
-                for message in messages:
-                    match = pattern.search(message.value)
-                    if match:
-                        seen.add(match.group(1))
-        return len(seen)
-    finally:
-        await consumer.stop()
+    pattern = re.compile(rb'"eventId":"(' + re.escape(run_id.encode()) + rb'-[^"]+)"')
+    seen: set[bytes] = set()
+    async for message in read_to_end(bootstrap, topic, TOPIC_PARTITIONS):
+        match = pattern.search(message.value)
+        if match:
+            seen.add(match.group(1))
+    return len(seen)
 
 
 async def create_topic(bootstrap: str, topic: str) -> None:

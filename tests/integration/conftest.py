@@ -26,9 +26,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from loadtest.topics import read_to_end
 from tests.integration.tcp_proxy import consecutive_free_ports, free_ports
 
 REPO = Path(__file__).resolve().parents[2]
@@ -267,25 +268,9 @@ async def consume(
     bootstrap: str, topic: str, partitions: int = TOPIC_PARTITIONS
 ) -> AsyncIterator[ConsumerRecord]:
     """Every message on `topic`, read up to the end offsets it has now, as it arrives
-    (for topics too large to hold at once).
-
-    Reading to the end offsets, not until a quiet period, proves positively that
-    nothing else is there.
-    """
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        end = await consumer.end_offsets(tps)
-        while [tp for tp in tps if await consumer.position(tp) < end[tp]]:
-            batches = await consumer.getmany(*tps, timeout_ms=1000)
-            for messages in batches.values():
-                for message in messages:
-                    yield message
-    finally:
-        await consumer.stop()
+    (see `read_to_end`)."""
+    async for message in read_to_end(bootstrap, topic, partitions):
+        yield message
 
 
 async def consume_all(
