@@ -47,6 +47,8 @@ pidfile=$run/broker.pid
 cluster=$home/cluster-$port
 
 say() { echo "kafka.sh: $*" >&2; }
+# shellcheck source=deploy/stop.sh
+. "$here/../stop.sh"
 
 java_bin() {
     local java
@@ -211,18 +213,9 @@ up() {
 
 # Stops PID (SIGTERM, SIGKILL after 30 s) and removes PIDFILE.
 stop_pid() {
-    local pid=$1 pidfile=$2
-    kill -TERM "$pid" 2>/dev/null || true
     # A controlled shutdown of one node takes a few seconds; past 30 s it is stuck.
-    for _ in $(seq 1 300); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-        say "Kafka pid $pid ignored SIGTERM for 30s; killing it"
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    rm -f "$pidfile"
+    stop_process "$1" 30 Kafka
+    rm -f "$2"
 }
 
 down() {

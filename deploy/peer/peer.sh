@@ -27,6 +27,8 @@ run=$home/run-$port
 pidfile=$run/bento.pid
 
 say() { echo "peer.sh: $*" >&2; }
+# shellcheck source=deploy/stop.sh
+. "$here/../stop.sh"
 
 install() {
     if [ -x "$bin" ]; then
@@ -105,16 +107,8 @@ stop() {
         say "not running on 127.0.0.1:$port"
         return
     fi
-    kill -TERM "$pid" 2>/dev/null || true
     # Bento finishes what is in flight on SIGTERM; its own shutdown limit is 20 s.
-    for _ in $(seq 1 250); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-        say "pid $pid ignored SIGTERM for 25s; killing it"
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
+    stop_process "$pid" 25 Bento
     rm -f "$pidfile"
     say "stopped"
 }
