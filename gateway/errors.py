@@ -2,6 +2,7 @@
 
     GatewayError                 status + stable machine-readable `code`
     ├── BadRequest               400
+    │   ├── MalformedRequest     400 malformed_request  (not HTTP/1.1: refused by the parser)
     │   ├── InvalidJson          400 invalid_json       (not JSON at all)
     │   ├── InvalidUtf8          400 invalid_utf8       (bytes that are not UTF-8)
     │   ├── InvalidEncoding      400 invalid_encoding   (not the Content-Encoding it claims)
@@ -17,17 +18,21 @@
     ├── ClientAborted            499 client_aborted     (the client left mid-body; no one hears)
     ├── PayloadTooLarge          413 payload_too_large
     │   └── RecordTooLarge       413 record_too_large   (a record Kafka refuses as too large)
+    ├── UriTooLong               414 uri_too_long       (refused by the parser)
     ├── RateLimited              429 rate_limited       (over the key's requests/s or records/s)
+    ├── HeaderTooLarge           431 header_too_large   (one header line; refused by the parser)
+    ├── TooManyHeaders           431 too_many_headers   (refused by the parser)
     ├── UnsupportedMediaType     415 unsupported_media_type
     ├── Overloaded               503 overloaded         (too much work in progress: shed)
     ├── TooManyConnections       503 too_many_connections (a connection past the cap)
     ├── NotReady                 503 not_ready          (Kafka unreachable, draining)
     └── SinkUnavailable          503 kafka_unavailable  (records not acknowledged in time)
 
-aiohttp's own HTTP errors (404, 405, 413, ...) are rendered the same way, and so are
-requests its HTTP parser refuses (by gateway/listener.py): every error a client sees
-has one shape, `application/problem+json` with `code` and `detail`, and is counted by
-code in `cafe_http_errors_total`.
+aiohttp's own HTTP errors (404, 405, 413, ...) are rendered the same way (`HTTP_CODES`),
+and so are requests its HTTP parser refuses (gateway/listener.py maps them to the parser's
+classes above): every error a client sees has one shape, `application/problem+json`
+with `code` and `detail`, made by `problem`, and is counted by code in
+`cafe_http_errors_total`.
 """
 
 from __future__ import annotations
@@ -77,6 +82,10 @@ class BadRequest(GatewayError):
     code = "bad_request"
 
 
+class MalformedRequest(BadRequest):
+    code = "malformed_request"
+
+
 class InvalidJson(BadRequest):
     code = "invalid_json"
 
@@ -96,6 +105,8 @@ class InvalidEnvelope(BadRequest):
 
 
 class Unauthorized(GatewayError):
+    """A family: what is raised is one of its kinds, each with a code of its own."""
+
     status = 401
 
     def headers(self) -> dict[str, str]:
@@ -130,8 +141,9 @@ class ClientAborted(GatewayError):
 
 
 class Forbidden(GatewayError):
+    """A family: what is raised is one of its kinds, each with a code of its own."""
+
     status = 403
-    code = "forbidden"
 
 
 class OriginNotAllowed(Forbidden):
@@ -163,6 +175,21 @@ class RecordTooLarge(PayloadTooLarge):
 class UnsupportedMediaType(GatewayError):
     status = 415
     code = "unsupported_media_type"
+
+
+class UriTooLong(GatewayError):
+    status = 414
+    code = "uri_too_long"
+
+
+class HeaderTooLarge(GatewayError):
+    status = 431
+    code = "header_too_large"
+
+
+class TooManyHeaders(GatewayError):
+    status = 431
+    code = "too_many_headers"
 
 
 class RateLimited(GatewayError):
@@ -218,7 +245,9 @@ class SinkUnavailable(GatewayError):
 
 
 # Codes for aiohttp's own HTTP errors, raised by the router and the body reader.
-_HTTP_CODES = {
+# Every error a client may be answered with is a class here that sets its own `code`, or
+# one of these (tests/test_errors.py holds the README and the OpenAPI document to that).
+HTTP_CODES = {
     400: "bad_request",
     404: "not_found",
     405: "method_not_allowed",
@@ -288,7 +317,7 @@ def problem_middleware(metrics: Metrics) -> Middleware:
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            code = _HTTP_CODES.get(exc.status, HTTPStatus(exc.status).name.lower())
+            code = HTTP_CODES.get(exc.status, HTTPStatus(exc.status).name.lower())
             # Keep what the error says beside its body, e.g. the Allow header of a 405.
             kept = {k: v for k, v in exc.headers.items() if k.lower() not in _BODY_HEADERS}
             return _answer(request, metrics, exc.status, code, exc.reason, kept)

@@ -33,7 +33,14 @@ from aiohttp.http_exceptions import (
     PayloadEncodingError,
 )
 
-from gateway.errors import problem
+from gateway.errors import (
+    GatewayError,
+    HeaderTooLarge,
+    MalformedRequest,
+    TooManyHeaders,
+    UriTooLong,
+    problem,
+)
 from gateway.metrics import Metrics
 from gateway.requestid import RequestIds
 from gateway.responses import SECURITY_HEADERS
@@ -152,23 +159,24 @@ class _Connection(web.RequestHandler):
         request_id = self._gateway.request_ids.next()
         fields = {"request_id": request_id, "client_ip": request.remote}
         if isinstance(exc, BadHttpMessage):
-            status, code, detail = refusal(exc)
+            error = refusal(exc)
             # The client's mistake: one line, naming no header (it may hold a key).
             log.debug(
                 "refused a malformed request: %s", type(exc).__name__, extra={"fields": fields}
             )
         else:
             # A bug: problem_middleware answers every error raised below it.
-            status, code = 500, "internal_error"
-            detail = "the gateway failed to handle this request"
+            error = GatewayError("the gateway failed to handle this request")
             log.error(
                 "request failed outside the middlewares", exc_info=exc, extra={"fields": fields}
             )
         metrics = self._gateway.metrics
-        metrics.requests.labels("unmatched", "other", str(status)).inc()
-        metrics.errors.labels(code).inc()
+        metrics.requests.labels("unmatched", "other", str(error.status)).inc()
+        metrics.errors.labels(error.code).inc()
         headers = {**SECURITY_HEADERS, "X-Request-Id": request_id}
-        response = problem(status, code, detail, request_id=request_id, headers=headers)
+        response = problem(
+            error.status, error.code, error.detail, request_id=request_id, headers=headers
+        )
         response.force_close()
         return response
 
@@ -189,15 +197,15 @@ _SAFE_MESSAGE = re.compile(
 )
 
 
-def refusal(exc: BadHttpMessage) -> tuple[int, str, str]:
-    """The status, code and detail that answer a request aiohttp's parser refused."""
+def refusal(exc: BadHttpMessage) -> GatewayError:
+    """The error that answers a request aiohttp's parser refused."""
     if isinstance(exc, LineTooLong):
         if exc.args[1] == URI_LIMIT:
-            return 414, "uri_too_long", f"the request target is longer than {URI_LIMIT} bytes"
-        return 431, "header_too_large", f"a header line is longer than {FIELD_LIMIT} bytes"
+            return UriTooLong(f"the request target is longer than {URI_LIMIT} bytes")
+        return HeaderTooLarge(f"a header line is longer than {FIELD_LIMIT} bytes")
     if exc.message == "Too many headers received":
-        return 431, "too_many_headers", f"more than {HEADER_LIMIT} header lines"
-    return 400, "malformed_request", f"not a valid HTTP/1.1 request: {_what(exc)}"
+        return TooManyHeaders(f"more than {HEADER_LIMIT} header lines")
+    return MalformedRequest(f"not a valid HTTP/1.1 request: {_what(exc)}")
 
 
 def _what(exc: BadHttpMessage) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from gateway.listener import URI_LIMIT
 from gateway.schemas import MAX_RECORDS, RecordType, envelope_schema
 from gateway.state import OPENAPI, RECORD_TYPES
 
@@ -131,10 +132,11 @@ def build_openapi(record_types: Mapping[str, RecordType], version: str) -> dict[
                     "413": _problem(
                         "Body over the limit, a compression bomb, or a record too large for Kafka"
                     ),
-                    "414": _problem("Request target over 4,096 bytes"),
+                    "414": _problem(f"Request target over {URI_LIMIT:,} bytes"),
                     "415": _problem("Content type other than JSON"),
                     "429": _problem("Over the key's rate limit; retry after Retry-After"),
                     "431": _problem("A header line too long, or too many headers"),
+                    "500": _problem("A bug: the log line with the requestId says more"),
                     "503": _problem(
                         "Kafka unavailable or not acknowledging, or the gateway over capacity; "
                         "retry after Retry-After"
