@@ -1,13 +1,21 @@
-"""Settings from the environment: defaults, parsing, and refusals that name the variable."""
+"""Settings from the environment: defaults, parsing, refusals that name the variable, and
+the README's configuration table checked against the declared variables."""
 
 from __future__ import annotations
 
+import re
 from ipaddress import ip_network
 from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, KafkaSettings, Settings, TopicSettings
+from gateway.config import (
+    ConfigError,
+    KafkaSettings,
+    Settings,
+    TopicSettings,
+    declared_variables,
+)
 
 
 def test_an_empty_environment_gives_the_defaults() -> None:
@@ -143,3 +151,70 @@ def test_the_queue_bound_follows_the_in_flight_cap_unless_set() -> None:
 def test_several_workers_need_a_fixed_port() -> None:
     with pytest.raises(ConfigError, match="CAFE_WORKERS=2 needs a fixed CAFE_PORT"):
         Settings.from_env({"CAFE_WORKERS": "2", "CAFE_PORT": "0"})
+
+
+def test_each_variable_is_declared_once() -> None:
+    names = [variable.name for variable, _ in declared_variables()]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    assert not repeated, f"declared more than once: {repeated}"
+    assert all(name.startswith("CAFE_") for name in names)
+
+
+# The README's configuration table and the declared variables list the same settings.
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+DECLARED = {variable.name: (variable, default) for variable, default in declared_variables()}
+
+
+def _readme_rows() -> list[tuple[str, str, str]]:
+    """(variable, default, meaning) of each row of the table under "## Configuration"."""
+    text = README.read_text(encoding="utf-8")
+    section = text.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^\| `(CAFE_\w+)` \| (.+?) \| (.*) \|$", section, flags=re.MULTILINE)
+
+
+ROWS = _readme_rows()
+
+
+def test_the_readme_lists_each_declared_variable_once_and_no_other() -> None:
+    listed = [name for name, _, _ in ROWS]
+    repeated = sorted({name for name in listed if listed.count(name) > 1})
+    assert not repeated, f"the README lists these more than once: {repeated}"
+    missing = sorted(DECLARED.keys() - set(listed))
+    assert not missing, f"declared in gateway/config.py but not in the README: {missing}"
+    unknown = sorted(set(listed) - DECLARED.keys())
+    assert not unknown, f"in the README but not declared in gateway/config.py: {unknown}"
+
+
+@pytest.mark.parametrize(("name", "default", "meaning"), ROWS, ids=[row[0] for row in ROWS])
+def test_the_readme_gives_the_declared_default(name: str, default: str, meaning: str) -> None:
+    assert name in DECLARED, f"{name} is in the README but not declared"
+    variable, declared = DECLARED[name]
+    assert meaning.strip(), f"{name}: the README gives no meaning"
+    size = re.search(r"\((\d+) MiB\)", default)
+    if size:
+        assert declared == int(size[1]) * 1024 * 1024, f"{name}: README {size[0]}, {declared=}"
+    if default.startswith("(none"):
+        assert declared in (None, ()), f"{name}: README says no default, {declared=}"
+        return
+    # A default given as a rule, "N times `CAFE_OTHER`": the declared default is what the rule
+    # gives for the other's default (from_env applying it is tested above).
+    rule = re.match(r"(\d+) \u00d7 `(CAFE_\w+)`", default)
+    if rule:
+        other = DECLARED[rule[2]][1]
+        assert declared == int(rule[1]) * other, f"{name}: README {rule[0]}, {declared=}"
+        return
+    # Otherwise the first `value` in the cell, read as the gateway reads the variable.
+    value = re.search(r"`([^`]+)`", default)
+    assert value, f"{name}: the README default {default!r} has no `value`"
+    read = variable.parse(name, value[1])
+    assert read == declared, f"{name}: README {value[1]!r} reads as {read!r}, {declared=}"
+    # A range the meaning gives, "(low-high)", is the one the variable accepts.
+    bounds = re.search(r"\((\d+)-(\d+)\)", meaning)
+    if bounds:
+        low, high = int(bounds[1]), int(bounds[2])
+        assert variable.parse(name, str(low)) == low
+        assert variable.parse(name, str(high)) == high
+        for outside in (low - 1, high + 1):
+            with pytest.raises(ConfigError, match=f"{name}=.* is outside {low}..{high}"):
+                variable.parse(name, str(outside))
