@@ -15,13 +15,14 @@ from prometheus_client import CollectorRegistry
 from gateway import health
 from gateway.access import access_middleware
 from gateway.admission import Admission
-from gateway.auth import KeyStore, api_key_middleware
+from gateway.auth import api_key_middleware
 from gateway.clientip import get_ip
 from gateway.config import Settings
 from gateway.cors import cors_middleware
 from gateway.errors import problem_middleware
 from gateway.ingest import ingest
 from gateway.kafka import KafkaSink
+from gateway.keys import KeyStore
 from gateway.metrics import Metrics
 from gateway.openapi import build_openapi, get_openapi, get_schema
 from gateway.ratelimit import BucketTable, RateLimiter

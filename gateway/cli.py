@@ -9,8 +9,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from gateway import auth
 from gateway.config import ConfigError, Settings
+from gateway.keys import (
+    KeysFileError,
+    KeyStore,
+    check_origin,
+    check_platform,
+    disable_key,
+    mint_key,
+    read_keys_file,
+    update_keys_file,
+)
 from gateway.logs import setup_logging
 from gateway.ratelimit import BucketTable
 from gateway.server import serve
@@ -27,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         status: int = args.run(args, settings)
-    except (auth.KeysFileError, ValueError) as exc:
+    except (KeysFileError, ValueError) as exc:
         print(f"cafe-gateway: {exc}", file=sys.stderr)
         return 1
     return status
@@ -60,14 +69,14 @@ def _parser() -> argparse.ArgumentParser:
         "--platform",
         action="append",
         required=True,
-        type=auth.check_platform,
+        type=check_platform,
         help="a productPlatform the key may write (repeat for several)",
     )
     create.add_argument(
         "--origin",
         action="append",
         default=[],
-        type=auth.check_origin,
+        type=check_origin,
         help="a web origin (https://app.example.com) whose pages may use the key (repeat)",
     )
     create.add_argument(
@@ -103,7 +112,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         return _serve_one(settings)
     # A keys file that cannot be loaded stops start-up here, with its reason, rather
     # than in every worker.
-    auth.KeyStore(settings.keys_file).load()
+    KeyStore(settings.keys_file).load()
     # Made before the fork, so that every worker inherits it: a key's rate is then
     # shared by all workers, whichever of them its connections land on.
     buckets = BucketTable()
@@ -149,21 +158,21 @@ def _keys_path(args: argparse.Namespace, settings: Settings) -> Path:
 
 def _keys_create(args: argparse.Namespace, settings: Settings) -> int:
     path = _keys_path(args, settings)
-    plaintext, record = auth.mint_key(
+    plaintext, record = mint_key(
         tuple(args.platform),
         requests_per_second=args.requests_per_second,
         records_per_second=args.records_per_second,
         origins=tuple(args.origin),
         browser=args.browser,
     )
-    auth.update_keys_file(path, lambda keys: [*keys, record])
+    update_keys_file(path, lambda keys: [*keys, record])
     print(f"created key {record.id} for {', '.join(record.platforms)} in {path}", file=sys.stderr)
     print(plaintext)
     return 0
 
 
 def _keys_list(args: argparse.Namespace, settings: Settings) -> int:
-    keys = auth.read_keys_file(_keys_path(args, settings))
+    keys = read_keys_file(_keys_path(args, settings))
     for key in keys:
         state = "enabled" if key.enabled else "disabled"
         limits = [
@@ -184,7 +193,7 @@ def _keys_list(args: argparse.Namespace, settings: Settings) -> int:
 def _keys_disable(args: argparse.Namespace, settings: Settings) -> int:
     path = _keys_path(args, settings)
     try:
-        auth.update_keys_file(path, lambda keys: auth.disable_key(keys, args.key_id))
+        update_keys_file(path, lambda keys: disable_key(keys, args.key_id))
     except KeyError:
         print(f"cafe-gateway: no key with id {args.key_id} in {path}", file=sys.stderr)
         return 1

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from gateway.access import RECORD_COUNTS
 from gateway.admission import BODY_RESERVATION
-from gateway.auth import API_KEY, ApiKey
+from gateway.auth import API_KEY, platform_refusal
 from gateway.clientip import client_ip
 from gateway.config import Settings
 from gateway.errors import (
@@ -28,6 +28,7 @@ from gateway.errors import (
     SinkUnavailable,
     UnsupportedMediaType,
 )
+from gateway.keys import ApiKey
 from gateway.requestid import REQUEST_ID
 from gateway.responses import json_response
 from gateway.schemas import SCHEMA_VERSION, RecordType, record_error, records_of
@@ -124,11 +125,9 @@ def _problem_with(
     error = record_error(record_type, record)
     if error is not None:
         return "invalid", error
-    if record["productPlatform"] not in key.platforms:
-        return "forbidden", {
-            "pointer": "/productPlatform",
-            "message": f"this API key may not write platform {record['productPlatform']!r}",
-        }
+    refusal = platform_refusal(key, record["productPlatform"])
+    if refusal is not None:
+        return "forbidden", refusal
     return None
 
 

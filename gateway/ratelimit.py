@@ -24,8 +24,9 @@ import weakref
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from gateway.auth import API_KEY, ApiKey
+from gateway.auth import API_KEY
 from gateway.errors import RateLimited
+from gateway.keys import ApiKey
 from gateway.schemas import MAX_RECORDS
 
 log = logging.getLogger(__name__)

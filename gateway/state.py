@@ -4,8 +4,8 @@ import asyncio
 
 from aiohttp import web
 
-from gateway.auth import KeyStore
 from gateway.config import Settings
+from gateway.keys import KeyStore
 from gateway.metrics import Metrics
 from gateway.ratelimit import RateLimiter
 from gateway.schemas import RecordType

@@ -41,7 +41,7 @@ from pathlib import Path
 import psutil
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from gateway import auth
+from gateway.keys import mint_key, write_keys_file
 from loadtest.topics import read_to_end
 
 HERE = Path(__file__).resolve().parent
@@ -452,8 +452,8 @@ def main() -> None:
         name: f"bench.{run_id}.{name}" for name in ("activity", "log", "profile", "deadletter")
     }
     workdir = Path(tempfile.mkdtemp(prefix="cafe-bench-"))
-    key, record = auth.mint_key(("analytics-portal",))
-    auth.write_keys_file(workdir / "keys.json", [record])
+    key, record = mint_key(("analytics-portal",))
+    write_keys_file(workdir / "keys.json", [record])
     env = {
         **os.environ,
         "CAFE_KEYS_FILE": str(workdir / "keys.json"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway import auth
+from gateway.keys import ApiKey, disable_key, mint_key, update_keys_file, write_keys_file
 
 
 @dataclass
@@ -14,22 +14,22 @@ class KeyFile:
 
     path: Path
     key: str
-    record: auth.ApiKey
+    record: ApiKey
 
     def add(
         self, *platforms: str, origins: tuple[str, ...] = (), browser: bool = False
-    ) -> tuple[str, auth.ApiKey]:
+    ) -> tuple[str, ApiKey]:
         """Mint another key into the file; returns its plaintext and record."""
-        plaintext, record = auth.mint_key(platforms, origins=origins, browser=browser)
-        auth.update_keys_file(self.path, lambda keys: [*keys, record])
+        plaintext, record = mint_key(platforms, origins=origins, browser=browser)
+        update_keys_file(self.path, lambda keys: [*keys, record])
         return plaintext, record
 
     def disable(self, key_id: str) -> None:
-        auth.update_keys_file(self.path, lambda keys: auth.disable_key(keys, key_id))
+        update_keys_file(self.path, lambda keys: disable_key(keys, key_id))
 
 
 def make_key_file(directory: Path) -> KeyFile:
     path = directory / "keys.json"
-    plaintext, record = auth.mint_key(("analytics-portal",))
-    auth.write_keys_file(path, [record])
+    plaintext, record = mint_key(("analytics-portal",))
+    write_keys_file(path, [record])
     return KeyFile(path, plaintext, record)

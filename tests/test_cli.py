@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import auth
 from gateway.cli import main
+from gateway.keys import hash_key, read_keys_file
 from tests.keys import make_key_file
 
 
@@ -35,10 +35,10 @@ def test_keys_commands_create_list_disable(
     assert main(["keys", "--keys-file", str(path), "create", "--platform", "web"]) == 0
     out, err = capsys.readouterr()
     plaintext = out.strip()
-    (record,) = auth.read_keys_file(path)
+    (record,) = read_keys_file(path)
     # stdout holds the plaintext alone, so `$(cafe-gateway keys create ...)` captures it.
     assert out == plaintext + "\n"
-    assert record.sha256 == auth.hash_key(plaintext)
+    assert record.sha256 == hash_key(plaintext)
     assert record.id in err and plaintext not in err
 
     assert main(["keys", "--keys-file", str(path), "list"]) == 0
@@ -47,7 +47,7 @@ def test_keys_commands_create_list_disable(
     assert plaintext not in listed
 
     assert main(["keys", "--keys-file", str(path), "disable", record.id]) == 0
-    assert auth.read_keys_file(path)[0].enabled is False
+    assert read_keys_file(path)[0].enabled is False
     assert main(["keys", "--keys-file", str(path), "disable", "k_000000000000"]) == 1
     assert "no key with id k_000000000000" in capsys.readouterr().err
 
@@ -57,7 +57,7 @@ def test_keys_file_comes_from_the_environment(
 ) -> None:
     monkeypatch.setenv("CAFE_KEYS_FILE", str(tmp_path / "env-keys.json"))
     assert main(["keys", "create", "--platform", "web"]) == 0
-    assert len(auth.read_keys_file(tmp_path / "env-keys.json")) == 1
+    assert len(read_keys_file(tmp_path / "env-keys.json")) == 1
     monkeypatch.delenv("CAFE_KEYS_FILE")
     assert main(["keys", "list"]) == 1
     assert "pass --keys-file or set CAFE_KEYS_FILE" in capsys.readouterr().err
@@ -80,14 +80,14 @@ def test_keys_file_goes_before_or_after_the_action(
     path = tmp_path / "keys.json"
     assert main(_keys(path, ["create", "--platform", "web"], position=position)) == 0
     plaintext = capsys.readouterr().out.strip()
-    (record,) = auth.read_keys_file(path)
-    assert record.sha256 == auth.hash_key(plaintext)
+    (record,) = read_keys_file(path)
+    assert record.sha256 == hash_key(plaintext)
 
     assert main(_keys(path, ["list"], position=position)) == 0
     assert capsys.readouterr().out.startswith(f"{record.id}\tenabled\t")
 
     assert main(_keys(path, ["disable", record.id], position=position)) == 0
-    assert auth.read_keys_file(path)[0].enabled is False
+    assert read_keys_file(path)[0].enabled is False
 
 
 def test_keys_file_after_the_action_wins_over_one_before(tmp_path: Path) -> None:
@@ -95,7 +95,7 @@ def test_keys_file_after_the_action_wins_over_one_before(tmp_path: Path) -> None
     argv = ["keys", "--keys-file", str(before), "create", "--keys-file", str(after)]
     assert main([*argv, "--platform", "web"]) == 0
     assert not before.exists()
-    assert len(auth.read_keys_file(after)) == 1
+    assert len(read_keys_file(after)) == 1
 
 
 def test_the_documented_form_runs_as_a_command(tmp_path: Path) -> None:
@@ -106,8 +106,8 @@ def test_the_documented_form_runs_as_a_command(tmp_path: Path) -> None:
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert created.returncode == 0, created.stderr
-    (record,) = auth.read_keys_file(path)
-    assert record.sha256 == auth.hash_key(created.stdout.strip())
+    (record,) = read_keys_file(path)
+    assert record.sha256 == hash_key(created.stdout.strip())
 
 
 @pytest.mark.parametrize(
@@ -130,17 +130,17 @@ def test_no_keys_file_anywhere_is_a_clear_error(
 _RACER = """
 import sys, time
 from pathlib import Path
-from gateway import auth, cli
+from gateway import cli, keys
 
 ready, go, delay, argv = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3]), sys.argv[4:]
-read = auth.read_keys_file
+read = keys.read_keys_file
 
 def slow_read(path):
     keys = read(path)
     time.sleep(delay)
     return keys
 
-auth.read_keys_file = slow_read
+keys.read_keys_file = slow_read
 ready.touch()
 while not go.exists():
     time.sleep(0.002)
@@ -174,8 +174,8 @@ def test_concurrent_creates_and_disables_all_take_effect(tmp_path: Path) -> None
     outputs = [racer.communicate(timeout=60) for racer in racers]
     assert [racer.returncode for racer in racers] == [0] * len(racers), outputs
 
-    keys = {k.sha256: k for k in auth.read_keys_file(key_file.path)}
-    created = [auth.hash_key(out.strip()) for out, _ in outputs[:10]]
+    keys = {k.sha256: k for k in read_keys_file(key_file.path)}
+    created = [hash_key(out.strip()) for out, _ in outputs[:10]]
     assert all(digest in keys for digest in created), "a created key was lost"
     by_id = {k.id: k for k in keys.values()}
     assert [by_id[key_id].enabled for key_id in doomed] == [False] * 10, "a disable was lost"

@@ -14,10 +14,10 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from gateway import auth
 from gateway.app import create_app
 from gateway.cli import main
 from gateway.config import Settings
+from gateway.keys import KeysFileError, mint_key, read_keys_file, write_keys_file
 from gateway.sink import MemorySink
 from tests.conftest import AiohttpClient
 from tests.spec_samples import curl_bodies
@@ -47,10 +47,10 @@ class Browsers:
 
 @pytest.fixture
 async def gw(aiohttp_client: AiohttpClient, tmp_path: Path) -> Browsers:
-    browser, browser_record = auth.mint_key(("analytics-portal",), origins=(PAGE,), browser=True)
-    backend, backend_record = auth.mint_key(("analytics-portal",))
+    browser, browser_record = mint_key(("analytics-portal",), origins=(PAGE,), browser=True)
+    backend, backend_record = mint_key(("analytics-portal",))
     path = tmp_path / "keys.json"
-    auth.write_keys_file(path, [browser_record, backend_record])
+    write_keys_file(path, [browser_record, backend_record])
     sink = MemorySink()
     client = await aiohttp_client(create_app(Settings(keys_file=path), sink=sink))
     return Browsers(client, sink, browser, backend)
@@ -182,7 +182,7 @@ def test_keys_create_with_origins_and_browser(
     assert (
         main([*create, "--origin", PAGE, "--origin", "https://shop.example.com", "--browser"]) == 0
     )
-    (key,) = auth.read_keys_file(Path(path))
+    (key,) = read_keys_file(Path(path))
     assert key.origins == (PAGE, "https://shop.example.com") and key.browser
     with pytest.raises(SystemExit):
         main([*create, "--origin", "https://shop.example.com/path"])
@@ -196,9 +196,9 @@ def test_keys_create_with_origins_and_browser(
      {"browser": "yes", "origins": ["https://a.example"]}],
 )  # fmt: skip
 def test_bad_origins_or_browser_flags_are_refused(tmp_path: Path, entry: dict[str, Any]) -> None:
-    _, record = auth.mint_key(("web",))
+    _, record = mint_key(("web",))
     doc = {"keys": [{**asdict(record), **entry}]}
     path = tmp_path / "keys.json"
     path.write_bytes(orjson.dumps(doc))
-    with pytest.raises(auth.KeysFileError, match=r"origins|browser"):
-        auth.read_keys_file(path)
+    with pytest.raises(KeysFileError, match=r"origins|browser"):
+        read_keys_file(path)

@@ -13,9 +13,9 @@ from aiohttp.test_utils import TestClient, make_mocked_request
 from prometheus_client import CollectorRegistry, values
 
 from gateway.app import create_app, create_metrics_app
-from gateway.auth import KeyStore
 from gateway.config import Settings
 from gateway.errors import SinkUnavailable
+from gateway.keys import KeyStore
 from gateway.metrics import MULTIPROC_ENV, Metrics
 from gateway.sink import MemorySink, Message
 from tests.conftest import AiohttpClient

@@ -15,11 +15,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-from gateway import auth
 from gateway.app import create_app
 from gateway.cli import main
 from gateway.config import Settings
 from gateway.errors import RateLimited
+from gateway.keys import ApiKey, KeysFileError, mint_key, read_keys_file, write_keys_file
 from gateway.ratelimit import BucketTable, RateLimiter, TokenBucket
 from gateway.sink import MemorySink
 from tests.conftest import AiohttpClient
@@ -56,8 +56,8 @@ def test_a_shared_bucket_refills_at_its_rate_up_to_its_burst() -> None:
 
 def limited_key(
     requests_per_second: float | None = None, records_per_second: float | None = None
-) -> auth.ApiKey:
-    _, key = auth.mint_key(
+) -> ApiKey:
+    _, key = mint_key(
         ("analytics-portal",),
         requests_per_second=requests_per_second,
         records_per_second=records_per_second,
@@ -168,11 +168,11 @@ def test_a_full_batch_fits_even_under_a_low_record_rate() -> None:
 
 @pytest.fixture
 def limited_key_file(tmp_path: Path) -> KeyFile:
-    plaintext, record = auth.mint_key(
+    plaintext, record = mint_key(
         ("analytics-portal",), requests_per_second=2, records_per_second=600
     )
     path = tmp_path / "keys.json"
-    auth.write_keys_file(path, [record])
+    write_keys_file(path, [record])
     return KeyFile(path, plaintext, record)
 
 
@@ -212,18 +212,18 @@ async def test_over_the_record_rate_is_429_and_nothing_is_produced(
 
 @pytest.mark.parametrize("value", [0, -1, "fast", True])
 def test_a_bad_limit_in_the_keys_file_is_refused(tmp_path: Path, value: object) -> None:
-    _, record = auth.mint_key(("web",))
+    _, record = mint_key(("web",))
     doc = {"keys": [{**asdict(record), "requests_per_second": value}]}
     path = tmp_path / "keys.json"
     path.write_bytes(orjson.dumps(doc))
-    with pytest.raises(auth.KeysFileError, match="requests_per_second must be a positive number"):
-        auth.read_keys_file(path)
+    with pytest.raises(KeysFileError, match="requests_per_second must be a positive number"):
+        read_keys_file(path)
 
 
 def test_limits_survive_a_round_trip_through_the_file(tmp_path: Path) -> None:
-    _, record = auth.mint_key(("web",), requests_per_second=5, records_per_second=2.5)
-    auth.write_keys_file(tmp_path / "keys.json", [record])
-    assert auth.read_keys_file(tmp_path / "keys.json") == [record]
+    _, record = mint_key(("web",), requests_per_second=5, records_per_second=2.5)
+    write_keys_file(tmp_path / "keys.json", [record])
+    assert read_keys_file(tmp_path / "keys.json") == [record]
 
 
 def test_keys_create_sets_limits_and_list_shows_them(

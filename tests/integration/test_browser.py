@@ -29,7 +29,7 @@ from aiohttp import web
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from playwright.async_api import Browser, Page, Request, async_playwright
 
-from gateway import auth
+from gateway.keys import mint_key, write_keys_file
 from tests.integration.conftest import Broker, consume_all, delete_topics, eventually
 from tests.integration.tcp_proxy import free_ports
 from tests.integration.test_serve import gateway_env, ready_in_a_row, running
@@ -122,15 +122,13 @@ async def page_server(port: int) -> web.AppRunner:
 async def stage(kafka: Broker, chromium: Path, tmp_path: Path) -> AsyncIterator[Stage]:
     gateway_port, page_port, stranger_port = free_ports(3)
     origin = f"http://127.0.0.1:{page_port}"
-    header_key, header_record = auth.mint_key(("analytics-portal",), origins=(origin,))
-    beacon_key, beacon_record = auth.mint_key(
-        ("analytics-portal",), origins=(origin,), browser=True
-    )
-    limited_key, limited_record = auth.mint_key(
+    header_key, header_record = mint_key(("analytics-portal",), origins=(origin,))
+    beacon_key, beacon_record = mint_key(("analytics-portal",), origins=(origin,), browser=True)
+    limited_key, limited_record = mint_key(
         ("analytics-portal",), origins=(origin,), requests_per_second=0.5
     )
     keys_path = tmp_path / "keys.json"
-    auth.write_keys_file(keys_path, [header_record, beacon_record, limited_record])
+    write_keys_file(keys_path, [header_record, beacon_record, limited_record])
     prefix = f"browser.{uuid.uuid4().hex[:8]}"
     env = gateway_env(
         gateway_port,

@@ -17,7 +17,7 @@ import orjson
 import psutil
 import pytest
 
-from gateway import auth
+from gateway.keys import mint_key, update_keys_file
 from tests.integration.conftest import Broker, consume_all, delete_topics
 from tests.integration.tcp_proxy import free_port, free_ports
 from tests.keys import KeyFile
@@ -206,8 +206,8 @@ async def test_two_workers_draw_a_keys_rate_from_one_bucket(
     kafka: Broker, key_file: KeyFile, prefix: str
 ) -> None:
     rate = 5  # requests/s, and a burst of as many
-    plaintext, record = auth.mint_key(("analytics-portal",), requests_per_second=rate)
-    auth.update_keys_file(key_file.path, lambda keys: [*keys, record])
+    plaintext, record = mint_key(("analytics-portal",), requests_per_second=rate)
+    update_keys_file(key_file.path, lambda keys: [*keys, record])
     get_ip = f"GET /v1/ip HTTP/1.1\r\nHost: t\r\nx-api-key: {plaintext}\r\n\r\n".encode()
     port = free_port()
     async with running(gateway_env(port, kafka, key_file, prefix, CAFE_WORKERS="2")):

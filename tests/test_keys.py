@@ -8,30 +8,37 @@ from pathlib import Path
 import orjson
 import pytest
 
-from gateway import auth
+from gateway.keys import (
+    KeysFileError,
+    KeyStore,
+    hash_key,
+    mint_key,
+    read_keys_file,
+    write_keys_file,
+)
 from tests.keys import KeyFile
 
 
 def test_a_minted_key_is_stored_as_its_hash_only(tmp_path: Path) -> None:
     path = tmp_path / "keys.json"
-    plaintext, record = auth.mint_key(("analytics-portal", "analytics-portal", "mobile"))
-    auth.write_keys_file(path, [record])
+    plaintext, record = mint_key(("analytics-portal", "analytics-portal", "mobile"))
+    write_keys_file(path, [record])
 
     assert plaintext.startswith("cafe_") and len(plaintext) > 40
-    assert record.sha256 == auth.hash_key(plaintext)
+    assert record.sha256 == hash_key(plaintext)
     assert record.platforms == ("analytics-portal", "mobile")
     assert plaintext not in path.read_text()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert auth.read_keys_file(path) == [record]
+    assert read_keys_file(path) == [record]
 
 
 def test_two_minted_keys_differ() -> None:
-    (a, ka), (b, kb) = auth.mint_key(("web",)), auth.mint_key(("web",))
+    (a, ka), (b, kb) = mint_key(("web",)), mint_key(("web",))
     assert a != b and ka.id != kb.id
 
 
 def test_a_missing_file_is_an_empty_key_set(tmp_path: Path) -> None:
-    assert auth.read_keys_file(tmp_path / "absent.json") == []
+    assert read_keys_file(tmp_path / "absent.json") == []
 
 
 def _valid_entry() -> dict[str, object]:
@@ -65,29 +72,29 @@ def test_a_malformed_file_is_refused_with_the_reason(
     if isinstance(content, dict):
         content = orjson.dumps({"keys": [{**_valid_entry(), **content}]})
     path.write_bytes(content)
-    with pytest.raises(auth.KeysFileError, match=message):
-        auth.read_keys_file(path)
+    with pytest.raises(KeysFileError, match=message):
+        read_keys_file(path)
 
 
 def test_duplicate_ids_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "keys.json"
     second = {**_valid_entry(), "sha256": "b" * 64}
     path.write_bytes(orjson.dumps({"keys": [_valid_entry(), second]}))
-    with pytest.raises(auth.KeysFileError, match="share one id"):
-        auth.read_keys_file(path)
+    with pytest.raises(KeysFileError, match="share one id"):
+        read_keys_file(path)
 
 
 def test_platform_names_are_checked() -> None:
     with pytest.raises(ValueError, match="not a platform name"):
-        auth.mint_key(("bad/name",))
+        mint_key(("bad/name",))
     with pytest.raises(ValueError, match="at least one platform"):
-        auth.mint_key(())
+        mint_key(())
 
 
 def test_the_store_admits_enabled_keys_only(key_file: KeyFile) -> None:
     _, other = key_file.add("web")
     key_file.disable(other.id)
-    store = auth.KeyStore(key_file.path)
+    store = KeyStore(key_file.path)
     store.load()
     assert store.lookup(key_file.key) == key_file.record
     assert len(store) == 1
@@ -95,14 +102,14 @@ def test_the_store_admits_enabled_keys_only(key_file: KeyFile) -> None:
 
 
 def test_the_store_refuses_to_start_without_its_file(tmp_path: Path) -> None:
-    with pytest.raises(auth.KeysFileError, match="does not exist"):
-        auth.KeyStore(tmp_path / "absent.json").load()
+    with pytest.raises(KeysFileError, match="does not exist"):
+        KeyStore(tmp_path / "absent.json").load()
 
 
 def test_the_store_reloads_changes_and_keeps_the_last_good_set(
     key_file: KeyFile, caplog: pytest.LogCaptureFixture
 ) -> None:
-    store = auth.KeyStore(key_file.path)
+    store = KeyStore(key_file.path)
     store.load()
     assert store.reload_if_changed() is False  # nothing changed
 
@@ -119,7 +126,7 @@ def test_the_store_reloads_changes_and_keeps_the_last_good_set(
     assert store.reload_if_changed() is False
     assert store.lookup(key_file.key) is not None
 
-    _, record = auth.mint_key(("web",))
-    auth.write_keys_file(key_file.path, [record])
+    _, record = mint_key(("web",))
+    write_keys_file(key_file.path, [record])
     assert store.reload_if_changed() is True
     assert store.lookup(key_file.key) is None
