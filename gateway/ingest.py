@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from datetime import UTC, datetime
+import time
 from typing import Any
 
 import orjson
@@ -29,6 +29,7 @@ from gateway.errors import (
     UnsupportedMediaType,
 )
 from gateway.keys import ApiKey
+from gateway.logs import utc_timestamp
 from gateway.requestid import REQUEST_ID
 from gateway.responses import json_response
 from gateway.schemas import SCHEMA_VERSION, RecordType, record_error, records_of
@@ -213,7 +214,7 @@ def _kafka_headers(
 ) -> list[tuple[str, bytes]]:
     """What every message of this request carries besides the record itself."""
     settings = request.app[SETTINGS]
-    received_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    received_at = utc_timestamp(time.time())
     return [
         ("cafe-key-id", key.id.encode()),
         ("cafe-client-ip", client_ip(request, settings).encode()),

@@ -19,14 +19,19 @@ from aiohttp.http_exceptions import HttpProcessingError
 _FIELDS = "fields"
 
 
+def utc_timestamp(seconds: float) -> str:
+    """The one way the gateway writes a time (log lines, the cafe-received-at header):
+    RFC 3339 in UTC to the millisecond, e.g. 2026-11-30T13:41:18.123Z."""
+    when = datetime.fromtimestamp(seconds, UTC)
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 class JsonFormatter(logging.Formatter):
     """time, level, logger, message, the record's fields, and a traceback if any."""
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC)
-            .isoformat(timespec="milliseconds")
-            .replace("+00:00", "Z"),
+            "time": utc_timestamp(record.created),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),

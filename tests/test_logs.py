@@ -9,7 +9,7 @@ import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, ContentEncodingError
 
-from gateway.logs import JsonFormatter, MalformedRequests, TextFormatter
+from gateway.logs import JsonFormatter, MalformedRequests, TextFormatter, utc_timestamp
 
 
 def make_record(**fields: object) -> logging.LogRecord:
@@ -99,3 +99,8 @@ def test_other_aiohttp_errors_pass_untouched() -> None:
     record = make_record()
     assert MalformedRequests().filter(record)
     assert record.levelno == logging.WARNING
+
+
+def test_times_are_written_in_utc_to_the_millisecond() -> None:
+    assert utc_timestamp(0) == "1970-01-01T00:00:00.000Z"
+    assert utc_timestamp(1_796_046_078.1239) == "2026-11-30T13:41:18.123Z"
