@@ -136,12 +136,25 @@ _MEDIA_TYPES = frozenset({"application/json", "text/plain"})
 
 
 async def _read_json(request: web.Request, settings: Settings) -> Any:
-    """The body parsed as JSON, after the media type and size checks.
+    """The body parsed as JSON, once its headers say it may be read."""
+    _check_body_headers(request, settings.max_body_bytes)
+    body = await _receive(request, settings)
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        # orjson words a leading byte order mark as a UTF-8 error, but a BOM is valid
+        # UTF-8: it is the JSON that is wrong (RFC 8259 section 8.1 forbids sending one).
+        if "UTF-8" in str(exc) and "byte order mark" not in str(exc):
+            raise InvalidUtf8(f"the body is not valid UTF-8: {exc}") from None
+        raise InvalidJson(f"the body is not JSON: {exc}") from None
+
+
+def _check_body_headers(request: web.Request, limit: int) -> None:
+    """Refuse, before reading it, a body of the wrong media type, charset or size.
 
     text/plain is what navigator.sendBeacon sends a string as; the body is the same
     JSON.
     """
-    limit = settings.max_body_bytes
     media_type = request.content_type
     if media_type not in _MEDIA_TYPES and not media_type.endswith("+json"):
         raise UnsupportedMediaType(f"send Content-Type: application/json, not {media_type!r}")
@@ -149,6 +162,11 @@ async def _read_json(request: web.Request, settings: Settings) -> Any:
         raise UnsupportedMediaType(f"the body must be UTF-8, not {request.charset!r}")
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"the body is {request.content_length} bytes; the limit is {limit}")
+
+
+async def _receive(request: web.Request, settings: Settings) -> bytearray:
+    """The body, decoded, within the body timeout and the limits on size and ratio."""
+    limit = settings.max_body_bytes
     encoding = request.headers.get("Content-Encoding", "").strip().lower()
     if encoding == "identity":
         encoding = ""
@@ -182,14 +200,7 @@ async def _read_json(request: web.Request, settings: Settings) -> Any:
                 f"the body decompresses {ratio:.0f} times its size; the limit is "
                 f"{settings.max_compression_ratio}"
             )
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        # orjson words a leading byte order mark as a UTF-8 error, but a BOM is valid
-        # UTF-8: it is the JSON that is wrong (RFC 8259 section 8.1 forbids sending one).
-        if "UTF-8" in str(exc) and "byte order mark" not in str(exc):
-            raise InvalidUtf8(f"the body is not valid UTF-8: {exc}") from None
-        raise InvalidJson(f"the body is not JSON: {exc}") from None
+    return body
 
 
 async def _read_body(request: web.Request, limit: int) -> bytearray:
