@@ -9,18 +9,13 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from gateway.auth import API_KEY
 from gateway.clientip import client_ip
 from gateway.config import Settings
-from gateway.errors import PROBLEM_CODE
 from gateway.listener import over_capacity
 from gateway.metrics import Metrics
-from gateway.requestid import REQUEST_ID, RequestIds
+from gateway.requestid import RequestIds
 from gateway.responses import SECURITY_HEADERS
-from gateway.state import DRAINING
-
-# (accepted, rejected) records of an ingest request, set by the handler for the log line.
-RECORD_COUNTS: web.RequestKey[tuple[int, int]] = web.RequestKey("record_counts", tuple)
+from gateway.state import API_KEY, DRAINING, PROBLEM_CODE, RECORD_COUNTS, REQUEST_ID
 
 access_log = logging.getLogger("gateway.access")
 

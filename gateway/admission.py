@@ -19,6 +19,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from gateway.errors import Overloaded, TooManyConnections
 from gateway.listener import over_capacity
+from gateway.state import BODY_RESERVATION
 
 
 class Admission:
@@ -84,7 +85,3 @@ class Reservation:
             )
         admission.in_flight_bytes += more
         self.held += more
-
-
-# The reservation of a POST being served, for the body reader to count decoded bytes on.
-BODY_RESERVATION: web.RequestKey[Reservation] = web.RequestKey("body_reservation", Reservation)

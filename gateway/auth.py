@@ -23,9 +23,7 @@ from gateway.errors import (
 )
 from gateway.keys import ApiKey, KeyStore
 from gateway.metrics import Metrics
-
-# The key a request was admitted with, set by the middleware for handlers to read.
-API_KEY: web.RequestKey[ApiKey] = web.RequestKey("api_key", ApiKey)
+from gateway.state import API_KEY
 
 
 def platform_refusal(key: ApiKey, platform: str) -> dict[str, str] | None:

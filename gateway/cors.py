@@ -12,8 +12,8 @@ from __future__ import annotations
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from gateway.auth import API_KEY
 from gateway.keys import KeyStore
+from gateway.state import API_KEY
 
 # Browsers may cache a preflight answer this long (seconds), sparing one per request.
 PREFLIGHT_MAX_AGE_S = 600

@@ -45,14 +45,12 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from gateway.metrics import Metrics
-from gateway.requestid import REQUEST_ID
 from gateway.responses import json_response
+from gateway.state import PROBLEM_CODE, REQUEST_ID
 
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
-# The code of the problem a request was answered with, for its access-log line.
-PROBLEM_CODE: web.RequestKey[str] = web.RequestKey("problem_code", str)
 
 
 class GatewayError(Exception):

@@ -11,9 +11,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.access import RECORD_COUNTS
-from gateway.admission import BODY_RESERVATION
-from gateway.auth import API_KEY, platform_refusal
+from gateway.auth import platform_refusal
 from gateway.clientip import client_ip
 from gateway.config import Settings
 from gateway.errors import (
@@ -30,11 +28,20 @@ from gateway.errors import (
 )
 from gateway.keys import ApiKey
 from gateway.logs import utc_timestamp
-from gateway.requestid import REQUEST_ID
 from gateway.responses import json_response
 from gateway.schemas import SCHEMA_VERSION, RecordType, record_error, records_of
 from gateway.sink import Message, Sink
-from gateway.state import LIMITER, METRICS, RECORD_TYPES, SETTINGS, SINK
+from gateway.state import (
+    API_KEY,
+    BODY_RESERVATION,
+    LIMITER,
+    METRICS,
+    RECORD_COUNTS,
+    RECORD_TYPES,
+    REQUEST_ID,
+    SETTINGS,
+    SINK,
+)
 
 # A dead letter keeps at most this much of its record (and says so in its headers):
 # a rejected record may be as large as the body, past what Kafka takes in one message

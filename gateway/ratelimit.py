@@ -24,10 +24,10 @@ import weakref
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from gateway.auth import API_KEY
 from gateway.errors import RateLimited
 from gateway.keys import ApiKey
 from gateway.schemas import MAX_RECORDS
+from gateway.state import API_KEY
 
 log = logging.getLogger(__name__)
 

@@ -6,14 +6,9 @@ import itertools
 import re
 import uuid
 
-from aiohttp import web
-
 # An id a client or proxy sent is kept if it is short and plain: it goes into logs,
 # Kafka headers and the response, where control characters or quotes would do harm.
 _SANE = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
-
-# The id of the request being handled, set by the access middleware.
-REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
 
 
 class RequestIds:

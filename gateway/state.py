@@ -1,16 +1,27 @@
-"""Typed application keys: the objects `create_app` shares with handlers."""
+"""Every typed key for state shared through aiohttp: the app's objects, which `create_app`
+sets for handlers and middlewares, and the per-request values middlewares pass down.
+
+The ground floor: nothing here imports another gateway module at run time (the types
+are for mypy alone), so every module may import its keys from here.
+"""
+
+from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from gateway.config import Settings
-from gateway.keys import KeyStore
-from gateway.metrics import Metrics
-from gateway.ratelimit import RateLimiter
-from gateway.schemas import RecordType
-from gateway.sink import Sink
+if TYPE_CHECKING:
+    from gateway.admission import Reservation
+    from gateway.config import Settings
+    from gateway.keys import ApiKey, KeyStore
+    from gateway.metrics import Metrics
+    from gateway.ratelimit import RateLimiter
+    from gateway.schemas import RecordType
+    from gateway.sink import Sink
 
+# The app's objects.
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
 SINK: web.AppKey[Sink] = web.AppKey("sink")
 KEYS: web.AppKey[KeyStore] = web.AppKey("keys")
@@ -22,3 +33,16 @@ RECORD_TYPES: web.AppKey[dict[str, RecordType]] = web.AppKey("record_types")
 OPENAPI: web.AppKey[bytes] = web.AppKey("openapi")
 # Set on SIGTERM: /readyz answers 503 while the requests still arriving are served.
 DRAINING: web.AppKey[asyncio.Event] = web.AppKey("draining")
+
+# Per request, each set by one middleware (or the handler) for those inside it to read.
+# The request's id, also its X-Request-Id (gateway/access.py).
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id")
+# The key the request was admitted with (gateway/auth.py).
+API_KEY: web.RequestKey[ApiKey] = web.RequestKey("api_key")
+# The body bytes admission holds for the request (gateway/admission.py).
+BODY_RESERVATION: web.RequestKey[Reservation] = web.RequestKey("body_reservation")
+# Records accepted and rejected, for the access log (gateway/ingest.py).
+RECORD_COUNTS: web.RequestKey[tuple[int, int]] = web.RequestKey("record_counts")
+# The code of the problem the request was answered with, for the access log
+# (gateway/errors.py).
+PROBLEM_CODE: web.RequestKey[str] = web.RequestKey("problem_code")
