@@ -30,30 +30,6 @@ class Admission:
         self.max_body_bytes = max_body_bytes
         self.in_flight_bytes = 0
 
-    def middleware(self) -> Middleware:
-        """A middleware that admits a POST only while its body fits under the cap."""
-
-        @web.middleware
-        async def admit(request: web.Request, handler: Handler) -> web.StreamResponse:
-            declared = request.content_length
-            if request.method != "POST" or (
-                declared is not None and declared > self.max_body_bytes
-            ):
-                # Nothing to read, or a body the handler refuses unread (413).
-                return await handler(request)
-            if over_capacity(request):
-                raise TooManyConnections("the gateway has too many connections open")
-            reservation = Reservation(self)
-            if declared is not None and not request.headers.get("Content-Encoding"):
-                reservation.reserve(declared)
-            request[BODY_RESERVATION] = reservation
-            try:
-                return await handler(request)
-            finally:
-                self.in_flight_bytes -= reservation.held
-
-        return admit
-
 
 class Reservation:
     """One request's share of the cap: what it holds, and how much of that its body uses."""
@@ -85,3 +61,28 @@ class Reservation:
             )
         admission.in_flight_bytes += more
         self.held += more
+
+
+def admission_middleware(admission: Admission) -> Middleware:
+    """A middleware that admits a POST only while its body fits under the cap."""
+
+    @web.middleware
+    async def admit(request: web.Request, handler: Handler) -> web.StreamResponse:
+        declared = request.content_length
+        if request.method != "POST" or (
+            declared is not None and declared > admission.max_body_bytes
+        ):
+            # Nothing to read, or a body the handler refuses unread (413).
+            return await handler(request)
+        if over_capacity(request):
+            raise TooManyConnections("the gateway has too many connections open")
+        reservation = Reservation(admission)
+        if declared is not None and not request.headers.get("Content-Encoding"):
+            reservation.reserve(declared)
+        request[BODY_RESERVATION] = reservation
+        try:
+            return await handler(request)
+        finally:
+            admission.in_flight_bytes -= reservation.held
+
+    return admit

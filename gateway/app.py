@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway import health
 from gateway.access import access_middleware
-from gateway.admission import Admission
+from gateway.admission import Admission, admission_middleware
 from gateway.auth import api_key_middleware
 from gateway.clientip import get_ip
 from gateway.config import Settings
@@ -25,7 +25,7 @@ from gateway.kafka import KafkaSink
 from gateway.keys import KeyStore
 from gateway.metrics import Metrics
 from gateway.openapi import build_openapi, get_openapi, get_schema
-from gateway.ratelimit import BucketTable, RateLimiter
+from gateway.ratelimit import BucketTable, RateLimiter, rate_limit_middleware
 from gateway.requestid import RequestIds
 from gateway.schemas import load_record_types
 from gateway.sink import Sink
@@ -67,8 +67,8 @@ def create_app(
             cors_middleware(keys, ingest_paths),
             problem_middleware(metrics),
             api_key_middleware(keys, metrics, ingest_paths),
-            limiter.middleware(),
-            admission.middleware(),
+            rate_limit_middleware(limiter),
+            admission_middleware(admission),
         ],
         client_max_size=settings.max_body_bytes,
     )

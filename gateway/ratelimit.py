@@ -160,18 +160,6 @@ class RateLimiter:
         # Always room for a full batch, or a low limit would refuse large batches forever.
         self._take(key.id, "records", key.records_per_second, float(MAX_RECORDS), count)
 
-    def middleware(self) -> Middleware:
-        """A middleware that refuses a keyed request over its key's request rate, unread."""
-
-        @web.middleware
-        async def limit(request: web.Request, handler: Handler) -> web.StreamResponse:
-            key = request.get(API_KEY)
-            if key is not None:
-                self.check_request(key)
-            return await handler(request)
-
-        return limit
-
     def _take(self, key_id: str, what: str, rate: float, min_burst: float, count: int) -> None:
         bucket = (key_id, what, rate)
         now = time.monotonic()
@@ -199,3 +187,16 @@ class RateLimiter:
         share = rate / self._workers
         fallback = self._fallback[bucket] = TokenBucket(share, max(share, min_burst))
         return fallback
+
+
+def rate_limit_middleware(limiter: RateLimiter) -> Middleware:
+    """A middleware that refuses a keyed request over its key's request rate, unread."""
+
+    @web.middleware
+    async def limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+        key = request.get(API_KEY)
+        if key is not None:
+            limiter.check_request(key)
+        return await handler(request)
+
+    return limit
