@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -357,25 +358,28 @@ def measure(
     path: str = "/v1/activity",
 ) -> list[Result]:
     """Peak runs at every batch size; for the gateway, then half-load runs at W20 and W1."""
+
+    def run(
+        batch: int, run_seconds: int = seconds, *, warm_up: bool = False, **more: Any
+    ) -> Result:
+        """One wrk run at this target; a warm-up's records carry their own eventIds,
+        outside the books."""
+        run_as = run_id + "w" if warm_up else run_id
+        return run_wrk(
+            port, proc, target=target, batch=batch, seconds=run_seconds, key=key,
+            run_id=run_as, path=path, **more,
+        )  # fmt: skip
+
     results = []
     if target in ("gateway", PEER):
         # A fresh broker is a cold JVM: until its JIT has compiled the produce path the
         # first figures measure the broker's warm-up. Warm both first (either may be the
         # first to produce in a run).
-        run_wrk(
-            port, proc, target=target, batch=500, seconds=10, key=key, run_id=run_id + "w",
-            path=path,
-        )  # fmt: skip
+        run(500, 10, warm_up=True)
     for batch in BATCHES:
-        # A short warm-up (its own eventIds, outside the books) keeps set-up costs out.
-        run_wrk(
-            port, proc, target=target, batch=batch, seconds=2, key=key, run_id=run_id + "w",
-            path=path,
-        )  # fmt: skip
-        result = run_wrk(
-            port, proc, target=target, batch=batch, seconds=seconds, key=key, run_id=run_id,
-            path=path,
-        )  # fmt: skip
+        # A short warm-up keeps set-up costs out.
+        run(batch, 2, warm_up=True)
+        result = run(batch)
         results.append(result)
         print(f"{target:8} W{batch:<4} {result.records_per_s:>9,} records/s", end="  ")
         print(f"p99 {result.p99_ms:6.1f} ms  cpu {result.cpu_percent}%", flush=True)
@@ -385,26 +389,18 @@ def measure(
         peak = next(r for r in results if r.batch == batch)
         # Each connection pauses so that together they send half the peak rate.
         delay = 1000 * CONNECTIONS[batch] / (peak.requests_per_s / 2)
-        half = run_wrk(
-            port, proc, target=target, batch=batch, seconds=seconds, key=key, run_id=run_id,
-            load="half", delay_ms=delay,
-        )  # fmt: skip
+        half = run(batch, load="half", delay_ms=delay)
         results.append(half)
         print(f"{target:8} W{batch:<4} half load: {half.requests_per_s:,} requests/s", end="  ")
         print(f"p99 {half.p99_ms:.1f} ms", flush=True)
     # Overload: many times the connections that saturate the gateway, all sending W500.
     # It must shed the excess with 503s and keep its memory bounded, then serve the
     # normal load again at once.
-    over = run_wrk(
-        port, proc, target=target, batch=500, seconds=seconds, key=key, run_id=run_id,
-        load="overload", connections=OVERLOAD_CONNECTIONS,
-    )  # fmt: skip
+    over = run(500, load="overload", connections=OVERLOAD_CONNECTIONS)
     # The work admitted during the flood is bounded (CAFE_MAX_INFLIGHT_BYTES), so it is
     # done within a second; then the normal load must be served in full.
     time.sleep(1)
-    after = run_wrk(
-        port, proc, target=target, batch=500, seconds=3, key=key, run_id=run_id, load="recovery"
-    )
+    after = run(500, 3, load="recovery")
     results += [over, after]
     shed = over.statuses.get("503", 0)
     print(f"{target:8} W500 overload ({OVERLOAD_CONNECTIONS} connections): {over.ok:,} served,",
