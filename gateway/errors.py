@@ -340,6 +340,19 @@ def _answer(
     detail: str,
     headers: dict[str, str],
 ) -> web.Response:
-    metrics.errors.labels(code).inc()
     request[PROBLEM_CODE] = code
-    return problem(status, code, detail, request_id=request.get(REQUEST_ID), headers=headers)
+    return render(metrics, status, code, detail, request.get(REQUEST_ID), headers)
+
+
+def render(
+    metrics: Metrics,
+    status: int,
+    code: str,
+    detail: str,
+    request_id: str | None,
+    headers: dict[str, str],
+) -> web.Response:
+    """The answer to an error, counted by its code: the middleware above and the
+    listener (for what the HTTP parser refuses) both answer through it."""
+    metrics.errors.labels(code).inc()
+    return problem(status, code, detail, request_id=request_id, headers=headers)

@@ -39,7 +39,7 @@ from gateway.errors import (
     MalformedRequest,
     TooManyHeaders,
     UriTooLong,
-    problem,
+    render,
 )
 from gateway.metrics import Metrics
 from gateway.requestid import RequestIds
@@ -172,11 +172,9 @@ class _Connection(web.RequestHandler):
             )
         metrics = self._gateway.metrics
         metrics.requests.labels("unmatched", "other", str(error.status)).inc()
-        metrics.errors.labels(error.code).inc()
+        # No middleware runs for it: the headers the access middleware adds are added here.
         headers = {**SECURITY_HEADERS, "X-Request-Id": request_id}
-        response = problem(
-            error.status, error.code, error.detail, request_id=request_id, headers=headers
-        )
+        response = render(metrics, error.status, error.code, error.detail, request_id, headers)
         response.force_close()
         return response
 
