@@ -22,6 +22,7 @@ from gateway.keys import (
 )
 from gateway.logs import setup_logging
 from gateway.ratelimit import BucketTable
+from gateway.schemas import load_record_types
 from gateway.server import serve
 from gateway.workers import run_workers
 
@@ -110,9 +111,10 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     setup_logging(settings.log_level, settings.log_format)
     if settings.workers == 1:
         return _serve_one(settings)
-    # A keys file that cannot be loaded stops start-up here, with its reason, rather
-    # than in every worker.
+    # A keys file or a schema that cannot be loaded stops start-up here, with its
+    # reason, rather than in every worker.
     KeyStore(settings.keys_file).load()
+    load_record_types(settings.kafka.topics)
     # Made before the fork, so that every worker inherits it: a key's rate is then
     # shared by all workers, whichever of them its connections land on.
     buckets = BucketTable()

@@ -104,7 +104,10 @@ def load_record_types(topics: TopicSettings) -> dict[str, RecordType]:
     types = {}
     for name, topic in by_topic.items():
         path = schema_dir() / f"{name}.json"
-        schema = orjson.loads(path.read_bytes())
+        try:
+            schema = orjson.loads(path.read_bytes())
+        except OSError as exc:
+            raise ValueError(f"schema {path} cannot be read: {exc.strerror}") from None
         # Our schemas set no defaults: leaving out the code that fills them in saves a
         # few percent of every validation.
         validate = fastjsonschema.compile(schema, formats=_FORMATS, use_default=False)

@@ -307,17 +307,37 @@ def test_a_schema_without_what_the_gateway_reads_stops_start_up(
         load_record_types(TopicSettings())
 
 
-def test_serve_names_the_schema_and_the_field_and_exits(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+def test_a_missing_schema_file_is_named_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    _use_schema_copies(tmp_path / "schemas", monkeypatch, "log", lambda s: None)
+    (tmp_path / "schemas" / "profile.json").unlink()
+    with pytest.raises(ValueError, match=r"schema .*profile\.json cannot be read"):
+        load_record_types(TopicSettings())
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_names_the_schema_and_the_field_and_exits(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    workers: str,
+) -> None:
+    # With several workers, before any is forked: one line, not one failure per worker.
     _use_schema_copies(
         tmp_path / "schemas", monkeypatch, "log", lambda s: s["required"].remove("productPlatform")
     )
     monkeypatch.setenv("CAFE_KEYS_FILE", str(make_key_file(tmp_path).path))
-    monkeypatch.delenv("CAFE_WORKERS", raising=False)
+    monkeypatch.setenv("CAFE_WORKERS", workers)
+    monkeypatch.setenv("CAFE_PORT", "18080")  # several workers need a fixed port
+    monkeypatch.setattr("gateway.cli.run_workers", _no_fork)
     # serve would point the root logger at stderr; the test's logging stays as it is.
     monkeypatch.setattr("gateway.cli.setup_logging", lambda level, log_format: None)
     assert main(["serve"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("cafe-gateway: schema ")
     assert "log.json does not require productPlatform" in err
+
+
+def _no_fork(count: int, serve: Callable[[Path], int]) -> int:
+    raise AssertionError("forked workers although a schema is broken")
