@@ -161,7 +161,11 @@ class TopicSettings:
 
     def all(self) -> tuple[str, ...]:
         """Every topic the gateway writes to."""
-        return (self.activity, self.log, self.profile, self.deadletter)
+        return (*self.by_record_type().values(), self.deadletter)
+
+    def by_record_type(self) -> dict[str, str]:
+        """The topic of each record type, by the type's name (its route and schema)."""
+        return {"activity": self.activity, "log": self.log, "profile": self.profile}
 
 
 @dataclass(frozen=True)

@@ -100,9 +100,8 @@ def load_record_types(topics: TopicSettings) -> dict[str, RecordType]:
     A schema is broken, too, when it does not promise what the gateway reads of the
     records it passes: the ValueError names the file and what is missing.
     """
-    by_topic = {"activity": topics.activity, "log": topics.log, "profile": topics.profile}
     types = {}
-    for name, topic in by_topic.items():
+    for name, topic in topics.by_record_type().items():
         path = schema_dir() / f"{name}.json"
         try:
             schema = orjson.loads(path.read_bytes())
