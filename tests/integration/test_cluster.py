@@ -28,7 +28,6 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-import aiohttp
 import orjson
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -38,7 +37,7 @@ from aiokafka.errors import KafkaError
 from tests.integration.conftest import Broker, Cluster, consume_all, eventually, summarise
 from tests.integration.tcp_proxy import free_port
 from tests.integration.test_outage import BATCH, Tally, clients, readyz_is, scrape
-from tests.integration.test_serve import gateway_env, ready_in_a_row, running
+from tests.integration.test_serve import gateway_env, serving
 from tests.keys import KeyFile
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]
@@ -205,12 +204,7 @@ async def test_one_broker_killed_is_ridden_out_two_answer_503_and_no_acknowledge
         await asyncio.to_thread(cluster.kill_broker, broker)
         return time.monotonic()
 
-    timeout = aiohttp.ClientTimeout(total=CLIENT_TIMEOUT_S)
-    async with (
-        running(env) as gateway,
-        aiohttp.ClientSession(f"http://127.0.0.1:{port}", timeout=timeout) as http,
-    ):
-        await ready_in_a_row(http, 1)
+    async with serving(env, CLIENT_TIMEOUT_S) as (gateway, http):
         layout = await topic_layout(cluster.bootstrap, topics)
         watch = functools.partial(timeline.watch, tally)
         async with clients(http, headers, tally, SENDERS, watchers=[watch]):
@@ -327,11 +321,7 @@ async def test_existing_topics_that_acknowledge_on_one_copy_are_warned_of(
     finally:
         await admin.close()
     env = gateway_env(port, Broker(cluster.bootstrap, "3-broker cluster"), key_file, prefix)
-    async with (
-        running(env) as gateway,
-        aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http,
-    ):
-        await ready_in_a_row(http, 1)
+    async with serving(env) as (gateway, http):
         metrics = await scrape(http)
         output = await gateway.stop()
 

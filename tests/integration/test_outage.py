@@ -37,7 +37,7 @@ import pytest
 
 from tests.integration.conftest import KAFKA_SH, Broker, consume_all, eventually, summarise
 from tests.integration.tcp_proxy import free_port
-from tests.integration.test_serve import gateway_env, ready_in_a_row, running
+from tests.integration.test_serve import gateway_env, serving
 from tests.keys import KeyFile
 from tests.scrape import Samples
 from tests.spec_samples import curl_bodies
@@ -301,12 +301,7 @@ async def test_kafka_stopped_and_restarted_under_load_loses_no_acknowledged_reco
     timings: dict[str, float] = {}
     started = time.monotonic()
 
-    timeout = aiohttp.ClientTimeout(total=CLIENT_TIMEOUT_S)
-    async with (
-        running(env) as gateway,
-        aiohttp.ClientSession(f"http://127.0.0.1:{port}", timeout=timeout) as http,
-    ):
-        await ready_in_a_row(http, 1)
+    async with serving(env, CLIENT_TIMEOUT_S) as (gateway, http):
         rss = functools.partial(watch_rss, gateway.pid, rss_peak)
         async with clients(http, headers, tally, SENDERS, watchers=[rss]):
             await eventually(lambda: tally.acknowledged_at_least(20 * BATCH), within=15)
@@ -379,12 +374,7 @@ async def test_kafka_frozen_for_a_minute_under_retrying_clients_duplicates_no_re
     timings: dict[str, float] = {}
     started = time.monotonic()
 
-    timeout = aiohttp.ClientTimeout(total=CLIENT_TIMEOUT_S)
-    async with (
-        running(env) as gateway,
-        aiohttp.ClientSession(f"http://127.0.0.1:{port}", timeout=timeout) as http,
-    ):
-        await ready_in_a_row(http, 1)
+    async with serving(env, CLIENT_TIMEOUT_S) as (gateway, http):
         rss = functools.partial(watch_rss, gateway.pid, rss_peak)
         async with clients(
             http, headers, tally, FREEZE_SENDERS, batch=FREEZE_BATCH, watchers=[rss]

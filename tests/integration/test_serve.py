@@ -99,6 +99,20 @@ async def running(env: dict[str, str]) -> AsyncIterator[Served]:
             await proc.kill()
 
 
+@contextlib.asynccontextmanager
+async def serving(
+    env: dict[str, str], client_timeout_s: float | None = None
+) -> AsyncIterator[tuple[Served, aiohttp.ClientSession]]:
+    """`running(env)`, and a client session to its port, once /readyz has said 200."""
+    timeout = aiohttp.ClientTimeout(total=client_timeout_s)
+    async with (
+        running(env) as gateway,
+        aiohttp.ClientSession(f"http://127.0.0.1:{env['CAFE_PORT']}", timeout=timeout) as http,
+    ):
+        await ready_in_a_row(http, 1)
+        yield gateway, http
+
+
 async def ready_in_a_row(http: aiohttp.ClientSession, times: int) -> None:
     """Wait until /readyz answers 200 `times` times in a row, each on a new connection
     (so that, with several workers, every one of them is asked); fail after 30 s."""
