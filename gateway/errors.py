@@ -26,7 +26,8 @@
     ├── Overloaded               503 overloaded         (too much work in progress: shed)
     ├── TooManyConnections       503 too_many_connections (a connection past the cap)
     ├── NotReady                 503 not_ready          (Kafka unreachable, draining)
-    └── SinkUnavailable          503 kafka_unavailable  (records not acknowledged in time)
+    └── SinkUnavailable          503                    (the sink did not store the records)
+        └── KafkaUnavailable     503 kafka_unavailable  (not acknowledged by Kafka in time)
 
 aiohttp's own HTTP errors (404, 405, 413, ...) are rendered the same way (`HTTP_CODES`),
 and so are requests its HTTP parser refuses (gateway/listener.py maps them to the parser's
@@ -235,11 +236,17 @@ class TooManyConnections(Overloaded):
 
 
 class SinkUnavailable(GatewayError):
-    """Records could not be handed to Kafka or were not acknowledged."""
+    """A family: the sink did not store the records; each sink raises a kind of its own,
+    so a client (and the error counter) can tell which store failed."""
 
     status = 503
-    code = "kafka_unavailable"
     retry_after = 1
+
+
+class KafkaUnavailable(SinkUnavailable):
+    """Records could not be handed to Kafka or were not acknowledged in time."""
+
+    code = "kafka_unavailable"
 
 
 # Codes for aiohttp's own HTTP errors, raised by the router and the body reader.

@@ -4,7 +4,7 @@ from aiohttp import web
 
 from gateway.errors import NotReady
 from gateway.responses import json_response
-from gateway.state import DRAINING, SETTINGS, SINK
+from gateway.state import DRAINING, SINK
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -13,10 +13,11 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when a produce now would reach Kafka and no shutdown has begun; 503 otherwise."""
+    """Ready when a send now would be stored and no shutdown has begun; 503 otherwise."""
     app = request.app
     if app[DRAINING].is_set():
         raise NotReady("the gateway is shutting down")
-    if not await app[SINK].ready():
-        raise NotReady(f"Kafka at {app[SETTINGS].kafka.bootstrap} is not reachable")
+    reason = await app[SINK].unavailable()
+    if reason is not None:
+        raise NotReady(reason)
     return json_response({"status": "ready"})

@@ -30,7 +30,7 @@ from gateway.keys import ApiKey
 from gateway.logs import utc_timestamp
 from gateway.responses import json_response
 from gateway.schemas import SCHEMA_VERSION, RecordType, record_error, records_of
-from gateway.sink import Message, Sink
+from gateway.sink import Message
 from gateway.state import (
     API_KEY,
     BODY_RESERVATION,
@@ -87,10 +87,9 @@ async def ingest(request: web.Request) -> web.Response:
     for rejection in rejections:
         metrics.records.labels(record_type.name, rejection["reason"]).inc()
 
-    # A batch always holds a record, so at least one of the two has messages.
-    sends = [(record_type.topic, accepted), (settings.kafka.topics.deadletter, dead)]
     try:
-        await _produce(request.app[SINK], sends)
+        # Valid records and dead letters go out together; the answer waits for both.
+        await request.app[SINK].send(record_type.name, accepted, dead)
     except SinkUnavailable:
         # Counted, and answered 503 by the error middleware.
         metrics.records.labels(record_type.name, "unavailable").inc(len(accepted))
@@ -109,21 +108,6 @@ async def ingest(request: web.Request) -> web.Response:
         return json_response({"accepted": len(accepted)})
     body = {"accepted": len(accepted), "rejected": len(rejections), "rejections": rejections}
     return json_response(body, status=207 if accepted else 422)
-
-
-async def _produce(sink: Sink, sends: list[tuple[str, list[Message]]]) -> None:
-    """Send each topic's messages at once; return when all are acknowledged."""
-    sends = [(topic, messages) for topic, messages in sends if messages]
-    if len(sends) == 1:
-        await sink.send(*sends[0])
-        return
-    # Valid records and dead letters go out together; the answer waits for both.
-    results = await asyncio.gather(
-        *(sink.send(topic, messages) for topic, messages in sends), return_exceptions=True
-    )
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
 
 
 def _problem_with(

@@ -27,7 +27,7 @@ from aiokafka.partitioner import murmur2
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from gateway.config import KafkaSettings
-from gateway.errors import RecordTooLarge, SinkUnavailable
+from gateway.errors import KafkaUnavailable, RecordTooLarge
 from gateway.metrics import Metrics
 from gateway.sink import Message
 from gateway.topics import prepare_topics
@@ -44,7 +44,7 @@ _READY_TIMEOUT_S = 2.0
 _MAX_BATCH_BYTES = 256 * 1024
 # aiokafka's bound on one produce request, which also caps what one record may weigh;
 # the broker's default for a batch (message.max.bytes) is a few bytes more. Every
-# message is checked against it before it is batched (`send`): a batch the broker
+# message is checked against it before it is batched (`produce`): a batch the broker
 # refuses for good spends sequence numbers (see KafkaSink).
 _MAX_MESSAGE_BYTES = 1024 * 1024
 # Weighing a message as Kafka will costs about 0.5 us, 3% of a record's whole cost at
@@ -311,6 +311,7 @@ class KafkaSink:
 
     def __init__(self, settings: KafkaSettings, metrics: Metrics | None = None) -> None:
         self._settings = settings
+        self._topics = settings.topics.by_record_type()
         self.metrics = metrics
         self._producer: AIOKafkaProducer | None = None
         self._connecting: asyncio.Task[None] | None = None
@@ -387,11 +388,10 @@ class KafkaSink:
                     await producer._sender.close()
             await producer.client.close()
 
-    async def ready(self) -> bool:
-        ready = await self._broker_answers()
-        if self.metrics is not None:
-            self.metrics.kafka_ready.set(1 if ready else 0)
-        return ready
+    async def unavailable(self) -> str | None:
+        if await self._broker_answers():
+            return None
+        return f"Kafka at {self._settings.bootstrap} is not reachable"
 
     async def _broker_answers(self) -> bool:
         producer = self._producer
@@ -411,21 +411,48 @@ class KafkaSink:
         return False
 
     async def _watch(self) -> None:
-        """Keep cafe_kafka_ready current even where nothing probes /readyz, and mark
-        every partition down while no broker answers."""
+        """Keep cafe_kafka_ready and cafe_kafka_queued_bytes current, and mark every
+        partition down while no broker answers."""
         while True:
-            if not await self.ready():
+            answers = await self._broker_answers()
+            if self.metrics is not None:
+                self.metrics.kafka_ready.set(1 if answers else 0)
+                self.metrics.kafka_queued_bytes.set(self._held_bytes)
+            if not answers:
                 for batcher in list(self._batchers.values()):
                     batcher.mark_down()
-            if self.metrics is not None:
-                self.metrics.kafka_queued_bytes.set(self._held_bytes)
             await asyncio.sleep(_HEALTH_EVERY_S)
 
-    async def send(self, topic: str, messages: Sequence[Message]) -> None:
+    async def send(
+        self, record_type: str, accepted: Sequence[Message], dead_letters: Sequence[Message] = ()
+    ) -> None:
+        """Produce the records to their type's topic and the dead letters to the
+        dead-letter topic, at once; return when Kafka has acknowledged both."""
+        sends = [
+            (topic, messages)
+            for topic, messages in (
+                (self._topics[record_type], accepted),
+                (self._settings.topics.deadletter, dead_letters),
+            )
+            if messages
+        ]
+        if len(sends) == 1:
+            await self.produce(*sends[0])
+            return
+        results = await asyncio.gather(
+            *(self.produce(topic, messages) for topic, messages in sends), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def produce(self, topic: str, messages: Sequence[Message]) -> None:
+        """Return once Kafka has acknowledged every message on `topic`; raise
+        KafkaUnavailable (or RecordTooLarge) otherwise."""
         producer = self._producer
         if producer is None:
             self._count_error("not_connected")
-            raise SinkUnavailable(f"not connected to Kafka at {self._settings.bootstrap}")
+            raise KafkaUnavailable(f"not connected to Kafka at {self._settings.bootstrap}")
         for message in messages:
             if len(message.value) > _WEIGH_ABOVE:
                 _check_size(topic, message)
@@ -458,7 +485,7 @@ class KafkaSink:
                 if not ack.done():
                     batcher.mark_down()
             self._count_error("timeout")
-            raise SinkUnavailable(
+            raise KafkaUnavailable(
                 f"Kafka did not acknowledge the records within {timeout_s:g}s"
             ) from None
         except (MessageSizeTooLargeError, RecordListTooLargeError) as exc:
@@ -468,7 +495,7 @@ class KafkaSink:
         except KafkaError as exc:
             # aiokafka's error classes are a fixed set: a bounded label.
             self._count_error(type(exc).__name__)
-            raise SinkUnavailable(f"Kafka did not acknowledge the records: {exc}") from exc
+            raise KafkaUnavailable(f"Kafka did not acknowledge the records: {exc}") from exc
 
     def _admit(self, topic: str, messages: Sequence[Message], batchers: Sequence[_Batcher]) -> None:
         """Refuse the request (503) before anything of it is queued, if the sink holds
@@ -481,7 +508,7 @@ class KafkaSink:
         limit = self._settings.max_queued_bytes
         if self._held_bytes + size > limit:
             self._refuse(topic, len(messages), "queue_full")
-            raise SinkUnavailable(
+            raise KafkaUnavailable(
                 f"the gateway holds {self._held_bytes} bytes of records Kafka has not yet "
                 f"acknowledged; the limit is {limit}"
             )
@@ -490,7 +517,7 @@ class KafkaSink:
             if not all(batcher.admits(renewing) for batcher in set(batchers)):
                 self._refuse(topic, len(messages), "kafka_down")
                 self._refused_while_down += len(messages)
-                raise SinkUnavailable(f"Kafka is not acknowledging records for {topic} now")
+                raise KafkaUnavailable(f"Kafka is not acknowledging records for {topic} now")
         self._held_bytes += size
 
     def _refuse(self, topic: str, records: int, reason: str) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -12,7 +12,6 @@ from typing import Any
 import fastjsonschema
 import orjson
 
-from gateway.config import TopicSettings
 from gateway.errors import InvalidEnvelope
 
 SCHEMA_VERSION = 1
@@ -84,24 +83,24 @@ def envelope_schema(record_type: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class RecordType:
-    """One record type: its name in URLs, its schema, validator and Kafka topic."""
+    """One record type: its name in URLs and the sink's calls, its schema and validator."""
 
     name: str
     schema: Mapping[str, Any]
     validate: Callable[[Any], Any]
-    topic: str
     # The longest sessionId the schema allows: a longer one is no Kafka key.
     max_key_length: int
 
 
-def load_record_types(topics: TopicSettings) -> dict[str, RecordType]:
-    """Read and compile every record schema; a missing or broken one raises at start-up.
+def load_record_types(names: Iterable[str]) -> dict[str, RecordType]:
+    """Read and compile the schema of each named type (schemas/<name>.json); a missing or
+    broken one raises at start-up.
 
     A schema is broken, too, when it does not promise what the gateway reads of the
     records it passes: the ValueError names the file and what is missing.
     """
     types = {}
-    for name, topic in topics.by_record_type().items():
+    for name in names:
         path = schema_dir() / f"{name}.json"
         try:
             schema = orjson.loads(path.read_bytes())
@@ -115,7 +114,6 @@ def load_record_types(topics: TopicSettings) -> dict[str, RecordType]:
             name=name,
             schema=schema,
             validate=validate,
-            topic=topic,
             max_key_length=schema["properties"]["sessionId"]["maxLength"],
         )
     return types

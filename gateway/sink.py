@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
+from gateway.config import TopicSettings
+
 
 class Message(NamedTuple):
     """One Kafka message, already encoded."""
@@ -20,7 +22,11 @@ class Message(NamedTuple):
 
 
 class Sink(Protocol):
-    """Accepts encoded messages and says when they are durably stored."""
+    """Stores a request's records and says when they are durably stored.
+
+    The sink owns where records go: it knows each record type's destination and where
+    rejected records (dead letters) are kept, so the request handler names only types.
+    """
 
     async def start(self) -> None:
         """Begin connecting; must return promptly even if the backend is down."""
@@ -28,24 +34,31 @@ class Sink(Protocol):
     async def close(self) -> None:
         """Deliver what is pending, then release connections."""
 
-    async def ready(self) -> bool:
-        """True when a send now would reach the backend."""
+    async def unavailable(self) -> str | None:
+        """None when a send now would be stored; else why not, in words for an operator.
 
-    async def send(self, topic: str, messages: Sequence[Message]) -> None:
-        """Return once every message is acknowledged; raise `SinkUnavailable` otherwise.
+        Only a question: asking changes nothing.
+        """
+
+    async def send(
+        self, record_type: str, accepted: Sequence[Message], dead_letters: Sequence[Message] = ()
+    ) -> None:
+        """Return once every message is stored: `accepted` as records of `record_type`,
+        `dead_letters` with the rejected records. Raise a `SinkUnavailable` otherwise.
 
         Within one key, messages are stored in the order given.
         """
 
 
 class MemorySink:
-    """Keeps messages in a dict of lists by topic; `is_ready` is set by the test."""
+    """Keeps messages in a dict of lists by topic name; `is_ready` is set by the test."""
 
-    def __init__(self, *, ready: bool = True) -> None:
+    def __init__(self, *, ready: bool = True, topics: TopicSettings | None = None) -> None:
         self.is_ready = ready
         self.started = False
         self.closed = False
         self.topics: dict[str, list[Message]] = {}
+        self._names = topics or TopicSettings()
 
     async def start(self) -> None:
         self.started = True
@@ -53,11 +66,18 @@ class MemorySink:
     async def close(self) -> None:
         self.closed = True
 
-    async def ready(self) -> bool:
-        return self.is_ready
+    async def unavailable(self) -> str | None:
+        return None if self.is_ready else "the test made the memory sink unavailable"
 
-    async def send(self, topic: str, messages: Sequence[Message]) -> None:
-        self.topics.setdefault(topic, []).extend(messages)
+    async def send(
+        self, record_type: str, accepted: Sequence[Message], dead_letters: Sequence[Message] = ()
+    ) -> None:
+        self.store(self._names.by_record_type()[record_type], accepted)
+        self.store(self._names.deadletter, dead_letters)
+
+    def store(self, topic: str, messages: Sequence[Message]) -> None:
+        if messages:
+            self.topics.setdefault(topic, []).extend(messages)
 
 
 class DiscardSink:
@@ -69,8 +89,10 @@ class DiscardSink:
     async def close(self) -> None:
         pass
 
-    async def ready(self) -> bool:
-        return True
+    async def unavailable(self) -> str | None:
+        return None
 
-    async def send(self, topic: str, messages: Sequence[Message]) -> None:
+    async def send(
+        self, record_type: str, accepted: Sequence[Message], dead_letters: Sequence[Message] = ()
+    ) -> None:
         pass

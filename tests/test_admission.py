@@ -31,10 +31,12 @@ class GatedSink(MemorySink):
         self.gate = asyncio.Event()
         self.arrived: asyncio.Queue[str] = asyncio.Queue()
 
-    async def send(self, topic: str, messages: Sequence[Message]) -> None:
-        self.arrived.put_nowait(topic)
+    async def send(
+        self, record_type: str, accepted: Sequence[Message], dead_letters: Sequence[Message] = ()
+    ) -> None:
+        self.arrived.put_nowait(record_type)
         await self.gate.wait()
-        await super().send(topic, messages)
+        await super().send(record_type, accepted, dead_letters)
 
     async def post(self, client: TestClient, body: bytes, headers: dict[str, str]) -> int | str:  # type: ignore[type-arg]
         """POST to /v1/log; the status, or the error of a connection closed on a shed

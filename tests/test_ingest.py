@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway.app import create_app
 from gateway.config import Settings
-from gateway.errors import SinkUnavailable
+from gateway.errors import KafkaUnavailable
 from gateway.sink import MemorySink, Message
 from tests.conftest import AiohttpClient
 from tests.keys import KeyFile
@@ -238,8 +238,8 @@ async def test_the_plaintext_key_is_in_no_error_body(gw: Gateway) -> None:
 async def test_a_sink_failure_is_503_with_retry_after(
     gw: Gateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def fail(topic: str, messages: Any) -> None:
-        raise SinkUnavailable("Kafka did not acknowledge the records within 5s")
+    async def fail(record_type: str, accepted: Any, dead_letters: Any = ()) -> None:
+        raise KafkaUnavailable("Kafka did not acknowledge the records within 5s")
 
     monkeypatch.setattr(gw.sink, "send", fail)
     status, body, resp = await gw.post("/v1/log", curl_bodies()["log"])

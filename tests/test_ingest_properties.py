@@ -157,7 +157,8 @@ async def test_any_bytes_are_answered_below_500_and_produce_no_record(
 # Valid bodies come from schemathesis, generated from the gateway's own OpenAPI document
 # (hypothesis-jsonschema 0.23.1 fails on this Hypothesis: 'many' object has no attribute
 # 'more').
-OPENAPI = schemathesis.openapi.from_dict(build_openapi(load_record_types(TopicSettings()), "test"))
+RECORD_TYPES = load_record_types(TopicSettings().by_record_type())
+OPENAPI = schemathesis.openapi.from_dict(build_openapi(RECORD_TYPES, "test"))
 
 
 def _valid_batches(name: str) -> st.SearchStrategy[tuple[str, list[dict[str, Any]]]]:

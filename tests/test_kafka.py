@@ -40,3 +40,8 @@ def test_keyed_partitions_match_the_default_partitioner() -> None:
 def test_unkeyed_messages_go_round_robin() -> None:
     sink = KafkaSink(KafkaSettings())
     assert [sink._partition(None, 3) for _ in range(6)] == [1, 2, 0, 1, 2, 0]
+
+
+async def test_a_sink_that_has_not_connected_says_which_kafka_it_waits_for() -> None:
+    sink = KafkaSink(KafkaSettings(bootstrap="kafka.invalid:9092"))
+    assert await sink.unavailable() == "Kafka at kafka.invalid:9092 is not reachable"

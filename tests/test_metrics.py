@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, values
 
 from gateway.app import create_app, create_metrics_app
 from gateway.config import Settings
-from gateway.errors import SinkUnavailable
+from gateway.errors import KafkaUnavailable
 from gateway.keys import KeyStore
 from gateway.metrics import MULTIPROC_ENV, Metrics
 from gateway.sink import MemorySink, Message
@@ -25,14 +25,16 @@ from tests.spec_samples import curl_bodies
 
 
 class SwitchableSink(MemorySink):
-    """A memory sink whose sends fail with SinkUnavailable while `failing` is set."""
+    """A memory sink whose sends fail as Kafka's would while `failing` is set."""
 
     failing = False
 
-    async def send(self, topic: str, messages: Sequence[Message]) -> None:
+    async def send(
+        self, record_type: str, accepted: Sequence[Message], dead_letters: Sequence[Message] = ()
+    ) -> None:
         if self.failing:
-            raise SinkUnavailable("Kafka did not acknowledge the records within 5s")
-        await super().send(topic, messages)
+            raise KafkaUnavailable("Kafka did not acknowledge the records within 5s")
+        await super().send(record_type, accepted, dead_letters)
 
 
 async def scrape(client: TestClient) -> Samples:  # type: ignore[type-arg]

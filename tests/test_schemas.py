@@ -28,7 +28,7 @@ from gateway.schemas import (
 from tests.keys import make_key_file
 from tests.spec_samples import curl_bodies, sample_requests
 
-TYPES = load_record_types(TopicSettings())
+TYPES = load_record_types(TopicSettings().by_record_type())
 
 
 def curl_record(name: str) -> dict[str, Any]:
@@ -230,7 +230,7 @@ def test_a_broken_schema_stops_start_up(tmp_path: Path, monkeypatch: pytest.Monk
     )
     monkeypatch.setattr("gateway.schemas.schema_dir", lambda: tmp_path)
     with pytest.raises(fastjsonschema.JsonSchemaDefinitionException, match="Unknown type"):
-        load_record_types(TopicSettings())
+        load_record_types(TopicSettings().by_record_type())
 
 
 Schema = dict[str, Any]
@@ -266,7 +266,7 @@ def test_unedited_copies_of_the_schemas_load(
 ) -> None:
     # So that the refusals below come from the edits, not from the copying.
     _use_schema_copies(tmp_path / "schemas", monkeypatch, "log", lambda schema: None)
-    assert load_record_types(TopicSettings()).keys() == TYPES.keys()
+    assert load_record_types(TopicSettings().by_record_type()).keys() == TYPES.keys()
 
 
 @pytest.mark.parametrize(
@@ -304,7 +304,7 @@ def test_a_schema_without_what_the_gateway_reads_stops_start_up(
 ) -> None:
     _use_schema_copies(tmp_path / "schemas", monkeypatch, name, edit)
     with pytest.raises(ValueError, match=rf"schema \S*/{name}\.json .*{re.escape(message)}"):
-        load_record_types(TopicSettings())
+        load_record_types(TopicSettings().by_record_type())
 
 
 def test_a_missing_schema_file_is_named_not_a_traceback(
@@ -313,7 +313,7 @@ def test_a_missing_schema_file_is_named_not_a_traceback(
     _use_schema_copies(tmp_path / "schemas", monkeypatch, "log", lambda s: None)
     (tmp_path / "schemas" / "profile.json").unlink()
     with pytest.raises(ValueError, match=r"schema .*profile\.json cannot be read"):
-        load_record_types(TopicSettings())
+        load_record_types(TopicSettings().by_record_type())
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import io
 import os
@@ -316,6 +317,12 @@ async def test_kafka_frozen_or_down_is_503_and_the_gateway_recovers_when_it_retu
         return (await gw.client.get("/readyz")).status == 503
 
     await eventually(not_ready, within=10)
+
+    async def ready_gauge_is(value: int) -> bool:
+        # The gauge follows the sink's own health check, every 5 s.
+        return (await gw.metrics()).value("cafe_kafka_ready") == value
+
+    await eventually(functools.partial(ready_gauge_is, 0), within=10)
     down = await gw.metrics()
     assert down.value("cafe_kafka_ready") == 0
     assert down.value("cafe_kafka_errors_total") >= 2
@@ -331,6 +338,7 @@ async def test_kafka_frozen_or_down_is_503_and_the_gateway_recovers_when_it_retu
 
     await eventually(ready)
     assert await gw.post("log", sample) == (200, {"accepted": 1})
+    await eventually(functools.partial(ready_gauge_is, 1), within=10)
     back = await gw.metrics()
     assert back.value("cafe_kafka_ready") == 1
     assert back.value("cafe_records_total", type="log", outcome="accepted") == 2

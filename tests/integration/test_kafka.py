@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import random
 import re
@@ -21,13 +22,14 @@ from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
 from gateway.config import KafkaSettings, Settings, TopicSettings
-from gateway.errors import RecordTooLarge, SinkUnavailable
+from gateway.errors import KafkaUnavailable, RecordTooLarge
 from gateway.kafka import KafkaSink
 from gateway.metrics import Metrics
 from gateway.sink import Message
 from tests.conftest import AiohttpClient
 from tests.integration.conftest import (
     KAFKA_SH,
+    TOPIC_PARTITIONS,
     Broker,
     consume_all,
     delete_topics,
@@ -45,16 +47,50 @@ pytestmark = pytest.mark.integration
 async def sink(kafka: Broker) -> AsyncIterator[KafkaSink]:
     sink = KafkaSink(KafkaSettings(bootstrap=kafka.bootstrap))
     await sink.start()
-    await eventually(sink.ready)
+    await eventually(functools.partial(connected, sink))
     yield sink
     await sink.close()
+
+
+async def connected(sink: KafkaSink) -> bool:
+    return await sink.unavailable() is None
+
+
+async def test_the_sink_puts_records_on_their_type_s_topic_and_dead_letters_apart(
+    kafka: Broker,
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    topics = TopicSettings(
+        log=f"test.routed.{run}.log",
+        activity=f"test.routed.{run}.activity",
+        profile=f"test.routed.{run}.profile",
+        deadletter=f"test.routed.{run}.deadletter",
+        partitions=TOPIC_PARTITIONS,
+    )
+    sink = KafkaSink(KafkaSettings(bootstrap=kafka.bootstrap, topics=topics))
+    await sink.start()  # creates the four topics
+    try:
+        await eventually(functools.partial(connected, sink))
+        await sink.send("log", [Message(b"s", b"valid")], [Message(b"s", b"rejected")])
+        await sink.send("profile", [], [Message(b"s", b"rejected-profile")])
+    finally:
+        await sink.close()
+
+    async def values(topic: str) -> list[bytes]:
+        return sorted(m.value for m in await consume_all(kafka.bootstrap, topic))
+
+    assert await values(topics.log) == [b"valid"]
+    assert await values(topics.deadletter) == [b"rejected", b"rejected-profile"]
+    assert await values(topics.profile) == []
+    assert await values(topics.activity) == []
+    await delete_topics(kafka.bootstrap, lambda t: t.startswith(f"test.routed.{run}."))
 
 
 async def test_every_sent_record_is_on_the_topic_in_key_order(
     kafka: Broker, topic: str, sink: KafkaSink
 ) -> None:
     sent = [(f"session-{i % 20}".encode(), f"record-{i}".encode()) for i in range(300)]
-    await sink.send(topic, [Message(key, value) for key, value in sent])
+    await sink.produce(topic, [Message(key, value) for key, value in sent])
 
     seen = [(m.partition, m.key, m.value) for m in await consume_all(kafka.bootstrap, topic)]
 
@@ -128,7 +164,7 @@ def test_partitions_agree_with_the_java_client() -> None:
 
 
 async def test_sending_nothing_returns_at_once(kafka: Broker, sink: KafkaSink, topic: str) -> None:
-    await sink.send(topic, [])  # asyncio.wait() would raise ValueError on no futures
+    await sink.produce(topic, [])  # asyncio.wait() would raise ValueError on no futures
     assert await consume_all(kafka.bootstrap, topic) == []
 
 
@@ -136,8 +172,8 @@ async def test_a_message_over_the_size_limit_is_refused_before_kafka(
     kafka: Broker, sink: KafkaSink, topic: str
 ) -> None:
     with pytest.raises(RecordTooLarge):
-        await sink.send(topic, [Message(b"session", b"x" * 2_000_000)])
-    await sink.send(topic, [Message(b"session", b"small")])
+        await sink.produce(topic, [Message(b"session", b"x" * 2_000_000)])
+    await sink.produce(topic, [Message(b"session", b"small")])
     assert [m.value for m in await consume_all(kafka.bootstrap, topic)] == [b"small"]
 
 
@@ -157,12 +193,12 @@ async def test_a_batch_kafka_refuses_for_good_does_not_wedge_its_partition(
         sink = KafkaSink(KafkaSettings(bootstrap=kafka.bootstrap), metrics)
         await sink.start()
         try:
-            await eventually(sink.ready)
-            await sink.send(name, [Message(b"session", b"before")])
+            await eventually(functools.partial(connected, sink))
+            await sink.produce(name, [Message(b"session", b"before")])
             with pytest.raises(RecordTooLarge):
-                await sink.send(name, [Message(b"session", b"x" * 50_000)])
+                await sink.produce(name, [Message(b"session", b"x" * 50_000)])
             for n in range(3):
-                await sink.send(name, [Message(b"session", f"after-{n}".encode())])
+                await sink.produce(name, [Message(b"session", f"after-{n}".encode())])
         finally:
             await sink.close()
         stored = [m.value for m in await consume_all(kafka.bootstrap, name, partitions=1)]
@@ -269,7 +305,7 @@ async def spare_sink(
     sink = KafkaSink(KafkaSettings(bootstrap=bootstrap, **settings), metrics)
     await sink.start()
     try:
-        await eventually(sink.ready)
+        await eventually(functools.partial(connected, sink))
         yield sink, metrics, name
     finally:
         await sink.close()
@@ -283,8 +319,8 @@ async def send_until_taken(sink: KafkaSink, topic: str) -> list[bytes]:
     async def taken() -> bool:
         sent.append(f"after-{len(sent)}".encode())
         try:
-            await sink.send(topic, [Message(b"session", sent[-1])])
-        except SinkUnavailable:
+            await sink.produce(topic, [Message(b"session", sent[-1])])
+        except KafkaUnavailable:
             return False
         return True
 
@@ -301,16 +337,16 @@ async def test_while_a_partition_is_not_acknowledging_its_new_records_are_refuse
 ) -> None:
     bootstrap, env = spare_broker
     async with spare_sink(bootstrap, 1, produce_timeout_ms=1000) as (sink, metrics, topic):
-        await sink.send(topic, [Message(b"session", b"before")])
+        await sink.produce(topic, [Message(b"session", b"before")])
         with frozen(broker_pid(env["CAFE_KAFKA_PORT"])):
-            with pytest.raises(SinkUnavailable, match="within 1s"):
-                await sink.send(topic, [Message(b"session", b"timed-out")])
+            with pytest.raises(KafkaUnavailable, match="within 1s"):
+                await sink.produce(topic, [Message(b"session", b"timed-out")])
             assert _sample(metrics, "cafe_kafka_partitions_down") == 1
             # Queued now, these would reach Kafka after the frozen batch, and so would
             # every client's retry of them.
             for n in range(3):
-                with pytest.raises(SinkUnavailable, match="not acknowledging"):
-                    await sink.send(topic, [Message(b"session", f"refused-{n}".encode())])
+                with pytest.raises(KafkaUnavailable, match="not acknowledging"):
+                    await sink.produce(topic, [Message(b"session", f"refused-{n}".encode())])
         # Thawed: the held batch is acknowledged, which takes the partition up again.
         sent_after = await send_until_taken(sink, topic)
         assert _sample(metrics, "cafe_kafka_partitions_down") == 0
@@ -334,12 +370,12 @@ async def test_a_down_partition_whose_held_batch_fails_is_probed_by_one_request(
     # record over the topic's own size limit, refused for good.
     small_limit = {"max.message.bytes": "10000"}
     async with spare_sink(bootstrap, 1, small_limit, produce_timeout_ms=1000) as (sink, _, topic):
-        await sink.send(topic, [Message(b"session", b"before")])
+        await sink.produce(topic, [Message(b"session", b"before")])
         with frozen(broker_pid(env["CAFE_KAFKA_PORT"])):
-            with pytest.raises(SinkUnavailable, match="within 1s"):
-                await sink.send(topic, [Message(b"session", b"x" * 50_000)])
-            with pytest.raises(SinkUnavailable, match="not acknowledging"):
-                await sink.send(topic, [Message(b"session", b"refused")])
+            with pytest.raises(KafkaUnavailable, match="within 1s"):
+                await sink.produce(topic, [Message(b"session", b"x" * 50_000)])
+            with pytest.raises(KafkaUnavailable, match="not acknowledging"):
+                await sink.produce(topic, [Message(b"session", b"refused")])
         # Thawed: Kafka refuses the held batch, which leaves nothing to show it is back;
         # so a request goes through as the probe, and its acknowledgement ends the outage.
         sent_after = await send_until_taken(sink, topic)
@@ -364,12 +400,12 @@ async def test_the_records_the_sink_holds_are_bounded_in_bytes(
         # not because its own partition is down.
         first, second = b"session-1", b"session-2"
         assert sink._partition(first, 2) != sink._partition(second, 2)
-        await sink.send(topic, [Message(first, b"before")])  # the sink learns the topic
+        await sink.produce(topic, [Message(first, b"before")])  # the sink learns the topic
         with frozen(broker_pid(env["CAFE_KAFKA_PORT"])):
-            with pytest.raises(SinkUnavailable, match="within 1s"):
-                await sink.send(topic, [Message(first, b"x" * 40_000)])
-            with pytest.raises(SinkUnavailable, match="the limit is 65536"):
-                await sink.send(topic, [Message(second, b"y" * 40_000)])
+            with pytest.raises(KafkaUnavailable, match="within 1s"):
+                await sink.produce(topic, [Message(first, b"x" * 40_000)])
+            with pytest.raises(KafkaUnavailable, match="the limit is 65536"):
+                await sink.produce(topic, [Message(second, b"y" * 40_000)])
         assert (
             _sample(metrics, "cafe_kafka_records_refused_total", topic=topic, reason="queue_full")
             == 1
@@ -377,8 +413,8 @@ async def test_the_records_the_sink_holds_are_bounded_in_bytes(
 
         async def taken() -> bool:
             try:
-                await sink.send(topic, [Message(second, b"y" * 40_000)])
-            except SinkUnavailable:
+                await sink.produce(topic, [Message(second, b"y" * 40_000)])
+            except KafkaUnavailable:
                 return False
             return True
 
@@ -399,14 +435,14 @@ async def test_closing_delivers_what_the_sink_holds_or_says_how_many_records_it_
         sends = []
         for n in range(3):
             message = Message(b"session", f"{tag}-{n}".encode())
-            sends.append(asyncio.create_task(sink.send(topic, [message])))
+            sends.append(asyncio.create_task(sink.produce(topic, [message])))
             await asyncio.sleep(0.1)  # each its own batch
         for send in sends:
-            with pytest.raises(SinkUnavailable, match="within 2s"):
+            with pytest.raises(KafkaUnavailable, match="within 2s"):
                 await send
 
     async with spare_sink(bootstrap, 1, produce_timeout_ms=2000) as (sink, _, topic):
-        await sink.send(topic, [Message(b"session", b"before")])  # the sink learns the topic
+        await sink.produce(topic, [Message(b"session", b"before")])  # the sink learns the topic
         with frozen(broker_pid(env["CAFE_KAFKA_PORT"])):
             await hold_three(sink, topic, "delivered")
     # closed right after the thaw: every held batch was handed over and acknowledged
@@ -418,7 +454,7 @@ async def test_closing_delivers_what_the_sink_holds_or_says_how_many_records_it_
     # says how much was lost (none of it acknowledged to a client).
     caplog.clear()
     async with spare_sink(bootstrap, 1, produce_timeout_ms=2000) as (sink, _, topic):
-        await sink.send(topic, [Message(b"session", b"before")])
+        await sink.produce(topic, [Message(b"session", b"before")])
         with frozen(broker_pid(env["CAFE_KAFKA_PORT"])):
             await hold_three(sink, topic, "dropped")
             await sink.close()
