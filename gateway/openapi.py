@@ -16,7 +16,9 @@ from gateway.listener import URI_LIMIT
 from gateway.schemas import MAX_RECORDS, RecordType, envelope_schema
 from gateway.state import OPENAPI, RECORD_TYPES
 
-_PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
+
+def _ref(component: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{component}"}
 
 
 def _component(name: str) -> str:
@@ -26,7 +28,7 @@ def _component(name: str) -> str:
 def _problem(description: str) -> dict[str, Any]:
     return {
         "description": description,
-        "content": {"application/problem+json": {"schema": _PROBLEM_REF}},
+        "content": {"application/problem+json": {"schema": _ref("Problem")}},
     }
 
 
@@ -36,23 +38,180 @@ def _json(
     return {"description": description, "content": {media_type: {"schema": schema}}}
 
 
+def build_openapi(record_types: Mapping[str, RecordType], version: str) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of every route the gateway serves."""
+    return {
+        "openapi": "3.1.0",
+        "info": _info(version),
+        "security": [{"apiKey": []}],
+        "paths": _paths(record_types),
+        "components": {
+            "schemas": _schemas(record_types),
+            "securitySchemes": _security_schemes(),
+        },
+    }
+
+
+def _info(version: str) -> dict[str, Any]:
+    return {
+        "title": "CAFe API (cafe-gateway)",
+        "version": version,
+        "description": "Client analytics ingestion: activity events, log lines and "
+        "device profiles, validated and produced to Kafka. A 2xx means Kafka has "
+        "acknowledged every accepted record.",
+    }
+
+
+def _security_schemes() -> dict[str, Any]:
+    """The API key every route asks for, unless its operation says `security: []`."""
+    return {"apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"}}
+
+
+# The paths.
+
+
+def _paths(record_types: Mapping[str, RecordType]) -> dict[str, Any]:
+    """One POST route per record type, then the routes that take no records."""
+    paths: dict[str, Any] = {
+        f"/v1/{name}": {"post": _ingest_operation(name)} for name in record_types
+    }
+    paths["/v1/ip"] = {"get": _ip_operation()}
+    paths["/v1/schema/{recordType}"] = {"get": _schema_operation(record_types)}
+    paths["/v1/openapi.json"] = {"get": _openapi_operation()}
+    return paths
+
+
+def _ingest_operation(record_type: str) -> dict[str, Any]:
+    """POST /v1/{record_type}: records to validate and produce to Kafka."""
+    return {
+        "summary": f"Send 1-{MAX_RECORDS} {record_type} records",
+        "operationId": f"post{record_type.capitalize()}",
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": _request_body(record_type)},
+                # What navigator.sendBeacon sends a string as: the same JSON.
+                "text/plain": {"schema": _request_body(record_type)},
+            },
+        },
+        "responses": {**_ingest_results(), **_ingest_problems()},
+    }
+
+
 def _request_body(record_type: str) -> dict[str, Any]:
     """The spec's envelope for one record type, its items pointing at our component."""
     envelope = envelope_schema(record_type)
     del envelope["$schema"], envelope["definitions"]
-    envelope["properties"]["records"]["items"] = {
-        "$ref": f"#/components/schemas/{_component(record_type)}"
-    }
+    envelope["properties"]["records"]["items"] = _ref(_component(record_type))
     return envelope
 
 
-def build_openapi(record_types: Mapping[str, RecordType], version: str) -> dict[str, Any]:
-    """The OpenAPI 3.1 document of every route the gateway serves."""
-    components: dict[str, Any] = {
+def _ingest_results() -> dict[str, Any]:
+    """The answers that count the records: all, some or none of them accepted."""
+    return {
+        "200": _json("Every record acknowledged by Kafka", _ref("IngestResult")),
+        "207": _json(
+            "Some records accepted (acknowledged by Kafka), the others rejected",
+            _ref("IngestResult"),
+        ),
+        "422": _json("No record accepted; each rejection says why", _ref("IngestResult")),
+    }
+
+
+def _ingest_problems() -> dict[str, Any]:
+    """The answers that refuse the request as a whole, so no record is counted."""
+    return {
+        "400": _problem("Not JSON, not UTF-8, not the records envelope, or not valid HTTP/1.1"),
+        "401": _problem("Missing, unknown or disabled API key"),
+        "403": _problem("A web origin, or a use, the key does not allow"),
+        "408": _problem("The body did not arrive in time"),
+        "413": _problem("Body over the limit, a compression bomb, or a record too large for Kafka"),
+        "414": _problem(f"Request target over {URI_LIMIT:,} bytes"),
+        "415": _problem("Content type other than JSON"),
+        "429": _problem("Over the key's rate limit; retry after Retry-After"),
+        "431": _problem("A header line too long, or too many headers"),
+        "500": _problem("A bug: the log line with the requestId says more"),
+        "503": _problem(
+            "Kafka unavailable or not acknowledging, or the gateway over capacity; "
+            "retry after Retry-After"
+        ),
+    }
+
+
+def _ip_operation() -> dict[str, Any]:
+    """GET /v1/ip"""
+    address = {
+        "type": "object",
+        "required": ["ip"],
+        "additionalProperties": False,
+        "properties": {
+            "ip": {
+                "anyOf": [
+                    {"type": "string", "format": "ipv4"},
+                    {"type": "string", "format": "ipv6"},
+                ]
+            }
+        },
+    }
+    return {
+        "summary": "The caller's IP address as the gateway sees it",
+        "operationId": "getIp",
+        "responses": {
+            "200": _json("The address", address),
+            "401": _problem("Missing, unknown or disabled API key"),
+            "403": _problem("A browser key, which may only send records"),
+            "429": _problem("Over the key's rate limit; retry after Retry-After"),
+        },
+    }
+
+
+def _schema_operation(record_types: Mapping[str, RecordType]) -> dict[str, Any]:
+    """GET /v1/schema/{recordType}: public, like this document, so no API key."""
+    return {
+        "summary": "The JSON Schema (draft-07) of one record type",
+        "operationId": "getSchema",
+        "security": [],
+        "parameters": [
+            {
+                "name": "recordType",
+                "in": "path",
+                "required": True,
+                "schema": {"enum": list(record_types)},
+            }
+        ],
+        "responses": {
+            "200": _json("The schema", {"type": "object"}, "application/schema+json"),
+            "404": _problem("No such record type"),
+        },
+    }
+
+
+def _openapi_operation() -> dict[str, Any]:
+    """GET /v1/openapi.json: public, so a client can read it before it has a key."""
+    return {
+        "summary": "This document",
+        "operationId": "getOpenapi",
+        "security": [],
+        "responses": {"200": _json("OpenAPI 3.1", {"type": "object"})},
+    }
+
+
+# The components the paths `$ref`.
+
+
+def _schemas(record_types: Mapping[str, RecordType]) -> dict[str, Any]:
+    """Each record type's schema, then the bodies the gateway answers with."""
+    schemas: dict[str, Any] = {
         _component(name): {k: v for k, v in rt.schema.items() if k not in ("$schema", "$id")}
         for name, rt in record_types.items()
     }
-    components["Problem"] = {
+    schemas["Problem"] = _problem_schema()
+    schemas["IngestResult"] = _ingest_result_schema()
+    return schemas
+
+
+def _problem_schema() -> dict[str, Any]:
+    return {
         "type": "object",
         "description": "RFC 9457 problem details; `code` is the stable machine-readable reason.",
         "required": ["type", "title", "status", "code", "detail"],
@@ -64,154 +223,41 @@ def build_openapi(record_types: Mapping[str, RecordType], version: str) -> dict[
             "detail": {"type": "string"},
         },
     }
-    components["IngestResult"] = {
+
+
+def _ingest_result_schema() -> dict[str, Any]:
+    """What the ingest routes answer: how many records were accepted, and why the rest not."""
+    return {
         "type": "object",
         "required": ["accepted"],
         "properties": {
             "accepted": {"type": "integer", "minimum": 0},
             "rejected": {"type": "integer", "minimum": 1},
-            "rejections": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["index", "reason", "errors"],
-                    "properties": {
-                        "index": {"type": "integer", "minimum": 0},
-                        "eventId": {"type": "string"},
-                        "reason": {"enum": ["invalid", "forbidden"]},
-                        "errors": {
-                            "type": "array",
-                            "items": {
-                                "type": "object",
-                                "required": ["pointer", "message"],
-                                "properties": {
-                                    "pointer": {"type": "string"},
-                                    "message": {"type": "string"},
-                                },
-                            },
-                        },
-                    },
-                },
-            },
+            "rejections": {"type": "array", "items": _rejection_schema()},
         },
     }
 
-    paths: dict[str, Any] = {}
-    for name in record_types:
-        paths[f"/v1/{name}"] = {
-            "post": {
-                "summary": f"Send 1-{MAX_RECORDS} {name} records",
-                "operationId": f"post{name.capitalize()}",
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {"schema": _request_body(name)},
-                        # What navigator.sendBeacon sends a string as: the same JSON.
-                        "text/plain": {"schema": _request_body(name)},
-                    },
-                },
-                "responses": {
-                    "200": _json(
-                        "Every record acknowledged by Kafka",
-                        {"$ref": "#/components/schemas/IngestResult"},
-                    ),
-                    "207": _json(
-                        "Some records accepted (acknowledged by Kafka), the others rejected",
-                        {"$ref": "#/components/schemas/IngestResult"},
-                    ),
-                    "422": _json(
-                        "No record accepted; each rejection says why",
-                        {"$ref": "#/components/schemas/IngestResult"},
-                    ),
-                    "400": _problem(
-                        "Not JSON, not UTF-8, not the records envelope, or not valid HTTP/1.1"
-                    ),
-                    "401": _problem("Missing, unknown or disabled API key"),
-                    "403": _problem("A web origin, or a use, the key does not allow"),
-                    "408": _problem("The body did not arrive in time"),
-                    "413": _problem(
-                        "Body over the limit, a compression bomb, or a record too large for Kafka"
-                    ),
-                    "414": _problem(f"Request target over {URI_LIMIT:,} bytes"),
-                    "415": _problem("Content type other than JSON"),
-                    "429": _problem("Over the key's rate limit; retry after Retry-After"),
-                    "431": _problem("A header line too long, or too many headers"),
-                    "500": _problem("A bug: the log line with the requestId says more"),
-                    "503": _problem(
-                        "Kafka unavailable or not acknowledging, or the gateway over capacity; "
-                        "retry after Retry-After"
-                    ),
-                },
-            }
-        }
-    paths["/v1/ip"] = {
-        "get": {
-            "summary": "The caller's IP address as the gateway sees it",
-            "operationId": "getIp",
-            "responses": {
-                "200": _json(
-                    "The address",
-                    {
-                        "type": "object",
-                        "required": ["ip"],
-                        "additionalProperties": False,
-                        "properties": {
-                            "ip": {
-                                "anyOf": [
-                                    {"type": "string", "format": "ipv4"},
-                                    {"type": "string", "format": "ipv6"},
-                                ]
-                            }
-                        },
-                    },
-                ),
-                "401": _problem("Missing, unknown or disabled API key"),
-                "403": _problem("A browser key, which may only send records"),
-                "429": _problem("Over the key's rate limit; retry after Retry-After"),
-            },
-        }
-    }
-    paths["/v1/schema/{recordType}"] = {
-        "get": {
-            "summary": "The JSON Schema (draft-07) of one record type",
-            "operationId": "getSchema",
-            "security": [],
-            "parameters": [
-                {
-                    "name": "recordType",
-                    "in": "path",
-                    "required": True,
-                    "schema": {"enum": list(record_types)},
-                }
-            ],
-            "responses": {
-                "200": _json("The schema", {"type": "object"}, "application/schema+json"),
-                "404": _problem("No such record type"),
-            },
-        }
-    }
-    paths["/v1/openapi.json"] = {
-        "get": {
-            "summary": "This document",
-            "operationId": "getOpenapi",
-            "security": [],
-            "responses": {"200": _json("OpenAPI 3.1", {"type": "object"})},
-        }
-    }
+
+def _rejection_schema() -> dict[str, Any]:
+    """One rejected record: its place in the batch, and each error a JSON pointer to it."""
     return {
-        "openapi": "3.1.0",
-        "info": {
-            "title": "CAFe API (cafe-gateway)",
-            "version": version,
-            "description": "Client analytics ingestion: activity events, log lines and "
-            "device profiles, validated and produced to Kafka. A 2xx means Kafka has "
-            "acknowledged every accepted record.",
-        },
-        "security": [{"apiKey": []}],
-        "paths": paths,
-        "components": {
-            "schemas": components,
-            "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"}},
+        "type": "object",
+        "required": ["index", "reason", "errors"],
+        "properties": {
+            "index": {"type": "integer", "minimum": 0},
+            "eventId": {"type": "string"},
+            "reason": {"enum": ["invalid", "forbidden"]},
+            "errors": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["pointer", "message"],
+                    "properties": {
+                        "pointer": {"type": "string"},
+                        "message": {"type": "string"},
+                    },
+                },
+            },
         },
     }
 

@@ -409,7 +409,42 @@ def measure(
     return results
 
 
+@dataclass
+class Books:
+    """Records acknowledged with a 2xx, against this run's eventIds found on the topic."""
+
+    acknowledged: int = 0
+    on_topic: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.on_topic >= self.acknowledged
+
+    @property
+    def verdict(self) -> str:
+        return "OK" if self.ok else "MISSING RECORDS"
+
+    def as_report(self) -> dict[str, Any]:
+        return {"acknowledged": self.acknowledged, "on_topic": self.on_topic, "ok": self.ok}
+
+
 def main() -> None:
+    args = parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk not found: apt-get install wrk")
+    targets = args.targets.split(",")
+    if args.peer and PEER not in targets:
+        targets.append(PEER)
+    # Installed before any run starts: a long build, which must not eat a run's time.
+    peer_version = install_peer() if PEER in targets else ""
+    results, books, peer_books = run_targets(args, targets)
+    print_summary(results, books, peer_books, peer_version)
+    write_report(args, results, books, peer_books, peer_version)
+    if not (books.ok and (peer_books is None or peer_books.ok)):
+        raise SystemExit(1)
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=10, help="each run's length")
     parser.add_argument(
@@ -425,24 +460,26 @@ def main() -> None:
         action="store_true",
         help="also measure the peer, an HTTP-to-Kafka bridge (deploy/peer/), at each batch size",
     )
-    args = parser.parse_args()
-    if shutil.which("wrk") is None:
-        raise SystemExit("wrk not found: apt-get install wrk")
-    targets = args.targets.split(",")
-    if args.peer and PEER not in targets:
-        targets.append(PEER)
-    peer_version = ""
-    if PEER in targets:
-        # Installs it first if needed: a long build, which must not eat a run's time.
-        # (Its progress goes to stderr, left to the terminal; stdout is the path.)
-        peer_bin = subprocess.run(
-            [str(PEER_SCRIPT), "bin"], stdout=subprocess.PIPE, text=True, check=True
-        ).stdout.strip()
-        version = subprocess.run(
-            [peer_bin, "--version"], capture_output=True, text=True, check=True
-        ).stdout
-        peer_version = version.split()[1]  # "Version: v1.19.0 ..."
+    return parser.parse_args()
 
+
+def install_peer() -> str:
+    """Build the peer if it is not there yet; return its version."""
+    # Its progress goes to stderr, left to the terminal; stdout is the path.
+    peer_bin = subprocess.run(
+        [str(PEER_SCRIPT), "bin"], stdout=subprocess.PIPE, text=True, check=True
+    ).stdout.strip()
+    version = subprocess.run(
+        [peer_bin, "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    return version.split()[1]  # "Version: v1.19.0 ..."
+
+
+def run_targets(
+    args: argparse.Namespace, targets: list[str]
+) -> tuple[list[Result], Books, Books | None]:
+    """Measure every target on topics of this run's own, then count the books (the peer's
+    only if it ran). The topics and the keys file are removed whatever happens."""
     run_id = uuid.uuid4().hex[:8]
     topics = {
         name: f"bench.{run_id}.{name}" for name in ("activity", "log", "profile", "deadletter")
@@ -450,19 +487,12 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="cafe-bench-"))
     key, record = mint_key(("analytics-portal",))
     write_keys_file(workdir / "keys.json", [record])
-    env = {
-        **os.environ,
-        "CAFE_KEYS_FILE": str(workdir / "keys.json"),
-        "CAFE_KAFKA_BOOTSTRAP": args.bootstrap,
-        "CAFE_TOPIC_PARTITIONS": str(TOPIC_PARTITIONS),
-        "CAFE_WORKERS": str(args.workers),
-        **{f"CAFE_TOPIC_{name.upper()}": topic for name, topic in topics.items()},
-    }
+    env = server_env(args, workdir / "keys.json", topics)
     # The peer writes where the URL says, to a topic of the run's own.
     peer_topic = f"bench.{run_id}.peer"
 
     results: list[Result] = []
-    peer_acknowledged = peer_on_topic = 0
+    peer_books: Books | None = None
     try:
         if PEER in targets:
             asyncio.run(create_topic(args.bootstrap, peer_topic))
@@ -473,31 +503,66 @@ def main() -> None:
                 results += measure(
                     target, port, proc, seconds=args.seconds, key=key, run_id=run_id, path=path
                 )
-        acknowledged = sum(r.ok * r.batch for r in results if r.target == "gateway")
-        on_topic = asyncio.run(count_event_ids(args.bootstrap, topics["activity"], run_id))
+        books = count_books(args.bootstrap, topics["activity"], run_id, results, "gateway")
         if PEER in targets:
-            peer_acknowledged = sum(r.ok * r.batch for r in results if r.target == PEER)
-            peer_on_topic = asyncio.run(count_event_ids(args.bootstrap, peer_topic, run_id))
+            peer_books = count_books(args.bootstrap, peer_topic, run_id, results, PEER)
     finally:
         asyncio.run(delete_topics(args.bootstrap, list(topics.values())))
         shutil.rmtree(workdir, ignore_errors=True)
+    return results, books, peer_books
 
-    books_ok = on_topic >= acknowledged
-    peer_books_ok = peer_on_topic >= peer_acknowledged
+
+def server_env(args: argparse.Namespace, keys_file: Path, topics: dict[str, str]) -> dict[str, str]:
+    """The environment every target starts with: one key, the broker, this run's topics."""
+    return {
+        **os.environ,
+        "CAFE_KEYS_FILE": str(keys_file),
+        "CAFE_KAFKA_BOOTSTRAP": args.bootstrap,
+        "CAFE_TOPIC_PARTITIONS": str(TOPIC_PARTITIONS),
+        "CAFE_WORKERS": str(args.workers),
+        **{f"CAFE_TOPIC_{name.upper()}": topic for name, topic in topics.items()},
+    }
+
+
+def count_books(
+    bootstrap: str, topic: str, run_id: str, results: list[Result], target: str
+) -> Books:
+    """The records `target` acknowledged with a 2xx, and how many of them are on `topic`."""
+    acknowledged = sum(r.ok * r.batch for r in results if r.target == target)
+    return Books(acknowledged, asyncio.run(count_event_ids(bootstrap, topic, run_id)))
+
+
+def print_summary(
+    results: list[Result], books: Books, peer_books: Books | None, peer_version: str
+) -> None:
     print()
     print(table(results))
     print()
-    verdict = "OK" if books_ok else "MISSING RECORDS"
-    print(f"books: {acknowledged:,} records acknowledged with 2xx; {on_topic:,} of this run's")
-    print(f"eventIds are on the topic: {verdict}")
-    if PEER in targets:
-        verdict = "OK" if peer_books_ok else "MISSING RECORDS"
-        print(f"peer books: {peer_acknowledged:,} records acknowledged with 2xx; {peer_on_topic:,}")
-        print(f"of this run's eventIds are on its topic: {verdict}")
-        print()
-        print(f"gateway and peer (Bento {peer_version}, deploy/peer/bento.yaml), peak runs:")
-        print(side_by_side(results))
+    print(
+        f"books: {books.acknowledged:,} records acknowledged with 2xx; "
+        f"{books.on_topic:,} of this run's"
+    )
+    print(f"eventIds are on the topic: {books.verdict}")
+    if peer_books is None:
+        return
+    print(
+        f"peer books: {peer_books.acknowledged:,} records acknowledged with 2xx; "
+        f"{peer_books.on_topic:,}"
+    )
+    print(f"of this run's eventIds are on its topic: {peer_books.verdict}")
+    print()
+    print(f"gateway and peer (Bento {peer_version}, deploy/peer/bento.yaml), peak runs:")
+    print(side_by_side(results))
 
+
+def write_report(
+    args: argparse.Namespace,
+    results: list[Result],
+    books: Books,
+    peer_books: Books | None,
+    peer_version: str,
+) -> None:
+    """The .json, .md and .png files in --out."""
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -509,17 +574,13 @@ def main() -> None:
         "seconds_per_run": args.seconds,
         "gateway_workers": args.workers,
         "results": [asdict(r) for r in results],
-        "books": {"acknowledged": acknowledged, "on_topic": on_topic, "ok": books_ok},
+        "books": books.as_report(),
     }
     markdown = table(results) + "\n"
     stem = "bench" if args.workers == 1 else f"bench-workers{args.workers}"
-    if PEER in targets:
+    if peer_books is not None:
         report["peer"] = {"product": "Bento", "version": peer_version, "config": "deploy/peer"}
-        report["peer_books"] = {
-            "acknowledged": peer_acknowledged,
-            "on_topic": peer_on_topic,
-            "ok": peer_books_ok,
-        }
+        report["peer_books"] = peer_books.as_report()
         markdown += "\n" + side_by_side(results) + "\n"
         # Its own files: a run with the peer does not replace the gateway's record.
         stem += "-peer"
@@ -527,8 +588,6 @@ def main() -> None:
     (args.out / f"{stem}.md").write_text(markdown)
     chart(results, args.out / f"{stem}.png")
     print(f"wrote {args.out / stem}.json, .md and .png")
-    if not (books_ok and peer_books_ok):
-        raise SystemExit(1)
 
 
 if __name__ == "__main__":
