@@ -25,7 +25,7 @@
     ├── UnsupportedMediaType     415 unsupported_media_type
     ├── Overloaded               503 overloaded         (too much work in progress: shed)
     ├── TooManyConnections       503 too_many_connections (a connection past the cap)
-    ├── NotReady                 503 not_ready          (Kafka unreachable, draining)
+    ├── NotReady                 503 not_ready          (the sink cannot store, draining)
     └── SinkUnavailable          503                    (the sink did not store the records)
         └── KafkaUnavailable     503 kafka_unavailable  (not acknowledged by Kafka in time)
 
@@ -208,7 +208,7 @@ class RateLimited(GatewayError):
 
 
 class NotReady(GatewayError):
-    """The gateway cannot accept records now (Kafka unreachable, or shutting down)."""
+    """The gateway cannot accept records now (the sink cannot store them, or shutting down)."""
 
     status = 503
     code = "not_ready"

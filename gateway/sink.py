@@ -13,7 +13,7 @@ from gateway.config import TopicSettings
 
 
 class Message(NamedTuple):
-    """One Kafka message, already encoded."""
+    """One record or dead letter as the sink stores it: key, value and headers, encoded."""
 
     key: bytes | None
     value: bytes
