@@ -104,3 +104,8 @@ def test_other_aiohttp_errors_pass_untouched() -> None:
 def test_times_are_written_in_utc_to_the_millisecond() -> None:
     assert utc_timestamp(0) == "1970-01-01T00:00:00.000Z"
     assert utc_timestamp(1_796_046_078.1239) == "2026-11-30T13:41:18.123Z"
+    # Across a second's end, and back to an earlier second: the cached part follows.
+    assert utc_timestamp(1_796_046_078.9996) == "2026-11-30T13:41:18.999Z"
+    assert utc_timestamp(1_796_046_079.0004) == "2026-11-30T13:41:19.000Z"
+    assert utc_timestamp(1_796_046_018.5) == "2026-11-30T13:40:18.500Z"
+    assert utc_timestamp(951_782_400.25) == "2000-02-29T00:00:00.250Z"
