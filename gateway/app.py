@@ -52,7 +52,7 @@ def create_app(
         registry if registry is not None else CollectorRegistry(), gateway_version, metrics_dir
     )
     keys = KeyStore(settings.keys_file, metrics)
-    record_types = load_record_types(settings.kafka.topics.by_record_type())
+    record_types = load_record_types(settings.kafka.topics.by_record_type(), settings.validator)
     admission = Admission(settings.max_inflight_bytes, settings.max_body_bytes)
     limiter = RateLimiter(settings.workers, buckets)
     # The order matters. Outermost, every request gets its id, timing and log line,

@@ -114,7 +114,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     # A keys file or a schema that cannot be loaded stops start-up here, with its
     # reason, rather than in every worker.
     KeyStore(settings.keys_file).load()
-    load_record_types(settings.kafka.topics.by_record_type())
+    load_record_types(settings.kafka.topics.by_record_type(), settings.validator)
     # Made before the fork, so that every worker inherits it: a key's rate is then
     # shared by all workers, whichever of them its connections land on.
     buckets = BucketTable()

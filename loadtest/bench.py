@@ -1,11 +1,13 @@
 """`make bench`: the gateway on real Kafka against its ceilings, in one run.
 
 For each batch size (W500, W20, W1 records per request) wrk drives POST /v1/activity
-at three servers in turn: the gateway producing to the local Kafka, the same gateway
-with Kafka switched off (its parse + validate + encode ceiling), and a bare aiohttp
-handler that reads the body and answers. Then the gateway runs again at half its peak
-rate, for latency under a normal load. Last, the books: every eventId the gateway
-acknowledged must be on the topic.
+at each server in turn: the gateway producing to the local Kafka, the same gateway
+with Kafka switched off (its parse + validate + encode ceiling), each of the two with
+either record validator (CAFE_VALIDATOR: "gateway" and "no-sink" with fastjsonschema,
+"gateway-rs" and "no-sink-rs" with jsonschema-rs), and a bare aiohttp handler that
+reads the body and answers. Then each gateway runs again at half its peak rate, for
+latency under a normal load. Last, the books: every eventId a gateway acknowledged
+must be on the topic. Beside the table, what each validator costs per record.
 
 With --peer, an independent HTTP-to-Kafka bridge (deploy/peer/: Bento) gets the same
 records at the same batch sizes on the same broker, in the Kafka REST JSON embedded
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import platform
@@ -31,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+import timeit
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -39,18 +43,25 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 import psutil
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from gateway.keys import mint_key, write_keys_file
+from gateway.schemas import load_record_types, record_error
 from loadtest.topics import read_to_end
+from tests.spec_samples import curl_bodies
 
 HERE = Path(__file__).resolve().parent
 BATCHES = (500, 20, 1)
 # Enough connections to keep the server busy at each batch size, few enough that
 # requests do not queue for long inside the server.
 CONNECTIONS = {500: 8, 20: 32, 1: 64}
-TARGETS = ("gateway", "no-sink", "bare")
+# "gateway-rs" and "no-sink-rs" are "gateway" and "no-sink" validating with jsonschema-rs
+# (CAFE_VALIDATOR); the others validate with the default, fastjsonschema.
+RS = "-rs"
+TARGETS = ("gateway", "gateway" + RS, "no-sink", "no-sink" + RS, "bare")
+VALIDATORS = ("fastjsonschema", "jsonschema-rs")
 PEER = "peer"
 PEER_SCRIPT = HERE.parent / "deploy" / "peer" / "peer.sh"
 # 16 times the connections that keep the gateway busy at W500.
@@ -78,6 +89,16 @@ class Result:
     errors: int
     connections: int
     rss_max_mb: float
+
+
+def kind(target: str) -> str:
+    """The server a target runs, whichever validator it has: gateway, no-sink, bare, peer."""
+    return target.removesuffix(RS)
+
+
+def validator(target: str) -> str:
+    """The CAFE_VALIDATOR a target runs with."""
+    return "jsonschema-rs" if target.endswith(RS) else "fastjsonschema"
 
 
 def free_port() -> int:
@@ -111,7 +132,7 @@ def server(target: str, env: dict[str, str]) -> Iterator[tuple[int, psutil.Proce
     port = free_port()
     python = sys.executable
     health = "/healthz"
-    if target == "gateway":
+    if kind(target) == "gateway":
         cmd = [python, "-m", "gateway", "serve"]
         health = "/readyz"
     elif target == PEER:
@@ -119,9 +140,10 @@ def server(target: str, env: dict[str, str]) -> Iterator[tuple[int, psutil.Proce
         cmd = [str(PEER_SCRIPT), "run"]
         health = "/ready"
     else:
-        cmd = [python, "-m", "loadtest.ceilings", target, str(port)]
+        cmd = [python, "-m", "loadtest.ceilings", kind(target), str(port)]
     env = {**env, "CAFE_PORT": str(port), "CAFE_PEER_PORT": str(port), "CAFE_LOG_LEVEL": "WARNING"}
-    if target != "gateway":
+    env["CAFE_VALIDATOR"] = validator(target)
+    if kind(target) != "gateway":
         env["CAFE_WORKERS"] = "1"  # the ceilings and the peer are one process each
     pin = ["taskset", "-c", "0"] if env.get("CAFE_WORKERS", "1") == "1" else []
     proc = subprocess.Popen([*pin, *cmd], env=env, cwd=HERE.parent)
@@ -188,7 +210,7 @@ def run_wrk(
         "BENCH_BATCH": str(batch),
         "BENCH_KEY": key,
         # wrk numbers requests from 1 in every run: the run's own tag keeps eventIds unique.
-        "BENCH_RUN": f"{run_id}-{load}{batch}",
+        "BENCH_RUN": f"{run_id}-{target}-{load}{batch}",
         "BENCH_DELAY_MS": str(delay_ms),
         # The same records; the peer takes them wrapped in its JSON embedded format.
         "BENCH_FORMAT": "bridge" if target == PEER else "cafe",
@@ -276,12 +298,14 @@ def table(results: list[Result]) -> str:
     peak = {(r.target, r.batch): r for r in results if r.load == "peak"}
     lines = [
         "| batch | server | records/s | requests/s | p50 ms | p99 ms | p99.9 ms | CPU % "
-        "| max RSS MB | non-2xx | vs no-sink | vs bare |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| CPU µs/request | CPU µs/record | max RSS MB | non-2xx | vs no-sink | vs bare |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         # Ratios compare peaks with peaks; the other loads are not trying for the most.
-        no_sink = peak.get(("no-sink", r.batch)) if r.load == "peak" else None
+        # A gateway's ceiling is the no-sink run with its validator.
+        ceiling = "no-sink" + (RS if r.target.endswith(RS) else "")
+        no_sink = peak.get((ceiling, r.batch)) if r.load == "peak" else None
         bare = peak.get(("bare", r.batch)) if r.load == "peak" else None
         ratio = ""
         # no-sink is the gateway's own ceiling: it bounds neither bare nor the peer.
@@ -289,10 +313,16 @@ def table(results: list[Result]) -> str:
             ratio = f"{r.requests_per_s / no_sink.requests_per_s:.0%}"
         bare_ratio = f"{r.requests_per_s / bare.requests_per_s:.0%}" if bare else ""
         name = r.target if r.load == "peak" else f"{r.target} ({r.load}, {r.connections} conns)"
+        # What a request and a record cost in CPU time, at the peak only (the server's
+        # whole process tree, Kafka client included): a regression shows as a number.
+        per_request = per_record = ""
+        if r.load == "peak" and r.requests_per_s:
+            us = r.cpu_percent / 100 * 1e6 / r.requests_per_s
+            per_request, per_record = f"{us:,.0f}", f"{us / r.batch:,.1f}"
         lines.append(
             f"| W{r.batch} | {name} | {r.records_per_s:,} | {r.requests_per_s:,} | {r.p50_ms:.1f} "
-            f"| {r.p99_ms:.1f} | {r.p999_ms:.1f} | {r.cpu_percent} | {r.rss_max_mb:.0f} "
-            f"| {r.requests - r.ok:,} | {ratio} | {bare_ratio} |"
+            f"| {r.p99_ms:.1f} | {r.p999_ms:.1f} | {r.cpu_percent} | {per_request} | {per_record} "
+            f"| {r.rss_max_mb:.0f} | {r.requests - r.ok:,} | {ratio} | {bare_ratio} |"
         )
     return "\n".join(lines)
 
@@ -371,7 +401,7 @@ def measure(
         )  # fmt: skip
 
     results = []
-    if target in ("gateway", PEER):
+    if kind(target) in ("gateway", PEER):
         # A fresh broker is a cold JVM: until its JIT has compiled the produce path the
         # first figures measure the broker's warm-up. Warm both first (either may be the
         # first to produce in a run).
@@ -381,9 +411,9 @@ def measure(
         run(batch, 2, warm_up=True)
         result = run(batch)
         results.append(result)
-        print(f"{target:8} W{batch:<4} {result.records_per_s:>9,} records/s", end="  ")
+        print(f"{target:10} W{batch:<4} {result.records_per_s:>9,} records/s", end="  ")
         print(f"p99 {result.p99_ms:6.1f} ms  cpu {result.cpu_percent}%", flush=True)
-    if target != "gateway":
+    if kind(target) != "gateway":
         return results
     for batch in (20, 1):
         peak = next(r for r in results if r.batch == batch)
@@ -391,7 +421,7 @@ def measure(
         delay = 1000 * CONNECTIONS[batch] / (peak.requests_per_s / 2)
         half = run(batch, load="half", delay_ms=delay)
         results.append(half)
-        print(f"{target:8} W{batch:<4} half load: {half.requests_per_s:,} requests/s", end="  ")
+        print(f"{target:10} W{batch:<4} half load: {half.requests_per_s:,} requests/s", end="  ")
         print(f"p99 {half.p99_ms:.1f} ms", flush=True)
     # Overload: many times the connections that saturate the gateway, all sending W500.
     # It must shed the excess with 503s and keep its memory bounded, then serve the
@@ -403,7 +433,7 @@ def measure(
     after = run(500, 3, load="recovery")
     results += [over, after]
     shed = over.statuses.get("503", 0)
-    print(f"{target:8} W500 overload ({OVERLOAD_CONNECTIONS} connections): {over.ok:,} served,",
+    print(f"{target:10} W500 overload ({OVERLOAD_CONNECTIONS} connections): {over.ok:,} served,",
           f"{shed:,} shed, max RSS {over.rss_max_mb} MB; then {after.ok:,} of",
           f"{after.requests:,} served", flush=True)  # fmt: skip
     return results
@@ -437,9 +467,11 @@ def main() -> None:
         targets.append(PEER)
     # Installed before any run starts: a long build, which must not eat a run's time.
     peer_version = install_peer() if PEER in targets else ""
+    # Measured first, while the machine is otherwise idle.
+    costs = validation_costs()
     results, books, peer_books = run_targets(args, targets)
-    print_summary(results, books, peer_books, peer_version)
-    write_report(args, results, books, peer_books, peer_version)
+    print_summary(results, books, peer_books, peer_version, costs)
+    write_report(args, results, books, peer_books, peer_version, costs)
     if not (books.ok and (peer_books is None or peer_books.ok)):
         raise SystemExit(1)
 
@@ -473,6 +505,25 @@ def install_peer() -> str:
         [peer_bin, "--version"], capture_output=True, text=True, check=True
     ).stdout
     return version.split()[1]  # "Version: v1.19.0 ..."
+
+
+def validation_costs() -> dict[str, float]:
+    """Microseconds each validator takes to check the spec's activity sample, as ingest
+    checks each record (record_error); the best of 5 rounds of 20,000."""
+    record = orjson.loads(curl_bodies()["activity"])["records"][0]
+    costs = {}
+    for name in VALIDATORS:
+        check = functools.partial(record_error, load_record_types(["activity"], name)["activity"])
+        if check(record) is not None:
+            raise SystemExit(f"{name} refuses the spec's activity sample: {check(record)}")
+        rounds = timeit.repeat(functools.partial(check, record), repeat=5, number=20_000)
+        costs[name] = round(min(rounds) / 20_000 * 1e6, 2)
+    return costs
+
+
+def costs_line(costs: dict[str, float]) -> str:
+    each = ", ".join(f"{name} {us:.2f}" for name, us in costs.items())
+    return f"validation, µs per activity record (the spec's sample, best of 5 x 20,000): {each}"
 
 
 def run_targets(
@@ -527,17 +578,23 @@ def server_env(args: argparse.Namespace, keys_file: Path, topics: dict[str, str]
 def count_books(
     bootstrap: str, topic: str, run_id: str, results: list[Result], target: str
 ) -> Books:
-    """The records `target` acknowledged with a 2xx, and how many of them are on `topic`."""
-    acknowledged = sum(r.ok * r.batch for r in results if r.target == target)
+    """The records `target` acknowledged with a 2xx (with either validator), and how many
+    of them are on `topic`."""
+    acknowledged = sum(r.ok * r.batch for r in results if kind(r.target) == target)
     return Books(acknowledged, asyncio.run(count_event_ids(bootstrap, topic, run_id)))
 
 
 def print_summary(
-    results: list[Result], books: Books, peer_books: Books | None, peer_version: str
+    results: list[Result],
+    books: Books,
+    peer_books: Books | None,
+    peer_version: str,
+    costs: dict[str, float],
 ) -> None:
     print()
     print(table(results))
     print()
+    print(costs_line(costs))
     print(
         f"books: {books.acknowledged:,} records acknowledged with 2xx; "
         f"{books.on_topic:,} of this run's"
@@ -561,6 +618,7 @@ def write_report(
     books: Books,
     peer_books: Books | None,
     peer_version: str,
+    costs: dict[str, float],
 ) -> None:
     """The .json, .md and .png files in --out."""
     args.out.mkdir(parents=True, exist_ok=True)
@@ -575,8 +633,9 @@ def write_report(
         "gateway_workers": args.workers,
         "results": [asdict(r) for r in results],
         "books": books.as_report(),
+        "validation_us_per_record": costs,
     }
-    markdown = table(results) + "\n"
+    markdown = table(results) + "\n\n" + costs_line(costs) + "\n"
     stem = "bench" if args.workers == 1 else f"bench-workers{args.workers}"
     if peer_books is not None:
         report["peer"] = {"product": "Bento", "version": peer_version, "config": "deploy/peer"}

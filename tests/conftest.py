@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -10,12 +12,24 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from gateway.config import Settings
 from gateway.listener import GatewayRunner
 from gateway.state import SETTINGS
 from tests.keys import KeyFile, make_key_file
 
 # The type of pytest-aiohttp's `aiohttp_client` fixture, for every test's annotations.
 AiohttpClient = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
+
+# The record validator the suite runs with: CAFE_VALIDATOR, read and checked as `serve`
+# reads it (.ci/run runs the suite with each). Gateways the integration tests start as
+# processes inherit the variable; Settings a test builds get it as their default (a test
+# that names a validator keeps its own), and so does every gateway made from them.
+VALIDATOR = Settings.from_env({"CAFE_VALIDATOR": os.environ.get("CAFE_VALIDATOR", "")}).validator
+Settings.__init__ = functools.partialmethod(Settings.__init__, validator=VALIDATOR)  # type: ignore[method-assign,assignment]
+
+
+def pytest_report_header() -> str:
+    return f"record validator: {VALIDATOR} (CAFE_VALIDATOR)"
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

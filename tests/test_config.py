@@ -53,6 +53,7 @@ def test_every_variable_is_read() -> None:
             "CAFE_SHUTDOWN_GRACE_SECONDS": "30",
             "CAFE_IDLE_TIMEOUT_SECONDS": "5",
             "CAFE_BODY_TIMEOUT_SECONDS": "2",
+            "CAFE_VALIDATOR": "JSONSCHEMA-RS",
         }
     )
     assert settings == Settings(
@@ -72,6 +73,7 @@ def test_every_variable_is_read() -> None:
         forwarded_header="forwarded",
         max_body_bytes=2048,
         max_inflight_bytes=4096,
+        validator="jsonschema-rs",
         kafka=KafkaSettings(
             bootstrap="k1:9092,k2:9092",
             client_id="gw-7",
@@ -103,6 +105,8 @@ def test_every_variable_is_read() -> None:
         ("CAFE_TOPIC_LOG", "..", "is not a Kafka topic name"),
         ("CAFE_WORKERS", "0", "CAFE_WORKERS=0 is outside 1..256"),
         ("CAFE_LOG_FORMAT", "xml", "CAFE_LOG_FORMAT='xml' is not one of json, text"),
+        ("CAFE_VALIDATOR", "rust",
+         "CAFE_VALIDATOR='rust' is not one of fastjsonschema, jsonschema-rs"),
         ("CAFE_ACCESS_LOG", "maybe", "CAFE_ACCESS_LOG='maybe' is not a boolean"),
         ("CAFE_METRICS_PORT", "0", "CAFE_METRICS_PORT=0 is outside 1..65535"),
         ("CAFE_METRICS_PORT", "8080", "CAFE_METRICS_PORT=8080 is CAFE_PORT"),

@@ -16,6 +16,7 @@ from gateway import errors
 from gateway.config import TopicSettings
 from gateway.openapi import build_openapi
 from gateway.schemas import load_record_types
+from tests.conftest import VALIDATOR
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -57,7 +58,9 @@ def problems(operation: dict[str, Any]) -> set[int]:
 
 
 def test_openapi_documents_only_statuses_the_gateway_answers_with() -> None:
-    document = build_openapi(load_record_types(TopicSettings().by_record_type()), "0.0.0")
+    document = build_openapi(
+        load_record_types(TopicSettings().by_record_type(), VALIDATOR), "0.0.0"
+    )
     statuses = {status for status, _ in answerable()}
     for path, operations in document["paths"].items():
         for method, operation in operations.items():
@@ -66,7 +69,9 @@ def test_openapi_documents_only_statuses_the_gateway_answers_with() -> None:
 
 
 def test_every_error_status_of_an_ingest_route_is_in_openapi() -> None:
-    document = build_openapi(load_record_types(TopicSettings().by_record_type()), "0.0.0")
+    document = build_openapi(
+        load_record_types(TopicSettings().by_record_type(), VALIDATOR), "0.0.0"
+    )
     documented = problems(document["paths"]["/v1/activity"]["post"])
     # Not for a client to read: 499 is logged for a client that left; 404 and 405 are
     # the router's, for paths and methods that are not this operation.

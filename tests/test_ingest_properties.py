@@ -23,7 +23,7 @@ from gateway.config import Settings, TopicSettings
 from gateway.openapi import build_openapi
 from gateway.schemas import load_record_types, schema_dir
 from gateway.sink import MemorySink
-from tests.conftest import AiohttpClient
+from tests.conftest import VALIDATOR, AiohttpClient
 from tests.keys import KeyFile
 from tests.spec_samples import curl_bodies
 from tests.test_hostile import DEAD, LIMIT, NAMES, Gateway
@@ -157,7 +157,7 @@ async def test_any_bytes_are_answered_below_500_and_produce_no_record(
 # Valid bodies come from schemathesis, generated from the gateway's own OpenAPI document
 # (hypothesis-jsonschema 0.23.1 fails on this Hypothesis: 'many' object has no attribute
 # 'more').
-RECORD_TYPES = load_record_types(TopicSettings().by_record_type())
+RECORD_TYPES = load_record_types(TopicSettings().by_record_type(), VALIDATOR)
 OPENAPI = schemathesis.openapi.from_dict(build_openapi(RECORD_TYPES, "test"))
 
 

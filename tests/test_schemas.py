@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import copy
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import fastjsonschema
 import orjson
 import pytest
 
 from gateway.cli import main
-from gateway.config import TopicSettings
+from gateway.config import ConfigError, TopicSettings
 from gateway.errors import InvalidEnvelope
 from gateway.schemas import (
     MAX_KEY_LENGTH,
@@ -25,10 +25,11 @@ from gateway.schemas import (
     records_of,
     schema_dir,
 )
+from tests.conftest import VALIDATOR
 from tests.keys import make_key_file
 from tests.spec_samples import curl_bodies, sample_requests
 
-TYPES = load_record_types(TopicSettings().by_record_type())
+TYPES = load_record_types(TopicSettings().by_record_type(), VALIDATOR)
 
 
 def curl_record(name: str) -> dict[str, Any]:
@@ -83,11 +84,13 @@ def test_each_required_field_is_required(name: str, field: str) -> None:
     assert field in error["message"]
 
 
-@pytest.mark.parametrize(
-    ("name", "field"),
-    [("activity", "userSSOGUID"), ("activity", "eventUri"), ("activity", "tags"),
-     ("log", "eventUri"), ("profile", "location")],
-)  # fmt: skip
+OPTIONAL = [
+    ("activity", "userSSOGUID"), ("activity", "eventUri"), ("activity", "tags"),
+    ("log", "eventUri"), ("profile", "location"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "field"), OPTIONAL)
 def test_optional_fields_may_be_left_out(name: str, field: str) -> None:
     record = curl_record(name)
     del record[field]
@@ -104,35 +107,36 @@ def _set(record: dict[str, Any], pointer: str, value: Any) -> dict[str, Any]:
     return record
 
 
-@pytest.mark.parametrize(
-    ("name", "pointer", "value", "error_pointer"),
-    [
-        ("activity", "/messageType", "ClientEventingLog", "/messageType"),
-        ("activity", "/messageFormatVersion", 2, "/messageFormatVersion"),
-        ("activity", "/messageFormatVersion", True, "/messageFormatVersion"),
-        ("activity", "/messageFormatVersion", "1", "/messageFormatVersion"),
-        ("activity", "/extra", "field", ""),
-        ("activity", "/eventTime", "2019-01-21 13:09:07", "/eventTime"),
-        ("activity", "/eventTime", "2019-02-30T13:09:07Z", "/eventTime"),
-        ("activity", "/eventTime", "2019-01-21T13:09:07+0530", "/eventTime"),
-        ("activity", "/sessionId", "", "/sessionId"),
-        ("activity", "/sessionId", "s" * 129, "/sessionId"),
-        ("activity", "/eventId", 42, "/eventId"),
-        ("activity", "/productPlatform", "has space", "/productPlatform"),
-        ("activity", "/eventUri", "not a uri", "/eventUri"),
-        ("activity", "/tags/0/extra", 1, "/tags/0"),
-        ("activity", "/tags/0/value", "v" * 1025, "/tags/0/value"),
-        ("activity", "/tags", [{"key": "k", "value": "v"}] * 51, "/tags"),
-        ("log", "/logLevel", "LOUD", "/logLevel"),
-        ("log", "/logMessage", "m" * 32769, "/logMessage"),
-        ("log", "/logTime", "yesterday", "/logTime"),
-        ("profile", "/platform", {}, "/platform"),
-        ("profile", "/platform/screenResolution/width", 0, "/platform/screenResolution/width"),
-        ("profile", "/platform/language", "en_US", "/platform/language"),
-        ("profile", "/location/ipAddress", "300.1.1.1", "/location/ipAddress"),
-        ("profile", "/location/timeZone", "../etc", "/location/timeZone"),
-    ],
-)
+# (record type, where to put a bad value, the value, where the error must point)
+BAD_FIELDS = [
+    ("activity", "/messageType", "ClientEventingLog", "/messageType"),
+    ("activity", "/messageFormatVersion", 2, "/messageFormatVersion"),
+    ("activity", "/messageFormatVersion", True, "/messageFormatVersion"),
+    ("activity", "/messageFormatVersion", "1", "/messageFormatVersion"),
+    ("activity", "/extra", "field", ""),
+    ("activity", "/eventTime", "2019-01-21 13:09:07", "/eventTime"),
+    ("activity", "/eventTime", "2019-02-30T13:09:07Z", "/eventTime"),
+    ("activity", "/eventTime", "2019-01-21T13:09:07+0530", "/eventTime"),
+    ("activity", "/sessionId", "", "/sessionId"),
+    ("activity", "/sessionId", "s" * 129, "/sessionId"),
+    ("activity", "/eventId", 42, "/eventId"),
+    ("activity", "/productPlatform", "has space", "/productPlatform"),
+    ("activity", "/eventUri", "not a uri", "/eventUri"),
+    ("activity", "/tags/0/extra", 1, "/tags/0"),
+    ("activity", "/tags/0/value", "v" * 1025, "/tags/0/value"),
+    ("activity", "/tags", [{"key": "k", "value": "v"}] * 51, "/tags"),
+    ("log", "/logLevel", "LOUD", "/logLevel"),
+    ("log", "/logMessage", "m" * 32769, "/logMessage"),
+    ("log", "/logTime", "yesterday", "/logTime"),
+    ("profile", "/platform", {}, "/platform"),
+    ("profile", "/platform/screenResolution/width", 0, "/platform/screenResolution/width"),
+    ("profile", "/platform/language", "en_US", "/platform/language"),
+    ("profile", "/location/ipAddress", "300.1.1.1", "/location/ipAddress"),
+    ("profile", "/location/timeZone", "../etc", "/location/timeZone"),
+]
+
+
+@pytest.mark.parametrize(("name", "pointer", "value", "error_pointer"), BAD_FIELDS)
 def test_a_bad_field_is_rejected_with_a_pointer_to_it(
     name: str, pointer: str, value: Any, error_pointer: str
 ) -> None:
@@ -147,7 +151,10 @@ def test_an_ipv6_profile_address_is_valid() -> None:
     assert record_error(TYPES["profile"], record) is None
 
 
-@pytest.mark.parametrize("record", [None, 1, "text", [], [{}]])
+NOT_OBJECTS: list[Any] = [None, 1, "text", [], [{}]]
+
+
+@pytest.mark.parametrize("record", NOT_OBJECTS)
 def test_a_record_that_is_not_an_object_is_rejected(record: Any) -> None:
     assert record_error(TYPES["log"], record) == {
         "pointer": "",
@@ -155,25 +162,25 @@ def test_a_record_that_is_not_an_object_is_rejected(record: Any) -> None:
     }
 
 
-@pytest.mark.parametrize(
-    ("value", "valid"),
-    [
-        ("2019-01-21T13:09:07.049+05:30", True),
-        ("2019-01-21T13:09:07Z", True),
-        ("2019-01-21t13:09:07z", True),
-        ("2016-12-31T23:59:60Z", True),
-        ("2019-01-21T13:09:07.123456789-08:00", True),
-        ("2019-01-21T11: 54: 37.805-08: 00", False),
-        ("2019-01-21T13:09:07", False),
-        ("2019-01-21T13:09Z", False),
-        ("2019-13-01T00:00:00Z", False),
-        ("2019-02-29T00:00:00Z", False),
-        ("2019-01-21T24:00:00Z", False),
-        ("2019-01-21T13:09:07+24:00", False),
-        ("2019-01-21T13:09:07.Z", False),
-        ("\uff12\uff10\uff11\uff19-01-21T13:09:07Z", False),  # full-width digits
-    ],
-)
+DATE_TIMES = [
+    ("2019-01-21T13:09:07.049+05:30", True),
+    ("2019-01-21T13:09:07Z", True),
+    ("2019-01-21t13:09:07z", True),
+    ("2016-12-31T23:59:60Z", True),
+    ("2019-01-21T13:09:07.123456789-08:00", True),
+    ("2019-01-21T11: 54: 37.805-08: 00", False),
+    ("2019-01-21T13:09:07", False),
+    ("2019-01-21T13:09Z", False),
+    ("2019-13-01T00:00:00Z", False),
+    ("2019-02-29T00:00:00Z", False),
+    ("2019-01-21T24:00:00Z", False),
+    ("2019-01-21T13:09:07+24:00", False),
+    ("2019-01-21T13:09:07.Z", False),
+    ("\uff12\uff10\uff11\uff19-01-21T13:09:07Z", False),  # full-width digits
+]
+
+
+@pytest.mark.parametrize(("value", "valid"), DATE_TIMES)
 def test_date_times_follow_rfc_3339(value: str, valid: bool) -> None:
     assert is_rfc3339_date_time(value) is valid
 
@@ -229,8 +236,18 @@ def test_a_broken_schema_stops_start_up(tmp_path: Path, monkeypatch: pytest.Monk
         '{"$id": "https://cafe.example.com/v1/schema/log", "type": 5}'
     )
     monkeypatch.setattr("gateway.schemas.schema_dir", lambda: tmp_path)
-    with pytest.raises(fastjsonschema.JsonSchemaDefinitionException, match="Unknown type"):
-        load_record_types(TopicSettings().by_record_type())
+    with pytest.raises(
+        ValueError, match=rf"schema \S*/log\.json does not compile with {VALIDATOR}"
+    ):
+        load_record_types(TopicSettings().by_record_type(), VALIDATOR)
+
+
+def test_the_fast_validator_not_installed_is_named_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "jsonschema_rs", None)  # what an import finds: nothing
+    with pytest.raises(ConfigError, match=r"CAFE_VALIDATOR=jsonschema-rs needs .*\[fast\]"):
+        load_record_types(TopicSettings().by_record_type(), "jsonschema-rs")
 
 
 Schema = dict[str, Any]
@@ -266,7 +283,7 @@ def test_unedited_copies_of_the_schemas_load(
 ) -> None:
     # So that the refusals below come from the edits, not from the copying.
     _use_schema_copies(tmp_path / "schemas", monkeypatch, "log", lambda schema: None)
-    assert load_record_types(TopicSettings().by_record_type()).keys() == TYPES.keys()
+    assert load_record_types(TopicSettings().by_record_type(), VALIDATOR).keys() == TYPES.keys()
 
 
 @pytest.mark.parametrize(
@@ -293,6 +310,9 @@ def test_unedited_copies_of_the_schemas_load(
          "must bound sessionId"),
         ("log", lambda s: _session_id(s).update(minLength=0), "must bound sessionId"),
         ("log", lambda s: s.update({"$id": SCHEMA_BASE + "activity"}), "has $id"),
+        # fastjsonschema and jsonschema-rs each have an email check of their own.
+        ("log", lambda s: s["properties"]["logMessage"].update(format="email"),
+         "uses the format 'email', which the validators do not check alike"),
     ],
 )  # fmt: skip
 def test_a_schema_without_what_the_gateway_reads_stops_start_up(
@@ -304,7 +324,7 @@ def test_a_schema_without_what_the_gateway_reads_stops_start_up(
 ) -> None:
     _use_schema_copies(tmp_path / "schemas", monkeypatch, name, edit)
     with pytest.raises(ValueError, match=rf"schema \S*/{name}\.json .*{re.escape(message)}"):
-        load_record_types(TopicSettings().by_record_type())
+        load_record_types(TopicSettings().by_record_type(), VALIDATOR)
 
 
 def test_a_missing_schema_file_is_named_not_a_traceback(
@@ -313,7 +333,7 @@ def test_a_missing_schema_file_is_named_not_a_traceback(
     _use_schema_copies(tmp_path / "schemas", monkeypatch, "log", lambda s: None)
     (tmp_path / "schemas" / "profile.json").unlink()
     with pytest.raises(ValueError, match=r"schema .*profile\.json cannot be read"):
-        load_record_types(TopicSettings().by_record_type())
+        load_record_types(TopicSettings().by_record_type(), VALIDATOR)
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

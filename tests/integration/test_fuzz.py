@@ -34,6 +34,7 @@ from schemathesis.checks import (
 from gateway.app import create_app
 from gateway.config import KafkaSettings, Settings, TopicSettings
 from gateway.schemas import load_record_types, record_error
+from tests.conftest import VALIDATOR
 from tests.integration.conftest import Broker, consume_all, delete_topics
 from tests.integration.tcp_proxy import free_port
 from tests.integration.test_api import NAMES, unique_topics
@@ -161,7 +162,7 @@ async def test_schemathesis_finds_no_5xx_and_every_answer_is_as_documented(
     assert {200, 400, 422} <= post_statuses, tally.statuses
 
     # Kafka holds exactly what the answers acknowledged, each record valid.
-    record_types = load_record_types(topics.by_record_type())
+    record_types = load_record_types(topics.by_record_type(), VALIDATOR)
     for name in NAMES:
         messages = await consume_all(kafka.bootstrap, getattr(topics, name))
         assert len(messages) == tally.accepted.get(name, 0), name

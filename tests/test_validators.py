@@ -1,0 +1,256 @@
+"""The two record validators agree: each record of every test corpus is accepted by both,
+or refused by both for the same violation (pointer) in the same words (message).
+
+CAFE_VALIDATOR picks fastjsonschema, the design's, or jsonschema-rs. gateway/schemas.py
+gives both the same format rules, picks of jsonschema-rs's errors the one fastjsonschema
+stops at, and words it as fastjsonschema does. The corpora: the spec's samples, the tables
+of tests/test_schemas.py and tests/test_hostile.py, records breaking several rules at
+once, format values the two libraries' own checks judge differently, nesting at
+jsonschema-rs's limit, and the hypothesis strategies of tests/test_ingest_properties.py.
+Every record is also tried with the keys of each object reversed: jsonschema-rs reports
+properties in the record's order, fastjsonschema in the schema's.
+"""
+
+from __future__ import annotations
+
+import itertools
+import reprlib
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import orjson
+import pytest
+from fastjsonschema.draft07 import CodeGeneratorDraft07
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from gateway.errors import InvalidEnvelope
+from gateway.schemas import _KEYWORD_ORDER, load_record_types, record_error, records_of
+from tests import test_hostile as hostile
+from tests import test_schemas as tables
+from tests.spec_samples import sample_requests
+from tests.test_ingest_properties import JSON, VALID_BATCHES, _changed_records
+
+NAMES = hostile.NAMES
+FAST = load_record_types(NAMES, "fastjsonschema")
+RUST = load_record_types(NAMES, "jsonschema-rs")
+TIME_FIELD = {"activity": "/eventTime", "log": "/logTime", "profile": "/eventTime"}
+
+
+class Case(NamedTuple):
+    """One record of a corpus as ingest gets it (parsed by orjson), and the type whose
+    schema it is checked against."""
+
+    name: str
+    record: Any
+
+
+def disagreement(name: str, record: Any) -> str | None:
+    """How the validators' answers for `record` differ; None if they are the same."""
+    fast = record_error(FAST[name], record)
+    rust = record_error(RUST[name], record)
+    if fast == rust:
+        return None
+    return f"{name} {reprlib.repr(record)}\n  fastjsonschema: {fast}\n  jsonschema-rs:  {rust}"
+
+
+def parsed(name: str, record: Any) -> Case:
+    """The record as ingest gets it: sent as JSON, parsed by orjson."""
+    return Case(name, orjson.loads(hostile.envelope(record))["records"][0])
+
+
+def records_in(body: bytes) -> list[Any]:
+    """The records ingest would validate of a body: none if it is not JSON or no envelope."""
+    try:
+        return records_of(orjson.loads(body))
+    except (orjson.JSONDecodeError, InvalidEnvelope):
+        return []
+
+
+def keys_reversed(value: Any, depth: int = 0) -> Any:
+    """`value` with the keys of each object in reverse order (down to 100 levels)."""
+    if depth == 100:
+        return value
+    if isinstance(value, dict):
+        return {key: keys_reversed(value[key], depth + 1) for key in reversed(value)}
+    if isinstance(value, list):
+        return [keys_reversed(item, depth + 1) for item in value]
+    return value
+
+
+# The corpora.
+
+
+def spec_samples() -> Iterator[Case]:
+    for name in NAMES:
+        yield parsed(name, hostile.sample(name))
+        for record in sample_requests()[name]["records"]:
+            yield parsed(name, record)
+
+
+def schema_tables() -> Iterator[Case]:
+    """The cases of tests/test_schemas.py."""
+    for name, fields in tables.REQUIRED.items():
+        for field in fields:
+            yield parsed(name, _without(tables.curl_record(name), field))
+    for name, field in tables.OPTIONAL:
+        yield parsed(name, _without(tables.curl_record(name), field))
+    for name, pointer, value, _ in tables.BAD_FIELDS:
+        yield parsed(name, tables._set(tables.curl_record(name), pointer, value))
+    for name, record in itertools.product(NAMES, tables.NOT_OBJECTS):
+        yield parsed(name, record)
+    for name, (value, _) in itertools.product(NAMES, tables.DATE_TIMES):
+        yield parsed(name, tables._set(hostile.sample(name), TIME_FIELD[name], value))
+    address = tables._set(hostile.sample("profile"), "/location/ipAddress", "2001:db8::7")
+    yield parsed("profile", address)
+
+
+def _without(record: dict[str, Any], field: str) -> dict[str, Any]:
+    return {key: value for key, value in record.items() if key != field}
+
+
+def hostile_tables() -> Iterator[Case]:
+    """The records of tests/test_hostile.py: its refused batches, strings at and past each
+    maxLength, a value of each wrong type in each field, and the records of its bodies."""
+    for batch in hostile.REJECTED:
+        for record in batch.records:
+            yield parsed(batch.name, record)
+    for name, pointer, max_length, over in hostile.BOUNDS:
+        sub = dict(hostile._properties(hostile._schema(name)))[pointer]
+        value = hostile._string_of(max_length + over, pointer, sub)
+        yield parsed(name, hostile._set(hostile.sample(name), pointer, value))
+    for name, pointer, types in hostile.WRONG_TYPES:
+        for json_type in types:
+            value = hostile.JSON_TYPES[json_type]
+            yield parsed(name, hostile._set(hostile.sample(name), pointer, value))
+    for name, bad in hostile.BAD_CASES:
+        for record in records_in(bad.body):
+            yield Case(name, record)
+    for name, field in itertools.product(NAMES, ("productPlatform", "sessionId")):
+        for record in records_in(hostile._with_duplicate(hostile.sample(name), field, "x y")):
+            yield Case(name, record)
+
+
+def several_violations() -> Iterator[Case]:
+    """Records that break two rules or more, where the order each library walks a schema
+    in decides which violation is reported."""
+    for name in NAMES:
+        record = hostile.sample(name)
+        for first, second in itertools.combinations(record, 2):
+            yield parsed(name, {**record, first: None, second: None})
+            yield parsed(name, {**_without(record, first), second: [], "extra": 1})
+        yield parsed(name, {**record, **{f"extra{i}": i for i in range(20)}})
+        yield parsed(name, {"extra": 1, **{key: 1.5 for key in record}})
+        yield parsed(name, {**record, "messageFormatVersion": "1", "x": None})
+    tags = [{"key": ""}, {"value": 1}, {"key": "k", "value": "v", "x": 1}, {}]
+    yield parsed("activity", {**hostile.sample("activity"), "tags": tags})
+    for count in range(1, 4):
+        yield parsed("activity", {**hostile.sample("activity"), "tags": tags[-count:]})
+    platform = {"language": "x_y", "screenResolution": {"width": 0}, "osName": "", "z": 1}
+    yield parsed("profile", {**hostile.sample("profile"), "platform": platform})
+    location = {"ipAddress": "x" * 46, "timeZone": "/", "y": 2}
+    yield parsed("profile", {**hostile.sample("profile"), "location": location})
+
+
+# Where the libraries' own format checks differ (jsonschema-rs's uri is stricter, for one):
+# both must apply the gateway's.
+FORMAT_VALUES = {
+    "/eventUri": [
+        "https://analytics-portal.example.com/", "a:ü", "é:x", "fe80::1%eth0", "a:%zz",
+        "a:b#c#d", "mailto:x", "urn:a:b", "a:\x00", "no-scheme", "", "https://x y", "a: b",
+        "http://[::1]/", "1:2:3:4:5:6:7:8",
+    ],
+    "/location/ipAddress": [
+        "1.2.3.4", "01.2.3.4", "1.2.3.4\n", "256.1.1.1", "::1", "::ffff:1.2.3.4",
+        "fe80::1%eth0", "1:2:3:4:5:6:7:8", "1::2::3", "::", "1.2.3", "",
+        "\u0661.\u0662.\u0663.\u0664",  # Arabic-Indic digits
+    ],
+}  # fmt: skip
+
+
+def format_values() -> Iterator[Case]:
+    for name, (pointer, values) in itertools.product(NAMES, FORMAT_VALUES.items()):
+        if pointer in dict(hostile._properties(hostile._schema(name))):
+            for value in values:
+                yield parsed(name, hostile._set(hostile.sample(name), pointer, value))
+
+
+def nesting() -> Iterator[Case]:
+    """Values nested around the 255 levels jsonschema-rs reads (orjson parses 1024)."""
+    for name, depth, brackets in itertools.product(
+        NAMES, (100, 253, 254, 255, 256, 300, 1000), ((b"[", b"]"), (b'{"a":', b"}"))
+    ):
+        value = hostile.nested(depth, *brackets, leaf=b'"leaf"')
+        good = orjson.dumps(hostile.sample(name))[:-1]
+        for record in (
+            value,
+            good + b',"sessionId":' + value + b"}",
+            good + b',"x":' + value + b"}",
+        ):
+            yield Case(name, orjson.loads(record))
+
+
+CORPORA = {
+    "spec": list(spec_samples()),
+    "test_schemas": list(schema_tables()),
+    "test_hostile": list(hostile_tables()),
+    "several": list(several_violations()),
+    "formats": list(format_values()),
+    "nesting": list(nesting()),
+}
+
+
+@pytest.mark.parametrize("corpus", CORPORA)
+def test_both_validators_answer_each_record_alike(corpus: str) -> None:
+    # Each record as it arrives, and again with its keys reversed.
+    records = CORPORA[corpus] + [Case(c.name, keys_reversed(c.record)) for c in CORPORA[corpus]]
+    differences = [d for name, record in records if (d := disagreement(name, record))]
+    refused = sum(1 for name, record in records if record_error(FAST[name], record))
+    print(f"{corpus}: {len(records)} records, {refused} refused by both")
+    assert not differences, f"{len(differences)} of {len(records)}:\n" + "\n".join(differences)
+
+
+def test_the_corpora_hold_every_case() -> None:
+    """The case count (shown here so a shrinking corpus is noticed)."""
+    counts = {corpus: len(cases) for corpus, cases in CORPORA.items()}
+    print(f"validator corpora: {sum(counts.values())} records (twice: keys reversed) {counts}")
+    assert sum(counts.values()) >= 1000, counts
+
+
+@settings(
+    max_examples=1000,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow],
+)
+@given(data=st.data())
+def test_both_validators_answer_generated_records_alike(data: st.DataObject) -> None:
+    """tests/test_ingest_properties.py's records: the spec's samples with fields replaced by
+    any JSON or removed, and any JSON at all."""
+    name = data.draw(st.sampled_from(NAMES))
+    record = data.draw(_changed_records(name) | JSON)
+    try:
+        case = parsed(name, record)
+    except orjson.JSONDecodeError:
+        assume(False)  # NaN or Infinity: never parsed, so never validated
+    assert disagreement(case.name, case.record) is None
+    assert disagreement(case.name, keys_reversed(case.record)) is None
+
+
+@settings(max_examples=100, deadline=None, database=None)
+@given(batch=VALID_BATCHES)
+def test_both_validators_accept_records_generated_from_the_schemas(
+    batch: tuple[str, list[dict[str, Any]]],
+) -> None:
+    name, records = batch
+    for record in records:
+        assert record_error(FAST[name], record) is None
+        assert record_error(RUST[name], record) is None
+
+
+def test_the_keyword_order_is_fastjsonschemas() -> None:
+    # gateway/schemas.py ranks jsonschema-rs's errors by the order fastjsonschema's draft-07
+    # code generator checks keywords in (a private table of fastjsonschema's). If it
+    # changes, so does which of several violations fastjsonschema reports.
+    generator = CodeGeneratorDraft07({})  # type: ignore[no-untyped-call]
+    assert tuple(generator._json_keywords_to_function) == _KEYWORD_ORDER
