@@ -28,6 +28,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -238,13 +239,33 @@ def broker_pid(port: str) -> int:
 @contextlib.contextmanager
 def frozen(pid: int) -> Iterator[None]:
     """Stop the process `pid` (SIGSTOP) for the block; it goes on (SIGCONT) however the
-    block ends, or the spare broker would be left frozen for its teardown to kill."""
+    block ends, or the spare broker would be left frozen for its teardown to kill.
+
+    kill() returns before every thread has stopped: on a busy machine a broker thread
+    could still answer a request sent at once. So wait until each thread shows stopped.
+    """
     os.kill(pid, signal.SIGSTOP)
     try:
+        _wait_until_stopped(pid)
         yield
     finally:
         with contextlib.suppress(ProcessLookupError):  # gone: nothing left to thaw
             os.kill(pid, signal.SIGCONT)
+
+
+def _wait_until_stopped(pid: int, within_s: float = 10.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not all(state in ("T", "t") for state in _thread_states(pid)):
+        assert time.monotonic() < deadline, f"process {pid} did not stop within {within_s}s"
+        time.sleep(0.01)
+
+
+def _thread_states(pid: int) -> Iterator[str]:
+    """The state letter of each thread of `pid`, from /proc (R running, S sleeping, T
+    stopped...); the name before it is in parentheses and may hold spaces."""
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        with contextlib.suppress(FileNotFoundError):  # a thread that has just ended
+            yield stat.read_text().rsplit(")", 1)[1].split()[0]
 
 
 @dataclass
