@@ -6,8 +6,6 @@ import asyncio
 import functools
 import hashlib
 import io
-import os
-import signal
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
@@ -30,6 +28,7 @@ from tests.integration.conftest import (
     delete_topics,
     eventually,
 )
+from tests.integration.test_outage import broker_pid, frozen
 from tests.keys import KeyFile, make_key_file
 from tests.scrape import Samples
 from tests.spec_samples import curl_bodies
@@ -276,11 +275,6 @@ async def test_key_file_edits_apply_while_the_gateway_runs(gateway: Gateway) -> 
     assert (await gateway.post("log", sample))[0] == 200
 
 
-def _broker_pid(env: dict[str, str]) -> int:
-    home = Path(env.get("CAFE_KAFKA_HOME", Path.home() / ".cache/cafe-gateway/kafka"))
-    return int((home / f"run-{env['CAFE_KAFKA_PORT']}" / "broker.pid").read_text())
-
-
 async def test_kafka_frozen_or_down_is_503_and_the_gateway_recovers_when_it_returns(
     aiohttp_client: AiohttpClient, tmp_path: Path, spare_broker: tuple[str, dict[str, str]]
 ) -> None:
@@ -292,9 +286,7 @@ async def test_kafka_frozen_or_down_is_503_and_the_gateway_recovers_when_it_retu
     assert await gw.post("log", sample) == (200, {"accepted": 1})
 
     # A broker that takes no requests (frozen) never acknowledges: 503, not a hang.
-    pid = _broker_pid(env)
-    os.kill(pid, signal.SIGSTOP)
-    try:
+    with frozen(broker_pid(env["CAFE_KAFKA_PORT"])):
         resp = await gw.client.post(
             "/v1/log",
             data=sample,
@@ -303,8 +295,6 @@ async def test_kafka_frozen_or_down_is_503_and_the_gateway_recovers_when_it_retu
         assert resp.status == 503
         assert resp.headers["Retry-After"] == "1"
         assert (await resp.json(content_type=None))["code"] == "kafka_unavailable"
-    finally:
-        os.kill(pid, signal.SIGCONT)
 
     # A broker that is gone: 503 again, and readiness says so.
     await asyncio.to_thread(
