@@ -386,7 +386,6 @@ async def test_kafka_frozen_for_a_minute_under_retrying_clients_duplicates_no_re
         key_file,
         prefix,
         CAFE_PRODUCE_TIMEOUT_MS=str(FREEZE_PRODUCE_TIMEOUT_MS),
-        # Ignored by a gateway that does not know it yet, so the test runs on either.
         CAFE_MAX_QUEUED_BYTES=str(MAX_QUEUED_BYTES),
     )
     headers = {"x-api-key": key_file.key, "Content-Type": "application/json"}
