@@ -41,7 +41,7 @@ Check = Callable[[Any], dict[str, str] | None]
 # RFC 3339 section 5.6, strictly: a 'T', seconds, and an offset with a colon.
 _DATE_TIME = re.compile(
     r"([0-9]{4}-[0-9]{2}-[0-9]{2})[Tt]([0-9]{2}:[0-9]{2}):([0-9]{2})(\.[0-9]{1,9})?"
-    r"([Zz]|[+-][0-9]{2}:[0-9]{2})"
+    r"([Zz]|[+-][0-9]{2}:[0-5][0-9])"
 )
 
 

@@ -175,6 +175,8 @@ DATE_TIMES = [
     ("2019-02-29T00:00:00Z", False),
     ("2019-01-21T24:00:00Z", False),
     ("2019-01-21T13:09:07+24:00", False),
+    ("2019-01-21T13:09:07+05:60", False),  # an offset's minutes are 00 to 59
+    ("2019-01-21T13:09:07-00:99", False),
     ("2019-01-21T13:09:07.Z", False),
     ("\uff12\uff10\uff11\uff19-01-21T13:09:07Z", False),  # full-width digits
 ]
