@@ -1,8 +1,8 @@
 """The CAFe record types: their JSON Schemas, compiled once, and per-record validation.
 
 Records are checked by one of two validators (CAFE_VALIDATOR): fastjsonschema, the
-design's, or jsonschema-rs, about twice as fast per record and an optional extra
-(`cafe-gateway[fast]`). Each record type carries the `check` its validator compiled.
+design's, or jsonschema-rs, two to three times as fast per record and an optional
+extra (`cafe-gateway[fast]`). Each record type carries the `check` its validator compiled.
 Both compile the same schema files with the same format rules, and a record is refused
 for the same violation in the same words whichever checks it: jsonschema-rs reports
 every violation, and the one fastjsonschema would have stopped at is picked and worded
@@ -88,9 +88,9 @@ _FORMATS: dict[str, Callable[[str], bool]] = {"date-time": is_rfc3339_date_time}
 # Every format a record schema may use, and its one meaning, which jsonschema-rs is given
 # in place of its own: ours for date-time, fastjsonschema's (the design's) for the rest.
 # Its own judge some values differently: its uri refuses "a:ü", which fastjsonschema's
-# takes; its date-time takes year 0000, which ours refuses. The calls into Python are
-# most of what jsonschema-rs costs: 3.8 us per activity record with them, 1.6 us with
-# its own formats (fastjsonschema: 7.1 us).
+# takes; its date-time takes year 0000, which ours refuses. Calls into Python were most
+# of what jsonschema-rs cost, so a first pass checks a record with native stand-ins for
+# these formats (_NATIVE_FORMATS), and only a record refused there meets this Python.
 _SHARED_FORMATS = {
     **_FORMATS,
     **{name: _fastjsonschema_format(name) for name in ("uri", "ipv4", "ipv6")},
@@ -292,22 +292,66 @@ def _jsonschema_rs_check(schema: dict[str, Any]) -> Check:
     import jsonschema_rs
 
     validator = jsonschema_rs.validator_for(schema, formats=_SHARED_FORMATS, validate_formats=True)
+    # Most records are valid, and pass this one: the same schema with patterns in place
+    # of the formats they stand in for, checked without a call into Python. It builds no
+    # errors, and what it refuses (an IRI, say) the full validator judges.
+    first_pass = jsonschema_rs.validator_for(
+        _with_native_formats(schema), formats=_SHARED_FORMATS, validate_formats=True
+    )
     # jsonschema-rs reads at most 255 levels of nesting, and raises ValueError past them;
     # orjson parses 1024. No valid record nests that deep: fastjsonschema finds its fault.
     too_deep = _fastjsonschema_check(schema)
 
     def check(record: Any) -> dict[str, str] | None:
         try:
-            # Most records are valid: is_valid builds no errors.
-            if validator.is_valid(record):
+            if first_pass.is_valid(record):
                 return None
             errors = list(validator.iter_errors(record))
         except ValueError:
             return too_deep(record)
+        if not errors:
+            return None
         first = min(errors, key=lambda error: _fastjsonschema_rank(schema, error))
         return {"pointer": _pointer(first.instance_path), "message": _words(schema, record, first)}
 
     return check
+
+
+# Native stand-ins for formats, in jsonschema-rs's pattern syntax: each accepts only
+# values its format accepts (it may refuse more), so a record that passes with them
+# passes with the formats. tests/test_validators.py holds each to that.
+_YEAR = "(?:[0-9]{3}[1-9]|[0-9]{2}[1-9]0|[0-9][1-9]00|[1-9]000)"  # 0001 to 9999
+_LEAP_YEAR = "(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)"
+_NATIVE_FORMATS = {
+    # is_rfc3339_date_time: the calendar with its leap years, the clock with a leap
+    # second, ASCII digits only.
+    "date-time": (
+        f"^(?:{_YEAR}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])"
+        "|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)|02-(?:0[1-9]|1[0-9]|2[0-8]))"
+        f"|{_LEAP_YEAR}-02-29)"
+        "[Tt](?:[01][0-9]|2[0-3]):[0-5][0-9]:(?:[0-5][0-9]|60)(?:[.][0-9]{1,9})?"
+        "(?:[Zz]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])$"
+    ),
+    # fastjsonschema's uri (a word, a colon, no white space) in printable ASCII: Python's
+    # \w and \s are not Rust's.
+    "uri": "^[A-Za-z0-9_]+:[!-~]+$",
+    "ipv4": "^(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])[.]){3}"
+    "(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])$",
+}
+
+
+def _with_native_formats(node: Any) -> Any:
+    """A copy of a schema with each format of _NATIVE_FORMATS turned into its pattern."""
+    if isinstance(node, list):
+        return [_with_native_formats(value) for value in node]
+    if not isinstance(node, dict):
+        return node
+    copy = {key: _with_native_formats(value) for key, value in node.items()}
+    pattern = _NATIVE_FORMATS.get(copy.get("format"))  # type: ignore[arg-type]
+    if pattern is not None and "pattern" not in copy:
+        del copy["format"]
+        copy["pattern"] = pattern
+    return copy
 
 
 # The order in which fastjsonschema checks the keywords of one schema (its draft-07 code

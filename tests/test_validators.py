@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import reprlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import orjson
@@ -25,7 +25,14 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import InvalidEnvelope
-from gateway.schemas import _KEYWORD_ORDER, load_record_types, record_error, records_of
+from gateway.schemas import (
+    _KEYWORD_ORDER,
+    _NATIVE_FORMATS,
+    _SHARED_FORMATS,
+    load_record_types,
+    record_error,
+    records_of,
+)
 from tests import test_hostile as hostile
 from tests import test_schemas as tables
 from tests.spec_samples import sample_requests
@@ -254,3 +261,66 @@ def test_the_keyword_order_is_fastjsonschemas() -> None:
     # changes, so does which of several violations fastjsonschema reports.
     generator = CodeGeneratorDraft07({})  # type: ignore[no-untyped-call]
     assert tuple(generator._json_keywords_to_function) == _KEYWORD_ORDER
+
+
+# jsonschema-rs first checks a record with a native pattern in place of each of these
+# formats, and only a record refused there meets the formats' Python. So a pattern must
+# never accept a value its format refuses; and, to be worth its place, it should accept
+# what records usually carry.
+
+
+def date_times() -> Iterator[str]:
+    """Every field of a date-time through its range and past it, the others kept valid."""
+    for number in range(10_000):  # every year's 29 February: the leap years
+        yield f"{number:04d}-02-29T00:00:00Z"
+    for year, month, day in itertools.product(
+        ("0000", "0001", "1900", "2000", "2023", "2024", "2100", "9999", "10000", "202"),
+        [f"{m:02d}" for m in range(14)] + ["1", "001"],
+        [f"{d:02d}" for d in range(33)] + ["1", "001"],
+    ):
+        yield f"{year}-{month}-{day}T12:00:00Z"
+    for unit in range(100):
+        yield f"2024-05-06T{unit:02d}:00:00Z"
+        yield f"2024-05-06T00:{unit:02d}:00Z"
+        yield f"2024-05-06T23:59:{unit:02d}Z"
+    for hours, minutes in itertools.product(range(30), range(100)):
+        for sign in "+-":
+            yield f"2024-05-06T00:00:00{sign}{hours:02d}:{minutes:02d}"
+    for digits in range(13):
+        yield f"2024-05-06T00:00:00{'.' if digits else ''}{'1' * digits}+05:30"
+    for separator, zone in itertools.product("Tt _", ("Z", "z", "", "+0530", "+05", "UTC")):
+        yield f"2024-05-06{separator}00:00:00{zone}"
+    yield from (
+        "2019-01-21T13:09:07.049+05:30", "2024-05-06T00:00:00Z\n", " 2024-05-06T00:00:00Z",
+        "\uff12\uff10\uff12\uff14-05-06T00:00:00Z", "2024-05-06T00:00:00.Z", "2024-05-06T00:00Z",
+        "2024-05-06T00:00:00,5Z", "2024-W19-1T00:00:00Z", "\u0662024-05-06T00:00:00Z", "",
+    )  # fmt: skip
+
+
+NATIVE_CORPORA: dict[str, Callable[[], Iterable[str]]] = {
+    "date-time": date_times,
+    "uri": lambda: [*FORMAT_VALUES["/eventUri"], "a\u0301:x", "ab:x\x1c", "a:x\u00a0", "A_1:x"],
+    "ipv4": lambda: [
+        *FORMAT_VALUES["/location/ipAddress"],
+        *(f"{n}.{n}.1.{n}" for n in range(300)), *(f"0{n}.1.1.1" for n in range(10)),
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(_NATIVE_FORMATS))
+def test_each_native_format_accepts_only_what_its_format_accepts(name: str) -> None:
+    import jsonschema_rs
+
+    pattern = jsonschema_rs.validator_for({"type": "string", "pattern": _NATIVE_FORMATS[name]})
+    check = _SHARED_FORMATS[name]
+    values = list(NATIVE_CORPORA[name]())
+    looser = [value for value in values if pattern.is_valid(value) and not check(value)]
+    assert looser == [], f"the {name} pattern accepts values the format refuses"
+    # Stricter only outside printable ASCII (an IRI, say): such values take the slow way.
+    stricter = [
+        value
+        for value in values
+        if check(value) and not pattern.is_valid(value) and value.isascii() and value.isprintable()
+    ]
+    assert stricter == [], f"the {name} pattern refuses plain values the format accepts"
+    assert sum(map(check, values)) > len(values) // 10  # the corpus is not all refusals
