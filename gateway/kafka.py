@@ -8,7 +8,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -274,6 +274,36 @@ def _add(batch: Any, message: Message) -> bool:
     return metadata is not None
 
 
+async def _wait_all(futures: Collection[asyncio.Future[Any]], deadline: float) -> None:
+    """Return once every one of `futures` is done; raise TimeoutError if the loop's clock
+    reaches `deadline` first. Cancels none of them: other requests' records share them,
+    which a timeout around gather() or wait() would not respect. One future and one timer
+    per call, as every request waits here."""
+    if not futures:
+        return
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+    left = len(futures)
+
+    def one_done(_: asyncio.Future[Any]) -> None:
+        nonlocal left
+        left -= 1
+        if left == 0 and not waiter.done():
+            waiter.set_result(None)
+
+    def too_late() -> None:
+        if not waiter.done():
+            waiter.set_exception(TimeoutError())
+
+    for future in futures:
+        future.add_done_callback(one_done)
+    timer = loop.call_at(deadline, too_late)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+
+
 def _observe(histogram: Any, since: float, ack: asyncio.Future[Any]) -> None:
     """Time a batch from its hand-over to its successful acknowledgement."""
     if not ack.cancelled() and ack.exception() is None:
@@ -457,29 +487,27 @@ class KafkaSink:
             if len(message.value) > _WEIGH_ABOVE:
                 _check_size(topic, message)
         timeout_s = self._settings.produce_timeout_ms / 1000
+        deadline = asyncio.get_running_loop().time() + timeout_s
         acks: dict[asyncio.Future[None], _Batcher] = {}
         try:
-            async with asyncio.timeout(timeout_s):
-                # As in _send_batch: known metadata without an await, else the public way.
-                partitions = producer.client.cluster.partitions_for_topic(topic)
-                if not partitions:
+            # As in _send_batch: known metadata without an await, else the public way.
+            partitions = producer.client.cluster.partitions_for_topic(topic)
+            if not partitions:
+                async with asyncio.timeout_at(deadline):
                     partitions = await producer.partitions_for(topic)
-                batchers = [
-                    self._batcher(topic, self._partition(message.key, len(partitions)))
-                    for message in messages
-                ]
-                self._admit(topic, messages, batchers)
-                # Appended in order, so one key's messages keep their order.
-                for batcher, message in zip(batchers, messages, strict=True):
-                    acks[batcher.append(producer, message)] = batcher
-                # wait(), not gather(): a timeout here must not cancel a future that other
-                # requests' records share. (wait() refuses an empty set: nothing to send.)
-                if acks:
-                    await asyncio.wait(acks)
-                for ack in acks:
-                    failure = ack.exception()
-                    if failure is not None:
-                        raise failure
+            batchers = [
+                self._batcher(topic, self._partition(message.key, len(partitions)))
+                for message in messages
+            ]
+            self._admit(topic, messages, batchers)
+            # Appended in order, so one key's messages keep their order.
+            for batcher, message in zip(batchers, messages, strict=True):
+                acks[batcher.append(producer, message)] = batcher
+            await _wait_all(acks, deadline)
+            for ack in acks:
+                failure = ack.exception()
+                if failure is not None:
+                    raise failure
         except TimeoutError:
             for ack, batcher in acks.items():
                 if not ack.done():
