@@ -53,13 +53,14 @@ test-cluster: $(INSTALLED) ## only the tests that start their own 3-broker Kafka
 
 BENCH_SECONDS ?= 10
 WORKERS ?= 1
-bench: $(INSTALLED) ## measure the gateway on the local Kafka against its ceilings (WORKERS=N)
+PEERS ?=
+bench: $(INSTALLED) ## measure the gateway on the local Kafka against its ceilings (WORKERS=N; PEERS=1: and the peer bridges)
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq wrk; } || \
 		{ echo "bench needs wrk: apt-get install wrk"; exit 1; }
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,bench]'
 	$(kafka_for_run)
 	CAFE_KAFKA_BOOTSTRAP=$(BOOTSTRAP) $(BIN)/python -m loadtest.bench \
-		--seconds $(BENCH_SECONDS) --workers $(WORKERS)
+		--seconds $(BENCH_SECONDS) --workers $(WORKERS) $(if $(PEERS),--peer)
 
 LOADTEST_HOST ?= http://127.0.0.1:8080
 LOADTEST_USERS ?= 20

@@ -9,7 +9,7 @@
 --   BENCH_DELAY_MS mean pause before each request on a connection, to hold a lower rate
 --   BENCH_FORMAT   "cafe" (our envelope) or "bridge": the Kafka REST JSON embedded
 --                  format of the Strimzi bridge and Confluent's REST proxy, which the
---                  bench's peer (deploy/peer/) takes; the sessionId is each record's key
+--                  bench's peers (deploy/peer/) take; the sessionId is each record's key
 -- done() prints one JSON line, prefixed "BENCH ", that bench.py reads.
 
 local batch = tonumber(os.getenv("BENCH_BATCH") or "1")

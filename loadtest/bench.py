@@ -9,9 +9,11 @@ reads the body and answers. Then each gateway runs again at half its peak rate, 
 latency under a normal load. Last, the books: every eventId a gateway acknowledged
 must be on the topic. Beside the table, what each validator costs per record.
 
-With --peer, an independent HTTP-to-Kafka bridge (deploy/peer/: Bento) gets the same
-records at the same batch sizes on the same broker, in the Kafka REST JSON embedded
-format, and its books are checked on its own topic.
+With --peer, two HTTP-to-Kafka bridges developed independently of the gateway (deploy/
+peer/: Bento and the Strimzi Kafka Bridge) get the same records at the same batch sizes
+on the same broker, in the Kafka REST JSON embedded format, and each one's books are
+checked on its own topic. Last, each of the gateway's performance goals (issue 15) is
+marked met or not met with the figures that decide it.
 
 The server is pinned to CPU 0 and wrk to CPU 1 (on a 2-core machine the broker shares
 them), so the load generator never starves the server it measures. Only loopback
@@ -62,8 +64,27 @@ CONNECTIONS = {500: 8, 20: 32, 1: 64}
 RS = "-rs"
 TARGETS = ("gateway", "gateway" + RS, "no-sink", "no-sink" + RS, "bare")
 VALIDATORS = ("fastjsonschema", "jsonschema-rs")
-PEER = "peer"
-PEER_SCRIPT = HERE.parent / "deploy" / "peer" / "peer.sh"
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Another HTTP-to-Kafka bridge, run by its script in deploy/peer/."""
+
+    product: str
+    config: str  # the file that sets it up as a bridge, for the report
+    # Seconds of W500 traffic before its first measured run: until then a cold JIT (the
+    # broker's, and a Java peer's own) measures its warm-up, not its speed.
+    warm_up_s: int
+
+    def script(self, name: str) -> Path:
+        return HERE.parent / "deploy" / "peer" / f"{name}.sh"
+
+
+PEERS = {
+    "bento": Peer("Bento", "deploy/peer/bento.yaml", 10),
+    # Its own README: the JIT needs about a minute of traffic.
+    "strimzi": Peer("Strimzi Kafka Bridge", "deploy/peer/strimzi.properties", 60),
+}
 # 16 times the connections that keep the gateway busy at W500.
 OVERLOAD_CONNECTIONS = 128
 TOPIC_PARTITIONS = 6
@@ -92,7 +113,8 @@ class Result:
 
 
 def kind(target: str) -> str:
-    """The server a target runs, whichever validator it has: gateway, no-sink, bare, peer."""
+    """The server a target runs, whichever validator it has: gateway, no-sink, bare, or
+    a peer's name."""
     return target.removesuffix(RS)
 
 
@@ -117,7 +139,7 @@ def wait_healthy(port: int, proc: subprocess.Popen[bytes], path: str = "/healthz
             raise SystemExit(f"server exited with {proc.returncode}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
-                good = good + 1 if r.status == 200 else 0
+                good = good + 1 if 200 <= r.status < 300 else 0  # the Strimzi bridge: 204
         except OSError:
             good = 0
         if good == 10:
@@ -135,9 +157,9 @@ def server(target: str, env: dict[str, str]) -> Iterator[tuple[int, psutil.Proce
     if kind(target) == "gateway":
         cmd = [python, "-m", "gateway", "serve"]
         health = "/readyz"
-    elif target == PEER:
-        # peer.sh execs Bento, so the process measured is Bento itself.
-        cmd = [str(PEER_SCRIPT), "run"]
+    elif target in PEERS:
+        # The script execs the peer, so the process measured is the peer itself.
+        cmd = [str(PEERS[target].script(target)), "run"]
         health = "/ready"
     else:
         cmd = [python, "-m", "loadtest.ceilings", kind(target), str(port)]
@@ -213,7 +235,7 @@ def run_wrk(
         "BENCH_RUN": f"{run_id}-{target}-{load}{batch}",
         "BENCH_DELAY_MS": str(delay_ms),
         # The same records; the peer takes them wrapped in its JSON embedded format.
-        "BENCH_FORMAT": "bridge" if target == PEER else "cafe",
+        "BENCH_FORMAT": "bridge" if target in PEERS else "cafe",
     }
     conns = connections or CONNECTIONS[batch]
     # With one server process, wrk has CPU 1 to itself; with more, everything shares.
@@ -265,7 +287,7 @@ async def count_event_ids(bootstrap: str, topic: str, run_id: str) -> int:
 
 
 async def create_topic(bootstrap: str, topic: str) -> None:
-    """The peer's topic, partitioned like the gateway's (the broker creates none by itself)."""
+    """A peer's topic, partitioned like the gateway's (the broker creates none by itself)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
@@ -309,7 +331,7 @@ def table(results: list[Result]) -> str:
         bare = peak.get(("bare", r.batch)) if r.load == "peak" else None
         ratio = ""
         # no-sink is the gateway's own ceiling: it bounds neither bare nor the peer.
-        if no_sink and r.target not in ("bare", PEER):
+        if no_sink and kind(r.target) in ("gateway", "no-sink"):
             ratio = f"{r.requests_per_s / no_sink.requests_per_s:.0%}"
         bare_ratio = f"{r.requests_per_s / bare.requests_per_s:.0%}" if bare else ""
         name = r.target if r.load == "peak" else f"{r.target} ({r.load}, {r.connections} conns)"
@@ -328,24 +350,81 @@ def table(results: list[Result]) -> str:
 
 
 def side_by_side(results: list[Result]) -> str:
-    """The gateway and the peer at each batch size (peak runs), and their ratios."""
+    """The gateway, with each validator, and each peer at each batch size (peak runs);
+    how many times a peer's records/s the gateway's are."""
     peak = {(r.target, r.batch): r for r in results if r.load == "peak"}
-    lines = [
-        "| batch | gateway records/s | peer records/s | peer vs gateway "
-        "| gateway p99 ms | peer p99 ms | peer p99 vs gateway |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
+    peers = [name for name in PEERS if any(r.target == name for r in results)]
+    gateways = [t for t in ("gateway", "gateway" + RS) if any(r.target == t for r in results)]
+    header = "| batch | " + " | ".join(f"{t} records/s" for t in gateways)
+    rule = "|---|" + "---:|" * len(gateways)
+    for name in peers:
+        header += f" | {name} records/s | gateway vs {name}"
+        rule += "---:|---:|"
+    header += " | " + " | ".join(f"{t} p99 ms" for t in (*gateways, *peers)) + " |"
+    rule += "---:|" * (len(gateways) + len(peers))
+    lines = [header, rule]
     for batch in BATCHES:
-        gateway = peak.get(("gateway", batch))
-        peer = peak.get((PEER, batch))
-        if gateway is None or peer is None:
+        rows = [peak.get((t, batch)) for t in (*gateways, *peers)]
+        gateway = peak.get((gateways[0], batch)) if gateways else None
+        if gateway is None or any(row is None for row in rows):
             continue
-        lines.append(
-            f"| W{batch} | {gateway.records_per_s:,} | {peer.records_per_s:,} "
-            f"| {peer.records_per_s / gateway.records_per_s:.0%} | {gateway.p99_ms:.1f} "
-            f"| {peer.p99_ms:.1f} | {peer.p99_ms / gateway.p99_ms:.0%} |"
-        )
+        cells = [f"W{batch}", *(f"{peak[t, batch].records_per_s:,}" for t in gateways)]
+        for name in peers:
+            peer = peak[name, batch]
+            times = gateway.records_per_s / peer.records_per_s if peer.records_per_s else 0
+            cells += [f"{peer.records_per_s:,}", f"{times:.1f}x"]
+        cells += [f"{row.p99_ms:.1f}" for row in rows if row is not None]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def goals(results: list[Result]) -> str:
+    """Issue 15's goals for one gateway process with the fast validator (gateway-rs),
+    each marked met or not met, with the figures that decide it."""
+    peak = {(r.target, r.batch): r for r in results if r.load == "peak"}
+    half = {(r.target, r.batch): r for r in results if r.load == "half"}
+    fast = "gateway" + RS
+    lines: list[str] = []
+
+    def goal(text: str, met: bool, figures: str) -> None:
+        lines.append(f"- {'met' if met else '**not met**'}: {text} ({figures})")
+
+    def at(target: str, batch: int) -> Result | None:
+        return peak.get((target, batch))
+
+    w1, bento, bare = at(fast, 1), at("bento", 1), at("bare", 1)
+    if w1 and bento:
+        goal("W1 requests/s at least Bento's", w1.requests_per_s >= bento.requests_per_s,
+             f"{w1.requests_per_s:,} against {bento.requests_per_s:,}")  # fmt: skip
+    if w1 and bare:
+        share = w1.requests_per_s / bare.requests_per_s
+        goal("W1 requests/s at least 50% of the bare handler's", share >= 0.5,
+             f"{w1.requests_per_s:,} against {bare.requests_per_s:,}: {share:.0%}")  # fmt: skip
+    for batch, floor in ((20, 50_000), (500, 100_000)):
+        run, ceiling = at(fast, batch), at("no-sink" + RS, batch)
+        if run is None:
+            continue
+        goal(f"W{batch} at least {floor:,} records/s", run.records_per_s >= floor,
+             f"{run.records_per_s:,}")  # fmt: skip
+        if ceiling:
+            share = run.records_per_s / ceiling.records_per_s
+            figures = f"{run.records_per_s:,} against {ceiling.records_per_s:,}: {share:.0%}"
+            goal(f"W{batch} at least 75% of the no-Kafka ceiling (no-sink-rs)", share >= 0.75,
+                 figures)  # fmt: skip
+    for batch in (20, 1):
+        run = half.get((fast, batch))
+        if run:
+            goal(f"W{batch} p99 at most 30 ms at half load", run.p99_ms <= 30,
+                 f"{run.p99_ms:.1f} ms")  # fmt: skip
+    strimzi = [(at(fast, b), at("strimzi", b)) for b in BATCHES]
+    pairs = [(g, p) for g, p in strimzi if g and p and p.records_per_s]
+    if pairs:
+        least = min(g.records_per_s / p.records_per_s for g, p in pairs)
+        goal("at least 4 times the Strimzi Kafka Bridge's records/s at every batch size",
+             least >= 4, f"{least:.1f} times at the least")  # fmt: skip
+    if not lines:
+        return ""
+    return "Goals (issue 15), for gateway-rs:\n\n" + "\n".join(lines)
 
 
 def chart(results: list[Result], path: Path) -> None:
@@ -356,7 +435,7 @@ def chart(results: list[Result], path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     labels = [f"W{b}" for b in BATCHES]
-    targets = [t for t in (*TARGETS, PEER) if any(r.target == t for r in results)]
+    targets = [t for t in (*TARGETS, *PEERS) if any(r.target == t for r in results)]
     width = 0.8 / len(targets)
     for i, target in enumerate(targets):
         rows = {r.batch: r for r in results if r.target == target and r.load == "peak"}
@@ -370,8 +449,9 @@ def chart(results: list[Result], path: Path) -> None:
         axis.legend()
     left.set_yscale("log")
     title = "cafe-gateway on one core vs its ceilings"
-    if PEER in targets:
-        title += " and a peer bridge, Bento"
+    peers = [PEERS[t].product for t in targets if t in PEERS]
+    if peers:
+        title += " and peer bridges: " + ", ".join(peers)
     fig.suptitle(f"{title} (make bench)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -401,11 +481,13 @@ def measure(
         )  # fmt: skip
 
     results = []
-    if kind(target) in ("gateway", PEER):
-        # A fresh broker is a cold JVM: until its JIT has compiled the produce path the
-        # first figures measure the broker's warm-up. Warm both first (either may be the
-        # first to produce in a run).
+    # A fresh broker is a cold JVM: until its JIT has compiled the produce path the first
+    # figures measure the broker's warm-up. Warm each that produces (any may be the first
+    # to produce in a run), a Java peer for longer.
+    if kind(target) == "gateway":
         run(500, 10, warm_up=True)
+    elif target in PEERS:
+        run(500, PEERS[target].warm_up_s, warm_up=True)
     for batch in BATCHES:
         # A short warm-up keeps set-up costs out.
         run(batch, 2, warm_up=True)
@@ -458,21 +540,36 @@ class Books:
         return {"acknowledged": self.acknowledged, "on_topic": self.on_topic, "ok": self.ok}
 
 
+@dataclass
+class Outcome:
+    """What a bench run found."""
+
+    results: list[Result]
+    # By server: "gateway" (either validator) and each peer measured.
+    books: dict[str, Books]
+    peer_versions: dict[str, str]  # by peer name
+    costs: dict[str, float]  # validation, us per record, by validator
+
+
 def main() -> None:
     args = parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install wrk")
     targets = args.targets.split(",")
-    if args.peer and PEER not in targets:
-        targets.append(PEER)
+    if args.peer:
+        targets += [name for name in PEERS if name not in targets]
+    unknown = set(targets) - {*TARGETS, *PEERS}
+    if unknown:
+        raise SystemExit(f"no such target: {', '.join(sorted(unknown))}")
     # Installed before any run starts: a long build, which must not eat a run's time.
-    peer_version = install_peer() if PEER in targets else ""
+    versions = {name: install_peer(name) for name in PEERS if name in targets}
     # Measured first, while the machine is otherwise idle.
     costs = validation_costs()
-    results, books, peer_books = run_targets(args, targets)
-    print_summary(results, books, peer_books, peer_version, costs)
-    write_report(args, results, books, peer_books, peer_version, costs)
-    if not (books.ok and (peer_books is None or peer_books.ok)):
+    results, books = run_targets(args, targets)
+    outcome = Outcome(results, books, versions, costs)
+    print_summary(outcome)
+    write_report(args, outcome)
+    if not all(b.ok for b in books.values()):
         raise SystemExit(1)
 
 
@@ -484,27 +581,27 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, default=HERE.parent / "docs" / "bench")
     parser.add_argument(
-        "--targets", default=",".join(TARGETS), help="which servers, comma-separated"
+        "--targets",
+        default=",".join(TARGETS),
+        help=f"which servers, comma-separated: of {', '.join((*TARGETS, *PEERS))}",
     )
     parser.add_argument("--workers", type=int, default=1, help="gateway processes (CAFE_WORKERS)")
     parser.add_argument(
         "--peer",
         action="store_true",
-        help="also measure the peer, an HTTP-to-Kafka bridge (deploy/peer/), at each batch size",
+        help="also measure the peers, HTTP-to-Kafka bridges (deploy/peer/), at each batch size",
     )
     return parser.parse_args()
 
 
-def install_peer() -> str:
-    """Build the peer if it is not there yet; return its version."""
-    # Its progress goes to stderr, left to the terminal; stdout is the path.
-    peer_bin = subprocess.run(
-        [str(PEER_SCRIPT), "bin"], stdout=subprocess.PIPE, text=True, check=True
+def install_peer(name: str) -> str:
+    """Build a peer if it is not there yet; return its version."""
+    script = str(PEERS[name].script(name))
+    # Its progress goes to stderr, left to the terminal.
+    subprocess.run([script, "install"], check=True)
+    return subprocess.run(
+        [script, "version"], stdout=subprocess.PIPE, text=True, check=True
     ).stdout.strip()
-    version = subprocess.run(
-        [peer_bin, "--version"], capture_output=True, text=True, check=True
-    ).stdout
-    return version.split()[1]  # "Version: v1.19.0 ..."
 
 
 def validation_costs() -> dict[str, float]:
@@ -528,9 +625,10 @@ def costs_line(costs: dict[str, float]) -> str:
 
 def run_targets(
     args: argparse.Namespace, targets: list[str]
-) -> tuple[list[Result], Books, Books | None]:
-    """Measure every target on topics of this run's own, then count the books (the peer's
-    only if it ran). The topics and the keys file are removed whatever happens."""
+) -> tuple[list[Result], dict[str, Books]]:
+    """Measure every target on topics of this run's own, then count the books of the
+    gateway and of each peer that ran. The topics and the keys file are removed whatever
+    happens."""
     run_id = uuid.uuid4().hex[:8]
     topics = {
         name: f"bench.{run_id}.{name}" for name in ("activity", "log", "profile", "deadletter")
@@ -539,28 +637,27 @@ def run_targets(
     key, record = mint_key(("analytics-portal",))
     write_keys_file(workdir / "keys.json", [record])
     env = server_env(args, workdir / "keys.json", topics)
-    # The peer writes where the URL says, to a topic of the run's own.
-    peer_topic = f"bench.{run_id}.peer"
+    # Each peer writes where the URL says, to a topic of the run's own.
+    peers = [name for name in PEERS if name in targets]
+    topics |= {name: f"bench.{run_id}.{name}" for name in peers}
 
     results: list[Result] = []
-    peer_books: Books | None = None
+    books: dict[str, Books] = {}
     try:
-        if PEER in targets:
-            asyncio.run(create_topic(args.bootstrap, peer_topic))
-            topics["peer"] = peer_topic
+        for name in peers:
+            asyncio.run(create_topic(args.bootstrap, topics[name]))
         for target in targets:
-            path = f"/topics/{peer_topic}" if target == PEER else "/v1/activity"
+            path = f"/topics/{topics[target]}" if target in PEERS else "/v1/activity"
             with server(target, env) as (port, proc):
                 results += measure(
                     target, port, proc, seconds=args.seconds, key=key, run_id=run_id, path=path
                 )
-        books = count_books(args.bootstrap, topics["activity"], run_id, results, "gateway")
-        if PEER in targets:
-            peer_books = count_books(args.bootstrap, peer_topic, run_id, results, PEER)
+        for name, topic in (("gateway", topics["activity"]), *((p, topics[p]) for p in peers)):
+            books[name] = count_books(args.bootstrap, topic, run_id, results, name)
     finally:
         asyncio.run(delete_topics(args.bootstrap, list(topics.values())))
         shutil.rmtree(workdir, ignore_errors=True)
-    return results, books, peer_books
+    return results, books
 
 
 def server_env(args: argparse.Namespace, keys_file: Path, topics: dict[str, str]) -> dict[str, str]:
@@ -584,42 +681,32 @@ def count_books(
     return Books(acknowledged, asyncio.run(count_event_ids(bootstrap, topic, run_id)))
 
 
-def print_summary(
-    results: list[Result],
-    books: Books,
-    peer_books: Books | None,
-    peer_version: str,
-    costs: dict[str, float],
-) -> None:
+def print_summary(outcome: Outcome) -> None:
     print()
-    print(table(results))
+    print(table(outcome.results))
     print()
-    print(costs_line(costs))
-    print(
-        f"books: {books.acknowledged:,} records acknowledged with 2xx; "
-        f"{books.on_topic:,} of this run's"
-    )
-    print(f"eventIds are on the topic: {books.verdict}")
-    if peer_books is None:
-        return
-    print(
-        f"peer books: {peer_books.acknowledged:,} records acknowledged with 2xx; "
-        f"{peer_books.on_topic:,}"
-    )
-    print(f"of this run's eventIds are on its topic: {peer_books.verdict}")
+    print(costs_line(outcome.costs))
+    for name, books in outcome.books.items():
+        print(
+            f"books of {name}: {books.acknowledged:,} records acknowledged with 2xx; "
+            f"{books.on_topic:,} of this run's eventIds are on its topic: {books.verdict}"
+        )
+    if outcome.peer_versions:
+        print()
+        print(f"the gateway and {peer_list(outcome)}, peak runs:")
+        print(side_by_side(outcome.results))
     print()
-    print(f"gateway and peer (Bento {peer_version}, deploy/peer/bento.yaml), peak runs:")
-    print(side_by_side(results))
+    print(goals(outcome.results))
 
 
-def write_report(
-    args: argparse.Namespace,
-    results: list[Result],
-    books: Books,
-    peer_books: Books | None,
-    peer_version: str,
-    costs: dict[str, float],
-) -> None:
+def peer_list(outcome: Outcome) -> str:
+    return ", ".join(
+        f"{PEERS[name].product} {version} ({PEERS[name].config})"
+        for name, version in outcome.peer_versions.items()
+    )
+
+
+def write_report(args: argparse.Namespace, outcome: Outcome) -> None:
     """The .json, .md and .png files in --out."""
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
@@ -631,21 +718,26 @@ def write_report(
         },
         "seconds_per_run": args.seconds,
         "gateway_workers": args.workers,
-        "results": [asdict(r) for r in results],
-        "books": books.as_report(),
-        "validation_us_per_record": costs,
+        "results": [asdict(r) for r in outcome.results],
+        "books": {name: books.as_report() for name, books in outcome.books.items()},
+        "validation_us_per_record": outcome.costs,
+        "peers": {
+            name: {"product": PEERS[name].product, "version": v, "config": PEERS[name].config}
+            for name, v in outcome.peer_versions.items()
+        },
     }
-    markdown = table(results) + "\n\n" + costs_line(costs) + "\n"
+    markdown = table(outcome.results) + "\n\n" + costs_line(outcome.costs) + "\n"
     stem = "bench" if args.workers == 1 else f"bench-workers{args.workers}"
-    if peer_books is not None:
-        report["peer"] = {"product": "Bento", "version": peer_version, "config": "deploy/peer"}
-        report["peer_books"] = peer_books.as_report()
-        markdown += "\n" + side_by_side(results) + "\n"
-        # Its own files: a run with the peer does not replace the gateway's record.
+    if outcome.peer_versions:
+        markdown += f"\nThe gateway and {peer_list(outcome)}, peak runs:\n\n"
+        markdown += side_by_side(outcome.results) + "\n"
+        # Its own files: a run with the peers does not replace the gateway's record.
         stem += "-peer"
+    if goals(outcome.results):
+        markdown += "\n" + goals(outcome.results) + "\n"
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / f"{stem}.md").write_text(markdown)
-    chart(results, args.out / f"{stem}.png")
+    chart(outcome.results, args.out / f"{stem}.png")
     print(f"wrote {args.out / stem}.json, .md and .png")
 
 

@@ -65,15 +65,7 @@ java_bin() {
 
 # The pid in PIDFILE, if that process is alive and is the Kafka node run with PROPERTIES.
 node_pid() {
-    local pidfile=$1 properties=$2
-    [ -f "$pidfile" ] || return 1
-    local pid
-    pid=$(cat "$pidfile")
-    [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] || return 1
-    local cmdline
-    cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline")
-    [[ $cmdline == *"kafka.Kafka $properties"* ]] || return 1
-    echo "$pid"
+    pid_running_as "$1" "kafka.Kafka $2"
 }
 
 broker_pid() { node_pid "$pidfile" "$run/server.properties"; }
