@@ -549,6 +549,11 @@ class Outcome:
     books: dict[str, Books]
     peer_versions: dict[str, str]  # by peer name
     costs: dict[str, float]  # validation, us per record, by validator
+    workers: int  # gateway processes
+
+    def goals(self) -> str:
+        """The goals' verdicts; none with several workers: the goals are for one process."""
+        return goals(self.results) if self.workers == 1 else ""
 
 
 def main() -> None:
@@ -566,7 +571,7 @@ def main() -> None:
     # Measured first, while the machine is otherwise idle.
     costs = validation_costs()
     results, books = run_targets(args, targets)
-    outcome = Outcome(results, books, versions, costs)
+    outcome = Outcome(results, books, versions, costs, args.workers)
     print_summary(outcome)
     write_report(args, outcome)
     if not all(b.ok for b in books.values()):
@@ -695,8 +700,9 @@ def print_summary(outcome: Outcome) -> None:
         print()
         print(f"the gateway and {peer_list(outcome)}, peak runs:")
         print(side_by_side(outcome.results))
-    print()
-    print(goals(outcome.results))
+    if outcome.goals():
+        print()
+        print(outcome.goals())
 
 
 def peer_list(outcome: Outcome) -> str:
@@ -733,8 +739,8 @@ def write_report(args: argparse.Namespace, outcome: Outcome) -> None:
         markdown += side_by_side(outcome.results) + "\n"
         # Its own files: a run with the peers does not replace the gateway's record.
         stem += "-peer"
-    if goals(outcome.results):
-        markdown += "\n" + goals(outcome.results) + "\n"
+    if outcome.goals():
+        markdown += "\n" + outcome.goals() + "\n"
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / f"{stem}.md").write_text(markdown)
     chart(outcome.results, args.out / f"{stem}.png")
