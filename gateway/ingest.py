@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from gateway.auth import platform_refusal
 from gateway.clientip import client_ip
@@ -37,7 +38,6 @@ from gateway.state import (
     LIMITER,
     METRICS,
     RECORD_COUNTS,
-    RECORD_TYPES,
     REQUEST_ID,
     SETTINGS,
     SINK,
@@ -54,9 +54,17 @@ _MAX_ECHOED_ID = 128
 _TRUNCATED = ("cafe-truncated", b"true")
 
 
-async def ingest(request: web.Request) -> web.Response:
-    """Accept a batch of records of the type named by the route."""
-    record_type = request.app[RECORD_TYPES][request.match_info["record_type"]]
+def ingest_handler(record_type: RecordType) -> Handler:
+    """The handler of POST /v1/<record_type>."""
+
+    async def handle(request: web.Request) -> web.Response:
+        return await ingest(request, record_type)
+
+    return handle
+
+
+async def ingest(request: web.Request, record_type: RecordType) -> web.Response:
+    """Accept a batch of records of `record_type`."""
     settings = request.app[SETTINGS]
     key = request[API_KEY]
     request_id = request[REQUEST_ID]
