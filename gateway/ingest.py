@@ -30,7 +30,7 @@ from gateway.errors import (
 from gateway.keys import ApiKey
 from gateway.logs import utc_timestamp
 from gateway.responses import json_response
-from gateway.schemas import SCHEMA_VERSION, RecordType, record_error, records_of
+from gateway.schemas import SCHEMA_VERSION, RecordType, records_of
 from gateway.sink import Message
 from gateway.state import (
     API_KEY,
@@ -79,11 +79,17 @@ async def ingest(request: web.Request, record_type: RecordType) -> web.Response:
     dead: list[Message] = []
     rejections: list[dict[str, Any]] = []
     for index, record in enumerate(records):
-        problem = _problem_with(record_type, key, record)
-        if problem is None:
-            accepted.append(Message(record["sessionId"].encode(), orjson.dumps(record), headers))
-            continue
-        reason, error = problem
+        error = record_type.check(record)
+        if error is None:
+            error = platform_refusal(key, record["productPlatform"])
+            if error is None:
+                accepted.append(
+                    Message(record["sessionId"].encode(), orjson.dumps(record), headers)
+                )
+                continue
+            reason = "forbidden"
+        else:
+            reason = "invalid"
         rejection = {"index": index, "reason": reason, "errors": [error]}
         event_id = record.get("eventId") if isinstance(record, dict) else None
         if isinstance(event_id, str) and len(event_id) <= _MAX_ECHOED_ID:
@@ -116,19 +122,6 @@ async def ingest(request: web.Request, record_type: RecordType) -> web.Response:
         return json_response({"accepted": len(accepted)})
     body = {"accepted": len(accepted), "rejected": len(rejections), "rejections": rejections}
     return json_response(body, status=207 if accepted else 422)
-
-
-def _problem_with(
-    record_type: RecordType, key: ApiKey, record: Any
-) -> tuple[str, dict[str, str]] | None:
-    """Why a record is rejected (reason, error), or None if it is accepted."""
-    error = record_error(record_type, record)
-    if error is not None:
-        return "invalid", error
-    refusal = platform_refusal(key, record["productPlatform"])
-    if refusal is not None:
-        return "forbidden", refusal
-    return None
 
 
 _MEDIA_TYPES = frozenset({"application/json", "text/plain"})

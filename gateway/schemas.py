@@ -252,11 +252,6 @@ def records_of(body: Any) -> list[Any]:
     return records
 
 
-def record_error(record_type: RecordType, record: Any) -> dict[str, str] | None:
-    """The first schema violation of one record, as a JSON pointer and a message."""
-    return record_type.check(record)
-
-
 def _pointer(path: Sequence[str | int]) -> str:
     return "".join("/" + str(part).replace("~", "~0").replace("/", "~1") for part in path)
 

@@ -50,7 +50,7 @@ import psutil
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from gateway.keys import mint_key, write_keys_file
-from gateway.schemas import load_record_types, record_error
+from gateway.schemas import load_record_types
 from loadtest.topics import read_to_end
 from tests.spec_samples import curl_bodies
 
@@ -611,11 +611,11 @@ def install_peer(name: str) -> str:
 
 def validation_costs() -> dict[str, float]:
     """Microseconds each validator takes to check the spec's activity sample, as ingest
-    checks each record (record_error); the best of 5 rounds of 20,000."""
+    checks each record (RecordType.check); the best of 5 rounds of 20,000."""
     record = orjson.loads(curl_bodies()["activity"])["records"][0]
     costs = {}
     for name in VALIDATORS:
-        check = functools.partial(record_error, load_record_types(["activity"], name)["activity"])
+        check = load_record_types(["activity"], name)["activity"].check
         if check(record) is not None:
             raise SystemExit(f"{name} refuses the spec's activity sample: {check(record)}")
         rounds = timeit.repeat(functools.partial(check, record), repeat=5, number=20_000)

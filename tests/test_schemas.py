@@ -21,7 +21,6 @@ from gateway.schemas import (
     SCHEMA_BASE,
     is_rfc3339_date_time,
     load_record_types,
-    record_error,
     records_of,
     schema_dir,
 )
@@ -39,19 +38,19 @@ def curl_record(name: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize("name", ["activity", "log", "profile"])
 def test_the_spec_curl_samples_are_valid(name: str) -> None:
-    assert record_error(TYPES[name], curl_record(name)) is None
+    assert TYPES[name].check(curl_record(name)) is None
 
 
 @pytest.mark.parametrize("name", ["activity", "log"])
 def test_the_spec_sample_requests_are_valid(name: str) -> None:
     (record,) = sample_requests()[name]["records"]
-    assert record_error(TYPES[name], record) is None
+    assert TYPES[name].check(record) is None
 
 
 def test_the_profile_sample_request_with_spaces_in_its_time_is_rejected() -> None:
     (record,) = sample_requests()["profile"]["records"]
     assert record["eventTime"] == "2019-01-21T11: 54: 37.805-08: 00"
-    assert record_error(TYPES["profile"], record) == {
+    assert TYPES["profile"].check(record) == {
         "pointer": "/eventTime",
         "message": "record.eventTime must be date-time",
     }
@@ -79,7 +78,7 @@ REQUIRED = {
 def test_each_required_field_is_required(name: str, field: str) -> None:
     record = curl_record(name)
     del record[field]
-    error = record_error(TYPES[name], record)
+    error = TYPES[name].check(record)
     assert error is not None
     assert field in error["message"]
 
@@ -94,7 +93,7 @@ OPTIONAL = [
 def test_optional_fields_may_be_left_out(name: str, field: str) -> None:
     record = curl_record(name)
     del record[field]
-    assert record_error(TYPES[name], record) is None
+    assert TYPES[name].check(record) is None
 
 
 def _set(record: dict[str, Any], pointer: str, value: Any) -> dict[str, Any]:
@@ -140,7 +139,7 @@ BAD_FIELDS = [
 def test_a_bad_field_is_rejected_with_a_pointer_to_it(
     name: str, pointer: str, value: Any, error_pointer: str
 ) -> None:
-    error = record_error(TYPES[name], _set(curl_record(name), pointer, value))
+    error = TYPES[name].check(_set(curl_record(name), pointer, value))
     assert error is not None
     assert error["pointer"] == error_pointer
     assert error["message"].startswith("record")
@@ -148,7 +147,7 @@ def test_a_bad_field_is_rejected_with_a_pointer_to_it(
 
 def test_an_ipv6_profile_address_is_valid() -> None:
     record = _set(curl_record("profile"), "/location/ipAddress", "2001:db8::7")
-    assert record_error(TYPES["profile"], record) is None
+    assert TYPES["profile"].check(record) is None
 
 
 NOT_OBJECTS: list[Any] = [None, 1, "text", [], [{}]]
@@ -156,7 +155,7 @@ NOT_OBJECTS: list[Any] = [None, 1, "text", [], [{}]]
 
 @pytest.mark.parametrize("record", NOT_OBJECTS)
 def test_a_record_that_is_not_an_object_is_rejected(record: Any) -> None:
-    assert record_error(TYPES["log"], record) == {
+    assert TYPES["log"].check(record) == {
         "pointer": "",
         "message": "record must be object",
     }
