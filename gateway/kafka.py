@@ -276,9 +276,9 @@ def _add(batch: Any, message: Message) -> bool:
 
 async def _wait_all(futures: Collection[asyncio.Future[Any]], deadline: float) -> None:
     """Return once every one of `futures` is done; raise TimeoutError if the loop's clock
-    reaches `deadline` first. Cancels none of them: other requests' records share them,
-    which a timeout around gather() or wait() would not respect. One future and one timer
-    per call, as every request waits here."""
+    reaches `deadline` first. Cancels none of them, as other requests' records share
+    them (gather() under a timeout would). One future and one timer per call: every
+    request waits here, and asyncio.timeout() around asyncio.wait() cost twice as much."""
     if not futures:
         return
     loop = asyncio.get_running_loop()

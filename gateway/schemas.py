@@ -342,7 +342,8 @@ def _with_native_formats(node: Any) -> Any:
     if not isinstance(node, dict):
         return node
     copy = {key: _with_native_formats(value) for key, value in node.items()}
-    pattern = _NATIVE_FORMATS.get(copy.get("format"))  # type: ignore[arg-type]
+    name = copy.get("format")
+    pattern = _NATIVE_FORMATS.get(name) if isinstance(name, str) else None
     if pattern is not None and "pattern" not in copy:
         del copy["format"]
         copy["pattern"] = pattern

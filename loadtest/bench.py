@@ -70,6 +70,7 @@ VALIDATORS = ("fastjsonschema", "jsonschema-rs")
 class Peer:
     """Another HTTP-to-Kafka bridge, run by its script in deploy/peer/."""
 
+    name: str  # the target's name, and its script's: deploy/peer/<name>.sh
     product: str
     config: str  # the file that sets it up as a bridge, for the report
     # Seconds of W500 traffic before its first measured run: until then a cold JIT (the
@@ -80,16 +81,17 @@ class Peer:
     # which a longer run spreads as long-lived connections would.
     min_run_s: int = 0
 
-    def script(self, name: str) -> Path:
-        return HERE.parent / "deploy" / "peer" / f"{name}.sh"
+    @property
+    def script(self) -> str:
+        return str(HERE.parent / "deploy" / "peer" / f"{self.name}.sh")
 
 
 PEERS = {
-    "bento": Peer("Bento", "deploy/peer/bento.yaml", 10),
+    "bento": Peer("bento", "Bento", "deploy/peer/bento.yaml", 10),
     # Its own README: the JIT needs about a minute of traffic. A producer per connection:
     # in 10 s runs it served W20 at 4.4-4.7k records/s and W1 at 0.89-1.0k requests/s,
     # in 30 s runs at 7.0k and 1.35k.
-    "strimzi": Peer("Strimzi Kafka Bridge", "deploy/peer/strimzi.properties", 60, 30),
+    "strimzi": Peer("strimzi", "Strimzi Kafka Bridge", "deploy/peer/strimzi.properties", 60, 30),
 }
 # 16 times the connections that keep the gateway busy at W500.
 OVERLOAD_CONNECTIONS = 128
@@ -165,7 +167,7 @@ def server(target: str, env: dict[str, str]) -> Iterator[tuple[int, psutil.Proce
         health = "/readyz"
     elif target in PEERS:
         # The script execs the peer, so the process measured is the peer itself.
-        cmd = [str(PEERS[target].script(target)), "run"]
+        cmd = [PEERS[target].script, "run"]
         health = "/ready"
     else:
         cmd = [python, "-m", "loadtest.ceilings", kind(target), str(port)]
@@ -336,7 +338,7 @@ def table(results: list[Result]) -> str:
         no_sink = peak.get((ceiling, r.batch)) if r.load == "peak" else None
         bare = peak.get(("bare", r.batch)) if r.load == "peak" else None
         ratio = ""
-        # no-sink is the gateway's own ceiling: it bounds neither bare nor the peer.
+        # no-sink is the gateway's own ceiling: it bounds neither bare nor the peers.
         if no_sink and kind(r.target) in ("gateway", "no-sink"):
             ratio = f"{r.requests_per_s / no_sink.requests_per_s:.0%}"
         bare_ratio = f"{r.requests_per_s / bare.requests_per_s:.0%}" if bare else ""
@@ -609,7 +611,7 @@ def parse_args() -> argparse.Namespace:
 
 def install_peer(name: str) -> str:
     """Build a peer if it is not there yet; return its version."""
-    script = str(PEERS[name].script(name))
+    script = PEERS[name].script
     # Its progress goes to stderr, left to the terminal.
     subprocess.run([script, "install"], check=True)
     return subprocess.run(

@@ -8,7 +8,9 @@ of tests/test_schemas.py and tests/test_hostile.py, records breaking several rul
 once, format values the two libraries' own checks judge differently, nesting at
 jsonschema-rs's limit, and the hypothesis strategies of tests/test_ingest_properties.py.
 Every record is also tried with the keys of each object reversed: jsonschema-rs reports
-properties in the record's order, fastjsonschema in the schema's.
+properties in the record's order, fastjsonschema in the schema's. Last, each pattern that
+jsonschema-rs's first pass uses in place of a format is held to accepting only what the
+format accepts.
 """
 
 from __future__ import annotations
