@@ -273,7 +273,7 @@ class Settings:
         "how many times its size a compressed body may decode to",
     )
     # Both compile the same schema files and reject a record for the same violation, in
-    # the same words (tests/test_validators.py); jsonschema-rs costs about half as much
+    # the same words (tests/test_validators.py); jsonschema-rs costs about a third as much
     # per record. fastjsonschema stays the default, as the design names it.
     validator: str = _var(
         "CAFE_VALIDATOR",
