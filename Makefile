@@ -42,7 +42,9 @@ $(DEV)/api-key: | $(INSTALLED)
 run: $(INSTALLED) $(DEV)/api-key ## start Kafka and the gateway on 127.0.0.1:8080 (Ctrl-C stops the gateway)
 	$(kafka_for_run)
 	@echo "development API key (kept in $(DEV)/api-key): $$(cat $(DEV)/api-key)"
-	CAFE_KAFKA_BOOTSTRAP=$(BOOTSTRAP) $(BIN)/cafe-gateway serve
+	@# The spool keeps records on disk while Kafka is away (CAFE_SPOOL_DIR= turns it off).
+	CAFE_KAFKA_BOOTSTRAP=$(BOOTSTRAP) CAFE_SPOOL_DIR=$${CAFE_SPOOL_DIR-$(DEV)/spool} \
+		$(BIN)/cafe-gateway serve
 
 test: $(INSTALLED) ## run the whole test suite, integration tests against a real Kafka
 	$(kafka_for_run)

@@ -29,6 +29,7 @@ from gateway.ratelimit import BucketTable, RateLimiter, rate_limit_middleware
 from gateway.requestid import RequestIds
 from gateway.schemas import load_record_types
 from gateway.sink import Sink
+from gateway.spool import SpoolingSink
 from gateway.state import DRAINING, KEYS, LIMITER, METRICS, OPENAPI, RECORD_TYPES, SETTINGS, SINK
 
 
@@ -40,7 +41,8 @@ def create_app(
     buckets: BucketTable | None = None,
     metrics_dir: Path | None = None,
 ) -> web.Application:
-    """Build the gateway; `sink` replaces Kafka in unit tests and ceiling benchmarks.
+    """Build the gateway; `sink` replaces Kafka in unit tests and ceiling benchmarks
+    (with CAFE_SPOOL_DIR set, the spool wraps whichever it is).
 
     Record schemas are compiled here, so a broken schema stops start-up. Metrics go to
     `registry`, a fresh one by default; rate-limit buckets to `buckets`, the table all
@@ -75,7 +77,13 @@ def create_app(
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[LIMITER] = limiter
-    app[SINK] = sink if sink is not None else KafkaSink(settings.kafka, metrics)
+    if sink is None:
+        sink = KafkaSink(settings.kafka, metrics)
+    if settings.spool.dir is not None:
+        sink = SpoolingSink(
+            sink, settings.spool, settings.spool.dir, workers=settings.workers, metrics=metrics
+        )
+    app[SINK] = sink
     app[KEYS] = keys
     app[RECORD_TYPES] = record_types
     app[OPENAPI] = orjson.dumps(build_openapi(record_types, gateway_version))

@@ -205,6 +205,52 @@ class KafkaSettings:
     topics: TopicSettings = field(default_factory=TopicSettings)
 
 
+def _duration(low: float, high: float) -> Parser[float]:
+    """A number of seconds within low..high, or with a unit: 90s, 15m, 24h, 7d."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+    def parse(name: str, raw: str) -> float:
+        unit = units.get(raw[-1:].lower())
+        number = raw[:-1] if unit else raw
+        seconds = _number(name, number, float, "a duration (seconds, or 15m, 24h, 7d)", 0, high)
+        seconds *= unit or 1
+        if not low <= seconds <= high:
+            raise ConfigError(f"{name}={raw} is outside {low:g}..{high:g} seconds")
+        return seconds
+
+    return parse
+
+
+@dataclass(frozen=True)
+class SpoolSettings:
+    """The local spool that holds records while Kafka does not acknowledge them."""
+
+    # RUF009: as for keys_file below.
+    dir: Path | None = _var(  # noqa: RUF009
+        "CAFE_SPOOL_DIR", None, _path, "keep records here while Kafka is away (off if unset)"
+    )
+    max_bytes: int = _var(
+        "CAFE_SPOOL_MAX_BYTES",
+        1 << 30,
+        _integer(1 << 20, 1 << 44),
+        "record bytes each process's spool may hold, past which requests get 503",
+    )
+    max_age_seconds: float = _var(
+        "CAFE_SPOOL_MAX_AGE",
+        86400.0,
+        _duration(60, 90 * 86400),
+        "records spooled longer ago than this are dropped (counted and logged)",
+    )
+    # Well under CAFE_PRODUCE_TIMEOUT_MS: a client waits this long, plus an fsync, before
+    # its records are on disk instead; a healthy Kafka acknowledges in milliseconds.
+    after_ms: int = _var(
+        "CAFE_SPOOL_AFTER_MS",
+        1000,
+        _integer(10, 300_000),
+        "time for Kafka to acknowledge a request's records before they are spooled",
+    )
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the gateway process is configured with."""
@@ -282,6 +328,7 @@ class Settings:
         "what validates records; jsonschema-rs is faster (install cafe-gateway[fast])",
     )
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    spool: SpoolSettings = field(default_factory=SpoolSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -297,6 +344,13 @@ class Settings:
                 f"CAFE_MAX_QUEUED_BYTES={settings.kafka.max_queued_bytes} is below "
                 f"CAFE_MAX_INFLIGHT_BYTES={settings.max_inflight_bytes}: the requests "
                 "admitted at once could not all be queued"
+            )
+        spool = settings.spool
+        if spool.dir is not None and spool.after_ms >= settings.kafka.produce_timeout_ms:
+            raise ConfigError(
+                f"CAFE_SPOOL_AFTER_MS={spool.after_ms} is not below "
+                f"CAFE_PRODUCE_TIMEOUT_MS={settings.kafka.produce_timeout_ms}: records would "
+                "never be spooled before Kafka's wait ends"
             )
         if settings.metrics_port is not None and settings.metrics_port == settings.port:
             raise ConfigError(

@@ -19,7 +19,7 @@ from gateway.state import API_KEY
 PREFLIGHT_MAX_AGE_S = 600
 _ALLOW_HEADERS = "content-type, content-encoding, x-api-key"
 # Response headers a page's script may read besides the basic ones.
-_EXPOSE_HEADERS = "X-Request-Id, Retry-After"
+_EXPOSE_HEADERS = "X-Request-Id, Retry-After, X-Cafe-Spooled"
 
 
 def cors_middleware(keys: KeyStore, ingest_paths: frozenset[str]) -> Middleware:

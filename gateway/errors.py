@@ -27,7 +27,9 @@
     ├── TooManyConnections       503 too_many_connections (a connection past the cap)
     ├── NotReady                 503 not_ready          (the sink cannot store, draining)
     └── SinkUnavailable          503                    (the sink did not store the records)
-        └── KafkaUnavailable     503 kafka_unavailable  (not acknowledged by Kafka in time)
+        ├── KafkaUnavailable     503 kafka_unavailable  (not acknowledged by Kafka in time)
+        ├── SpoolFull            503 spool_full         (Kafka is away and the spool is full)
+        └── SpoolUnavailable     503 spool_unavailable  (Kafka is away and the disk fails)
 
 aiohttp's own HTTP errors (404, 405, 413, ...) are rendered the same way (`HTTP_CODES`),
 and so are requests its HTTP parser refuses (gateway/listener.py maps them to the parser's
@@ -247,6 +249,18 @@ class KafkaUnavailable(SinkUnavailable):
     """Records could not be handed to Kafka or were not acknowledged in time."""
 
     code = "kafka_unavailable"
+
+
+class SpoolFull(SinkUnavailable):
+    """Kafka did not acknowledge in time, and the spool holds CAFE_SPOOL_MAX_BYTES."""
+
+    code = "spool_full"
+
+
+class SpoolUnavailable(SinkUnavailable):
+    """Kafka did not acknowledge in time, and the spool could not write to its disk."""
+
+    code = "spool_unavailable"
 
 
 # Codes for aiohttp's own HTTP errors, raised by the router and the body reader.

@@ -52,6 +52,8 @@ DEAD_LETTER_MAX_BYTES = 512 * 1024
 # An eventId longer than any schema allows is not echoed back: the index names the record.
 _MAX_ECHOED_ID = 128
 _TRUNCATED = ("cafe-truncated", b"true")
+# Says the answer's records are in the gateway's spool, not yet in Kafka.
+SPOOLED_HEADER = "X-Cafe-Spooled"
 
 
 def ingest_handler(record_type: RecordType) -> Handler:
@@ -108,7 +110,7 @@ async def ingest(request: web.Request, record_type: RecordType) -> web.Response:
 
     try:
         # Valid records and dead letters go out together; the answer waits for both.
-        await request.app[SINK].send(record_type.name, accepted, dead)
+        spooled = await request.app[SINK].send(record_type.name, accepted, dead)
     except SinkUnavailable:
         # Counted, and answered 503 by the error middleware.
         metrics.records.labels(record_type.name, "unavailable").inc(len(accepted))
@@ -124,9 +126,14 @@ async def ingest(request: web.Request, record_type: RecordType) -> web.Response:
     request[RECORD_COUNTS] = (len(accepted), len(rejections))
 
     if not rejections:
-        return json_response({"accepted": len(accepted)})
-    body = {"accepted": len(accepted), "rejected": len(rejections), "rejections": rejections}
-    return json_response(body, status=207 if accepted else 422)
+        response = json_response({"accepted": len(accepted)})
+    else:
+        body = {"accepted": len(accepted), "rejected": len(rejections), "rejections": rejections}
+        response = json_response(body, status=207 if accepted else 422)
+    if spooled:
+        # On this gateway's disk, fsynced; in Kafka later (gateway/spool.py).
+        response.headers[SPOOLED_HEADER] = "true"
+    return response
 
 
 _MEDIA_TYPES = frozenset({"application/json", "text/plain"})

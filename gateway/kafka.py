@@ -455,9 +455,10 @@ class KafkaSink:
 
     async def send(
         self, record_type: str, accepted: Sequence[Message], dead_letters: Sequence[Message] = ()
-    ) -> None:
+    ) -> bool:
         """Produce the records to their type's topic and the dead letters to the
-        dead-letter topic, at once; return when Kafka has acknowledged both."""
+        dead-letter topic, at once; return (False: not spooled) when Kafka has
+        acknowledged both."""
         sends = [
             (topic, messages)
             for topic, messages in (
@@ -468,13 +469,14 @@ class KafkaSink:
         ]
         if len(sends) == 1:
             await self.produce(*sends[0])
-            return
+            return False
         results = await asyncio.gather(
             *(self.produce(topic, messages) for topic, messages in sends), return_exceptions=True
         )
         for result in results:
             if isinstance(result, BaseException):
                 raise result
+        return False
 
     async def produce(self, topic: str, messages: Sequence[Message]) -> None:
         """Return once Kafka has acknowledged every message on `topic`; raise

@@ -177,6 +177,60 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livemin",
         )
+        self.spool_records = Gauge(
+            "cafe_spool_records",
+            "Records in the spool (CAFE_SPOOL_DIR), written or being written",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.spool_bytes = Gauge(
+            "cafe_spool_bytes",
+            "Bytes of records in the spool; at CAFE_SPOOL_MAX_BYTES requests get 503",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.spool_oldest_age = Gauge(
+            "cafe_spool_oldest_age_seconds",
+            "Age of the oldest record in the spool (0 when empty); past CAFE_SPOOL_MAX_AGE "
+            "records are dropped",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.spool_unwritable = Gauge(
+            "cafe_spool_unwritable",
+            "1 while the spool's disk refuses writes (and the gateway is not ready), else 0",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.spool_records_spooled = Counter(
+            "cafe_spool_records_spooled",
+            "Records (dead letters included) written to the spool, fsynced, and answered 2xx",
+            registry=registry,
+        )
+        self.spool_records_replayed = Counter(
+            "cafe_spool_records_replayed",
+            "Spooled records Kafka has acknowledged, and deleted from the spool",
+            registry=registry,
+        )
+        self.spool_records_dropped = Counter(
+            "cafe_spool_records_dropped",
+            "Spooled records deleted without reaching Kafka, by reason: expired (older than "
+            "CAFE_SPOOL_MAX_AGE) or refused (Kafka refuses them for good)",
+            ["reason"],
+            registry=registry,
+        )
+        self.spool_replay_rate = Gauge(
+            "cafe_spool_replay_records_per_second",
+            "Records per second of the last window the spool replayed to Kafka",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.spool_write_seconds = Histogram(
+            "cafe_spool_write_seconds",
+            "Time to write and fsync one group commit of spooled chunks",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.auth_failures = Counter(
             "cafe_auth_failures",
             "Requests refused for their API key, by reason: missing, unknown, disabled, "

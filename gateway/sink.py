@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
 from gateway.config import TopicSettings
+from gateway.errors import SinkUnavailable
 
 
 class Message(NamedTuple):
@@ -42,11 +43,12 @@ class Sink(Protocol):
 
     async def send(
         self, record_type: str, accepted: Sequence[Message], dead_letters: Sequence[Message] = ()
-    ) -> None:
+    ) -> bool:
         """Return once every message is stored: `accepted` as records of `record_type`,
         `dead_letters` with the rejected records. Raise a `SinkUnavailable` otherwise.
 
-        Within one key, messages are stored in the order given.
+        Within one key, messages are stored in the order given. True if they are stored
+        in the local spool (gateway/spool.py), to reach Kafka later; False if in Kafka.
         """
 
 
@@ -71,9 +73,12 @@ class MemorySink:
 
     async def send(
         self, record_type: str, accepted: Sequence[Message], dead_letters: Sequence[Message] = ()
-    ) -> None:
+    ) -> bool:
+        if not self.is_ready:
+            raise SinkUnavailable("the test made the memory sink unavailable")
         self.store(self._names.by_record_type()[record_type], accepted)
         self.store(self._names.deadletter, dead_letters)
+        return False
 
     def store(self, topic: str, messages: Sequence[Message]) -> None:
         if messages:
@@ -94,5 +99,5 @@ class DiscardSink:
 
     async def send(
         self, record_type: str, accepted: Sequence[Message], dead_letters: Sequence[Message] = ()
-    ) -> None:
-        pass
+    ) -> bool:
+        return False

@@ -33,10 +33,10 @@ class GatedSink(MemorySink):
 
     async def send(
         self, record_type: str, accepted: Sequence[Message], dead_letters: Sequence[Message] = ()
-    ) -> None:
+    ) -> bool:
         self.arrived.put_nowait(record_type)
         await self.gate.wait()
-        await super().send(record_type, accepted, dead_letters)
+        return await super().send(record_type, accepted, dead_letters)
 
     async def post(self, client: TestClient, body: bytes, headers: dict[str, str]) -> int | str:  # type: ignore[type-arg]
         """POST to /v1/log; the status, or the error of a connection closed on a shed

@@ -13,6 +13,7 @@ from gateway.config import (
     ConfigError,
     KafkaSettings,
     Settings,
+    SpoolSettings,
     TopicSettings,
     declared_variables,
 )
@@ -114,6 +115,10 @@ def test_every_variable_is_read() -> None:
         ("CAFE_SHUTDOWN_GRACE_SECONDS", "-1", "CAFE_SHUTDOWN_GRACE_SECONDS=-1 is outside 0..3600"),
         ("CAFE_MAX_QUEUED_BYTES", "4194304",
          "CAFE_MAX_QUEUED_BYTES=4194304 is below CAFE_MAX_INFLIGHT_BYTES=8388608"),
+        ("CAFE_SPOOL_MAX_AGE", "soon", "CAFE_SPOOL_MAX_AGE='soon' is not a duration"),
+        ("CAFE_SPOOL_MAX_AGE", "30s", "CAFE_SPOOL_MAX_AGE=30s is outside 60..7.776e+06 seconds"),
+        ("CAFE_SPOOL_MAX_AGE", "91d", "is outside 60..7.776e+06 seconds"),
+        ("CAFE_SPOOL_MAX_BYTES", "1000", "CAFE_SPOOL_MAX_BYTES=1000 is outside"),
     ],
 )  # fmt: skip
 def test_a_bad_value_is_refused_naming_the_variable(name: str, value: str, message: str) -> None:
@@ -150,6 +155,22 @@ def test_the_queue_bound_follows_the_in_flight_cap_unless_set() -> None:
         {"CAFE_MAX_INFLIGHT_BYTES": str(100 * mib), "CAFE_MAX_QUEUED_BYTES": str(150 * mib)}
     )
     assert both.kafka.max_queued_bytes == 150 * mib
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"), [("90", 90), ("90s", 90), ("15m", 900), ("24H", 86400), ("7d", 604800)]
+)
+def test_the_spool_age_is_seconds_or_a_duration_with_a_unit(value: str, seconds: float) -> None:
+    assert Settings.from_env({"CAFE_SPOOL_MAX_AGE": value}).spool.max_age_seconds == seconds
+
+
+def test_the_spool_wait_must_be_shorter_than_the_produce_timeout_when_the_spool_is_on() -> None:
+    shorter = {"CAFE_PRODUCE_TIMEOUT_MS": "800"}
+    assert Settings.from_env(shorter).spool.dir is None  # off: nothing to check
+    with pytest.raises(ConfigError, match="CAFE_SPOOL_AFTER_MS=1000 is not below"):
+        Settings.from_env({**shorter, "CAFE_SPOOL_DIR": "/var/spool/cafe"})
+    on = Settings.from_env({"CAFE_SPOOL_DIR": "/var/spool/cafe", "CAFE_SPOOL_AFTER_MS": "200"})
+    assert on.spool == SpoolSettings(dir=Path("/var/spool/cafe"), after_ms=200)
 
 
 def test_several_workers_need_a_fixed_port() -> None:

@@ -17,6 +17,7 @@ The tools come from deploy/tools.sh, pinned, cached in ~/.cache/cafe-gateway/too
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import os
@@ -45,8 +46,12 @@ DASHBOARD = GRAFANA / "dashboards" / "cafe-gateway.json"
 # Kubernetes versions the manifests must be valid for: the newest schemas
 # kubernetes-validate has, and an older release still common in managed clusters.
 KUBERNETES_VERSIONS = ("1.30", "1.37")
-# Shown in the manifests' directory but deliberately not applied by kustomization.yaml.
-EXAMPLE_MANIFESTS = {"secret.example.yaml"}
+# Shown in the manifests' directory but deliberately not applied by kustomization.yaml:
+# the Secret's shape, and the StatefulSet to apply instead of the Deployment for the spool.
+SPOOL_STATEFULSET = K8S / "spool-statefulset.yaml"
+EXAMPLE_MANIFESTS = {"secret.example.yaml", SPOOL_STATEFULSET.name}
+# Where the image, compose and spool-statefulset.yaml keep the spool (CAFE_SPOOL_DIR).
+SPOOL_DIR = "/var/lib/cafe-gateway/spool"
 # Series Prometheus makes itself, which alerts may use besides the gateway's.
 PROMETHEUS_SERIES = {"up"}
 # Grafana's built-in interval variables, replaced by a sample value before parsing.
@@ -180,6 +185,13 @@ def test_image_installs_with_the_pinned_constraints() -> None:
     assert re.search(r"pip install -c constraints\.txt \.", text)
 
 
+def test_image_gives_the_spool_directory_to_its_user() -> None:
+    # An empty named volume mounted there takes the directory's owner from the image.
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    assert re.search(rf"mkdir -p [^\n]*{SPOOL_DIR}", text), f"the image makes no {SPOOL_DIR}"
+    assert re.search(rf"chown cafe:cafe [^\n]*{SPOOL_DIR}", text), f"{SPOOL_DIR} is root's"
+
+
 def test_dockerfile_copies_only_files_the_build_context_sends(dockerfile: dict[str, Any]) -> None:
     sources = dockerfile["copy_sources"]
     assert sources
@@ -235,6 +247,10 @@ def test_compose_keys_file_is_on_a_volume(compose: dict[str, Any]) -> None:
     mounts = {v.split(":", 1)[1]: v.split(":", 1)[0] for v in gateway["volumes"]}
     assert keys_dir in mounts, f"nothing is mounted at {keys_dir}"
     assert mounts[keys_dir] in compose["volumes"]
+    # Off by default; uncommenting CAFE_SPOOL_DIR puts the spool on this volume.
+    assert SPOOL_DIR in mounts, f"nothing is mounted at {SPOOL_DIR}"
+    assert mounts[SPOOL_DIR] in compose["volumes"]
+    assert gateway["environment"].get("CAFE_SPOOL_DIR", SPOOL_DIR) == SPOOL_DIR
 
 
 def test_compose_prometheus_scrapes_the_gateway_and_loads_the_alerts(
@@ -415,6 +431,54 @@ def test_configmap_is_a_valid_gateway_configuration() -> None:
     assert int(config["CAFE_WORKERS"]) <= cores
 
 
+def quantity_bytes(quantity: str) -> int:
+    """A Kubernetes storage quantity in bytes: 4Gi, 500Mi, 2G, or a plain number."""
+    match = re.fullmatch(r"(\d+)([KMGT]i|[kMGT])?", quantity)
+    assert match, f"storage quantity {quantity!r}"
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
+    units |= {"k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    return int(match[1]) * (units[match[2]] if match[2] else 1)
+
+
+def test_spool_statefulset_is_the_deployment_with_a_claim_per_pod() -> None:
+    """spool-statefulset.yaml runs deployment.yaml's pod, plus a spool on a claim of its own."""
+    from gateway.config import Settings
+
+    objects = k8s_objects()
+    deployment = objects["Deployment"]
+    statefulset = load_yaml(SPOOL_STATEFULSET)
+    assert statefulset["kind"] == "StatefulSet"
+    assert statefulset["metadata"] == deployment["metadata"]
+    spec = statefulset["spec"]
+    assert spec["selector"] == deployment["spec"]["selector"]
+    assert spec["replicas"] == deployment["spec"]["replicas"]
+    # What a claim holds was answered 2xx: neither a scale-down nor a delete removes it.
+    retention = spec["persistentVolumeClaimRetentionPolicy"]
+    assert retention == {"whenDeleted": "Retain", "whenScaled": "Retain"}
+    [claim] = spec["volumeClaimTemplates"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    pod = spec["template"]
+    [container] = pod["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    spooled = {name for name in env if name.startswith("CAFE_SPOOL_")}
+    [mount] = [m for m in container["volumeMounts"] if m["name"] == claim["metadata"]["name"]]
+    assert env["CAFE_SPOOL_DIR"] == mount["mountPath"] == SPOOL_DIR
+    assert not any(v["name"] == mount["name"] for v in pod["spec"]["volumes"])
+    # Without the spool's variables and mount, the pod is the Deployment's.
+    plain = copy.deepcopy(pod)
+    [plain_container] = plain["spec"]["containers"]
+    plain_container["env"] = [e for e in plain_container["env"] if e["name"] not in spooled]
+    plain_container["volumeMounts"].remove(mount)
+    assert plain == deployment["spec"]["template"], "the pods differ by more than the spool"
+    # Each worker keeps a file of up to CAFE_SPOOL_MAX_BYTES; the claim holds them all,
+    # with room left for SQLite's pages and write-ahead log.
+    env = {**objects["ConfigMap"]["data"], **env}
+    check_gateway_env(env, "the ConfigMap and spool-statefulset.yaml")
+    settings = Settings.from_env({k: v for k, v in env.items() if k.startswith("CAFE_")})
+    storage = quantity_bytes(claim["spec"]["resources"]["requests"]["storage"])
+    assert storage > settings.workers * settings.spool.max_bytes
+
+
 # --- Prometheus rules ----------------------------------------------------------------
 
 
@@ -437,6 +501,9 @@ def test_alerts_cover_errors_kafka_latency_dead_letters_and_keys() -> None:
         "CafeGatewayHighLatencyP99",
         "CafeGatewayDeadLetterRatio",
         "CafeGatewayApiKeyReloadFailed",
+        "CafeGatewaySpoolOldRecords",
+        "CafeGatewaySpoolRecordsDropped",
+        "CafeGatewaySpoolUnavailable",
     ):
         assert name in rules
     for name, rule in rules.items():

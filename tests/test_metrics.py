@@ -31,10 +31,10 @@ class SwitchableSink(MemorySink):
 
     async def send(
         self, record_type: str, accepted: Sequence[Message], dead_letters: Sequence[Message] = ()
-    ) -> None:
+    ) -> bool:
         if self.failing:
             raise KafkaUnavailable("Kafka did not acknowledge the records within 5s")
-        await super().send(record_type, accepted, dead_letters)
+        return await super().send(record_type, accepted, dead_letters)
 
 
 async def scrape(client: TestClient) -> Samples:  # type: ignore[type-arg]

@@ -142,6 +142,7 @@ async def sender(
     headers: dict[str, str],
     tally: Tally,
     stop: asyncio.Event,
+    *,
     batch: int = BATCH,
 ) -> None:
     """One client session: batches of `batch` fresh eventIds until told to stop."""
@@ -166,14 +167,21 @@ async def clients(
     batch: int = BATCH,
     watchers: Sequence[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = (),
 ) -> AsyncIterator[None]:
-    """`count` senders, and `watchers`, at work for the block. When it ends, each sender
-    finishes the batch in hand (it retries until that gets a 2xx); if it fails, every
-    one is cancelled."""
+    """`count` senders, and `watchers`, at work for the block (see `at_work`)."""
+    one = functools.partial(sender, http, headers, tally, batch=batch)
+    async with at_work([one] * count + list(watchers)):
+        yield
+
+
+@contextlib.asynccontextmanager
+async def at_work(
+    workers: Sequence[Callable[[asyncio.Event], Coroutine[Any, Any, None]]],
+) -> AsyncIterator[None]:
+    """Each of `workers` running as a task for the block, given an event set when it
+    ends. Then each finishes what it has in hand (a sender retries its batch until it
+    gets a 2xx), within 60 s; if the block fails, every one is cancelled."""
     stop = asyncio.Event()
-    tasks = [
-        asyncio.create_task(sender(http, headers, tally, stop, batch=batch)) for _ in range(count)
-    ]
-    tasks += [asyncio.create_task(watch(stop)) for watch in watchers]
+    tasks = [asyncio.create_task(work(stop)) for work in workers]
     try:
         yield
     except BaseException:

@@ -1,0 +1,642 @@
+"""The spool: records Kafka has not acknowledged in time, kept on local disk until it does.
+
+`SpoolingSink` wraps the Kafka sink. A request's records go to Kafka first; if Kafka has
+not acknowledged them within CAFE_SPOOL_AFTER_MS (or refuses them at once, being down),
+they are written to the spool, and the request is answered once the write is fsynced.
+While the spool holds anything, new requests are spooled behind it, so one session's
+records reach Kafka in the order they came. A replayer sends the oldest chunks to Kafka
+and deletes them only once Kafka has acknowledged them; when the spool is empty, requests
+go to Kafka first again.
+
+`SpoolFile` is the store: SQLite in WAL mode, one row (a chunk) per request, written in
+group commits from one thread of its own, so no disk I/O runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import sqlite3
+import struct
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from gateway.config import SpoolSettings
+from gateway.errors import GatewayError, SinkUnavailable, SpoolFull, SpoolUnavailable
+from gateway.metrics import Metrics
+from gateway.sink import Message, Sink
+
+log = logging.getLogger(__name__)
+
+# A replayed window holds chunks up to this many bytes of records (at least one chunk):
+# large enough that Kafka's batches fill, small enough beside CAFE_MAX_QUEUED_BYTES.
+_WINDOW_BYTES = 4 * 1024 * 1024
+# Replay attempts while Kafka is away back off from the first delay to the last.
+_FIRST_RETRY_S = 0.25
+_LAST_RETRY_S = 5.0
+# How often the age of the oldest record is brought up to date.
+_GAUGE_EVERY_S = 1.0
+
+# A chunk's payload: its header lists, then its messages (see _encode).
+_COUNT = struct.Struct("<I")
+_HEADER = struct.Struct("<HI")  # name length, value length
+_MESSAGE = struct.Struct("<BiII")  # dead letter?, key length (-1: none), value length, headers
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One request's records and dead letters, as spooled."""
+
+    record_type: str
+    accepted: Sequence[Message]
+    dead_letters: Sequence[Message]
+
+    @property
+    def records(self) -> int:
+        return len(self.accepted) + len(self.dead_letters)
+
+
+@dataclass
+class Stored:
+    """A chunk read back from the spool file."""
+
+    id: int
+    spooled_at: float
+    size: int
+    chunk: Chunk
+
+
+def encode(chunk: Chunk) -> bytes:
+    """A chunk's messages as bytes: each distinct header list once, then every message.
+
+    Every accepted record of a request carries the same header list, so each list is
+    written once and messages name it by its place.
+    """
+    header_lists: dict[int, int] = {}
+    lists: list[bytes] = []
+    parts: list[bytes] = [b""]  # the header lists go here, once all are known
+    for dead, messages in ((0, chunk.accepted), (1, chunk.dead_letters)):
+        for message in messages:
+            headers = message.headers or []
+            place = header_lists.get(id(headers))
+            if place is None:
+                place = header_lists[id(headers)] = len(lists)
+                lists.append(_encode_headers(headers))
+            key = message.key
+            parts.append(
+                _MESSAGE.pack(dead, -1 if key is None else len(key), len(message.value), place)
+            )
+            if key:
+                parts.append(key)
+            parts.append(message.value)
+    parts[0] = _COUNT.pack(len(lists)) + b"".join(lists)
+    return b"".join(parts)
+
+
+def _encode_headers(headers: Sequence[tuple[str, bytes]]) -> bytes:
+    parts = [_COUNT.pack(len(headers))]
+    for name, value in headers:
+        encoded = name.encode()
+        parts += [_HEADER.pack(len(encoded), len(value)), encoded, value]
+    return b"".join(parts)
+
+
+def decode(record_type: str, payload: bytes) -> Chunk:
+    """The chunk `encode` made `payload` from."""
+    view = memoryview(payload)
+    (count,), at = _COUNT.unpack_from(view), _COUNT.size
+    lists: list[list[tuple[str, bytes]] | None] = []
+    for _ in range(count):
+        (headers,), at = _COUNT.unpack_from(view, at), at + _COUNT.size
+        pairs = []
+        for _ in range(headers):
+            name_size, value_size = _HEADER.unpack_from(view, at)
+            at += _HEADER.size
+            name = bytes(view[at : at + name_size]).decode()
+            at += name_size
+            pairs.append((name, bytes(view[at : at + value_size])))
+            at += value_size
+        lists.append(pairs or None)
+    accepted: list[Message] = []
+    dead_letters: list[Message] = []
+    while at < len(view):
+        dead, key_size, value_size, place = _MESSAGE.unpack_from(view, at)
+        at += _MESSAGE.size
+        key = None
+        if key_size >= 0:
+            key = bytes(view[at : at + key_size])
+            at += key_size
+        value = bytes(view[at : at + value_size])
+        at += value_size
+        (dead_letters if dead else accepted).append(Message(key, value, lists[place]))
+    return Chunk(record_type, accepted, dead_letters)
+
+
+class SpoolFile:
+    """Chunks in a SQLite file, oldest first; every call runs on one thread of its own.
+
+    A directory holds one file per worker, `spool-<n>.sqlite3`. A process takes the first
+    whose lock (an exclusive flock on the file beside it) it can hold, and holds it while
+    the file is open, so two processes never write one file.
+    """
+
+    def __init__(self, directory: Path, workers: int) -> None:
+        self.directory = directory
+        self.path = directory / "spool-0.sqlite3"  # until opened: the first it will try
+        self._workers = workers
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="spool")
+        self._db: sqlite3.Connection | None = None
+        self._lock: IO[bytes] | None = None
+
+    async def run(self, work: Any, *args: Any) -> Any:
+        """Run `work(db, *args)` on the spool's thread, opening the file first if need be."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._call, work, args
+        )
+
+    def _call(self, work: Any, args: tuple[Any, ...]) -> Any:
+        if self._db is None:
+            self._db = self._open()
+        return work(self._db, *args)
+
+    def _open(self) -> sqlite3.Connection:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if self._lock is None:
+            self._take_a_file()
+        # No implicit transactions: each write is one explicit transaction.
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        # Set before the first table exists, or it has no effect: the space replayed
+        # chunks leave is given back to the file system when the spool empties.
+        db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        # WAL: a commit appends to the log, and reading does not block writing. FULL:
+        # the log is fsynced at every commit, so a chunk is on disk before its request
+        # is answered (NORMAL survives a crash of the process, not of the machine).
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS chunks (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+            "spooled_at REAL NOT NULL, record_type TEXT NOT NULL, records INTEGER NOT NULL, "
+            "payload BLOB NOT NULL)"
+        )
+        return db
+
+    def _take_a_file(self) -> None:
+        """Lock the first spool file no other process holds, and use it."""
+        for index in range(self._workers):
+            path = self.directory / f"spool-{index}.sqlite3"
+            lock = path.with_name(f"{path.name}.lock").open("ab")
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.close()
+                continue
+            self.path, self._lock = path, lock
+            if index == 0:
+                self._warn_of_orphans()
+            return
+        raise sqlite3.OperationalError(
+            f"every spool file in {self.directory} is in use by another process"
+        )
+
+    def _warn_of_orphans(self) -> None:
+        """Files of workers beyond CAFE_WORKERS are replayed by no one: say so."""
+        for path in sorted(self.directory.glob("spool-*.sqlite3")):
+            index = path.name.removeprefix("spool-").removesuffix(".sqlite3")
+            if index.isdigit() and int(index) >= self._workers:
+                log.error(
+                    "%s belongs to worker %s, and CAFE_WORKERS is %d: no worker sends what "
+                    "it holds; run with CAFE_WORKERS=%d until it is empty",
+                    path,
+                    index,
+                    self._workers,
+                    int(index) + 1,
+                )
+
+    async def close(self) -> None:
+        def close(db: sqlite3.Connection) -> None:
+            db.close()
+
+        with contextlib.suppress(sqlite3.Error):
+            if self._db is not None:
+                await self.run(close)
+        self._db = None
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+        self._executor.shutdown(wait=True)
+
+
+def _totals(db: sqlite3.Connection) -> tuple[int, int, int, float | None]:
+    """Chunks, records and bytes held, and when the oldest was spooled."""
+    row = db.execute(
+        "SELECT count(*), coalesce(sum(records), 0), coalesce(sum(length(payload)), 0), "
+        "min(spooled_at) FROM chunks"
+    ).fetchone()
+    return row[0], row[1], row[2], row[3]
+
+
+def _insert(db: sqlite3.Connection, rows: list[tuple[float, str, int, bytes]]) -> None:
+    """One transaction for many chunks: one fsync for them all (a group commit)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.executemany(
+            "INSERT INTO chunks (spooled_at, record_type, records, payload) VALUES (?, ?, ?, ?)",
+            rows,
+        )
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _oldest(db: sqlite3.Connection, max_bytes: int) -> list[Stored]:
+    """The oldest chunks, up to `max_bytes` of payload (at least one)."""
+    window: list[Stored] = []
+    size = 0
+    for row in db.execute(
+        "SELECT id, spooled_at, record_type, payload FROM chunks ORDER BY id LIMIT 1000"
+    ):
+        if window and size + len(row[3]) > max_bytes:
+            break
+        size += len(row[3])
+        window.append(Stored(row[0], row[1], len(row[3]), decode(row[2], row[3])))
+    return window
+
+
+def _delete(db: sqlite3.Connection, last_id: int, empty: bool) -> None:
+    """Delete every chunk up to `last_id`; give the space back once the spool is empty."""
+    db.execute("DELETE FROM chunks WHERE id <= ?", (last_id,))
+    if empty:
+        db.execute("PRAGMA incremental_vacuum")
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def _probe(db: sqlite3.Connection) -> None:
+    """A write that changes nothing, to learn whether the disk takes writes again."""
+    db.execute("BEGIN IMMEDIATE")
+    db.execute("DELETE FROM chunks WHERE id < 0")
+    db.execute("COMMIT")
+
+
+@dataclass
+class _Direct:
+    """A request whose records are with Kafka, waiting for its acknowledgement."""
+
+    chunk: Chunk
+    # Set to None when Kafka acknowledged them, or to the spool write that holds them.
+    outcome: asyncio.Future[asyncio.Future[None] | None]
+    attempt: asyncio.Task[bool] | None = None
+
+
+@dataclass
+class _Pending:
+    chunk: Chunk
+    payload: bytes
+    spooled_at: float
+    written: asyncio.Future[None]
+
+
+@dataclass
+class _Held:
+    """What the spool holds, written or about to be: what bounds it and what it reports."""
+
+    chunks: int = 0
+    records: int = 0
+    bytes: int = 0
+    oldest_at: float | None = None
+    # A chunk was refused for want of room, and none has been replayed since.
+    full: bool = False
+    pending: list[_Pending] = field(default_factory=list)
+
+
+class SpoolingSink:
+    """A sink that spools what `inner` (Kafka) does not acknowledge in time, then replays it."""
+
+    def __init__(
+        self,
+        inner: Sink,
+        settings: SpoolSettings,
+        directory: Path,
+        *,
+        workers: int = 1,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.inner = inner
+        self._settings = settings
+        self._metrics = metrics
+        self._file = SpoolFile(directory, workers)
+        self._held = _Held()
+        self._direct: dict[int, _Direct] = {}  # by arrival, oldest first
+        self._arrivals = 0
+        self._writer: asyncio.Task[None] | None = None
+        self._replayer: asyncio.Task[None] | None = None
+        self._gauges: asyncio.Task[None] | None = None
+        self._has_chunks = asyncio.Event()
+        self.broken: str | None = None  # why the spool cannot write, while it cannot
+
+    async def start(self) -> None:
+        """Open the spool (a failure leaves it broken, not the gateway down), start the
+        sink and the replayer."""
+        try:
+            chunks, records, size, oldest = await self._file.run(_totals)
+        except (sqlite3.Error, OSError) as exc:
+            self._break(exc)
+        else:
+            self._held = _Held(chunks, records, size, oldest)
+            if chunks:
+                log.warning(
+                    "the spool at %s holds %d records from before this start; they go to "
+                    "Kafka first",
+                    self._file.path,
+                    records,
+                )
+                self._has_chunks.set()
+        await self.inner.start()
+        self._replayer = asyncio.create_task(self._replay(), name="spool-replay")
+        self._gauges = asyncio.create_task(self._keep_gauges(), name="spool-gauges")
+        self._update_gauges()
+
+    async def close(self) -> None:
+        """Stop replaying and close Kafka; what the spool holds stays for the next start."""
+        for task in (self._replayer, self._gauges):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._writer is not None:
+            await self._writer
+        await self.inner.close()
+        await self._file.close()
+        if self._held.chunks:
+            log.warning(
+                "closed with %d records in the spool at %s; they are sent at the next start",
+                self._held.records,
+                self._file.path,
+            )
+
+    async def unavailable(self) -> str | None:
+        """Ready while Kafka or the spool can take records: a broken spool is not ready."""
+        if self.broken is not None:
+            try:
+                await self._file.run(_probe)
+            except (sqlite3.Error, OSError):
+                return f"the spool at {self._file.path} cannot be written: {self.broken}"
+            log.info("the spool at %s takes writes again", self._file.path)
+            self.broken = None
+        if self._held.full:
+            return f"the spool at {self._file.path} is full ({self._held.bytes} bytes)"
+        return None
+
+    async def send(
+        self, record_type: str, accepted: Sequence[Message], dead_letters: Sequence[Message] = ()
+    ) -> bool:
+        """Store the records in Kafka, or in the spool; True if they were spooled."""
+        chunk = Chunk(record_type, accepted, dead_letters)
+        if self._held.chunks:
+            await self._append(chunk)
+            return True
+        loop = asyncio.get_running_loop()
+        direct = _Direct(chunk, loop.create_future())
+        arrival = self._arrivals = self._arrivals + 1
+        self._direct[arrival] = direct
+        direct.attempt = asyncio.create_task(self.inner.send(record_type, accepted, dead_letters))
+        direct.attempt.add_done_callback(lambda attempt: self._attempted(direct, attempt))
+        timer = loop.call_later(self._settings.after_ms / 1000, self._spool_direct)
+        try:
+            written = await direct.outcome
+        finally:
+            timer.cancel()
+            del self._direct[arrival]
+        if written is None:
+            return False
+        await written
+        return True
+
+    def _attempted(self, direct: _Direct, attempt: asyncio.Task[bool]) -> None:
+        """Kafka has answered a direct attempt (or it was cancelled, once spooled)."""
+        if attempt.cancelled():
+            return
+        failure = attempt.exception()  # retrieved even when no one waits for it now
+        if direct.outcome.done():
+            return
+        if failure is None:
+            direct.outcome.set_result(None)
+        elif isinstance(failure, SinkUnavailable):
+            self._spool_direct()
+        else:
+            direct.outcome.set_exception(failure)  # e.g. a record too large for the topic
+
+    def _spool_direct(self) -> None:
+        """Kafka has not acknowledged a request in time: spool every request still waiting
+        for it, in the order they came, so none is overtaken by one spooled after it."""
+        for direct in self._direct.values():
+            if direct.outcome.done():
+                continue
+            try:
+                direct.outcome.set_result(self._append(direct.chunk))
+            except SinkUnavailable as exc:
+                direct.outcome.set_exception(exc)
+            if direct.attempt is not None:
+                # Its records may still reach Kafka from the batches they are in, and
+                # again from the spool: at most two copies.
+                direct.attempt.cancel()
+
+    def _append(self, chunk: Chunk) -> asyncio.Future[None]:
+        """Queue a chunk for the next group commit; the future is done once it is on disk."""
+        if self.broken is not None:
+            raise SpoolUnavailable(f"the spool cannot be written: {self.broken}")
+        payload = encode(chunk)
+        held = self._held
+        if held.bytes + len(payload) > self._settings.max_bytes:
+            held.full = True
+            raise SpoolFull(
+                f"Kafka is not acknowledging records and the spool holds {held.bytes} bytes; "
+                f"the limit is {self._settings.max_bytes}"
+            )
+        now = time.time()
+        written = asyncio.get_running_loop().create_future()
+        held.pending.append(_Pending(chunk, payload, now, written))
+        held.chunks += 1
+        held.records += chunk.records
+        held.bytes += len(payload)
+        if held.oldest_at is None:
+            held.oldest_at = now
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write(), name="spool-write")
+        return written
+
+    async def _write(self) -> None:
+        """Write what is queued, in group commits, until nothing is."""
+        held = self._held
+        while held.pending:
+            batch, held.pending = held.pending, []
+            rows = [(p.spooled_at, p.chunk.record_type, p.chunk.records, p.payload) for p in batch]
+            started = time.perf_counter()
+            try:
+                await self._file.run(_insert, rows)
+            except (sqlite3.Error, OSError) as exc:
+                self._break(exc)
+                for pending in batch:
+                    held.chunks -= 1
+                    held.records -= pending.chunk.records
+                    held.bytes -= len(pending.payload)
+                    pending.written.set_exception(
+                        SpoolUnavailable(f"the spool could not be written: {exc}")
+                    )
+                if not held.chunks:
+                    held.oldest_at = None
+                continue
+            records = sum(p.chunk.records for p in batch)
+            if self._metrics is not None:
+                self._metrics.spool_write_seconds.observe(time.perf_counter() - started)
+                self._metrics.spool_records_spooled.inc(records)
+            for pending in batch:
+                pending.written.set_result(None)
+            self._has_chunks.set()
+        self._writer = None
+
+    def _break(self, exc: BaseException) -> None:
+        if self.broken is None:
+            log.error(
+                "the spool at %s cannot be written (%s): the gateway is not ready, and "
+                "requests Kafka does not acknowledge in time get 503",
+                self._file.path,
+                exc,
+            )
+        self.broken = str(exc)
+
+    async def _replay(self) -> None:
+        """Send the oldest chunks to Kafka, in order, deleting each window once acknowledged."""
+        delay = _FIRST_RETRY_S
+        while True:
+            await self._has_chunks.wait()
+            try:
+                window: list[Stored] = await self._file.run(_oldest, _WINDOW_BYTES)
+            except (sqlite3.Error, OSError) as exc:
+                self._break(exc)
+                await asyncio.sleep(_LAST_RETRY_S)
+                continue
+            if not window:
+                # Everything held is still being written: the writer sets the event again.
+                self._has_chunks.clear()
+                continue
+            self._held.oldest_at = window[0].spooled_at
+            started = time.perf_counter()
+            try:
+                dropped = await self._deliver(window)
+            except SinkUnavailable:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _LAST_RETRY_S)
+                continue
+            except Exception:
+                log.exception("could not replay the spool; trying again")
+                await asyncio.sleep(_LAST_RETRY_S)
+                continue
+            delay = _FIRST_RETRY_S
+            await self._forget(window, dropped, time.perf_counter() - started)
+
+    async def _deliver(self, window: list[Stored]) -> dict[str, int]:
+        """Send a window of chunks; return the records dropped from it, by reason.
+
+        Expired chunks are dropped, not sent. Raises SinkUnavailable if Kafka did not
+        acknowledge everything: the whole window is sent again later.
+        """
+        dropped: dict[str, int] = {}
+        oldest_allowed = time.time() - self._settings.max_age_seconds
+        live = []
+        for stored in window:
+            if stored.spooled_at < oldest_allowed:
+                dropped["expired"] = dropped.get("expired", 0) + stored.chunk.records
+            else:
+                live.append(stored)
+        by_type: dict[str, tuple[list[Message], list[Message]]] = {}
+        for stored in live:
+            accepted, dead = by_type.setdefault(stored.chunk.record_type, ([], []))
+            accepted.extend(stored.chunk.accepted)
+            dead.extend(stored.chunk.dead_letters)
+        results = await asyncio.gather(
+            *(self.inner.send(t, a, d) for t, (a, d) in by_type.items()), return_exceptions=True
+        )
+        failures = [r for r in results if isinstance(r, BaseException)]
+        for failure in failures:
+            if isinstance(failure, SinkUnavailable):
+                raise failure
+        if failures:
+            # Kafka refused a record for good (a topic whose own size limit is lower than
+            # the gateway's). One chunk at a time finds which: the others are kept.
+            for stored in live:
+                with contextlib.suppress(SinkUnavailable):
+                    dropped.update(await self._deliver_alone(stored))
+        return dropped
+
+    async def _deliver_alone(self, stored: Stored) -> dict[str, int]:
+        chunk = stored.chunk
+        try:
+            await self.inner.send(chunk.record_type, chunk.accepted, chunk.dead_letters)
+        except SinkUnavailable:
+            raise
+        except GatewayError as exc:
+            log.error(
+                "Kafka refuses %d spooled %s records for good (%s); they are dropped",
+                chunk.records,
+                chunk.record_type,
+                exc,
+            )
+            return {"refused": chunk.records}
+        return {}
+
+    async def _forget(self, window: list[Stored], dropped: dict[str, int], took: float) -> None:
+        """Delete a delivered window, and count it."""
+        held = self._held
+        empty = held.chunks == len(window)
+        try:
+            await self._file.run(_delete, window[-1].id, empty)
+        except (sqlite3.Error, OSError) as exc:
+            # Delivered but kept: sent again later, a duplicate rather than a loss.
+            self._break(exc)
+            await asyncio.sleep(_LAST_RETRY_S)
+            return
+        records = sum(stored.chunk.records for stored in window)
+        held.chunks -= len(window)
+        held.records -= records
+        held.bytes -= sum(stored.size for stored in window)
+        held.full = False
+        if not held.chunks:
+            held.oldest_at = None
+            log.info("the spool is empty: requests go to Kafka first again")
+        for reason, count in dropped.items():
+            log.error(
+                "dropped %d spooled records (%s; CAFE_SPOOL_MAX_AGE is %gs)",
+                count,
+                reason,
+                self._settings.max_age_seconds,
+            )
+        if self._metrics is not None:
+            replayed = records - sum(dropped.values())
+            self._metrics.spool_records_replayed.inc(replayed)
+            self._metrics.spool_replay_rate.set(replayed / max(took, 1e-6))
+            for reason, count in dropped.items():
+                self._metrics.spool_records_dropped.labels(reason).inc(count)
+        self._update_gauges()
+
+    async def _keep_gauges(self) -> None:
+        while True:
+            await asyncio.sleep(_GAUGE_EVERY_S)
+            self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        metrics = self._metrics
+        if metrics is None:
+            return
+        held = self._held
+        metrics.spool_records.set(held.records)
+        metrics.spool_bytes.set(held.bytes)
+        oldest = held.oldest_at
+        metrics.spool_oldest_age.set(0 if oldest is None else max(0.0, time.time() - oldest))
+        metrics.spool_unwritable.set(1 if self.broken else 0)

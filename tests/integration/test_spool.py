@@ -1,0 +1,329 @@
+"""The spool under a Kafka outage: clients see no error, and every 2xx record lands.
+
+A `cafe-gateway serve` process with CAFE_SPOOL_DIR set produces to a spare broker of the
+test's own. 64 clients, each one session, send W20 activity batches one after another;
+the test stops the broker (`kafka.sh down`) for 60 s, then starts it again. Then it
+reads the topic: every record answered 2xx is there, at most twice, and each session's
+records are in the order its client sent them.
+
+The crash test SIGKILLs the gateway mid-outage and starts a new one on the same spool:
+what the first had spooled (and answered 2xx for) still lands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+
+from tests.integration.conftest import Broker, consume_all, eventually, summarise
+from tests.integration.tcp_proxy import free_port
+from tests.integration.test_outage import at_work, kafka_sh, scrape, watch_rss
+from tests.integration.test_serve import gateway_env, ready_in_a_row, running
+from tests.keys import KeyFile
+from tests.spec_samples import curl_bodies
+
+pytestmark = pytest.mark.integration
+
+CLIENTS = 64
+BATCH = 20
+# Between one client's batches: 64 clients then send about 60 batches (1,200 records)
+# a second, enough to spool for a minute without a topic too long to read back.
+PACE_S = 1.0
+OUTAGE_S = 60.0
+# A request with no answer by then counts as a hang.
+CLIENT_TIMEOUT_S = 15.0
+# After `kafka.sh up` returns, the spool is empty within this time: the broker takes a
+# few seconds to lead its partitions again, the replayer backs off at most 5 s between
+# tries, and replaying a minute of this load takes a few seconds more.
+EMPTY_WITHIN_S = 60.0
+# Peak RSS of the gateway over the whole run. Spooled records are held only until their
+# group commit, so the outage should cost little memory; the bound leaves room for a
+# slower machine, not for records piling up in memory.
+RSS_LIMIT_BYTES = 250 * 2**20
+GATEWAY_PARTITIONS = 6  # CAFE_TOPIC_PARTITIONS' default: the gateway creates the topic
+
+
+@dataclass
+class Books:
+    """What the clients sent and were told."""
+
+    # eventIds in the order each session's client sent them, by session.
+    sent: dict[str, list[str]] = field(default_factory=dict)
+    acknowledged: set[str] = field(default_factory=set)
+    statuses: Counter[int] = field(default_factory=Counter)
+    spooled_answers: int = 0
+    connection_errors: int = 0
+    hangs: int = 0
+
+    async def acknowledged_at_least(self, count: int) -> bool:
+        return len(self.acknowledged) >= count
+
+
+async def client(
+    http: aiohttp.ClientSession, headers: dict[str, str], books: Books, stop: asyncio.Event
+) -> None:
+    """One session: W20 batches of fresh eventIds, each POSTed until it gets an answer.
+
+    No answer at all (the gateway was killed) is retried; any answer is final, so a
+    non-2xx shows in the statuses rather than being retried away.
+    """
+    base = orjson.loads(curl_bodies()["activity"])["records"][0]
+    session = str(uuid.uuid4())
+    order = books.sent[session] = []
+    while not stop.is_set():
+        records = [
+            {**base, "sessionId": session, "eventId": f"{session}-{len(order) + n:06d}"}
+            for n in range(BATCH)
+        ]
+        order.extend(r["eventId"] for r in records)
+        body = orjson.dumps({"records": records})
+        while True:
+            try:
+                async with http.post("/v1/activity", data=body, headers=headers) as resp:
+                    await resp.read()
+                    books.statuses[resp.status] += 1
+                    if 200 <= resp.status < 300:
+                        books.acknowledged.update(r["eventId"] for r in records)
+                        books.spooled_answers += resp.headers.get("X-Cafe-Spooled") == "true"
+                    break
+            except TimeoutError:
+                books.hangs += 1
+            except aiohttp.ClientError:
+                books.connection_errors += 1
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(PACE_S)
+
+
+def clients(
+    http: aiohttp.ClientSession, headers: dict[str, str], books: Books
+) -> contextlib.AbstractAsyncContextManager[None]:
+    """CLIENTS sessions at work for the block; each then finishes the batch in hand."""
+    return at_work([functools.partial(client, http, headers, books)] * CLIENTS)
+
+
+@dataclass
+class OnTopic:
+    copies: Counter[str]
+    messages: int
+    # Sessions whose first copies are not in the order their client sent them.
+    out_of_order: list[str]
+
+
+async def read_topic(bootstrap: str, topic: str, books: Books) -> OnTopic:
+    """Read the topic to its end; count copies and check each session's order."""
+    records = await consume_all(bootstrap, topic, partitions=GATEWAY_PARTITIONS)
+    records.sort(key=lambda r: (r.partition, r.offset))
+    copies: Counter[str] = Counter()
+    first_seen: dict[str, list[str]] = {}
+    for record in records:
+        value = orjson.loads(record.value)
+        event_id = value["eventId"]
+        copies[event_id] += 1
+        if copies[event_id] == 1:
+            first_seen.setdefault(value["sessionId"], []).append(event_id)
+    out_of_order = [
+        session
+        for session, seen in first_seen.items()
+        # What reached the topic, in the order the client sent it.
+        if seen != [e for e in books.sent.get(session, []) if e in copies]
+    ]
+    return OnTopic(copies, len(records), out_of_order)
+
+
+async def spool_records(http: aiohttp.ClientSession) -> float:
+    return (await scrape(http)).value("cafe_spool_records")
+
+
+def spool_env(
+    port: int, bootstrap: str, key_file: KeyFile, prefix: str, spool: Path
+) -> dict[str, str]:
+    return gateway_env(
+        port, Broker(bootstrap, "spare broker"), key_file, prefix, CAFE_SPOOL_DIR=str(spool)
+    )
+
+
+def problems_with(books: Books, on_topic: OnTopic, rss_peak: int) -> list[str]:
+    """Every broken promise of the spool, at once."""
+    missing = books.acknowledged - on_topic.copies.keys()
+    sent = {e for order in books.sent.values() for e in order}
+    most = max(on_topic.copies.values(), default=0)
+    return [
+        problem
+        for failed, problem in (
+            (bool(missing), f"{len(missing)} of {len(books.acknowledged)} 2xx records lost"),
+            (not on_topic.copies.keys() <= sent, "records on the topic nobody sent"),
+            (most > 2, f"a record is on the topic {most} times"),
+            (bool(on_topic.out_of_order), f"{len(on_topic.out_of_order)} sessions out of order"),
+            (set(books.statuses) != {200}, f"answers {dict(books.statuses)}"),
+            (books.hangs > 0, f"{books.hangs} requests unanswered in {CLIENT_TIMEOUT_S:g}s"),
+            (
+                not 0 < rss_peak < RSS_LIMIT_BYTES,
+                f"peak RSS {rss_peak >> 20} MiB (limit {RSS_LIMIT_BYTES >> 20} MiB)",
+            ),
+        )
+        if failed
+    ]
+
+
+def report(books: Books, on_topic: OnTopic, rss_peak: int, timings: dict[str, float]) -> str:
+    duplicated = sum(1 for n in on_topic.copies.values() if n > 1)
+    return (
+        f"{CLIENTS} clients, W{BATCH}, broker stopped {OUTAGE_S:.0f}s: "
+        f"{sum(map(len, books.sent.values()))} records sent, {len(books.acknowledged)} "
+        f"answered 2xx ({books.spooled_answers} answers spooled), {on_topic.messages} "
+        f"messages on the topic, {duplicated} records twice; answers {dict(books.statuses)}, "
+        f"{books.connection_errors} connection errors; peak RSS {rss_peak / 2**20:.0f} MiB; "
+        + ", ".join(f"{name} {s:.1f}s" for name, s in timings.items())
+    )
+
+
+async def test_kafka_stopped_for_a_minute_costs_clients_nothing_with_the_spool_on(
+    key_file: KeyFile,
+    spare_broker: tuple[str, dict[str, str]],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    bootstrap, broker_env = spare_broker
+    port = free_port()
+    prefix = f"spool.{uuid.uuid4().hex[:8]}"
+    env = spool_env(port, bootstrap, key_file, prefix, tmp_path / "spool")
+    headers = {"x-api-key": key_file.key, "Content-Type": "application/json"}
+    books = Books()
+    rss_peak = [0]
+    timings: dict[str, float] = {}
+    timeout = aiohttp.ClientTimeout(total=CLIENT_TIMEOUT_S)
+
+    async with (
+        running(env) as gateway,
+        aiohttp.ClientSession(f"http://127.0.0.1:{port}", timeout=timeout) as http,
+    ):
+        await ready_in_a_row(http, 1)
+        rss_stop = asyncio.Event()
+        rss = asyncio.create_task(watch_rss(gateway.pid, rss_peak, rss_stop))
+        async with clients(http, headers, books):
+            await eventually(lambda: books.acknowledged_at_least(5 * CLIENTS * BATCH), within=60)
+            down_at = time.monotonic()
+            timings["kafka.sh down"] = await kafka_sh("down", broker_env)
+            # Ready all along: the gateway takes records safely.
+            await eventually(lambda: _spooling(http), within=15)
+            assert (await http.get("/readyz")).status == 200
+            await asyncio.sleep(max(0.0, OUTAGE_S - (time.monotonic() - down_at)))
+            held = await spool_records(http)
+            await kafka_returns(http, broker_env, books, timings)
+        metrics = await scrape(http)
+        rss_stop.set()
+        await rss
+        await gateway.stop()
+
+    on_topic = await read_topic(bootstrap, f"{prefix}.activity", books)
+    line = report(books, on_topic, rss_peak[0], timings) + f"; {held:.0f} records spooled at up"
+    print("\n" + line)
+    summarise(request.config, "spool: " + line)
+    problems = problems_with(books, on_topic, rss_peak[0])
+    if timings["spool empty after up"] > EMPTY_WITHIN_S:
+        problems.append(f"spool empty only {timings['spool empty after up']:.0f}s after up")
+    if books.spooled_answers == 0 or held == 0:
+        problems.append("nothing was spooled: the outage was not one")
+    if metrics.value("cafe_spool_records_dropped_total") != 0:
+        problems.append("spooled records dropped")
+    assert not problems, "; ".join(problems)
+
+
+async def kafka_returns(
+    http: aiohttp.ClientSession,
+    broker_env: dict[str, str],
+    books: Books,
+    timings: dict[str, float],
+) -> None:
+    """Start the broker; wait for the spool to empty, then for every client to have had
+    a batch through."""
+    timings["kafka.sh up"] = await kafka_sh("up", broker_env)
+    up_at = time.monotonic()
+    await eventually(lambda: _spool_is_empty(http), within=EMPTY_WITHIN_S + timings["kafka.sh up"])
+    timings["spool empty after up"] = time.monotonic() - up_at
+    after = len(books.acknowledged)
+    await eventually(lambda: books.acknowledged_at_least(after + CLIENTS * BATCH))
+
+
+async def _spooling(http: aiohttp.ClientSession) -> bool:
+    return await spool_records(http) > 0
+
+
+async def _spool_is_empty(http: aiohttp.ClientSession) -> bool:
+    return await spool_records(http) == 0
+
+
+async def test_a_gateway_killed_mid_outage_loses_nothing_it_answered_2xx_for(
+    key_file: KeyFile,
+    spare_broker: tuple[str, dict[str, str]],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    """SIGKILL while spooling; a new process on the same spool, started during the
+    outage, sends what the first had spooled once Kafka is back."""
+    bootstrap, broker_env = spare_broker
+    port = free_port()
+    prefix = f"spoolkill.{uuid.uuid4().hex[:8]}"
+    env = spool_env(port, bootstrap, key_file, prefix, tmp_path / "spool")
+    headers = {"x-api-key": key_file.key, "Content-Type": "application/json"}
+    books = Books()
+    timings: dict[str, float] = {}
+    timeout = aiohttp.ClientTimeout(total=CLIENT_TIMEOUT_S)
+    rss_peak = [0]  # of the second gateway
+
+    async with contextlib.AsyncExitStack() as stack:
+        http = await stack.enter_async_context(
+            aiohttp.ClientSession(f"http://127.0.0.1:{port}", timeout=timeout)
+        )
+        first = await stack.enter_async_context(running(env))
+        await ready_in_a_row(http, 1)
+        async with clients(http, headers, books):
+            await eventually(lambda: books.acknowledged_at_least(3 * CLIENTS * BATCH), within=60)
+            down_at = time.monotonic()
+            timings["kafka.sh down"] = await kafka_sh("down", broker_env)
+            await eventually(lambda: _spooling(http), within=15)
+            await asyncio.sleep(OUTAGE_S / 3)
+            spooled_by_first = await spool_records(http)
+            await first.kill()  # SIGKILL, mid-outage, clients still sending
+            killed_at = time.monotonic()
+            timings["killed after down"] = killed_at - down_at
+
+            second = await stack.enter_async_context(running(env))
+            await ready_in_a_row(http, 1)
+            timings["ready again after kill"] = time.monotonic() - killed_at
+            rss_stop = asyncio.Event()
+            rss = asyncio.create_task(watch_rss(second.pid, rss_peak, rss_stop))
+            await asyncio.sleep(max(0.0, OUTAGE_S - (time.monotonic() - down_at)))
+            await kafka_returns(http, broker_env, books, timings)
+        metrics = await scrape(http)
+        rss_stop.set()
+        await rss
+        output = await second.stop()
+
+    on_topic = await read_topic(bootstrap, f"{prefix}.activity", books)
+    line = (
+        report(books, on_topic, rss_peak[0], timings)
+        + f"; {spooled_by_first:.0f} records in the spool when the first gateway was killed"
+    )
+    print("\n" + line)
+    summarise(request.config, "spool, SIGKILL: " + line)
+    # A client whose request the kill cut off, or that found the port closed, sent its
+    # batch again; no answer was an error.
+    problems = problems_with(books, on_topic, rss_peak[0])
+    if spooled_by_first == 0:
+        problems.append("the first gateway had spooled nothing when it was killed")
+    if "from before this start" not in output:
+        problems.append("the second gateway found nothing spooled by the first")
+    if metrics.value("cafe_spool_records_dropped_total") != 0:
+        problems.append("spooled records dropped")
+    assert not problems, "; ".join(problems)
