@@ -81,7 +81,14 @@ def create_app(
         sink = KafkaSink(settings.kafka, metrics)
     if settings.spool.dir is not None:
         sink = SpoolingSink(
-            sink, settings.spool, settings.spool.dir, workers=settings.workers, metrics=metrics
+            sink,
+            settings.spool,
+            settings.spool.dir,
+            workers=settings.workers,
+            # A replayed window must fit, beside live traffic, in what the Kafka sink
+            # may hold unacknowledged, or it would be refused every time.
+            max_window_bytes=settings.kafka.max_queued_bytes // 2,
+            metrics=metrics,
         )
     app[SINK] = sink
     app[KEYS] = keys

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import itertools
 import logging
 import sqlite3
 import struct
@@ -269,9 +270,9 @@ def _oldest(db: sqlite3.Connection, max_bytes: int) -> list[Stored]:
     return window
 
 
-def _delete(db: sqlite3.Connection, last_id: int, empty: bool) -> None:
-    """Delete every chunk up to `last_id`; give the space back once the spool is empty."""
-    db.execute("DELETE FROM chunks WHERE id <= ?", (last_id,))
+def _delete(db: sqlite3.Connection, ids: list[int], empty: bool) -> None:
+    """Delete chunks by id; give the space back once the spool is empty."""
+    db.executemany("DELETE FROM chunks WHERE id = ?", [(i,) for i in ids])
     if empty:
         db.execute("PRAGMA incremental_vacuum")
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -282,6 +283,11 @@ def _probe(db: sqlite3.Connection) -> None:
     db.execute("BEGIN IMMEDIATE")
     db.execute("DELETE FROM chunks WHERE id < 0")
     db.execute("COMMIT")
+
+
+def _spooled_before(window: list[Stored], moment: float) -> list[Stored]:
+    """The chunks at the head of `window` spooled before `moment`."""
+    return list(itertools.takewhile(lambda stored: stored.spooled_at < moment, window))
 
 
 @dataclass
@@ -325,9 +331,11 @@ class SpoolingSink:
         directory: Path,
         *,
         workers: int = 1,
+        max_window_bytes: int = _WINDOW_BYTES,
         metrics: Metrics | None = None,
     ) -> None:
         self.inner = inner
+        self._window_bytes = min(_WINDOW_BYTES, max_window_bytes)
         self._settings = settings
         self._metrics = metrics
         self._file = SpoolFile(directory, workers)
@@ -344,23 +352,25 @@ class SpoolingSink:
         """Open the spool (a failure leaves it broken, not the gateway down), start the
         sink and the replayer."""
         try:
-            chunks, records, size, oldest = await self._file.run(_totals)
+            await self._recount()
         except (sqlite3.Error, OSError) as exc:
             self._break(exc)
-        else:
-            self._held = _Held(chunks, records, size, oldest)
-            if chunks:
-                log.warning(
-                    "the spool at %s holds %d records from before this start; they go to "
-                    "Kafka first",
-                    self._file.path,
-                    records,
-                )
-                self._has_chunks.set()
         await self.inner.start()
         self._replayer = asyncio.create_task(self._replay(), name="spool-replay")
         self._gauges = asyncio.create_task(self._keep_gauges(), name="spool-gauges")
         self._update_gauges()
+
+    async def _recount(self) -> None:
+        """Learn what the file holds: at start, or once a disk that failed at start works."""
+        chunks, records, size, oldest = await self._file.run(_totals)
+        self._held = _Held(chunks, records, size, oldest)
+        if chunks:
+            log.warning(
+                "the spool at %s holds %d records from before this start; they go to Kafka first",
+                self._file.path,
+                records,
+            )
+            self._has_chunks.set()
 
     async def close(self) -> None:
         """Stop replaying and close Kafka; what the spool holds stays for the next start."""
@@ -389,6 +399,8 @@ class SpoolingSink:
                 return f"the spool at {self._file.path} cannot be written: {self.broken}"
             log.info("the spool at %s takes writes again", self._file.path)
             self.broken = None
+            if not self._held.chunks:
+                await self._recount()
         if self._held.full:
             return f"the spool at {self._file.path} is full ({self._held.bytes} bytes)"
         return None
@@ -398,7 +410,9 @@ class SpoolingSink:
     ) -> bool:
         """Store the records in Kafka, or in the spool; True if they were spooled."""
         chunk = Chunk(record_type, accepted, dead_letters)
-        if self._held.chunks:
+        # Behind what the spool holds; unless its disk refuses writes: then to Kafka,
+        # ahead of it, rather than a 503 while Kafka takes records.
+        if self._held.chunks and self.broken is None:
             await self._append(chunk)
             return True
         loop = asyncio.get_running_loop()
@@ -517,7 +531,7 @@ class SpoolingSink:
         while True:
             await self._has_chunks.wait()
             try:
-                window: list[Stored] = await self._file.run(_oldest, _WINDOW_BYTES)
+                window: list[Stored] = await self._file.run(_oldest, self._window_bytes)
             except (sqlite3.Error, OSError) as exc:
                 self._break(exc)
                 await asyncio.sleep(_LAST_RETRY_S)
@@ -526,10 +540,16 @@ class SpoolingSink:
                 # Everything held is still being written: the writer sets the event again.
                 self._has_chunks.clear()
                 continue
+            # Dropped whether Kafka is back or not, so the age bounds the spool in an
+            # outage too. Chunks are in the order they were spooled: the expired lead.
+            expired = _spooled_before(window, time.time() - self._settings.max_age_seconds)
+            if expired:
+                await self._forget(expired, "expired")
+                continue
             self._held.oldest_at = window[0].spooled_at
             started = time.perf_counter()
             try:
-                dropped = await self._deliver(window)
+                refused = await self._deliver(window)
             except SinkUnavailable:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _LAST_RETRY_S)
@@ -539,90 +559,85 @@ class SpoolingSink:
                 await asyncio.sleep(_LAST_RETRY_S)
                 continue
             delay = _FIRST_RETRY_S
-            await self._forget(window, dropped, time.perf_counter() - started)
+            if refused:
+                await self._forget(refused, "refused")
+                window = [stored for stored in window if stored not in refused]
+            if window:
+                await self._forget(window, took=time.perf_counter() - started)
 
-    async def _deliver(self, window: list[Stored]) -> dict[str, int]:
-        """Send a window of chunks; return the records dropped from it, by reason.
-
-        Expired chunks are dropped, not sent. Raises SinkUnavailable if Kafka did not
-        acknowledge everything: the whole window is sent again later.
-        """
-        dropped: dict[str, int] = {}
-        oldest_allowed = time.time() - self._settings.max_age_seconds
-        live = []
-        for stored in window:
-            if stored.spooled_at < oldest_allowed:
-                dropped["expired"] = dropped.get("expired", 0) + stored.chunk.records
-            else:
-                live.append(stored)
+    async def _deliver(self, window: list[Stored]) -> list[Stored]:
+        """Send a window of chunks, each record type's records together; return the
+        chunks Kafka refuses for good. Raise SinkUnavailable if Kafka did not acknowledge
+        everything else: the whole window is sent again later."""
         by_type: dict[str, tuple[list[Message], list[Message]]] = {}
-        for stored in live:
+        for stored in window:
             accepted, dead = by_type.setdefault(stored.chunk.record_type, ([], []))
             accepted.extend(stored.chunk.accepted)
             dead.extend(stored.chunk.dead_letters)
         results = await asyncio.gather(
             *(self.inner.send(t, a, d) for t, (a, d) in by_type.items()), return_exceptions=True
         )
-        failures = [r for r in results if isinstance(r, BaseException)]
+        failures = [result for result in results if isinstance(result, BaseException)]
         for failure in failures:
+            if not isinstance(failure, GatewayError):
+                raise failure
             if isinstance(failure, SinkUnavailable):
                 raise failure
-        if failures:
-            # Kafka refused a record for good (a topic whose own size limit is lower than
-            # the gateway's). One chunk at a time finds which: the others are kept.
-            for stored in live:
-                with contextlib.suppress(SinkUnavailable):
-                    dropped.update(await self._deliver_alone(stored))
-        return dropped
+        if not failures:
+            return []
+        # Kafka refused a record for good (a topic whose own size limit is below the
+        # gateway's). Sent one chunk at a time, the chunks that hold none are kept.
+        refused = []
+        for stored in window:
+            chunk = stored.chunk
+            try:
+                await self.inner.send(chunk.record_type, chunk.accepted, chunk.dead_letters)
+            except SinkUnavailable:
+                raise
+            except GatewayError as exc:
+                log.error(
+                    "Kafka refuses %d spooled %s records for good (%s); they are dropped",
+                    chunk.records,
+                    chunk.record_type,
+                    exc,
+                )
+                refused.append(stored)
+        return refused
 
-    async def _deliver_alone(self, stored: Stored) -> dict[str, int]:
-        chunk = stored.chunk
-        try:
-            await self.inner.send(chunk.record_type, chunk.accepted, chunk.dead_letters)
-        except SinkUnavailable:
-            raise
-        except GatewayError as exc:
-            log.error(
-                "Kafka refuses %d spooled %s records for good (%s); they are dropped",
-                chunk.records,
-                chunk.record_type,
-                exc,
-            )
-            return {"refused": chunk.records}
-        return {}
-
-    async def _forget(self, window: list[Stored], dropped: dict[str, int], took: float) -> None:
-        """Delete a delivered window, and count it."""
+    async def _forget(
+        self, chunks: list[Stored], dropped: str | None = None, took: float | None = None
+    ) -> None:
+        """Delete chunks from the spool: delivered, or `dropped` for that reason."""
         held = self._held
-        empty = held.chunks == len(window)
+        empty = held.chunks == len(chunks)
         try:
-            await self._file.run(_delete, window[-1].id, empty)
+            await self._file.run(_delete, [stored.id for stored in chunks], empty)
         except (sqlite3.Error, OSError) as exc:
-            # Delivered but kept: sent again later, a duplicate rather than a loss.
+            # Kept: sent again later, a duplicate rather than a loss.
             self._break(exc)
             await asyncio.sleep(_LAST_RETRY_S)
             return
-        records = sum(stored.chunk.records for stored in window)
-        held.chunks -= len(window)
+        records = sum(stored.chunk.records for stored in chunks)
+        held.chunks -= len(chunks)
         held.records -= records
-        held.bytes -= sum(stored.size for stored in window)
+        held.bytes -= sum(stored.size for stored in chunks)
         held.full = False
         if not held.chunks:
             held.oldest_at = None
             log.info("the spool is empty: requests go to Kafka first again")
-        for reason, count in dropped.items():
+        if dropped == "expired":
             log.error(
-                "dropped %d spooled records (%s; CAFE_SPOOL_MAX_AGE is %gs)",
-                count,
-                reason,
+                "dropped %d spooled records older than CAFE_SPOOL_MAX_AGE (%gs)",
+                records,
                 self._settings.max_age_seconds,
             )
         if self._metrics is not None:
-            replayed = records - sum(dropped.values())
-            self._metrics.spool_records_replayed.inc(replayed)
-            self._metrics.spool_replay_rate.set(replayed / max(took, 1e-6))
-            for reason, count in dropped.items():
-                self._metrics.spool_records_dropped.labels(reason).inc(count)
+            if dropped is not None:
+                self._metrics.spool_records_dropped.labels(dropped).inc(records)
+            else:
+                self._metrics.spool_records_replayed.inc(records)
+            if took is not None:
+                self._metrics.spool_replay_rate.set(records / max(took, 1e-6))
         self._update_gauges()
 
     async def _keep_gauges(self) -> None:

@@ -233,7 +233,7 @@ async def test_records_older_than_the_max_age_are_dropped_counted_and_logged(
         )
         == 2
     )
-    assert "dropped 2 spooled records (expired" in caplog.text
+    assert "dropped 2 spooled records older than CAFE_SPOOL_MAX_AGE (3600s)" in caplog.text
 
 
 async def test_a_spool_that_cannot_write_makes_the_gateway_not_ready(
@@ -297,3 +297,89 @@ async def test_a_spooled_answer_says_so_in_a_header_and_keeps_its_body(
     # Taking records safely: still ready.
     assert (await client.get("/readyz")).status == 200
     assert chunks_in(tmp_path) == 1
+
+
+async def test_a_replay_kafka_has_not_acknowledged_keeps_its_chunks_through_a_stop(
+    tmp_path: Path,
+) -> None:
+    down = StallingSink()
+    down.is_ready = False
+    first = SpoolingSink(down, SETTINGS, tmp_path)
+    await first.start()
+    await first.send("activity", [message(1)])
+    await first.close()
+
+    stalled = StallingSink()
+    stalled.stalled = True
+    second = SpoolingSink(stalled, SETTINGS, tmp_path)
+    await second.start()
+    await until(lambda: stalled.sends == 1)  # the replay is with Kafka
+    await second.close()  # as a crash would, before Kafka acknowledged it
+    assert chunks_in(tmp_path) == 1
+    assert stalled.values() == []
+
+
+async def test_records_kafka_refuses_for_good_on_replay_are_dropped_and_the_rest_sent(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    inner = StallingSink()
+    inner.is_ready = False
+    metrics = Metrics(CollectorRegistry(), "test")
+    sink = SpoolingSink(inner, SETTINGS, tmp_path, metrics=metrics)
+    await sink.start()
+    poison = Message(b"s1", b"poison", HEADERS)
+    for messages in ([message(1)], [poison], [message(2)]):
+        await sink.send("activity", messages)
+    send = inner.send
+
+    async def refuse_poison(
+        record_type: str, accepted: Sequence[Message], dead: Sequence[Message] = ()
+    ) -> bool:
+        if poison in accepted:
+            raise RecordTooLarge("Kafka refused a record as too large for cafe.activity")
+        return await send(record_type, accepted, dead)
+
+    inner.send = refuse_poison  # type: ignore[method-assign,assignment]
+    with caplog.at_level(logging.ERROR, logger="gateway.spool"):
+        inner.is_ready = True
+        try:
+            await until(lambda: chunks_in(tmp_path) == 0)
+        finally:
+            await sink.close()
+    assert inner.values() == [b'{"n":1}', b'{"n":2}']
+    samples = Samples(generate_latest(metrics.registry).decode())
+    assert samples.value("cafe_spool_records_dropped_total", reason="refused") == 1
+    assert samples.value("cafe_spool_records_replayed_total") == 2
+    assert "Kafka refuses 1 spooled activity records for good" in caplog.text
+
+
+async def test_expired_records_are_dropped_while_kafka_is_still_away(tmp_path: Path) -> None:
+    inner = StallingSink()
+    inner.is_ready = False
+    sink = SpoolingSink(inner, SpoolSettings(max_age_seconds=60), tmp_path)
+    await sink.start()
+    try:
+        await sink.send("activity", [message(1)])
+        with sqlite3.connect(tmp_path / "spool-0.sqlite3") as db:
+            db.execute("UPDATE chunks SET spooled_at = spooled_at - 120")
+        await until(lambda: chunks_in(tmp_path) == 0, within=10)
+        assert inner.values() == []
+    finally:
+        await sink.close()
+
+
+async def test_with_its_disk_failing_the_spool_lets_requests_go_to_kafka_ahead_of_it(
+    tmp_path: Path,
+) -> None:
+    inner = StallingSink()
+    inner.is_ready = False
+    sink = SpoolingSink(inner, SETTINGS, tmp_path)
+    await sink.start()
+    try:
+        assert await sink.send("activity", [message(1)]) is True
+        sink.broken = "disk I/O error"  # as _write would set it
+        inner.is_ready = True
+        assert await sink.send("activity", [message(2)]) is False
+        assert b'{"n":2}' in inner.values()
+    finally:
+        await sink.close()
