@@ -6,8 +6,9 @@ the test stops the broker (`kafka.sh down`) for 60 s, then starts it again. Then
 reads the topic: every record answered 2xx is there, at most twice, and each session's
 records are in the order its client sent them.
 
-The crash test SIGKILLs the gateway mid-outage and starts a new one on the same spool:
-what the first had spooled (and answered 2xx for) still lands.
+The crash test SIGKILLs the gateway mid-outage, while it spools, and starts a second on
+the same spool; once Kafka is back it SIGKILLs that one while it replays, and starts a
+third. What each had spooled (and answered 2xx for) still lands.
 """
 
 from __future__ import annotations
@@ -152,8 +153,8 @@ def spool_env(
     )
 
 
-def problems_with(books: Books, on_topic: OnTopic, rss_peak: int) -> list[str]:
-    """Every broken promise of the spool, at once."""
+def problems_with(books: Books, on_topic: OnTopic, rss_peak: int | None) -> list[str]:
+    """Every broken promise of the spool, at once (the RSS one only if it was watched)."""
     missing = books.acknowledged - on_topic.copies.keys()
     sent = {e for order in books.sent.values() for e in order}
     most = max(on_topic.copies.values(), default=0)
@@ -167,22 +168,23 @@ def problems_with(books: Books, on_topic: OnTopic, rss_peak: int) -> list[str]:
             (set(books.statuses) != {200}, f"answers {dict(books.statuses)}"),
             (books.hangs > 0, f"{books.hangs} requests unanswered in {CLIENT_TIMEOUT_S:g}s"),
             (
-                not 0 < rss_peak < RSS_LIMIT_BYTES,
-                f"peak RSS {rss_peak >> 20} MiB (limit {RSS_LIMIT_BYTES >> 20} MiB)",
+                rss_peak is not None and not 0 < rss_peak < RSS_LIMIT_BYTES,
+                f"peak RSS {(rss_peak or 0) >> 20} MiB (limit {RSS_LIMIT_BYTES >> 20} MiB)",
             ),
         )
         if failed
     ]
 
 
-def report(books: Books, on_topic: OnTopic, rss_peak: int, timings: dict[str, float]) -> str:
+def report(books: Books, on_topic: OnTopic, rss_peak: int | None, timings: dict[str, float]) -> str:
     duplicated = sum(1 for n in on_topic.copies.values() if n > 1)
+    rss = "" if rss_peak is None else f"peak RSS {rss_peak / 2**20:.0f} MiB; "
     return (
         f"{CLIENTS} clients, W{BATCH}, broker stopped {OUTAGE_S:.0f}s: "
         f"{sum(map(len, books.sent.values()))} records sent, {len(books.acknowledged)} "
         f"answered 2xx ({books.spooled_answers} answers spooled), {on_topic.messages} "
         f"messages on the topic, {duplicated} records twice; answers {dict(books.statuses)}, "
-        f"{books.connection_errors} connection errors; peak RSS {rss_peak / 2**20:.0f} MiB; "
+        f"{books.connection_errors} connection errors; {rss}"
         + ", ".join(f"{name} {s:.1f}s" for name, s in timings.items())
     )
 
@@ -263,14 +265,14 @@ async def _spool_is_empty(http: aiohttp.ClientSession) -> bool:
     return await spool_records(http) == 0
 
 
-async def test_a_gateway_killed_mid_outage_loses_nothing_it_answered_2xx_for(
+async def test_gateways_killed_while_spooling_and_while_replaying_lose_nothing_answered_2xx(
     key_file: KeyFile,
     spare_broker: tuple[str, dict[str, str]],
     tmp_path: Path,
     request: pytest.FixtureRequest,
 ) -> None:
-    """SIGKILL while spooling; a new process on the same spool, started during the
-    outage, sends what the first had spooled once Kafka is back."""
+    """SIGKILL mid-outage, while spooling; a second process on the same spool takes over
+    and is SIGKILLed once Kafka is back, while replaying; a third finishes the replay."""
     bootstrap, broker_env = spare_broker
     port = free_port()
     prefix = f"spoolkill.{uuid.uuid4().hex[:8]}"
@@ -279,7 +281,7 @@ async def test_a_gateway_killed_mid_outage_loses_nothing_it_answered_2xx_for(
     books = Books()
     timings: dict[str, float] = {}
     timeout = aiohttp.ClientTimeout(total=CLIENT_TIMEOUT_S)
-    rss_peak = [0]  # of the second gateway
+    held: dict[str, float] = {}  # records in the spool at each kill
 
     async with contextlib.AsyncExitStack() as stack:
         http = await stack.enter_async_context(
@@ -293,37 +295,57 @@ async def test_a_gateway_killed_mid_outage_loses_nothing_it_answered_2xx_for(
             timings["kafka.sh down"] = await kafka_sh("down", broker_env)
             await eventually(lambda: _spooling(http), within=15)
             await asyncio.sleep(OUTAGE_S / 3)
-            spooled_by_first = await spool_records(http)
+            held["spooling"] = await spool_records(http)
             await first.kill()  # SIGKILL, mid-outage, clients still sending
             killed_at = time.monotonic()
-            timings["killed after down"] = killed_at - down_at
+            timings["first killed after down"] = killed_at - down_at
 
             second = await stack.enter_async_context(running(env))
             await ready_in_a_row(http, 1)
             timings["ready again after kill"] = time.monotonic() - killed_at
-            rss_stop = asyncio.Event()
-            rss = asyncio.create_task(watch_rss(second.pid, rss_peak, rss_stop))
             await asyncio.sleep(max(0.0, OUTAGE_S - (time.monotonic() - down_at)))
-            await kafka_returns(http, broker_env, books, timings)
+            timings["kafka.sh up"] = await kafka_sh("up", broker_env)
+            up_at = time.monotonic()
+            await eventually(lambda: _replaying(http), within=EMPTY_WITHIN_S)
+            held["replaying"] = await spool_records(http)
+            await second.kill()  # SIGKILL, mid-replay
+            timings["second killed after up"] = time.monotonic() - up_at
+
+            third = await stack.enter_async_context(running(env))
+            await ready_in_a_row(http, 1)
+            await eventually(lambda: _spool_is_empty(http), within=EMPTY_WITHIN_S)
+            timings["spool empty after up"] = time.monotonic() - up_at
+            after = len(books.acknowledged)
+            await eventually(lambda: books.acknowledged_at_least(after + CLIENTS * BATCH))
         metrics = await scrape(http)
-        rss_stop.set()
-        await rss
-        output = await second.stop()
+        third_output = await third.stop()
+    second_output = await second.finish()
 
     on_topic = await read_topic(bootstrap, f"{prefix}.activity", books)
     line = (
-        report(books, on_topic, rss_peak[0], timings)
-        + f"; {spooled_by_first:.0f} records in the spool when the first gateway was killed"
+        report(books, on_topic, None, timings)
+        + f"; records in the spool at the kill while spooling {held['spooling']:.0f}, "
+        f"while replaying {held['replaying']:.0f}"
     )
     print("\n" + line)
     summarise(request.config, "spool, SIGKILL: " + line)
-    # A client whose request the kill cut off, or that found the port closed, sent its
+    # A client whose request a kill cut off, or that found the port closed, sent its
     # batch again; no answer was an error.
-    problems = problems_with(books, on_topic, rss_peak[0])
-    if spooled_by_first == 0:
-        problems.append("the first gateway had spooled nothing when it was killed")
-    if "from before this start" not in output:
-        problems.append("the second gateway found nothing spooled by the first")
+    problems = problems_with(books, on_topic, None)
+    if not held["spooling"] or not held["replaying"]:
+        problems.append(f"a kill found the spool empty: {held}")
+    for name, output in (("second", second_output), ("third", third_output)):
+        if "from before this start" not in output:
+            problems.append(f"the {name} gateway found nothing spooled before it started")
     if metrics.value("cafe_spool_records_dropped_total") != 0:
         problems.append("spooled records dropped")
     assert not problems, "; ".join(problems)
+
+
+async def _replaying(http: aiohttp.ClientSession) -> bool:
+    """Kafka has acknowledged some of the spool, and it still holds more."""
+    metrics = await scrape(http)
+    return (
+        metrics.value("cafe_spool_records_replayed_total") > 0
+        and metrics.value("cafe_spool_records") > 0
+    )
