@@ -38,6 +38,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -47,8 +48,8 @@ import pytest
 from aiokafka import ConsumerRecord
 from backports import zstd
 
-from tests.integration.conftest import Broker, consume, delete_topics, summarise
-from tests.integration.tcp_proxy import free_port
+from tests.integration.conftest import Broker, consume, delete_topics, eventually, summarise
+from tests.integration.tcp_proxy import TcpProxy, free_port
 from tests.integration.test_outage import GATEWAY_PARTITIONS, watch_rss
 from tests.integration.test_serve import gateway_env, ready_in_a_row, running
 from tests.keys import KeyFile
@@ -140,6 +141,9 @@ CLIENT_TIMEOUT_S = 120.0
 RSS_LIMIT_BYTES = 400 * 2**20
 # How long /metrics may take to count the last hang-ups (a deadline, not a timing).
 ABORTS_COUNTED_WITHIN_S = 30.0
+# With the spool on: once Kafka is reachable, the gateway connects (backing off up to 5 s),
+# makes its topics, and replays what it spooled (a deadline, not a timing).
+SPOOL_EMPTY_WITHIN_S = 60.0
 
 # Every (type, delivery, batch size, mix), in an order fixed by a seed, dealt out to
 # the requests one after another.
@@ -344,6 +348,7 @@ class Sent:
     status: int | None = None
     answer: Any = None
     errors: dict[int, Any] = field(default_factory=dict)  # by index, from a 207 or 422
+    spooled: bool = False  # answered with X-Cafe-Spooled: true
 
 
 @dataclass
@@ -384,6 +389,7 @@ class Traffic:
                     payload = io.BytesIO(COMPRESSORS[spec.delivery](body))
                     async with http.post(path, data=payload, headers=headers) as resp:
                         sent.status, sent.answer = resp.status, parsed(await resp.read())
+                        sent.spooled = resp.headers.get("X-Cafe-Spooled") == "true"
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 sent.answer = repr(exc)
             finally:
@@ -652,8 +658,12 @@ class Run:
     seconds: float
 
 
-async def drive(traffic: Traffic, gateway_pid: int) -> Run:
-    """Every client's requests, all started at once and all waited for; then /metrics."""
+async def drive(traffic: Traffic, gateway_pid: int, kafka_back: TcpProxy | None = None) -> Run:
+    """Every client's requests, all started at once and all waited for; then /metrics.
+
+    With `kafka_back`, the gateway's only way to Kafka, the way is opened once half the
+    requests are answered, and /metrics is read once the spool has emptied.
+    """
     async with aiohttp.ClientSession(
         f"http://127.0.0.1:{traffic.port}",
         timeout=aiohttp.ClientTimeout(total=CLIENT_TIMEOUT_S),
@@ -665,10 +675,34 @@ async def drive(traffic: Traffic, gateway_pid: int) -> Run:
             async with asyncio.TaskGroup() as clients:
                 for number in range(CLIENTS):
                     clients.create_task(traffic.client(http, number))
+                if kafka_back is not None:
+                    clients.create_task(open_halfway(traffic, kafka_back))
                 traffic.go.set()  # all first requests leave in the same turn of the loop
+            if kafka_back is not None:
+                await eventually(lambda: spool_emptied(http), within=SPOOL_EMPTY_WITHIN_S)
             seconds = time.monotonic() - started
             samples = await scrape_once_aborts_counted(http, traffic.vanished())
     return Run(samples, rss_peak[0], seconds)
+
+
+async def open_halfway(traffic: Traffic, proxy: TcpProxy) -> None:
+    """Let the gateway reach Kafka once half the requests are answered."""
+
+    async def half_answered() -> bool:
+        return len(traffic.sent) >= CLIENTS * REQUESTS_PER_CLIENT // 2
+
+    await eventually(half_answered, within=CLIENT_TIMEOUT_S)
+    await proxy.open()
+
+
+async def spool_emptied(http: aiohttp.ClientSession) -> bool:
+    """The spool has held records, and holds none now."""
+    async with http.get("/metrics") as resp:
+        samples = Samples(await resp.text())
+    return (
+        samples.value("cafe_spool_records_spooled_total") > 0
+        and samples.value("cafe_spool_records") == 0
+    )
 
 
 def check_gateway(traffic: Traffic, run: Run, books: Books) -> None:
@@ -703,7 +737,8 @@ def summary(traffic: Traffic, ledger: Ledger, found: list[int], run: Run) -> str
         f"mixed traffic: {len(traffic.sent)} requests from {CLIENTS} clients, "
         f"{traffic.peak_in_flight} in flight at once, {run.seconds:.0f} s "
         f"({statuses[200]} 200, {statuses[207]} 207, {statuses[422]} 422, {refused} other 4xx, "
-        f"{traffic.vanished()} vanished mid-body, {failed.total()} 5xx or unanswered"
+        f"{traffic.vanished()} vanished mid-body, {failed.total()} 5xx or unanswered, "
+        f"{sum(sent.spooled for sent in traffic.sent)} answered from the spool"
         f"{' ' + str(dict(failed)) if failed else ''}); "
         f"{sum(accepted):,} of {sum(map(len, ledger.on_topic.values())):,} accepted records "
         f"on their topics once; {dead_once:,} of {len(dead):,} dead letters "
@@ -722,26 +757,42 @@ async def topic_prefix(kafka: Broker) -> AsyncIterator[str]:
     await delete_topics(kafka.bootstrap, lambda t: t.startswith(prefix + "."))
 
 
+@pytest.mark.parametrize("kafka_at_start", ["up", "away, with the spool on"])
 async def test_mixed_traffic_balances_the_books(
-    kafka: Broker, key_file: KeyFile, topic_prefix: str, pytestconfig: pytest.Config
+    kafka: Broker,
+    key_file: KeyFile,
+    topic_prefix: str,
+    pytestconfig: pytest.Config,
+    tmp_path: Path,
+    kafka_at_start: str,
 ) -> None:
+    """With the spool on, the gateway's way to Kafka opens halfway through: the first
+    half of the traffic is spooled, and the books must balance all the same."""
     beacon_key, _ = key_file.add(PLATFORM, origins=(ORIGIN,), browser=True)
     traffic = Traffic(free_port(), Keys(key_file.key, beacon_key))
+    spool = kafka_at_start != "up"
+    proxy = TcpProxy(kafka.bootstrap) if spool else None
     env = gateway_env(
         traffic.port,
-        kafka,
+        Broker(f"127.0.0.1:{proxy.port}", "a proxy, closed") if proxy else kafka,
         key_file,
         topic_prefix,
         CAFE_WORKERS="1",
         CAFE_MAX_INFLIGHT_BYTES=str(INFLIGHT_CAP_BYTES),
         **GATEWAY_TIMEOUTS,
+        **({"CAFE_SPOOL_DIR": str(tmp_path / "spool")} if spool else {}),
     )
 
     def topic(name: str) -> AsyncIterator[ConsumerRecord]:
         return consume(kafka.bootstrap, f"{topic_prefix}.{name}", GATEWAY_PARTITIONS)
 
-    async with running(env) as gateway:
-        run = await drive(traffic, gateway.pid)
+    async with contextlib.AsyncExitStack() as stack:
+        if proxy is not None:
+            stack.push_async_callback(proxy.close)
+        gateway = await stack.enter_async_context(running(env))
+        run = await drive(traffic, gateway.pid, proxy)
+        if spool and not any(sent.spooled for sent in traffic.sent):
+            pytest.fail("nothing was spooled: Kafka was not away")
         books = Books()
         ledger = ledger_of(traffic, books)
         found = await asyncio.gather(
