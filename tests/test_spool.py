@@ -152,6 +152,33 @@ async def test_records_not_acknowledged_in_time_are_spooled_with_those_waiting_b
     assert inner.values() == [b'{"n":1}', b'{"n":2}']
 
 
+async def test_a_request_refused_at_once_is_spooled_behind_those_still_waiting(
+    tmp_path: Path,
+) -> None:
+    inner = StallingSink()
+    inner.stalled = True
+    # A wait for Kafka far longer than the test: the first request ends only if the
+    # second's refusal ends it.
+    sink = SpoolingSink(inner, SpoolSettings(after_ms=60_000), tmp_path)
+    await sink.start()
+    try:
+        first = asyncio.create_task(sink.send("activity", [message(1)]))
+        await until(lambda: inner.sends == 1)  # waiting for Kafka
+        inner.stalled, inner.is_ready = False, False  # the next is refused at once
+        assert await sink.send("activity", [message(2)]) is True
+        assert await asyncio.wait_for(first, timeout=5) is True
+        with sqlite3.connect(tmp_path / "spool-0.sqlite3") as db:
+            payloads = [row[0] for row in db.execute("SELECT payload FROM chunks ORDER BY id")]
+        # In the order they came.
+        assert [decode("activity", p).accepted[0].value for p in payloads] == [
+            b'{"n":1}',
+            b'{"n":2}',
+        ]
+    finally:
+        inner.go.set()
+        await sink.close()
+
+
 async def test_a_record_kafka_refuses_for_good_is_not_spooled(
     spooled: tuple[SpoolingSink, StallingSink, Metrics], tmp_path: Path
 ) -> None:
