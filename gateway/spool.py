@@ -8,30 +8,25 @@ records reach Kafka in the order they came. A replayer sends the oldest chunks t
 and deletes them only once Kafka has acknowledged them; when the spool is empty, requests
 go to Kafka first again.
 
-`SpoolFile` is the store: SQLite in WAL mode, one row (a chunk) per request, written in
-group commits from one thread of its own, so no disk I/O runs on the event loop.
+The store, SQLite written from a thread of its own, is gateway/spoolfile.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import itertools
 import logging
-import sqlite3
-import struct
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
 
 from gateway.config import SpoolSettings
 from gateway.errors import GatewayError, SinkUnavailable, SpoolFull, SpoolUnavailable
 from gateway.metrics import Metrics
 from gateway.sink import Message, Sink
+from gateway.spoolfile import DISK_ERRORS, Chunk, SpoolFile, Stored, encode
 
 log = logging.getLogger(__name__)
 
@@ -43,246 +38,6 @@ _FIRST_RETRY_S = 0.25
 _LAST_RETRY_S = 5.0
 # How often the age of the oldest record is brought up to date.
 _GAUGE_EVERY_S = 1.0
-
-# A chunk's payload: its header lists, then its messages (see _encode).
-_COUNT = struct.Struct("<I")
-_HEADER = struct.Struct("<HI")  # name length, value length
-_MESSAGE = struct.Struct("<BiII")  # dead letter?, key length (-1: none), value length, headers
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """One request's records and dead letters, as spooled."""
-
-    record_type: str
-    accepted: Sequence[Message]
-    dead_letters: Sequence[Message]
-
-    @property
-    def records(self) -> int:
-        return len(self.accepted) + len(self.dead_letters)
-
-
-@dataclass
-class Stored:
-    """A chunk read back from the spool file."""
-
-    id: int
-    spooled_at: float
-    size: int
-    chunk: Chunk
-
-
-def encode(chunk: Chunk) -> bytes:
-    """A chunk's messages as bytes: each distinct header list once, then every message.
-
-    Every accepted record of a request carries the same header list, so each list is
-    written once and messages name it by its place.
-    """
-    header_lists: dict[int, int] = {}
-    lists: list[bytes] = []
-    parts: list[bytes] = [b""]  # the header lists go here, once all are known
-    for dead, messages in ((0, chunk.accepted), (1, chunk.dead_letters)):
-        for message in messages:
-            headers = message.headers or []
-            place = header_lists.get(id(headers))
-            if place is None:
-                place = header_lists[id(headers)] = len(lists)
-                lists.append(_encode_headers(headers))
-            key = message.key
-            parts.append(
-                _MESSAGE.pack(dead, -1 if key is None else len(key), len(message.value), place)
-            )
-            if key:
-                parts.append(key)
-            parts.append(message.value)
-    parts[0] = _COUNT.pack(len(lists)) + b"".join(lists)
-    return b"".join(parts)
-
-
-def _encode_headers(headers: Sequence[tuple[str, bytes]]) -> bytes:
-    parts = [_COUNT.pack(len(headers))]
-    for name, value in headers:
-        encoded = name.encode()
-        parts += [_HEADER.pack(len(encoded), len(value)), encoded, value]
-    return b"".join(parts)
-
-
-def decode(record_type: str, payload: bytes) -> Chunk:
-    """The chunk `encode` made `payload` from."""
-    view = memoryview(payload)
-    (count,), at = _COUNT.unpack_from(view), _COUNT.size
-    lists: list[list[tuple[str, bytes]] | None] = []
-    for _ in range(count):
-        (headers,), at = _COUNT.unpack_from(view, at), at + _COUNT.size
-        pairs = []
-        for _ in range(headers):
-            name_size, value_size = _HEADER.unpack_from(view, at)
-            at += _HEADER.size
-            name = bytes(view[at : at + name_size]).decode()
-            at += name_size
-            pairs.append((name, bytes(view[at : at + value_size])))
-            at += value_size
-        lists.append(pairs or None)
-    accepted: list[Message] = []
-    dead_letters: list[Message] = []
-    while at < len(view):
-        dead, key_size, value_size, place = _MESSAGE.unpack_from(view, at)
-        at += _MESSAGE.size
-        key = None
-        if key_size >= 0:
-            key = bytes(view[at : at + key_size])
-            at += key_size
-        value = bytes(view[at : at + value_size])
-        at += value_size
-        (dead_letters if dead else accepted).append(Message(key, value, lists[place]))
-    return Chunk(record_type, accepted, dead_letters)
-
-
-class SpoolFile:
-    """Chunks in a SQLite file, oldest first; every call runs on one thread of its own.
-
-    A directory holds one file per worker, `spool-<n>.sqlite3`. A process takes the first
-    whose lock (an exclusive flock on the file beside it) it can hold, and holds it while
-    the file is open, so two processes never write one file.
-    """
-
-    def __init__(self, directory: Path, workers: int) -> None:
-        self.directory = directory
-        self.path = directory / "spool-0.sqlite3"  # until opened: the first it will try
-        self._workers = workers
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="spool")
-        self._db: sqlite3.Connection | None = None
-        self._lock: IO[bytes] | None = None
-
-    async def run(self, work: Any, *args: Any) -> Any:
-        """Run `work(db, *args)` on the spool's thread, opening the file first if need be."""
-        return await asyncio.get_running_loop().run_in_executor(
-            self._executor, self._call, work, args
-        )
-
-    def _call(self, work: Any, args: tuple[Any, ...]) -> Any:
-        if self._db is None:
-            self._db = self._open()
-        return work(self._db, *args)
-
-    def _open(self) -> sqlite3.Connection:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        if self._lock is None:
-            self._take_a_file()
-        # No implicit transactions: each write is one explicit transaction.
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        # Set before the first table exists, or it has no effect: the space replayed
-        # chunks leave is given back to the file system when the spool empties.
-        db.execute("PRAGMA auto_vacuum=INCREMENTAL")
-        # WAL: a commit appends to the log, and reading does not block writing. FULL:
-        # the log is fsynced at every commit, so a chunk is on disk before its request
-        # is answered (NORMAL survives a crash of the process, not of the machine).
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute(
-            "CREATE TABLE IF NOT EXISTS chunks (id INTEGER PRIMARY KEY AUTOINCREMENT, "
-            "spooled_at REAL NOT NULL, record_type TEXT NOT NULL, records INTEGER NOT NULL, "
-            "payload BLOB NOT NULL)"
-        )
-        return db
-
-    def _take_a_file(self) -> None:
-        """Lock the first spool file no other process holds, and use it."""
-        for index in range(self._workers):
-            path = self.directory / f"spool-{index}.sqlite3"
-            lock = path.with_name(f"{path.name}.lock").open("ab")
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                lock.close()
-                continue
-            self.path, self._lock = path, lock
-            if index == 0:
-                self._warn_of_orphans()
-            return
-        raise sqlite3.OperationalError(
-            f"every spool file in {self.directory} is in use by another process"
-        )
-
-    def _warn_of_orphans(self) -> None:
-        """Files of workers beyond CAFE_WORKERS are replayed by no one: say so."""
-        for path in sorted(self.directory.glob("spool-*.sqlite3")):
-            index = path.name.removeprefix("spool-").removesuffix(".sqlite3")
-            if index.isdigit() and int(index) >= self._workers:
-                log.error(
-                    "%s belongs to worker %s, and CAFE_WORKERS is %d: no worker sends what "
-                    "it holds; run with CAFE_WORKERS=%d until it is empty",
-                    path,
-                    index,
-                    self._workers,
-                    int(index) + 1,
-                )
-
-    async def close(self) -> None:
-        def close(db: sqlite3.Connection) -> None:
-            db.close()
-
-        with contextlib.suppress(sqlite3.Error):
-            if self._db is not None:
-                await self.run(close)
-        self._db = None
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
-        self._executor.shutdown(wait=True)
-
-
-def _totals(db: sqlite3.Connection) -> tuple[int, int, int, float | None]:
-    """Chunks, records and bytes held, and when the oldest was spooled."""
-    row = db.execute(
-        "SELECT count(*), coalesce(sum(records), 0), coalesce(sum(length(payload)), 0), "
-        "min(spooled_at) FROM chunks"
-    ).fetchone()
-    return row[0], row[1], row[2], row[3]
-
-
-def _insert(db: sqlite3.Connection, rows: list[tuple[float, str, int, bytes]]) -> None:
-    """One transaction for many chunks: one fsync for them all (a group commit)."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        db.executemany(
-            "INSERT INTO chunks (spooled_at, record_type, records, payload) VALUES (?, ?, ?, ?)",
-            rows,
-        )
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
-
-
-def _oldest(db: sqlite3.Connection, max_bytes: int) -> list[Stored]:
-    """The oldest chunks, up to `max_bytes` of payload (at least one)."""
-    window: list[Stored] = []
-    size = 0
-    for row in db.execute(
-        "SELECT id, spooled_at, record_type, payload FROM chunks ORDER BY id LIMIT 1000"
-    ):
-        if window and size + len(row[3]) > max_bytes:
-            break
-        size += len(row[3])
-        window.append(Stored(row[0], row[1], len(row[3]), decode(row[2], row[3])))
-    return window
-
-
-def _delete(db: sqlite3.Connection, ids: list[int], empty: bool) -> None:
-    """Delete chunks by id; give the space back once the spool is empty."""
-    db.executemany("DELETE FROM chunks WHERE id = ?", [(i,) for i in ids])
-    if empty:
-        db.execute("PRAGMA incremental_vacuum")
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-
-
-def _probe(db: sqlite3.Connection) -> None:
-    """A write that changes nothing, to learn whether the disk takes writes again."""
-    db.execute("BEGIN IMMEDIATE")
-    db.execute("DELETE FROM chunks WHERE id < 0")
-    db.execute("COMMIT")
 
 
 def _spooled_before(window: list[Stored], moment: float) -> list[Stored]:
@@ -355,7 +110,7 @@ class SpoolingSink:
         sink and the replayer."""
         try:
             await self._recount()
-        except (sqlite3.Error, OSError) as exc:
+        except DISK_ERRORS as exc:
             self._break(exc)
         await self.inner.start()
         self._replayer = asyncio.create_task(self._replay(), name="spool-replay")
@@ -364,7 +119,7 @@ class SpoolingSink:
 
     async def _recount(self) -> None:
         """Learn what the file holds: at start, or once a disk that failed at start works."""
-        chunks, records, size, oldest = await self._file.run(_totals)
+        chunks, records, size, oldest = await self._file.totals()
         self._held = _Held(chunks, records, size, oldest)
         if chunks:
             log.warning(
@@ -396,8 +151,8 @@ class SpoolingSink:
         """Ready while Kafka or the spool can take records: a broken spool is not ready."""
         if self.broken is not None:
             try:
-                await self._file.run(_probe)
-            except (sqlite3.Error, OSError):
+                await self._file.probe()
+            except DISK_ERRORS:
                 return f"the spool at {self._file.path} cannot be written: {self.broken}"
             log.info("the spool at %s takes writes again", self._file.path)
             self.broken = None
@@ -494,8 +249,8 @@ class SpoolingSink:
             rows = [(p.spooled_at, p.chunk.record_type, p.chunk.records, p.payload) for p in batch]
             started = time.perf_counter()
             try:
-                await self._file.run(_insert, rows)
-            except (sqlite3.Error, OSError) as exc:
+                await self._file.insert(rows)
+            except DISK_ERRORS as exc:
                 self._break(exc)
                 for pending in batch:
                     held.chunks -= 1
@@ -532,8 +287,8 @@ class SpoolingSink:
         while True:
             await self._has_chunks.wait()
             try:
-                window: list[Stored] = await self._file.run(_oldest, self._window_bytes)
-            except (sqlite3.Error, OSError) as exc:
+                window: list[Stored] = await self._file.oldest(self._window_bytes)
+            except DISK_ERRORS as exc:
                 self._break(exc)
                 await asyncio.sleep(_LAST_RETRY_S)
                 continue
@@ -612,8 +367,8 @@ class SpoolingSink:
         held = self._held
         empty = held.chunks == len(chunks)
         try:
-            await self._file.run(_delete, [stored.id for stored in chunks], empty)
-        except (sqlite3.Error, OSError) as exc:
+            await self._file.delete([stored.id for stored in chunks], empty)
+        except DISK_ERRORS as exc:
             # Kept: sent again later, a duplicate rather than a loss.
             self._break(exc)
             await asyncio.sleep(_LAST_RETRY_S)

@@ -20,7 +20,8 @@ from gateway.errors import RecordTooLarge, SpoolFull, SpoolUnavailable
 from gateway.ingest import SPOOLED_HEADER
 from gateway.metrics import Metrics
 from gateway.sink import MemorySink, Message
-from gateway.spool import Chunk, SpoolingSink, decode, encode
+from gateway.spool import SpoolingSink
+from gateway.spoolfile import decode
 from tests.conftest import AiohttpClient
 from tests.keys import KeyFile
 from tests.scrape import Samples
@@ -82,18 +83,6 @@ async def until(check: object, within: float = 5.0) -> None:
     while not check():  # type: ignore[operator]
         assert time.monotonic() < deadline, "not within the time allowed"
         await asyncio.sleep(0.01)
-
-
-def test_a_chunk_reads_back_as_it_was_written() -> None:
-    other = [("cafe-key-id", b"k1"), ("cafe-errors", b'[{"\xc3\xa9":1}]'), ("empty", b"")]
-    chunk = Chunk(
-        "log",
-        [message(1), Message(None, b"\x00\xff binary", HEADERS), Message(b"", b"", None)],
-        [Message(b"s2", b"rejected", other)],
-    )
-    back = decode("log", encode(chunk))
-    assert back == chunk
-    assert back.records == 4
 
 
 async def test_records_kafka_acknowledges_are_not_spooled(

@@ -1,0 +1,76 @@
+"""The spool's store: chunks encoded and read back, windows, deletes, files and locks."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from gateway.sink import Message
+from gateway.spoolfile import Chunk, SpoolFile, decode, encode
+
+HEADERS = [("cafe-key-id", b"k1"), ("cafe-schema", b"activity")]
+
+
+def chunk(n: int, size: int = 10) -> Chunk:
+    return Chunk("activity", [Message(b"s1", b"%d" % n + b"x" * size, HEADERS)], [])
+
+
+def test_a_chunk_reads_back_as_it_was_written() -> None:
+    other = [("cafe-key-id", b"k1"), ("cafe-errors", b'[{"\xc3\xa9":1}]'), ("empty", b"")]
+    written = Chunk(
+        "log",
+        [
+            Message(b"s1", b"{}", HEADERS),
+            Message(None, b"\x00\xff binary", HEADERS),
+            Message(b"", b"", None),
+        ],
+        [Message(b"s2", b"rejected", other)],
+    )
+    back = decode("log", encode(written))
+    assert back == written
+    assert back.records == 4
+
+
+async def test_chunks_come_back_oldest_first_in_windows_and_stay_until_deleted(
+    tmp_path: Path,
+) -> None:
+    file = SpoolFile(tmp_path, workers=1)
+    try:
+        rows = [(1000.0 + n, "activity", 1, encode(chunk(n, size=100))) for n in range(5)]
+        await file.insert(rows)
+        assert await file.totals() == (5, 5, sum(len(r[3]) for r in rows), 1000.0)
+        # A window stops before the chunk that would pass its bytes, but holds one at least.
+        size = len(rows[0][3])
+        window = await file.oldest(2 * size + 1)
+        assert [stored.spooled_at for stored in window] == [1000.0, 1001.0]
+        assert [stored.chunk for stored in window] == [chunk(0, 100), chunk(1, 100)]
+        assert len(await file.oldest(1)) == 1
+        await file.delete([stored.id for stored in window], empty=False)
+    finally:
+        await file.close()
+    reopened = SpoolFile(tmp_path, workers=1)
+    try:
+        assert (await reopened.totals())[:2] == (3, 3)
+        assert [s.chunk for s in await reopened.oldest(1 << 20)] == [
+            chunk(n, 100) for n in (2, 3, 4)
+        ]
+        await reopened.delete([s.id for s in await reopened.oldest(1 << 20)], empty=True)
+        assert await reopened.totals() == (0, 0, 0, None)
+    finally:
+        await reopened.close()
+
+
+async def test_files_left_by_workers_beyond_the_count_are_named_in_an_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "spool-3.sqlite3").write_bytes(b"")
+    file = SpoolFile(tmp_path, workers=2)
+    with caplog.at_level(logging.ERROR, logger="gateway.spoolfile"):
+        try:
+            await file.probe()
+        finally:
+            await file.close()
+    assert "spool-3.sqlite3 belongs to worker 3, and CAFE_WORKERS is 2" in caplog.text
+    assert "run with CAFE_WORKERS=4 until it is empty" in caplog.text
