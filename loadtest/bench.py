@@ -43,7 +43,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import psutil
@@ -53,6 +53,9 @@ from gateway.keys import mint_key, write_keys_file
 from gateway.schemas import load_record_types
 from loadtest.topics import read_to_end
 from tests.spec_samples import curl_bodies
+
+if TYPE_CHECKING:
+    from loadtest.spoolbench import Spool
 
 HERE = Path(__file__).resolve().parent
 BATCHES = (500, 20, 1)
@@ -560,6 +563,7 @@ class Outcome:
     peer_versions: dict[str, str]  # by peer name
     costs: dict[str, float]  # validation, us per record, by validator
     workers: int  # gateway processes
+    spool: Spool | None = None  # loadtest/spoolbench.py's run, unless --no-spool
 
     def goals(self) -> str:
         """The goals' verdicts; none with several workers: the goals are for one process."""
@@ -581,10 +585,14 @@ def main() -> None:
     # Measured first, while the machine is otherwise idle.
     costs = validation_costs()
     results, books = run_targets(args, targets)
-    outcome = Outcome(results, books, versions, costs, args.workers)
+    # Imported here: spoolbench imports this module's helpers.
+    from loadtest import spoolbench
+
+    spool = spoolbench.run(args, results) if args.spool else None
+    outcome = Outcome(results, books, versions, costs, args.workers, spool)
     print_summary(outcome)
     write_report(args, outcome)
-    if not all(b.ok for b in books.values()):
+    if not all(b.ok for b in books.values()) or (spool and not spool.ok):
         raise SystemExit(1)
 
 
@@ -605,6 +613,12 @@ def parse_args() -> argparse.Namespace:
         "--peer",
         action="store_true",
         help="also measure the peers, HTTP-to-Kafka bridges (deploy/peer/), at each batch size",
+    )
+    parser.add_argument(
+        "--spool",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="then the spool with Kafka down, and its replay (loadtest/spoolbench.py)",
     )
     return parser.parse_args()
 
@@ -713,6 +727,9 @@ def print_summary(outcome: Outcome) -> None:
     if outcome.goals():
         print()
         print(outcome.goals())
+    if outcome.spool:
+        print()
+        print(outcome.spool.markdown())
 
 
 def peer_list(outcome: Outcome) -> str:
@@ -751,6 +768,9 @@ def write_report(args: argparse.Namespace, outcome: Outcome) -> None:
         stem += "-peer"
     if outcome.goals():
         markdown += "\n" + outcome.goals() + "\n"
+    if outcome.spool:
+        report["spool"] = outcome.spool.as_report()
+        markdown += "\n## Spool\n\n" + outcome.spool.markdown() + "\n"
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / f"{stem}.md").write_text(markdown)
     chart(outcome.results, args.out / f"{stem}.png")
