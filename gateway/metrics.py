@@ -99,7 +99,7 @@ class Metrics:
         )
         self.records = Counter(
             "cafe_records",
-            "Records by type and outcome: accepted (acknowledged by Kafka), invalid, "
+            "Records by type and outcome: accepted (acknowledged by Kafka, or spooled), invalid, "
             "forbidden (platform not allowed for the key), unavailable (Kafka did not "
             "acknowledge in time; the client got a 503)",
             ["type", "outcome"],
@@ -204,7 +204,7 @@ class Metrics:
         )
         self.spool_records_spooled = Counter(
             "cafe_spool_records_spooled",
-            "Records (dead letters included) written to the spool, fsynced, and answered 2xx",
+            "Records (dead letters included) written to the spool and fsynced",
             registry=registry,
         )
         self.spool_records_replayed = Counter(

@@ -58,6 +58,8 @@ class _Direct:
 
 @dataclass
 class _Pending:
+    """A chunk queued for the next group commit."""
+
     chunk: Chunk
     payload: bytes
     spooled_at: float
