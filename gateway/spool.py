@@ -58,11 +58,12 @@ class _Direct:
 
 @dataclass
 class _Pending:
-    """A chunk queued for the next group commit."""
+    """A chunk queued for the next group commit, encoded: its messages are let go."""
 
-    chunk: Chunk
-    payload: bytes
     spooled_at: float
+    record_type: str
+    records: int
+    payload: bytes
     written: asyncio.Future[None]
 
 
@@ -77,6 +78,14 @@ class _Held:
     # A chunk was refused for want of room, and none has been replayed since.
     full: bool = False
     pending: list[_Pending] = field(default_factory=list)
+
+    def take_away(self, chunks: int, records: int, size: int) -> None:
+        """Chunks have left the spool (delivered, dropped, or never written)."""
+        self.chunks -= chunks
+        self.records -= records
+        self.bytes -= size
+        if not self.chunks:
+            self.oldest_at = None
 
 
 class SpoolingSink:
@@ -233,7 +242,7 @@ class SpoolingSink:
             )
         now = time.time()
         written = asyncio.get_running_loop().create_future()
-        held.pending.append(_Pending(chunk, payload, now, written))
+        held.pending.append(_Pending(now, chunk.record_type, chunk.records, payload, written))
         held.chunks += 1
         held.records += chunk.records
         held.bytes += len(payload)
@@ -248,23 +257,19 @@ class SpoolingSink:
         held = self._held
         while held.pending:
             batch, held.pending = held.pending, []
-            rows = [(p.spooled_at, p.chunk.record_type, p.chunk.records, p.payload) for p in batch]
+            rows = [(p.spooled_at, p.record_type, p.records, p.payload) for p in batch]
             started = time.perf_counter()
             try:
                 await self._file.insert(rows)
             except DISK_ERRORS as exc:
                 self._break(exc)
                 for pending in batch:
-                    held.chunks -= 1
-                    held.records -= pending.chunk.records
-                    held.bytes -= len(pending.payload)
+                    held.take_away(1, pending.records, len(pending.payload))
                     pending.written.set_exception(
                         SpoolUnavailable(f"the spool could not be written: {exc}")
                     )
-                if not held.chunks:
-                    held.oldest_at = None
                 continue
-            records = sum(p.chunk.records for p in batch)
+            records = sum(p.records for p in batch)
             if self._metrics is not None:
                 self._metrics.spool_write_seconds.observe(time.perf_counter() - started)
                 self._metrics.spool_records_spooled.inc(records)
@@ -376,12 +381,9 @@ class SpoolingSink:
             await asyncio.sleep(_LAST_RETRY_S)
             return
         records = sum(stored.chunk.records for stored in chunks)
-        held.chunks -= len(chunks)
-        held.records -= records
-        held.bytes -= sum(stored.size for stored in chunks)
+        held.take_away(len(chunks), records, sum(stored.size for stored in chunks))
         held.full = False
         if not held.chunks:
-            held.oldest_at = None
             log.info("the spool is empty: requests go to Kafka first again")
         if dropped == "expired":
             log.error(

@@ -67,6 +67,18 @@ def chunks_in(directory: Path, name: str = "spool-0.sqlite3") -> int:
         return count
 
 
+async def spooled_while_kafka_is_down(directory: Path, *sends: list[Message]) -> None:
+    """Spool each of `sends` (activity records) with Kafka refusing them, then stop: the
+    spool holds them for the next start."""
+    down = StallingSink()
+    down.is_ready = False
+    sink = SpoolingSink(down, SETTINGS, directory)
+    await sink.start()
+    for messages in sends:
+        assert await sink.send("activity", messages) is True
+    await sink.close()
+
+
 @pytest.fixture
 async def spooled(tmp_path: Path) -> AsyncIterator[tuple[SpoolingSink, StallingSink, Metrics]]:
     inner = StallingSink()
@@ -224,12 +236,7 @@ async def test_what_the_spool_holds_is_sent_after_a_restart(tmp_path: Path) -> N
 async def test_records_older_than_the_max_age_are_dropped_counted_and_logged(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    down = StallingSink()
-    down.is_ready = False
-    first = SpoolingSink(down, SETTINGS, tmp_path)
-    await first.start()
-    await first.send("activity", [message(1), message(2)])
-    await first.close()
+    await spooled_while_kafka_is_down(tmp_path, [message(1), message(2)])
     with sqlite3.connect(tmp_path / "spool-0.sqlite3") as db:
         db.execute("UPDATE chunks SET spooled_at = spooled_at - 7200")
 
@@ -318,12 +325,7 @@ async def test_a_spooled_answer_says_so_in_a_header_and_keeps_its_body(
 async def test_a_replay_kafka_has_not_acknowledged_keeps_its_chunks_through_a_stop(
     tmp_path: Path,
 ) -> None:
-    down = StallingSink()
-    down.is_ready = False
-    first = SpoolingSink(down, SETTINGS, tmp_path)
-    await first.start()
-    await first.send("activity", [message(1)])
-    await first.close()
+    await spooled_while_kafka_is_down(tmp_path, [message(1)])
 
     stalled = StallingSink()
     stalled.stalled = True
