@@ -20,6 +20,7 @@ from gateway.clientip import get_ip
 from gateway.config import Settings
 from gateway.cors import cors_middleware
 from gateway.errors import problem_middleware
+from gateway.fleetlimit import FleetBuckets
 from gateway.ingest import ingest_handler
 from gateway.kafka import KafkaSink
 from gateway.keys import KeyStore
@@ -56,7 +57,10 @@ def create_app(
     keys = KeyStore(settings.keys_file, metrics)
     record_types = load_record_types(settings.kafka.topics.by_record_type(), settings.validator)
     admission = Admission(settings.max_inflight_bytes, settings.max_body_bytes)
-    limiter = RateLimiter(settings.workers, buckets)
+    fleet = None
+    if settings.ratelimit_storage != "local":
+        fleet = FleetBuckets(settings.ratelimit_storage, metrics)
+    limiter = RateLimiter(settings.workers, buckets, fleet)
     # The order matters. Outermost, every request gets its id, timing and log line,
     # whatever happens below. CORS answers preflights, and marks the answers a page may
     # read, errors included. Then errors are rendered, so every error below gets the
@@ -97,6 +101,7 @@ def create_app(
     app[DRAINING] = asyncio.Event()
     app.cleanup_ctx.append(_keys_lifetime)
     app.cleanup_ctx.append(_sink_lifetime)
+    app.cleanup_ctx.append(_fleet_lifetime)
 
     types = "|".join(record_types)
     app.router.add_get("/healthz", health.healthz)
@@ -129,6 +134,17 @@ async def _keys_lifetime(app: web.Application) -> AsyncIterator[None]:
     watcher.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await watcher
+
+
+async def _fleet_lifetime(app: web.Application) -> AsyncIterator[None]:
+    """With CAFE_RATELIMIT_STORAGE a Redis URL, reach it (or start on local limits until
+    it answers); close it at shutdown."""
+    fleet = app[LIMITER].fleet
+    if fleet is not None:
+        await fleet.start()
+    yield
+    if fleet is not None:
+        await fleet.close()
 
 
 async def _sink_lifetime(app: web.Application) -> AsyncIterator[None]:

@@ -145,6 +145,16 @@ def _networks(name: str, raw: str) -> tuple[IPNetwork, ...]:
     return tuple(networks)
 
 
+def _ratelimit_storage(name: str, raw: str) -> str:
+    """`local`, or the URL of a Redis (redis://, rediss:// or unix://) the fleet shares."""
+    if raw.lower() == "local":
+        return "local"
+    scheme, sep, rest = raw.partition("://")
+    if not sep or scheme.lower() not in ("redis", "rediss", "unix") or not rest:
+        raise ConfigError(f"{name}={raw!r} is neither local nor a redis:// URL")
+    return raw
+
+
 @dataclass(frozen=True)
 class TopicSettings:
     """The topic of each record type, and how many partitions a created topic gets."""
@@ -326,6 +336,14 @@ class Settings:
         "fastjsonschema",
         _choice("fastjsonschema", "jsonschema-rs"),
         "what validates records; jsonschema-rs is faster (install cafe-gateway[fast])",
+    )
+    # local: one host's workers share a key's buckets (gateway/ratelimit.py); a Redis URL:
+    # every gateway that names it does (gateway/fleetlimit.py).
+    ratelimit_storage: str = _var(
+        "CAFE_RATELIMIT_STORAGE",
+        "local",
+        _ratelimit_storage,
+        "where per-key rate limits are kept: local (per host) or redis://host:port/db (fleet)",
     )
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     spool: SpoolSettings = field(default_factory=SpoolSettings)

@@ -4,7 +4,7 @@ from aiohttp import web
 
 from gateway.errors import NotReady
 from gateway.responses import json_response
-from gateway.state import DRAINING, SINK
+from gateway.state import DRAINING, LIMITER, SINK
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -20,4 +20,11 @@ async def readyz(request: web.Request) -> web.Response:
     reason = await app[SINK].unavailable()
     if reason is not None:
         raise NotReady(reason)
+    # Still ready when the rate limits' Redis is away (each host enforces the limits on
+    # its own meanwhile), but said, for whoever reads the answer.
+    fleet = app[LIMITER].fleet
+    if fleet is not None and fleet.down is not None:
+        return json_response(
+            {"status": "ready", "degraded": [f"rate limits are per host: {fleet.down}"]}
+        )
     return json_response({"status": "ready"})

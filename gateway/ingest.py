@@ -73,7 +73,7 @@ async def ingest(request: web.Request, record_type: RecordType) -> web.Response:
     metrics = request.app[METRICS]
 
     records = records_of(await _read_json(request, settings))
-    request.app[LIMITER].check_records(key, len(records))
+    await request.app[LIMITER].check_records(key, len(records))
     metrics.records_per_request.labels(record_type.name).observe(len(records))
 
     headers = _kafka_headers(request, record_type, key, request_id)

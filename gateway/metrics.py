@@ -177,6 +177,19 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livemin",
         )
+        self.ratelimit_redis_down = Gauge(
+            "cafe_ratelimit_redis_down",
+            "1 while the Redis of CAFE_RATELIMIT_STORAGE does not answer and this host "
+            "enforces rate limits on its own, else 0",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.ratelimit_redis_calls = Counter(
+            "cafe_ratelimit_redis_calls",
+            "Calls to Redis for rate-limit tokens (a lease renewal each), by result: ok or error",
+            ["result"],
+            registry=registry,
+        )
         self.spool_records = Gauge(
             "cafe_spool_records",
             "Records in the spool (CAFE_SPOOL_DIR), written or being written",

@@ -7,6 +7,10 @@ one keep-alive connection always lands on one worker, which with buckets per wor
 would cap it at that worker's share. The request check runs before the body is read,
 so a refused request costs a few microseconds; the record check runs once the body is
 parsed and before any record is validated.
+
+These buckets are per host: behind a load balancer, N gateways give a key up to N times
+its limit. With CAFE_RATELIMIT_STORAGE set to a Redis URL, `gateway.fleetlimit` keeps
+the buckets in Redis for the whole fleet, and these stand in while Redis does not answer.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 import struct
 import time
 import weakref
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -28,6 +33,9 @@ from gateway.errors import RateLimited
 from gateway.keys import ApiKey
 from gateway.schemas import MAX_RECORDS
 from gateway.state import API_KEY
+
+if TYPE_CHECKING:
+    from gateway.fleetlimit import FleetBuckets
 
 log = logging.getLogger(__name__)
 
@@ -134,47 +142,63 @@ class BucketTable:
 
 
 class RateLimiter:
-    """The rate limits of every key, checked against the buckets in `buckets`.
+    """The rate limits of every key, checked against the buckets in `buckets`, or in
+    Redis when `fleet` is given (and answers).
 
     `buckets` is shared with the other workers; a fresh table by default.
     """
 
-    def __init__(self, workers: int, buckets: BucketTable | None = None) -> None:
+    def __init__(
+        self, workers: int, buckets: BucketTable | None = None, fleet: FleetBuckets | None = None
+    ) -> None:
         self._workers = workers
         self._table = buckets if buckets is not None else BucketTable()
+        self.fleet = fleet
         # Buckets the table had no room for: this process's own, at 1/workers of the
         # rate (the kernel spreads connections evenly, roughly, over the workers).
         self._fallback: dict[Bucket, TokenBucket] = {}
 
-    def check_request(self, key: ApiKey) -> None:
+    async def check_request(self, key: ApiKey) -> None:
         """Raise RateLimited if the key has used up its requests for now."""
         if key.requests_per_second is None:
             return
         # A second's worth of burst, and always room for one request.
-        self._take(key.id, "requests", key.requests_per_second, 1.0, 1)
+        await self._take(key.id, "requests", key.requests_per_second, 1.0, 1)
 
-    def check_records(self, key: ApiKey, count: int) -> None:
+    async def check_records(self, key: ApiKey, count: int) -> None:
         """Raise RateLimited if the key may not send `count` more records now."""
         if key.records_per_second is None:
             return
         # Always room for a full batch, or a low limit would refuse large batches forever.
-        self._take(key.id, "records", key.records_per_second, float(MAX_RECORDS), count)
+        await self._take(key.id, "records", key.records_per_second, float(MAX_RECORDS), count)
 
-    def _take(self, key_id: str, what: str, rate: float, min_burst: float, count: int) -> None:
+    async def _take(
+        self, key_id: str, what: str, rate: float, min_burst: float, count: int
+    ) -> None:
         bucket = (key_id, what, rate)
-        now = time.monotonic()
-        fallback = self._fallback.get(bucket)
-        if fallback is None:
-            wait_s = self._table.take(bucket, rate, max(rate, min_burst), count, now)
-            if wait_s is None:
-                fallback = self._fall_back(bucket, rate, min_burst)
-        if fallback is not None:
-            wait_s = fallback.take(count, now)
+        burst = max(rate, min_burst)
+        wait_s = None
+        if self.fleet is not None:
+            wait_s = await self.fleet.take(bucket, burst, count)
+        if wait_s is None:  # local limits, or Redis did not answer
+            wait_s = self._take_here(bucket, burst, min_burst, count)
         if wait_s:
             raise RateLimited(
                 f"this API key is limited to {rate:g} {what}/s; retry later",
                 retry_after=max(1, math.ceil(wait_s)),
             )
+
+    def _take_here(self, bucket: Bucket, burst: float, min_burst: float, count: int) -> float:
+        """Take from this host's buckets: the shared table, or past it this process's own."""
+        rate = bucket[2]
+        now = time.monotonic()
+        fallback = self._fallback.get(bucket)
+        if fallback is None:
+            wait_s = self._table.take(bucket, rate, burst, count, now)
+            if wait_s is not None:
+                return wait_s
+            fallback = self._fall_back(bucket, rate, min_burst)
+        return fallback.take(count, now)
 
     def _fall_back(self, bucket: Bucket, rate: float, min_burst: float) -> TokenBucket:
         if not self._fallback:
@@ -196,7 +220,7 @@ def rate_limit_middleware(limiter: RateLimiter) -> Middleware:
     async def limit(request: web.Request, handler: Handler) -> web.StreamResponse:
         key = request.get(API_KEY)
         if key is not None:
-            limiter.check_request(key)
+            await limiter.check_request(key)
         return await handler(request)
 
     return limit

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import logging
@@ -65,12 +66,12 @@ def limited_key(
     return key
 
 
-def test_a_key_without_limits_is_never_refused() -> None:
+async def test_a_key_without_limits_is_never_refused() -> None:
     limiter = RateLimiter(workers=1)
     key = limited_key()
     for _ in range(10_000):
-        limiter.check_request(key)
-        limiter.check_records(key, 500)
+        await limiter.check_request(key)
+        await limiter.check_records(key, 500)
 
 
 def test_workers_share_a_key_s_buckets() -> None:
@@ -83,7 +84,7 @@ def test_workers_share_a_key_s_buckets() -> None:
         code = 1
         try:
             for _ in range(10):
-                limiter.check_request(key)
+                asyncio.run(limiter.check_request(key))
             code = 0
         finally:
             os._exit(code)
@@ -91,7 +92,7 @@ def test_workers_share_a_key_s_buckets() -> None:
     assert os.waitstatus_to_exitcode(status) == 0
     # Within the next token's 0.1 s, the parent finds the bucket drained.
     with pytest.raises(RateLimited) as info:
-        limiter.check_request(key)
+        asyncio.run(limiter.check_request(key))
     assert "limited to 10 requests/s;" in info.value.detail
 
 
@@ -135,7 +136,7 @@ def test_a_worker_killed_holding_the_lock_blocks_no_one() -> None:
         os.close(tell)
     assert os.waitstatus_to_exitcode(status) == -signal.SIGKILL
     with deadline(5):
-        limiter.check_request(key)
+        asyncio.run(limiter.check_request(key))
 
 
 def test_past_a_full_table_buckets_fall_back_to_each_worker_s_share(
@@ -144,12 +145,12 @@ def test_past_a_full_table_buckets_fall_back_to_each_worker_s_share(
     limiter = RateLimiter(workers=2, buckets=BucketTable(slots=1))
     first, second, third = (limited_key(requests_per_second=4) for _ in range(3))
     with caplog.at_level(logging.WARNING, logger="gateway.ratelimit"):
-        limiter.check_request(first)  # takes the one slot
+        asyncio.run(limiter.check_request(first))  # takes the one slot
         for _ in range(2):  # no room: this worker's half of 4/s, burst 2
-            limiter.check_request(second)
+            asyncio.run(limiter.check_request(second))
         with pytest.raises(RateLimited) as info:
-            limiter.check_request(second)
-        limiter.check_request(third)
+            asyncio.run(limiter.check_request(second))
+        asyncio.run(limiter.check_request(third))
     assert "limited to 4 requests/s;" in info.value.detail
     assert [r.getMessage() for r in caplog.records] == [
         "rate-limit table full (1 slots): further limits are kept by each worker, "
@@ -160,9 +161,9 @@ def test_past_a_full_table_buckets_fall_back_to_each_worker_s_share(
 def test_a_full_batch_fits_even_under_a_low_record_rate() -> None:
     limiter = RateLimiter(workers=1)
     key = limited_key(records_per_second=10)
-    limiter.check_records(key, 500)
+    asyncio.run(limiter.check_records(key, 500))
     with pytest.raises(RateLimited) as info:
-        limiter.check_records(key, 1)
+        asyncio.run(limiter.check_records(key, 1))
     assert info.value.headers() == {"Retry-After": "1"}
 
 
