@@ -5,10 +5,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 KAFKA := deploy/kafka/kafka.sh
+REDIS := deploy/redis/redis.sh
 DEV := .dev
 PYTEST_ARGS ?= -v
 
 export CAFE_KAFKA_PORT ?= 9092
+export CAFE_REDIS_PORT ?= 6390
 export CAFE_KEYS_FILE ?= $(DEV)/keys.json
 
 # With CAFE_KAFKA_BOOTSTRAP set, run and test use that cluster and start nothing;
@@ -22,7 +24,20 @@ define kafka_for_run
 endef
 BOOTSTRAP := $${CAFE_KAFKA_BOOTSTRAP:-127.0.0.1:$(CAFE_KAFKA_PORT)}
 
-.PHONY: help install run test test-cluster bench loadtest lint fmt kafka-up kafka-down kafka-status lock clean
+# The same for the Redis of the rate-limit tests: with CAFE_TEST_REDIS_URL set, test
+# uses that Redis and starts nothing; otherwise it starts (or reuses) deploy/redis/.
+# `make run` needs no Redis: the gateway's limits are local unless configured otherwise.
+define redis_for_test
+	@if [ -n "$$CAFE_TEST_REDIS_URL" ]; then \
+		echo "using Redis at $$CAFE_TEST_REDIS_URL"; \
+	else \
+		$(REDIS) up; \
+	fi
+endef
+REDIS_URL := $${CAFE_TEST_REDIS_URL:-redis://127.0.0.1:$(CAFE_REDIS_PORT)/0}
+
+.PHONY: help install run test test-cluster bench loadtest lint fmt kafka-up kafka-down kafka-status \
+	redis-up redis-down redis-status lock clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -46,9 +61,10 @@ run: $(INSTALLED) $(DEV)/api-key ## start Kafka and the gateway on 127.0.0.1:808
 	CAFE_KAFKA_BOOTSTRAP=$(BOOTSTRAP) CAFE_SPOOL_DIR=$${CAFE_SPOOL_DIR-$(DEV)/spool} \
 		$(BIN)/cafe-gateway serve
 
-test: $(INSTALLED) ## run the whole test suite, integration tests against a real Kafka
+test: $(INSTALLED) ## run the whole test suite, integration tests against a real Kafka and Redis
 	$(kafka_for_run)
-	CAFE_KAFKA_BOOTSTRAP=$(BOOTSTRAP) $(BIN)/pytest $(PYTEST_ARGS)
+	$(redis_for_test)
+	CAFE_KAFKA_BOOTSTRAP=$(BOOTSTRAP) CAFE_TEST_REDIS_URL=$(REDIS_URL) $(BIN)/pytest $(PYTEST_ARGS)
 
 test-cluster: $(INSTALLED) ## only the tests that start their own 3-broker Kafka cluster (a few minutes)
 	$(BIN)/pytest -m cluster $(PYTEST_ARGS)
@@ -61,6 +77,8 @@ bench: $(INSTALLED) ## measure the gateway on the local Kafka against its ceilin
 		{ echo "bench needs wrk: apt-get install wrk"; exit 1; }
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,bench]'
 	$(kafka_for_run)
+	@# The limits run compares local limits with Redis-backed ones (loadtest/bench.py).
+	@[ -n "$$CAFE_BENCH_REDIS_URL" ] || $(REDIS) up
 	CAFE_KAFKA_BOOTSTRAP=$(BOOTSTRAP) $(BIN)/python -m loadtest.bench \
 		--seconds $(BENCH_SECONDS) --workers $(WORKERS) $(if $(PEERS),--peer)
 
@@ -93,6 +111,15 @@ kafka-down: ## stop the local Kafka
 
 kafka-status: ## say whether the local Kafka runs
 	$(KAFKA) status
+
+redis-up: ## start the local Redis on 127.0.0.1:$CAFE_REDIS_PORT (apt-get install redis-server)
+	$(REDIS) up
+
+redis-down: ## stop the local Redis
+	$(REDIS) down
+
+redis-status: ## say whether the local Redis runs
+	$(REDIS) status
 
 lock: ## re-resolve the newest allowed dependency versions into constraints.txt
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock

@@ -55,6 +55,7 @@ from loadtest.topics import read_to_end
 from tests.spec_samples import curl_bodies
 
 if TYPE_CHECKING:
+    from loadtest.limitbench import Limits
     from loadtest.spoolbench import Spool
 
 HERE = Path(__file__).resolve().parent
@@ -564,6 +565,7 @@ class Outcome:
     costs: dict[str, float]  # validation, us per record, by validator
     workers: int  # gateway processes
     spool: Spool | None = None  # loadtest/spoolbench.py's run, unless --no-spool
+    limits: Limits | None = None  # loadtest/limitbench.py's run, unless --no-limits
 
     def goals(self) -> str:
         """The goals' verdicts; none with several workers: the goals are for one process."""
@@ -585,11 +587,12 @@ def main() -> None:
     # Measured first, while the machine is otherwise idle.
     costs = validation_costs()
     results, books = run_targets(args, targets)
-    # Imported here: spoolbench imports this module's helpers.
-    from loadtest import spoolbench
+    # Imported here: they import this module's helpers.
+    from loadtest import limitbench, spoolbench
 
     spool = spoolbench.run(args, results) if args.spool else None
-    outcome = Outcome(results, books, versions, costs, args.workers, spool)
+    limits = limitbench.run(args) if args.limits else None
+    outcome = Outcome(results, books, versions, costs, args.workers, spool, limits)
     print_summary(outcome)
     write_report(args, outcome)
     if not all(b.ok for b in books.values()) or (spool and not spool.ok):
@@ -619,6 +622,17 @@ def parse_args() -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="then the spool with Kafka down, and its replay (loadtest/spoolbench.py)",
+    )
+    parser.add_argument(
+        "--limits",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="then a rate-limited key at W1, local and in Redis (loadtest/limitbench.py)",
+    )
+    parser.add_argument(
+        "--redis",
+        default=os.environ.get("CAFE_BENCH_REDIS_URL", "redis://127.0.0.1:6390/0"),
+        help="the Redis of the limits run (make bench starts deploy/redis/redis.sh)",
     )
     return parser.parse_args()
 
@@ -730,6 +744,9 @@ def print_summary(outcome: Outcome) -> None:
     if outcome.spool:
         print()
         print(outcome.spool.markdown())
+    if outcome.limits:
+        print()
+        print(outcome.limits.markdown())
 
 
 def peer_list(outcome: Outcome) -> str:
@@ -771,6 +788,10 @@ def write_report(args: argparse.Namespace, outcome: Outcome) -> None:
     if outcome.spool:
         report["spool"] = outcome.spool.as_report()
         markdown += "\n## Spool\n\n" + outcome.spool.markdown() + "\n"
+    if outcome.limits:
+        report["limits"] = outcome.limits.as_report()
+        markdown += "\n## Rate limits\n\n" + outcome.limits.markdown() + "\n"
+        outcome.limits.write(args.out)
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / f"{stem}.md").write_text(markdown)
     chart(outcome.results, args.out / f"{stem}.png")

@@ -9,7 +9,8 @@ against the gateway's own code: its metric names, its settings, its endpoints.
   (strict: unknown fields are errors);
 - alerts.yml: Prometheus' rule file parser, as `promtool check rules` uses it;
 - alerts and dashboard: Prometheus' PromQL parser, then every metric they name must be
-  one gateway/metrics.py defines, and every metric it defines must be on the dashboard.
+  one gateway/metrics.py defines, and every metric it defines must be on the dashboard;
+- deploy/redis/redis.sh: run, on a port of its own, with Debian's redis-server.
 
 The tools come from deploy/tools.sh, pinned, cached in ~/.cache/cafe-gateway/tools
 (CAFE_TOOLS_DIR). A tool that cannot be installed fails the tests; none is skipped.
@@ -22,6 +23,7 @@ import importlib
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml  # type: ignore[import-untyped]
@@ -47,9 +50,12 @@ DASHBOARD = GRAFANA / "dashboards" / "cafe-gateway.json"
 # kubernetes-validate has, and an older release still common in managed clusters.
 KUBERNETES_VERSIONS = ("1.30", "1.37")
 # Shown in the manifests' directory but deliberately not applied by kustomization.yaml:
-# the Secret's shape, and the StatefulSet to apply instead of the Deployment for the spool.
+# the Secret's shape, the StatefulSet to apply instead of the Deployment for the spool,
+# and the optional Redis of fleet-wide rate limits.
 SPOOL_STATEFULSET = K8S / "spool-statefulset.yaml"
-EXAMPLE_MANIFESTS = {"secret.example.yaml", SPOOL_STATEFULSET.name}
+K8S_REDIS = K8S / "redis.yaml"
+EXAMPLE_MANIFESTS = {"secret.example.yaml", SPOOL_STATEFULSET.name, K8S_REDIS.name}
+REDIS_SH = DEPLOY / "redis" / "redis.sh"
 # Where the image, compose and spool-statefulset.yaml keep the spool (CAFE_SPOOL_DIR).
 SPOOL_DIR = "/var/lib/cafe-gateway/spool"
 # Series Prometheus makes itself, which alerts may use besides the gateway's.
@@ -253,6 +259,35 @@ def test_compose_keys_file_is_on_a_volume(compose: dict[str, Any]) -> None:
     assert gateway["environment"].get("CAFE_SPOOL_DIR", SPOOL_DIR) == SPOOL_DIR
 
 
+def commented_setting(path: Path, name: str) -> str:
+    """The value of the one commented-out `# NAME: value` line in `path`."""
+    [value] = re.findall(rf"^ *# {name}: (\S+)$", path.read_text(encoding="utf-8"), re.M)
+    return str(value)
+
+
+def test_compose_redis_is_optional_internal_and_what_the_gateway_would_use(
+    compose: dict[str, Any],
+) -> None:
+    # compose-go leaves out a service whose profile is not asked for: `up` starts no Redis.
+    assert "redis" not in compose["services"]
+    services = load_yaml(COMPOSE_FILE)["services"]
+    redis = services["redis"]
+    assert redis["profiles"] == ["redis"]
+    assert "ports" not in redis, "Redis has no password: keep it on the compose network"
+    assert "redis" not in services["gateway"].get("depends_on", {})
+    assert redis["read_only"] is True
+    assert redis["cap_drop"] == ["ALL"]
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    command = redis["command"]
+    assert command[command.index("--save") + 1] == ""
+    assert command[command.index("--appendonly") + 1] == "no"
+    # Off by default; uncommented, the setting names this service on Redis' own port.
+    assert "CAFE_RATELIMIT_STORAGE" not in compose["services"]["gateway"]["environment"]
+    url = urlsplit(commented_setting(COMPOSE_FILE, "CAFE_RATELIMIT_STORAGE"))
+    assert (url.scheme, url.hostname, url.port) == ("redis", "redis", 6379)
+    assert "--port" not in command
+
+
 def test_compose_prometheus_scrapes_the_gateway_and_loads_the_alerts(
     compose: dict[str, Any],
 ) -> None:
@@ -326,7 +361,8 @@ def test_kustomization_applies_every_manifest_but_the_examples() -> None:
 
 def test_manifests_name_no_namespace() -> None:
     for path in k8s_manifests():
-        assert "namespace" not in load_yaml(path)["metadata"], path.name
+        for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")):
+            assert "namespace" not in doc["metadata"], path.name
     assert "namespace" not in load_yaml(K8S / "kustomization.yaml")
 
 
@@ -479,6 +515,124 @@ def test_spool_statefulset_is_the_deployment_with_a_claim_per_pod() -> None:
     assert storage > settings.workers * settings.spool.max_bytes
 
 
+def redis_objects() -> dict[str, dict[str, Any]]:
+    """redis.yaml's objects by kind."""
+    docs = yaml.safe_load_all(K8S_REDIS.read_text(encoding="utf-8"))
+    return {doc["kind"]: doc for doc in docs}
+
+
+def test_redis_manifest_is_one_locked_down_redis_without_persistence() -> None:
+    deployment = redis_objects()["Deployment"]
+    assert deployment["spec"]["replicas"] == 1
+    # A rollout must not run two Redis, each with half the buckets, behind one Service.
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    security = container["securityContext"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["capabilities"]["drop"] == ["ALL"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/data"]]
+    args = container["args"]
+    assert args[args.index("--save") + 1] == ""
+    assert args[args.index("--appendonly") + 1] == "no"
+    # Redis evicts before the kernel kills it for its memory limit.
+    limits = container["resources"]["limits"]
+    assert container["resources"]["requests"]
+    # Redis' "64mb" is 64 x 2^20 bytes, Kubernetes' 64Mi.
+    maxmemory = quantity_bytes(args[args.index("--maxmemory") + 1].replace("mb", "Mi"))
+    assert maxmemory < quantity_bytes(limits["memory"])
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert probe in container, probe
+
+
+def test_redis_is_what_the_configmap_names_and_only_the_gateway_reaches_it() -> None:
+    objects = redis_objects()
+    assert set(objects) == {"Deployment", "Service", "NetworkPolicy"}
+    pod = objects["Deployment"]["spec"]["template"]
+    redis_labels = pod["metadata"]["labels"]
+    service = objects["Service"]
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["selector"].items() <= redis_labels.items()
+    [container] = pod["spec"]["containers"]
+    [port] = service["spec"]["ports"]
+    assert port["targetPort"] in {p["name"] for p in container["ports"]}
+    # Off by default (the setting may be absent from the gateway); uncommented, it names
+    # this Service and its port.
+    configmap = K8S / "configmap.yaml"
+    assert "CAFE_RATELIMIT_STORAGE" not in load_yaml(configmap)["data"]
+    url = urlsplit(commented_setting(configmap, "CAFE_RATELIMIT_STORAGE"))
+    assert (url.scheme, url.hostname, url.port) == ("redis", "cafe-redis", port["port"])
+    assert url.hostname == service["metadata"]["name"]
+    # Neither selects the other's pods: the gateway's Service, PDB and HPA stay its own.
+    gateway = k8s_objects()["Deployment"]
+    gateway_labels = gateway["spec"]["template"]["metadata"]["labels"]
+    assert (
+        not objects["Deployment"]["spec"]["selector"]["matchLabels"].items()
+        <= gateway_labels.items()
+    )
+    assert not gateway["spec"]["selector"]["matchLabels"].items() <= redis_labels.items()
+    policy = objects["NetworkPolicy"]["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= redis_labels.items()
+    [rule] = policy["ingress"]
+    [peer] = rule["from"]
+    assert peer["podSelector"]["matchLabels"] == gateway["spec"]["selector"]["matchLabels"]
+    assert [p["port"] for p in rule["ports"]] == [port["targetPort"]]
+
+
+# --- deploy/redis/redis.sh -----------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def redis_cli(port: int, *words: str) -> list[str]:
+    """The lines redis-cli prints for one command (redis-server's package brings it)."""
+    done = subprocess.run(
+        ["redis-cli", "-p", str(port), *words], capture_output=True, text=True, timeout=10
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split("\n")[:-1]
+
+
+def test_redis_sh_runs_a_loopback_redis_without_persistence(tmp_path: Path) -> None:
+    """up, up again, status, down, down again, status: on a port and home of the test's
+    own, leaving the Redis that `make test` uses alone."""
+    port = free_port()
+    env = {**os.environ, "CAFE_REDIS_PORT": str(port), "CAFE_REDIS_HOME": str(tmp_path)}
+
+    def redis_sh(command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(REDIS_SH), command], env=env, capture_output=True, text=True, timeout=60
+        )
+
+    try:
+        for _ in range(2):
+            up = redis_sh("up")
+            assert up.returncode == 0, up.stderr
+        assert redis_sh("status").returncode == 0
+        assert redis_cli(port, "PING") == ["PONG"]
+        settings = {"bind": "127.0.0.1", "protected-mode": "yes", "save": "", "appendonly": "no"}
+        for name, value in settings.items():
+            assert redis_cli(port, "CONFIG", "GET", name) == [name, value]
+    finally:
+        down = redis_sh("down")
+    assert down.returncode == 0, down.stderr
+    assert redis_sh("down").returncode == 0
+    status = redis_sh("status")
+    assert status.returncode == 3, status.stderr
+    assert list(tmp_path.glob("**/*.rdb")) == []
+
+
 # --- Prometheus rules ----------------------------------------------------------------
 
 
@@ -504,6 +658,7 @@ def test_alerts_cover_errors_kafka_latency_dead_letters_and_keys() -> None:
         "CafeGatewaySpoolOldRecords",
         "CafeGatewaySpoolRecordsDropped",
         "CafeGatewaySpoolUnavailable",
+        "CafeGatewayRateLimitRedisDown",
     ):
         assert name in rules
     for name, rule in rules.items():

@@ -8,6 +8,9 @@ A broker that cannot be had fails the tests; it never skips them.
 
 Tests that stop or kill brokers get their own: `spare_broker` (one node) or
 `kafka_cluster` (3 brokers and a KRaft controller, marker `cluster`).
+
+The rate-limit tests' Redis is `redis_url`: `CAFE_TEST_REDIS_URL` if set, else the local
+one from `deploy/redis/redis.sh`.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from tests.integration.tcp_proxy import consecutive_free_ports, free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 KAFKA_SH = REPO / "deploy" / "kafka" / "kafka.sh"
+REDIS_SH = REPO / "deploy" / "redis" / "redis.sh"
 TOPIC_PARTITIONS = 3
 
 
@@ -95,6 +99,22 @@ def kafka(pytestconfig: pytest.Config) -> Iterator[Broker]:
         broker = Broker(f"127.0.0.1:{port}", f"local broker ({KAFKA_SH.relative_to(REPO)})")
         pytestconfig.stash[BROKER_USED] = broker
         yield broker
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The session's Redis: `CAFE_TEST_REDIS_URL` if set (what `make test` does), else the
+    local one on `CAFE_REDIS_PORT`, started if it is not running. Never skips: a Redis
+    that cannot be had fails the tests with redis.sh's message."""
+    url = os.environ.get("CAFE_TEST_REDIS_URL", "").strip()
+    if url:
+        return url
+    up = subprocess.run(
+        [str(REDIS_SH), "up"], capture_output=True, text=True, timeout=60, check=False
+    )
+    if up.returncode != 0:
+        pytest.fail(f"deploy/redis/redis.sh up failed:\n{up.stderr}")
+    return f"redis://127.0.0.1:{os.environ.get('CAFE_REDIS_PORT', '6390')}/0"
 
 
 @pytest.fixture
