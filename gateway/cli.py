@@ -1,25 +1,37 @@
-"""The `cafe-gateway` command: `serve`, and `keys create|list|disable`."""
+"""The `cafe-gateway` command: `serve`, and `keys create|import|list|enable|disable|
+update|rotate`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
-from gateway.config import ConfigError, Settings
+from gateway.config import ConfigError, Settings, _duration
 from gateway.keys import (
+    ApiKey,
+    InvalidKey,
     KeysFileError,
     KeyStore,
+    NoSuchKey,
+    change_key,
     check_origin,
     check_platform,
-    disable_key,
+    import_key,
     mint_key,
     read_keys_file,
+    read_last_used,
+    rotate_key,
     update_keys_file,
 )
+from gateway.keystrength import MAX_KEY_LENGTH
 from gateway.logs import setup_logging
 from gateway.ratelimit import BucketTable
 from gateway.schemas import load_record_types
@@ -37,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         status: int = args.run(args, settings)
-    except (KeysFileError, ValueError) as exc:
+    except (KeysFileError, NoSuchKey, ValueError) as exc:
         print(f"cafe-gateway: {exc}", file=sys.stderr)
         return 1
     return status
@@ -61,45 +73,85 @@ def _parser() -> argparse.ArgumentParser:
     )
     keys = commands.add_parser("keys", parents=[keys_file], help="manage API keys in the keys file")
     key_commands = keys.add_subparsers(required=True, metavar="ACTION")
-    create = key_commands.add_parser(
-        "create",
-        parents=[keys_file],
-        help="mint a key and print it (the only time it is shown)",
-    )
-    create.add_argument(
+    for action, run, what in (
+        ("create", _keys_create, "mint a key and print it (the only time it is shown)"),
+        ("import", _keys_import, "store a key made elsewhere, read from stdin; print its id"),
+        (
+            "list",
+            _keys_list,
+            "list keys: id, state, created, expires, last used, platforms, limits",
+        ),
+        ("enable", _keys_enable, "enable a key by id (and clear its expiry)"),
+        ("disable", _keys_disable, "disable a key by id"),
+        ("update", _keys_update, "change a key's platforms, origins, browser flag or limits"),
+        ("rotate", _keys_rotate, "mint a successor with the same settings; the old key expires"),
+    ):
+        command = key_commands.add_parser(action, parents=[keys_file], help=what)
+        command.set_defaults(run=run)
+        if action not in ("create", "import", "list"):
+            command.add_argument("key_id")
+        if action in ("create", "import", "update"):
+            _key_options(command, update=action == "update")
+        if action == "rotate":
+            command.add_argument(
+                "--grace",
+                type=_grace,
+                default=7 * 86400,
+                metavar="DURATION",
+                help="how long the old key keeps working: seconds, or 15m, 24h, 7d (default 7d)",
+            )
+    return parser
+
+
+def _key_options(command: argparse.ArgumentParser, *, update: bool = False) -> None:
+    """The options that set what a key may do, for `create` and `import`, or `update`.
+
+    For `update` nothing has a default, so an option not given is absent from the parsed
+    arguments and leaves the key's setting as it is.
+    """
+    unchanged: dict[str, Any] = {"default": argparse.SUPPRESS} if update else {}
+    command.add_argument(
         "--platform",
         action="append",
-        required=True,
+        required=not update,
         type=check_platform,
-        help="a productPlatform the key may write (repeat for several)",
+        help="a productPlatform the key may write (repeat for several"
+        + ("; replaces the list)" if update else ")"),
+        **unchanged,
     )
-    create.add_argument(
+    origins = command.add_mutually_exclusive_group()
+    origins.add_argument(
         "--origin",
         action="append",
-        default=[],
         type=check_origin,
-        help="a web origin (https://app.example.com) whose pages may use the key (repeat)",
+        help="a web origin (https://app.example.com) whose pages may use the key (repeat"
+        + ("; replaces the list)" if update else ")"),
+        **(unchanged or {"default": []}),
     )
-    create.add_argument(
+    if update:
+        origins.add_argument(
+            "--no-origins",
+            dest="origin",
+            action="store_const",
+            const=[],
+            help="the key lists no origins: no web page may use it",
+            **unchanged,
+        )
+    command.add_argument(
         "--browser",
-        action="store_true",
+        action=argparse.BooleanOptionalAction if update else "store_true",
         help="a browser key: may also be sent as ?api_key= (sendBeacon), from its origins only",
+        **unchanged,
     )
     for limit in ("requests", "records"):
-        create.add_argument(
+        command.add_argument(
             f"--{limit}-per-second",
-            type=_positive,
-            metavar="N",
-            help=f"limit the key to N {limit} a second, summed over workers (default: none)",
+            type=_rate if update else _positive,
+            metavar="N|none" if update else "N",
+            help=f"limit the key to N {limit} a second, summed over workers "
+            + ("('none': no limit)" if update else "(default: none)"),
+            **unchanged,
         )
-    create.set_defaults(run=_keys_create)
-    key_commands.add_parser(
-        "list", parents=[keys_file], help="list key ids, platforms, state"
-    ).set_defaults(run=_keys_list)
-    disable = key_commands.add_parser("disable", parents=[keys_file], help="disable a key by id")
-    disable.add_argument("key_id")
-    disable.set_defaults(run=_keys_disable)
-    return parser
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -151,6 +203,27 @@ def _positive(text: str) -> float:
     return value
 
 
+def _rate(text: str) -> float | None:
+    """A limit for `update`: a positive number, or `none` to lift it."""
+    if text.lower() == "none":
+        return None
+    try:
+        return _positive(text)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number or none") from None
+
+
+# The same durations CAFE_SPOOL_MAX_AGE takes; at most a year, 0 for "now".
+_grace_seconds = _duration(0, 366 * 86400)
+
+
+def _grace(text: str) -> float:
+    try:
+        return _grace_seconds("--grace", text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _keys_path(args: argparse.Namespace, settings: Settings) -> Path:
     path: Path | None = getattr(args, "keys_file", None) or settings.keys_file
     if path is None:
@@ -173,10 +246,49 @@ def _keys_create(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _keys_import(args: argparse.Namespace, settings: Settings) -> int:
+    """Store a key made elsewhere. It comes on stdin, never in argv, which `ps` shows."""
+    path = _keys_path(args, settings)
+    if sys.stdin.isatty():
+        plaintext = getpass.getpass("API key to import (not echoed): ")
+    else:
+        # A bounded read: more than a key's length is refused anyway.
+        plaintext = sys.stdin.read(MAX_KEY_LENGTH + 3)
+        plaintext = plaintext.removesuffix("\n").removesuffix("\r")
+    record = import_key(
+        plaintext,
+        tuple(args.platform),
+        requests_per_second=args.requests_per_second,
+        records_per_second=args.records_per_second,
+        origins=tuple(args.origin),
+        browser=args.browser,
+    )
+
+    def add(keys: list[ApiKey]) -> list[ApiKey]:
+        # Checked under the lock, so two imports of one key cannot both get in.
+        for key in keys:
+            if key.sha256 == record.sha256:
+                raise InvalidKey(f"this key is already in the keys file as {key.id}")
+        return [*keys, record]
+
+    update_keys_file(path, add)
+    print(f"imported key {record.id} for {', '.join(record.platforms)} in {path}", file=sys.stderr)
+    print(record.id)
+    return 0
+
+
 def _keys_list(args: argparse.Namespace, settings: Settings) -> int:
-    keys = read_keys_file(_keys_path(args, settings))
+    """One line per key: id, state, created, expires, last used, platforms, limits.
+
+    "Last used" is approximate: gateways write it once a minute, per host (see
+    `gateway.keys.read_last_used`); a key used less than a minute ago may show older.
+    """
+    path = _keys_path(args, settings)
+    keys = read_keys_file(path)
+    last_used = read_last_used(path)
+    now = time.time()
     for key in keys:
-        state = "enabled" if key.enabled else "disabled"
+        state = "disabled" if not key.enabled else "expired" if key.expired(now) else "enabled"
         limits = [
             f"{rate:g} {what}/s"
             for rate, what in (
@@ -186,18 +298,89 @@ def _keys_list(args: argparse.Namespace, settings: Settings) -> int:
             if rate is not None
         ]
         print(
-            f"{key.id}\t{state}\t{key.created}\t{','.join(key.platforms)}"
+            f"{key.id}\t{state}\t{key.created}\t{key.expires_at or '-'}"
+            f"\t{last_used.get(key.id, 'never')}\t{','.join(key.platforms)}"
             f"\t{', '.join(limits) or 'unlimited'}"
         )
     return 0
 
 
+def _change(
+    args: argparse.Namespace, settings: Settings, change: Callable[[ApiKey], ApiKey]
+) -> ApiKey:
+    """Apply `change` to the key `args.key_id` under the file's lock; returns the key as it
+    was. NoSuchKey if there is none; what `change` raises leaves the file as it was."""
+    before: list[ApiKey] = []
+
+    def change_one(key: ApiKey) -> ApiKey:
+        before.append(key)
+        return change(key)
+
+    update_keys_file(
+        _keys_path(args, settings), lambda keys: change_key(keys, args.key_id, change_one)
+    )
+    return before[0]
+
+
+def _keys_enable(args: argparse.Namespace, settings: Settings) -> int:
+    # An enabled key that has expired would still be refused: enabling it means use it.
+    was = _change(args, settings, lambda key: replace(key, enabled=True, expires_at=None))
+    print(f"enabled key {args.key_id}", file=sys.stderr)
+    if was.expires_at is not None:
+        print(f"cleared its expiry (was {was.expires_at})", file=sys.stderr)
+    return 0
+
+
 def _keys_disable(args: argparse.Namespace, settings: Settings) -> int:
-    path = _keys_path(args, settings)
-    try:
-        update_keys_file(path, lambda keys: disable_key(keys, args.key_id))
-    except KeyError:
-        print(f"cafe-gateway: no key with id {args.key_id} in {path}", file=sys.stderr)
-        return 1
+    _change(args, settings, lambda key: replace(key, enabled=False))
     print(f"disabled key {args.key_id}", file=sys.stderr)
+    return 0
+
+
+# `update`'s options and the fields of ApiKey they set.
+_UPDATABLE = {
+    "platform": "platforms",
+    "origin": "origins",
+    "browser": "browser",
+    "requests_per_second": "requests_per_second",
+    "records_per_second": "records_per_second",
+}
+
+
+def _keys_update(args: argparse.Namespace, settings: Settings) -> int:
+    # Options not given are absent (see _key_options), so they change nothing.
+    given = {option: value for option, value in vars(args).items() if option in _UPDATABLE}
+    # A repeated option comes as a list; the model holds a tuple, each value once.
+    changes: dict[str, Any] = {
+        _UPDATABLE[option]: tuple(dict.fromkeys(value)) if isinstance(value, list) else value
+        for option, value in given.items()
+    }
+    if not changes:
+        raise ValueError(
+            "nothing to update: give --platform, --origin, --no-origins, --[no-]browser, "
+            "--requests-per-second or --records-per-second"
+        )
+    # ApiKey checks its rules on `replace`: a change that breaks one is refused unwritten.
+    _change(args, settings, lambda key: replace(key, **changes))
+    print(f"updated {', '.join(changes)} of key {args.key_id}", file=sys.stderr)
+    return 0
+
+
+def _keys_rotate(args: argparse.Namespace, settings: Settings) -> int:
+    minted: list[tuple[str, ApiKey, ApiKey]] = []
+
+    def rotate(keys: list[ApiKey]) -> list[ApiKey]:
+        plaintext, successor, changed = rotate_key(keys, args.key_id, args.grace, time.time())
+        old = next(k for k in changed if k.id == args.key_id)
+        minted.append((plaintext, successor, old))
+        return changed
+
+    update_keys_file(_keys_path(args, settings), rotate)
+    ((plaintext, successor, old),) = minted
+    print(
+        f"created key {successor.id}: {successor.id} replaces {old.id}, which stops working "
+        f"at {old.expires_at}",
+        file=sys.stderr,
+    )
+    print(plaintext)
     return 0

@@ -5,33 +5,40 @@ made under a lock on `<file>.lock` beside it:
 
     {"keys": [{"id": "k_3f9a1c0b2e7d", "sha256": "<64 hex>",
                "platforms": ["analytics-portal"], "enabled": true,
-               "created": "2026-11-26T10:00:00Z"}]}
+               "created": "2026-11-26T10:00:00Z", "expires_at": null}]}
 
-A key's plaintext is shown once, when it is minted, and never stored. The gateway holds
-every key of the file in memory as a dict by hash, so finding a key costs one SHA-256
-and one lookup, and polls the file for changes once a second. Nothing here knows HTTP:
-the CLI and the benchmark use this module alone; what a key admits is `gateway.auth`.
+A key's plaintext is shown once, when it is minted, and never stored; a key brought
+from elsewhere (`import_key`) must be strong enough to be kept that way. The gateway
+holds every key of the file in memory as a dict by hash, so finding a key costs one
+SHA-256 and one lookup, and polls the file for changes once a second. It notes which
+keys it admitted and, once a minute, merges when into `<keys file>.last-used.json`.
+Nothing here knows HTTP: the CLI and the benchmark use this module alone; what a key
+admits is `gateway.auth`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import calendar
 import contextlib
 import fcntl
+import functools
 import hashlib
 import logging
+import math
 import os
 import re
 import secrets
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import MISSING, asdict, dataclass, fields, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from gateway.keystrength import check_key_strength
 from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -42,10 +49,32 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _PLATFORM = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # A web origin as browsers send it: scheme, host, optional port; no path, no slash.
 _ORIGIN = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?")
+# Times in the files: UTC, to the second.
+_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
 
 
 class InvalidKey(ValueError):
     """A key breaks one of the rules of `ApiKey`."""
+
+
+class NoSuchKey(LookupError):
+    """No key of the file has the id a change names."""
+
+    def __str__(self) -> str:
+        return f"no key with id {self.args[0]}"
+
+
+def utc_text(epoch: float) -> str:
+    """`epoch` as the files write times: 2026-12-01T00:00:00Z (the second it falls in)."""
+    return time.strftime(_TIME_FORMAT, time.gmtime(math.floor(epoch)))
+
+
+def _epoch(text: str) -> float:
+    """The epoch of a time as the files write it; ValueError if it is not one."""
+    if not _TIME.fullmatch(text):
+        raise ValueError(text)
+    return float(calendar.timegm(time.strptime(text, _TIME_FORMAT)))
 
 
 class KeysFileError(ValueError):
@@ -87,6 +116,28 @@ class ApiKey:
     # A browser key may also come as ?api_key= (sendBeacon sets no headers), only from
     # one of its origins, and only to send records: it reads nothing.
     browser: bool = False
+    # When the key stops working (a rotated key's grace period ends), or None: never.
+    expires_at: str | None = None
+    # The key that rotations of it began with, or None: its successors share its rate
+    # limits, so a grace period does not double them.
+    rotated_from: str | None = None
+
+    @property
+    def limit_id(self) -> str:
+        """The id a key's rate limits are kept under: the same for all its rotations."""
+        return self.rotated_from or self.id
+
+    @functools.cached_property
+    def expires_epoch(self) -> float | None:
+        """`expires_at` as an epoch, worked out once per key: the gateway compares it
+        with time.time() on every request, where parsing a date would cost more."""
+        # A cached_property writes to the instance's __dict__, which a frozen dataclass
+        # allows, and is no field: not stored, compared or copied by `replace`.
+        return None if self.expires_at is None else _epoch(self.expires_at)
+
+    def expired(self, now: float) -> bool:
+        """True if the key has an expiry and `now` (an epoch) is at or past it."""
+        return self.expires_epoch is not None and now >= self.expires_epoch
 
     def __post_init__(self) -> None:
         # The types are checked too: a key read from the file is whatever JSON held.
@@ -113,6 +164,16 @@ class ApiKey:
             raise InvalidKey("browser must be true or false")
         if self.browser and not self.origins:
             raise InvalidKey("a browser key needs at least one origin")
+        if self.rotated_from is not None and not (
+            isinstance(self.rotated_from, str) and _ID.fullmatch(self.rotated_from)
+        ):
+            raise InvalidKey("rotated_from must be a key id or null")
+        try:
+            self.expires_epoch  # noqa: B018 - parsed now, so a bad time is refused here
+        except (TypeError, ValueError):
+            raise InvalidKey(
+                "expires_at must be a UTC time like 2026-12-01T00:00:00Z or null"
+            ) from None
 
 
 def _check_each(rule: str, values: tuple[str, ...], check: Callable[[str], str]) -> None:
@@ -148,25 +209,75 @@ def mint_key(
     """A new random key: (plaintext to show once, record to store); InvalidKey if invalid."""
     # 32 random bytes: guessing is hopeless, so an unsalted fast hash is safe to store.
     plaintext = "cafe_" + secrets.token_urlsafe(32)
-    record = ApiKey(
-        id="k_" + secrets.token_hex(6),
-        sha256=hash_key(plaintext),
-        platforms=tuple(dict.fromkeys(platforms)),
-        enabled=True,
-        created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    record = import_key(
+        plaintext,
+        platforms,
         requests_per_second=requests_per_second,
         records_per_second=records_per_second,
-        origins=tuple(dict.fromkeys(origins)),
+        origins=origins,
         browser=browser,
     )
     return plaintext, record
 
 
-def disable_key(keys: list[ApiKey], key_id: str) -> list[ApiKey]:
-    """The same keys with `key_id` disabled; KeyError if no key has that id."""
+def import_key(
+    plaintext: str,
+    platforms: tuple[str, ...],
+    *,
+    requests_per_second: float | None = None,
+    records_per_second: float | None = None,
+    origins: tuple[str, ...] = (),
+    browser: bool = False,
+) -> ApiKey:
+    """The record to store for `plaintext` (made elsewhere, or by `mint_key`) under a new
+    id; InvalidKey if the key is too weak to store as an unsalted hash
+    (WeakKey, from `gateway.keystrength`) or the record breaks a rule of `ApiKey`."""
+    return ApiKey(
+        id="k_" + secrets.token_hex(6),
+        sha256=hash_key(check_key_strength(plaintext)),
+        platforms=tuple(dict.fromkeys(platforms)),
+        enabled=True,
+        created=utc_text(time.time()),
+        requests_per_second=requests_per_second,
+        records_per_second=records_per_second,
+        origins=tuple(dict.fromkeys(origins)),
+        browser=browser,
+    )
+
+
+def change_key(keys: list[ApiKey], key_id: str, change: Callable[[ApiKey], ApiKey]) -> list[ApiKey]:
+    """The same keys with `change` applied to `key_id`'s; NoSuchKey if no key has that id."""
     if key_id not in {k.id for k in keys}:
-        raise KeyError(key_id)
-    return [replace(k, enabled=False) if k.id == key_id else k for k in keys]
+        raise NoSuchKey(key_id)
+    return [change(k) if k.id == key_id else k for k in keys]
+
+
+def disable_key(keys: list[ApiKey], key_id: str) -> list[ApiKey]:
+    """The same keys with `key_id` disabled; NoSuchKey if no key has that id."""
+    return change_key(keys, key_id, lambda k: replace(k, enabled=False))
+
+
+def rotate_key(
+    keys: list[ApiKey], key_id: str, grace_s: float, now: float
+) -> tuple[str, ApiKey, list[ApiKey]]:
+    """Mint a successor to `key_id` with the same settings, and date the old key to expire
+    `grace_s` after `now` (or earlier, if it already would): (plaintext, successor, keys)."""
+    old = next((k for k in keys if k.id == key_id), None)
+    if old is None:
+        raise NoSuchKey(key_id)
+    plaintext, successor = mint_key(
+        old.platforms,
+        requests_per_second=old.requests_per_second,
+        records_per_second=old.records_per_second,
+        origins=old.origins,
+        browser=old.browser,
+    )
+    successor = replace(successor, rotated_from=old.limit_id)
+    ends = now + grace_s
+    if old.expires_epoch is not None:
+        ends = min(ends, old.expires_epoch)
+    dated = change_key(keys, key_id, lambda k: replace(k, expires_at=utc_text(ends)))
+    return plaintext, successor, [*dated, successor]
 
 
 def read_keys_file(path: Path) -> list[ApiKey]:
@@ -207,7 +318,11 @@ def _key_from_json(entry: Any) -> ApiKey:
 
 def write_keys_file(path: Path, keys: list[ApiKey]) -> None:
     """Replace the file atomically, so a gateway reading it never sees half a file."""
-    doc = {"keys": [asdict(k) for k in keys]}
+    _replace_file(path, {"keys": [asdict(k) for k in keys]})
+
+
+def _replace_file(path: Path, doc: object) -> None:
+    """Write `doc` as JSON to a new file and rename it over `path`, readable by its owner."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -243,28 +358,68 @@ def _keys_file_lock(path: Path) -> Iterator[None]:
         os.close(fd)  # which releases the lock
 
 
+def _last_used_path(path: Path) -> Path:
+    return path.with_name(path.name + ".last-used.json")
+
+
+def read_last_used(path: Path) -> dict[str, str]:
+    """When each key of the keys file at `path` was last admitted, as far as is known.
+
+    Approximate: the gateway stamps the keys it admitted once a minute (and at shutdown)
+    with the time it writes them, so a time is up to a minute late, and it covers the
+    hosts that share this file only. A missing or broken file reads as nothing known.
+    """
+    try:
+        doc = orjson.loads(_last_used_path(path).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return {}
+    if not isinstance(doc, dict):
+        return {}
+    return {k: v for k, v in doc.items() if isinstance(v, str) and _TIME.fullmatch(v)}
+
+
+def merge_last_used(path: Path, stamps: dict[str, str]) -> None:
+    """Merge `stamps` (key id to time) into the last-used file beside the keys file at
+    `path`, keeping each key's later time; OSError if it cannot be written."""
+    # Under the keys file's lock: every worker of every host sharing the file merges
+    # into it, and a read-modify-write that interleaved would lose stamps.
+    with _keys_file_lock(path):
+        merged = read_last_used(path)
+        for key_id, stamp in stamps.items():
+            # The times have one fixed format, so as text they sort as times do.
+            merged[key_id] = max(stamp, merged.get(key_id, stamp))
+        _replace_file(_last_used_path(path), merged)
+
+
 class KeyStore:
     """Every key of the keys file by hash, reloaded when the file changes.
 
-    Disabled keys are kept too, so that a refusal can say which it was without a second
-    digest. A reload swaps in a whole new dict, so a request sees either the old set or
-    the new one, never a mix; a file that fails to parse leaves the last good set in place.
+    Disabled and expired keys are kept too, so that a refusal can say which it was
+    without a second digest. A reload swaps in a whole new dict, so a request sees either
+    the old set or the new one, never a mix; a file that fails to parse leaves the last
+    good set in place. What admits a key is `gateway.auth`, which also adds the id of
+    every key it admits to `used`, saved to the last-used file by `watch`.
     """
 
     def __init__(self, path: Path | None, metrics: Metrics | None = None) -> None:
         self.path = path
         self._metrics = metrics
+        self._keys: list[ApiKey] = []
         self._by_hash: dict[str, ApiKey] = {}
-        self._enabled = 0
-        # Every enabled key's origins: a CORS preflight carries no key to look up.
+        self._active = 0
+        # Every active key's origins: a CORS preflight carries no key to look up.
         self.origins: frozenset[str] = frozenset()
+        # When the next active key expires, so the counts above can drop it then.
+        self._next_expiry: float | None = None
         self._stamp: tuple[int, int, int] | None = None
+        self.used: set[str] = set()
+        self._save_failed = False
 
     def __len__(self) -> int:
-        """How many enabled keys it holds: the keys that admit requests."""
-        return self._enabled
+        """How many enabled, unexpired keys it holds: the keys that admit requests."""
+        return self._active
 
-    def load(self) -> None:
+    def load(self, now: float | None = None) -> None:
         """Read the file now; raise KeysFileError if it is missing or malformed."""
         if self.path is None:
             return
@@ -273,7 +428,7 @@ class KeyStore:
                 f"{self.path} does not exist: create a key with `cafe-gateway keys create`"
             )
         self._stamp = _file_stamp(self.path)
-        self._install(read_keys_file(self.path), "loaded")
+        self._install(read_keys_file(self.path), "loaded", now)
 
     def lookup(self, plaintext: str) -> ApiKey | None:
         """The key of the file with this plaintext, enabled or not, or None.
@@ -309,24 +464,65 @@ class KeyStore:
         self._count_reload("ok")
         return True
 
-    def _install(self, keys: list[ApiKey], verb: str) -> None:
+    def expire_if_due(self, now: float | None = None) -> None:
+        """Drop keys that have expired since the last install from the counts and origins.
+
+        The requests of an expired key are refused whether or not this has run (auth
+        checks each key's expiry); this keeps `len` and the CORS origins in step.
+        """
+        now = time.time() if now is None else now
+        if self._next_expiry is not None and now >= self._next_expiry:
+            self._install(self._keys, "expired keys out of", now)
+
+    def _install(self, keys: list[ApiKey], verb: str, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        self._keys = keys
         self._by_hash = {k.sha256: k for k in keys}
-        enabled = [k for k in keys if k.enabled]
-        self._enabled = len(enabled)
-        self.origins = frozenset(o for k in enabled for o in k.origins)
-        log.info("%s %d enabled API keys from %s", verb, self._enabled, self.path)
+        active = [k for k in keys if k.enabled and not k.expired(now)]
+        self._active = len(active)
+        self.origins = frozenset(o for k in active for o in k.origins)
+        expiries = [k.expires_epoch for k in active if k.expires_epoch is not None]
+        self._next_expiry = min(expiries, default=None)
+        log.info("%s %d enabled API keys from %s", verb, self._active, self.path)
         if self._metrics is not None:
-            self._metrics.keys_loaded.set(self._enabled)
+            self._metrics.keys_loaded.set(self._active)
 
     def _count_reload(self, result: str) -> None:
         if self._metrics is not None:
             self._metrics.key_reloads.labels(result).inc()
 
-    async def watch(self, interval_s: float = 1.0) -> None:
-        """Poll the file forever (a stat per interval); cancel to stop."""
-        while True:
-            await asyncio.sleep(interval_s)
-            self.reload_if_changed()
+    def save_last_used(self, now: float | None = None) -> None:
+        """Merge the ids in `used`, stamped `now`, into the last-used file, and forget them.
+
+        Never raises: a keys file on a read-only mount (a Kubernetes Secret) has nowhere
+        to keep this, which costs one warning and no request.
+        """
+        if self.path is None or not self.used:
+            return
+        stamp = utc_text(time.time() if now is None else now)
+        used, self.used = self.used, set()
+        try:
+            merge_last_used(self.path, dict.fromkeys(used, stamp))
+        except OSError as exc:
+            if not self._save_failed:
+                log.warning("not keeping when keys were last used (keys last-used file): %s", exc)
+                self._save_failed = True
+
+    async def watch(self, interval_s: float = 1.0, save_every_s: float = 60.0) -> None:
+        """Poll the file forever (a stat per interval), drop keys as they expire, and save
+        the keys used every `save_every_s` and when cancelled; cancel to stop."""
+        next_save = time.monotonic() + save_every_s
+        try:
+            while True:
+                await asyncio.sleep(interval_s)
+                if not self.reload_if_changed():
+                    self.expire_if_due()
+                if time.monotonic() >= next_save:
+                    next_save = time.monotonic() + save_every_s
+                    self.save_last_used()
+        finally:
+            # At shutdown the watcher is cancelled after the last request is answered.
+            self.save_last_used()
 
 
 def _file_stamp(path: Path) -> tuple[int, int, int] | None:

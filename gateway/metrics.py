@@ -247,9 +247,10 @@ class Metrics:
         self.auth_failures = Counter(
             "cafe_auth_failures",
             "Requests refused for their API key, by reason: missing, unknown, disabled, "
-            "origin (a web origin the key does not list), not_browser_key (?api_key= with "
-            "a key not marked browser), browser_read (a browser key used to read), or "
-            "platform (records for a platform the key may not write; once per request)",
+            "expired (past the key's expires_at), origin (a web origin the key does not "
+            "list), not_browser_key (?api_key= with a key not marked browser), browser_read "
+            "(a browser key used to read), or platform (records for a platform the key may "
+            "not write; once per request)",
             ["reason"],
             registry=registry,
         )

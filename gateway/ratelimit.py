@@ -163,14 +163,14 @@ class RateLimiter:
         if key.requests_per_second is None:
             return
         # A second's worth of burst, and always room for one request.
-        await self._take(key.id, "requests", key.requests_per_second, 1.0, 1)
+        await self._take(key.limit_id, "requests", key.requests_per_second, 1.0, 1)
 
     async def check_records(self, key: ApiKey, count: int) -> None:
         """Raise RateLimited if the key may not send `count` more records now."""
         if key.records_per_second is None:
             return
         # Always room for a full batch, or a low limit would refuse large batches forever.
-        await self._take(key.id, "records", key.records_per_second, float(MAX_RECORDS), count)
+        await self._take(key.limit_id, "records", key.records_per_second, float(MAX_RECORDS), count)
 
     async def _take(
         self, key_id: str, what: str, rate: float, min_burst: float, count: int

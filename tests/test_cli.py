@@ -3,16 +3,26 @@ concurrent changes."""
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from gateway.cli import main
-from gateway.keys import hash_key, read_keys_file
-from tests.keys import make_key_file
+from gateway.keys import (
+    ApiKey,
+    change_key,
+    hash_key,
+    merge_last_used,
+    read_keys_file,
+    update_keys_file,
+    utc_text,
+)
+from tests.keys import KeyFile, make_key_file
 
 
 @pytest.fixture(autouse=True)
@@ -116,6 +126,9 @@ def test_the_documented_form_runs_as_a_command(tmp_path: Path) -> None:
         ["keys", "create", "--platform", "web"],
         ["keys", "list"],
         ["keys", "disable", "k_000000000000"],
+        ["keys", "enable", "k_000000000000"],
+        ["keys", "update", "k_000000000000", "--browser"],
+        ["keys", "rotate", "k_000000000000"],
     ],
 )
 def test_no_keys_file_anywhere_is_a_clear_error(
@@ -183,3 +196,194 @@ def test_concurrent_creates_and_disables_all_take_effect(tmp_path: Path) -> None
     assert len(keys) == 21
     # The lock file stays, so the next writer locks the same inode; it holds nothing.
     assert (tmp_path / "keys.json.lock").stat().st_mode & 0o777 == 0o600
+
+
+SPEC_SAMPLE_KEY = "VTwgEDNQDHnM8XFYx2eJckeou49MYfyZkc9mTDgW"
+
+
+def _stdin(monkeypatch: pytest.MonkeyPatch, text: str) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO(text))
+
+
+def _key(path: Path, key_id: str) -> ApiKey:
+    (key,) = [k for k in read_keys_file(path) if k.id == key_id]
+    return key
+
+
+def test_import_reads_the_key_from_stdin_and_prints_its_new_id(
+    key_file: KeyFile, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _stdin(monkeypatch, SPEC_SAMPLE_KEY + "\n")
+    argv = ["keys", "import", "--keys-file", str(key_file.path), "--platform", "web"]
+    assert main([*argv, "--records-per-second", "50"]) == 0
+    out, err = capsys.readouterr()
+    key_id = out.strip()
+    key = _key(key_file.path, key_id)
+    assert key.sha256 == hash_key(SPEC_SAMPLE_KEY)  # the newline is not part of the key
+    assert key.platforms == ("web",) and key.records_per_second == 50
+    assert SPEC_SAMPLE_KEY not in err and SPEC_SAMPLE_KEY not in key_file.path.read_text()
+
+    # The same key again is refused, naming the key that has it.
+    _stdin(monkeypatch, SPEC_SAMPLE_KEY)
+    assert main(argv) == 1
+    assert f"already in the keys file as {key_id}" in capsys.readouterr().err
+    assert len(read_keys_file(key_file.path)) == 2
+
+
+@pytest.mark.parametrize(
+    ("stdin", "message"),
+    [
+        ("", "the key is empty"),
+        ("\n", "the key is empty"),
+        ("tooShort123\n", "shorter than 20 characters"),
+        (SPEC_SAMPLE_KEY + "\n\n", "printable ASCII"),
+        ("passwordpassword1234", "repeats"),
+    ],
+)
+def test_import_refuses_a_weak_key_and_writes_nothing(
+    key_file: KeyFile,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    stdin: str,
+    message: str,
+) -> None:
+    before = key_file.path.read_bytes()
+    _stdin(monkeypatch, stdin)
+    assert main(["keys", "import", "--keys-file", str(key_file.path), "--platform", "web"]) == 1
+    out, err = capsys.readouterr()
+    assert message in err and out == ""
+    assert key_file.path.read_bytes() == before
+
+
+def test_import_from_a_terminal_does_not_echo_the_key(
+    key_file: KeyFile, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    prompts: list[str] = []
+
+    def getpass(prompt: str) -> str:
+        prompts.append(prompt)
+        return SPEC_SAMPLE_KEY
+
+    monkeypatch.setattr(sys, "stdin", Terminal())
+    monkeypatch.setattr("getpass.getpass", getpass)
+    assert main(["keys", "import", "--keys-file", str(key_file.path), "--platform", "web"]) == 0
+    assert prompts and _key(key_file.path, capsys.readouterr().out.strip()).enabled
+
+
+def test_import_via_a_pipe_runs_as_a_command(key_file: KeyFile) -> None:
+    imported = subprocess.run(
+        [sys.executable, "-m", "gateway", "keys", "import", "--platform", "web",
+         "--keys-file", str(key_file.path)],
+        input=SPEC_SAMPLE_KEY + "\n", capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert imported.returncode == 0, imported.stderr
+    assert _key(key_file.path, imported.stdout.strip()).sha256 == hash_key(SPEC_SAMPLE_KEY)
+
+
+def test_enable_undoes_disable_and_clears_an_expiry(
+    key_file: KeyFile, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, key_id = str(key_file.path), key_file.record.id
+    assert main(["keys", "disable", key_id, "--keys-file", path]) == 0
+    assert main(["keys", "enable", key_id, "--keys-file", path]) == 0
+    assert _key(key_file.path, key_id).enabled
+    assert "expiry" not in capsys.readouterr().err
+
+    update_keys_file(
+        key_file.path,
+        lambda keys: change_key(keys, key_id, lambda k: replace(k, expires_at=utc_text(0))),
+    )
+    assert main(["keys", "enable", key_id, "--keys-file", path]) == 0
+    assert _key(key_file.path, key_id).expires_at is None
+    assert "cleared its expiry (was 1970-01-01T00:00:00Z)" in capsys.readouterr().err
+
+
+def test_update_changes_only_what_it_is_given(
+    key_file: KeyFile, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, key_id = str(key_file.path), key_file.record.id
+    update = ["keys", "update", key_id, "--keys-file", path]
+    assert main([*update, "--origin", "https://a.example", "--origin", "https://b.example",
+                 "--browser", "--requests-per-second", "10"]) == 0  # fmt: skip
+    key = _key(key_file.path, key_id)
+    assert key.origins == ("https://a.example", "https://b.example") and key.browser
+    assert key.requests_per_second == 10 and key.platforms == ("analytics-portal",)
+
+    assert main([*update, "--platform", "web", "--platform", "app",
+                 "--requests-per-second", "none", "--records-per-second", "3"]) == 0  # fmt: skip
+    key = _key(key_file.path, key_id)
+    assert key.platforms == ("web", "app") and key.origins == (
+        "https://a.example",
+        "https://b.example",
+    )
+    assert key.requests_per_second is None and key.records_per_second == 3
+
+    assert main([*update, "--no-browser", "--no-origins"]) == 0
+    key = _key(key_file.path, key_id)
+    assert key.origins == () and not key.browser and key.platforms == ("web", "app")
+    capsys.readouterr()
+
+
+def test_an_update_that_breaks_a_rule_writes_nothing(
+    key_file: KeyFile, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = key_file.path.read_bytes()
+    update = ["keys", "update", key_file.record.id, "--keys-file", str(key_file.path)]
+    assert main([*update, "--browser"]) == 1
+    assert "a browser key needs at least one origin" in capsys.readouterr().err
+    assert key_file.path.read_bytes() == before
+    with pytest.raises(SystemExit):
+        main([*update, "--requests-per-second", "-1"])
+    assert "-1 is not a positive number or none" in capsys.readouterr().err
+    assert key_file.path.read_bytes() == before
+
+
+def test_rotate_prints_a_successor_and_dates_the_old_key(
+    key_file: KeyFile, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, old_id = str(key_file.path), key_file.record.id
+    assert main(["keys", "update", old_id, "--keys-file", path, "--records-per-second", "7"]) == 0
+    started = time.time()
+    assert main(["keys", "rotate", old_id, "--keys-file", path, "--grace", "2h"]) == 0
+    out, err = capsys.readouterr()
+    old, new = read_keys_file(key_file.path)
+    assert new.sha256 == hash_key(out.strip()) and out == out.strip() + "\n"
+    assert (new.platforms, new.records_per_second) == (old.platforms, old.records_per_second)
+    assert old.enabled and old.expires_epoch is not None
+    assert started + 7200 - 1 <= old.expires_epoch <= time.time() + 7200
+    assert f"{new.id} replaces {old_id}, which stops working at {old.expires_at}" in err
+
+    assert main(["keys", "rotate", old_id, "--keys-file", path, "--grace", "0s"]) == 0
+    assert _key(key_file.path, old_id).expired(time.time())
+    with pytest.raises(SystemExit):
+        main(["keys", "rotate", old_id, "--keys-file", path, "--grace", "soon"])
+    assert "--grace='soon' is not a duration" in capsys.readouterr().err
+
+
+def test_list_shows_state_expiry_last_use_and_limits(
+    key_file: KeyFile, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, first = str(key_file.path), key_file.record.id
+    _, second = key_file.add("web")
+    _, third = key_file.add("web")
+    assert main(["keys", "update", second.id, "--keys-file", path,
+                 "--requests-per-second", "5", "--records-per-second", "100"]) == 0  # fmt: skip
+    assert main(["keys", "rotate", second.id, "--keys-file", path, "--grace", "0s"]) == 0
+    assert main(["keys", "disable", third.id, "--keys-file", path]) == 0
+    merge_last_used(key_file.path, {first: "2026-12-01T00:00:00Z"})
+    capsys.readouterr()
+
+    assert main(["keys", "list", "--keys-file", path]) == 0
+    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    by_id = {row[0]: row for row in rows}
+    assert by_id[first][1:2] + by_id[first][3:] == [
+        "enabled", "-", "2026-12-01T00:00:00Z", "analytics-portal", "unlimited"
+    ]  # fmt: skip
+    assert by_id[second.id][1] == "expired" and by_id[second.id][3].endswith("Z")
+    assert by_id[second.id][4:] == ["never", "web", "5 requests/s, 100 records/s"]
+    assert by_id[third.id][1] == "disabled"
+    assert len(rows) == 4  # and the successor

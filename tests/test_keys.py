@@ -2,21 +2,42 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import random
 import stat
+import string
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
+from gateway.app import create_app
+from gateway.config import Settings
 from gateway.keys import (
+    InvalidKey,
     KeysFileError,
     KeyStore,
+    NoSuchKey,
+    change_key,
     hash_key,
+    import_key,
     mint_key,
     read_keys_file,
+    read_last_used,
+    rotate_key,
+    update_keys_file,
+    utc_text,
     write_keys_file,
 )
+from gateway.keystrength import WeakKey, check_key_strength
+from gateway.sink import MemorySink
+from gateway.state import KEYS
+from tests.conftest import AiohttpClient
 from tests.keys import KeyFile
+from tests.scrape import Samples
 
 
 def test_a_minted_key_is_stored_as_its_hash_only(tmp_path: Path) -> None:
@@ -130,3 +151,194 @@ def test_the_store_reloads_changes_and_keeps_the_last_good_set(
     write_keys_file(key_file.path, [record])
     assert store.reload_if_changed() is True
     assert store.lookup(key_file.key) is None
+
+
+# The CAfe spec's sample key, which teams moving to the gateway have shipped in apps.
+SPEC_SAMPLE_KEY = "VTwgEDNQDHnM8XFYx2eJckeou49MYfyZkc9mTDgW"
+
+
+def test_the_spec_sample_key_and_random_keys_are_strong_enough() -> None:
+    check_key_strength(SPEC_SAMPLE_KEY)
+    # The rules must not refuse a random key of the shortest length allowed.
+    rng = random.Random(17)
+    alphabet = string.ascii_letters + string.digits
+    for _ in range(5000):
+        check_key_strength("".join(rng.choices(alphabet, k=20)))
+
+
+@pytest.mark.parametrize(
+    ("plaintext", "message"),
+    [
+        ("", "the key is empty"),
+        ("x7Kq9Lm2Vw", "shorter than 20"),
+        ("a" * 257, "longer than 256"),
+        ("VTwgEDNQDHnM8XFY x2eJckeou49", "printable ASCII"),
+        ("VTwgEDNQDHnM8XFYé2eJckeou49", "printable ASCII"),
+        ("aaaaaaaaaaaaaaaaaaaaaaaa", "too few different characters"),
+        ("ababababababababababab", "too few different characters"),
+        ("passwordpassword1234", "repeats"),
+        ("12345678901234567890", "repeats"),
+    ],
+)
+def test_weak_keys_are_refused_saying_why(plaintext: str, message: str) -> None:
+    with pytest.raises(WeakKey, match=message):
+        check_key_strength(plaintext)
+
+
+def test_an_imported_key_is_stored_as_its_hash() -> None:
+    record = import_key(SPEC_SAMPLE_KEY, ("web",), requests_per_second=5)
+    assert record.sha256 == hash_key(SPEC_SAMPLE_KEY)
+    assert record.id.startswith("k_") and record.enabled
+    assert record.requests_per_second == 5
+    with pytest.raises(WeakKey, match="shorter than 20"):
+        import_key("short", ("web",))
+
+
+def test_expires_at_is_checked_and_kept_as_an_epoch(tmp_path: Path) -> None:
+    _, record = mint_key(("web",))
+    assert record.expires_at is None and record.expires_epoch is None
+    dated = replace(record, expires_at="2026-12-01T00:00:10Z")
+    assert dated.expires_epoch == 1796083210.0
+    assert not dated.expired(1796083209.9) and dated.expired(1796083210.0)
+    write_keys_file(tmp_path / "keys.json", [dated])
+    assert read_keys_file(tmp_path / "keys.json") == [dated]
+    bad: Any
+    for bad in ("2026-12-01 00:00:10", "2026-13-01T00:00:00Z", 1796083210):
+        with pytest.raises(InvalidKey, match="expires_at must be"):
+            replace(record, expires_at=bad)
+
+
+def test_rotate_mints_a_twin_and_dates_the_old_key() -> None:
+    _, old = mint_key(("web", "app"), records_per_second=9, origins=("https://a.example",))
+    now = 1796083200.0  # 2026-12-01T00:00:00Z
+    plaintext, new, keys = rotate_key([old], old.id, 7 * 86400, now)
+    assert keys == [replace(old, expires_at="2026-12-08T00:00:00Z"), new]
+    assert new.sha256 == hash_key(plaintext) and new.id != old.id
+    same = ("platforms", "origins", "browser", "requests_per_second", "records_per_second")
+    assert [getattr(new, f) for f in same] == [getattr(old, f) for f in same]
+    assert new.expires_at is None
+    # An earlier expiry is kept: rotating never lets a key live longer.
+    _, _, again = rotate_key(keys, old.id, 30 * 86400, now)
+    assert again[0].expires_at == "2026-12-08T00:00:00Z"
+    with pytest.raises(NoSuchKey, match="no key with id k_000000000000"):
+        rotate_key(keys, "k_000000000000", 0, now)
+
+
+def test_the_store_drops_expired_keys_from_its_counts_when_they_expire(key_file: KeyFile) -> None:
+    _, dated = key_file.add("web", origins=("https://a.example",))
+    update_keys_file(
+        key_file.path,
+        lambda keys: change_key(keys, dated.id, lambda k: replace(k, expires_at=utc_text(1000))),
+    )
+    store = KeyStore(key_file.path)
+    store.load(now=999.0)
+    assert len(store) == 2 and store.origins == {"https://a.example"}
+    store.expire_if_due(now=999.5)
+    assert len(store) == 2
+    store.expire_if_due(now=1000.0)
+    assert len(store) == 1 and store.origins == frozenset()
+
+
+def test_used_key_ids_are_merged_into_the_last_used_file(key_file: KeyFile) -> None:
+    store = KeyStore(key_file.path)
+    store.load()
+    last_used = key_file.path.with_name("keys.json.last-used.json")
+    store.used.update({"k_aaaaaaaaaaaa", "k_bbbbbbbbbbbb"})
+    store.save_last_used(now=1796083200.0)
+    assert store.used == set()
+    assert read_last_used(key_file.path) == dict.fromkeys(
+        ["k_aaaaaaaaaaaa", "k_bbbbbbbbbbbb"], "2026-12-01T00:00:00Z"
+    )
+    # Another process (a worker, another host on a shared volume) saw one key later and
+    # another earlier: each key keeps its latest time.
+    other = KeyStore(key_file.path)
+    other.used.add("k_aaaaaaaaaaaa")
+    other.save_last_used(now=1796083260.0)
+    store.used.add("k_bbbbbbbbbbbb")
+    store.save_last_used(now=1796083100.0)
+    assert orjson.loads(last_used.read_bytes()) == {
+        "k_aaaaaaaaaaaa": "2026-12-01T00:01:00Z",
+        "k_bbbbbbbbbbbb": "2026-12-01T00:00:00Z",
+    }
+    assert stat.S_IMODE(last_used.stat().st_mode) == 0o600
+    store.save_last_used(now=1796090000.0)  # nothing used since: nothing written
+    assert read_last_used(key_file.path)["k_bbbbbbbbbbbb"] == "2026-12-01T00:00:00Z"
+
+
+@pytest.mark.parametrize("blocked", ["keys.json.lock", "keys.json.last-used.json"])
+def test_an_unwritable_last_used_file_costs_one_warning(
+    key_file: KeyFile, caplog: pytest.LogCaptureFixture, blocked: str
+) -> None:
+    # As with a Kubernetes Secret mounted read-only, where nothing can be written beside
+    # the keys file. A directory in the way stands in for it: the tests may run as root,
+    # whom file modes do not stop.
+    (key_file.path.parent / blocked).mkdir()
+    store = KeyStore(key_file.path)
+    store.load()
+    for _ in range(3):
+        store.used.add(key_file.record.id)
+        store.save_last_used()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "last-used" in warnings[0].getMessage()
+    assert not store.used  # dropped, not piling up
+
+
+def test_a_broken_last_used_file_reads_as_empty(key_file: KeyFile) -> None:
+    last_used = key_file.path.with_name("keys.json.last-used.json")
+    last_used.write_text('{"k_aaaaaaaaaaaa": 5, "k_bbbbbbbbbbbb": "2026-12-01T00:00:00Z"}')
+    assert read_last_used(key_file.path) == {"k_bbbbbbbbbbbb": "2026-12-01T00:00:00Z"}
+    last_used.write_text("{oops")
+    assert read_last_used(key_file.path) == {}
+
+
+async def test_the_watcher_saves_last_used_when_cancelled(key_file: KeyFile) -> None:
+    store = KeyStore(key_file.path)
+    store.load()
+    watcher = asyncio.create_task(store.watch(interval_s=0.01))
+    store.used.add(key_file.record.id)
+    await asyncio.sleep(0.05)
+    assert read_last_used(key_file.path) == {}  # not due for a minute
+    watcher.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await watcher
+    assert key_file.record.id in read_last_used(key_file.path)
+
+
+class _Clock:
+    """Stands in for the `time` module in gateway.auth: the time the middleware sees."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+
+async def test_a_key_is_refused_from_its_expiry_on_without_a_reload(
+    aiohttp_client: AiohttpClient, key_file: KeyFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dated_key, dated = key_file.add("analytics-portal")
+    update_keys_file(
+        key_file.path,
+        lambda keys: change_key(keys, dated.id, lambda k: replace(k, expires_at=utc_text(5000))),
+    )
+    clock = _Clock(4999.0)
+    monkeypatch.setattr("gateway.auth.time", clock)
+    app = create_app(Settings(keys_file=key_file.path), sink=MemorySink())
+    client = await aiohttp_client(app)
+    for key, status in ((dated_key, 200), (key_file.key, 200)):
+        resp = await client.get("/v1/ip", headers={"x-api-key": key})
+        assert resp.status == status
+    assert app[KEYS].used == {dated.id, key_file.record.id}
+    app[KEYS].used.clear()
+
+    clock.now = 5000.0
+    resp = await client.get("/v1/ip", headers={"x-api-key": dated_key})
+    assert resp.status == 401
+    # The same answer as an unknown or disabled key: only the metric says which.
+    assert (await resp.json(content_type=None))["detail"] == "the API key is unknown or disabled"
+    assert app[KEYS].used == set()
+    resp = await client.get("/v1/ip", headers={"x-api-key": key_file.key})
+    assert resp.status == 200
+    samples = Samples(await (await client.get("/metrics")).text())
+    assert samples.value("cafe_auth_failures_total", reason="expired") == 1

@@ -20,7 +20,14 @@ from gateway.app import create_app
 from gateway.cli import main
 from gateway.config import Settings
 from gateway.errors import RateLimited
-from gateway.keys import ApiKey, KeysFileError, mint_key, read_keys_file, write_keys_file
+from gateway.keys import (
+    ApiKey,
+    KeysFileError,
+    mint_key,
+    read_keys_file,
+    rotate_key,
+    write_keys_file,
+)
 from gateway.ratelimit import BucketTable, RateLimiter, TokenBucket
 from gateway.sink import MemorySink
 from tests.conftest import AiohttpClient
@@ -156,6 +163,18 @@ def test_past_a_full_table_buckets_fall_back_to_each_worker_s_share(
         "rate-limit table full (1 slots): further limits are kept by each worker, "
         "at 1/2 of the rate"
     ]
+
+
+def test_a_rotated_key_and_its_successors_share_one_limit() -> None:
+    limiter = RateLimiter(workers=1)
+    old = limited_key(requests_per_second=2)
+    _, new, _ = rotate_key([old], old.id, 3600, time.time())
+    _, newer, _ = rotate_key([new], new.id, 3600, time.time())
+    assert new.rotated_from == newer.rotated_from == old.id
+    asyncio.run(limiter.check_request(old))
+    asyncio.run(limiter.check_request(new))
+    with pytest.raises(RateLimited):  # the grace period does not double the limit
+        asyncio.run(limiter.check_request(newer))
 
 
 def test_a_full_batch_fits_even_under_a_low_record_rate() -> None:
