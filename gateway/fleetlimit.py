@@ -8,9 +8,9 @@ atomically on its own clock, so the hosts' clocks do not matter.
 Why a script of our own rather than the `limits` package: `limits` offers windows, not a
 token bucket, and its `hit(cost=n)` takes all n tokens or none, where a lease wants "what
 the request needs, and up to this many more"; it also answers no wait for Retry-After
-without a second call. Measured by `loadtest/limitbench.py`, the script also costs less
-per call (about 100 us of the gateway's CPU with redis-py and hiredis, against 115-150 us
-for `limits` over redis-py and 380-410 us over coredis).
+without a second call. Per call they cost the gateway about the same CPU over redis-py
+with hiredis (100-190 us each in `loadtest/limitbench.py`'s runs, which order them
+differently from run to run); over coredis `limits` cost 380-410 us.
 
 A call costs about as much as serving a request, so tokens are taken in leases. When a
 process's lease for a bucket cannot cover a request, it asks Redis for what the request
