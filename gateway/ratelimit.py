@@ -39,8 +39,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# A bucket is known by its key id, kind ("requests" or "records") and rate, so a limit
-# changed in the keys file starts a new bucket.
+# A bucket is known by its key's limit id (the same for a key and its rotations), kind
+# ("requests" or "records") and rate, so a limit changed in the keys file starts a new
+# bucket.
 Bucket = tuple[str, str, float]
 
 # A slot of the table: the bucket's digest (0: empty slot), then its tokens and stamp.
@@ -173,9 +174,9 @@ class RateLimiter:
         await self._take(key.limit_id, "records", key.records_per_second, float(MAX_RECORDS), count)
 
     async def _take(
-        self, key_id: str, what: str, rate: float, min_burst: float, count: int
+        self, limit_id: str, what: str, rate: float, min_burst: float, count: int
     ) -> None:
-        bucket = (key_id, what, rate)
+        bucket = (limit_id, what, rate)
         burst = max(rate, min_burst)
         wait_s = None
         if self.fleet is not None:

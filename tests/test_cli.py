@@ -23,6 +23,7 @@ from gateway.keys import (
     utc_text,
 )
 from tests.keys import KeyFile, make_key_file
+from tests.spec_samples import sample_api_key
 
 
 @pytest.fixture(autouse=True)
@@ -198,7 +199,7 @@ def test_concurrent_creates_and_disables_all_take_effect(tmp_path: Path) -> None
     assert (tmp_path / "keys.json.lock").stat().st_mode & 0o777 == 0o600
 
 
-SPEC_SAMPLE_KEY = "VTwgEDNQDHnM8XFYx2eJckeou49MYfyZkc9mTDgW"
+SPEC_SAMPLE_KEY = sample_api_key()
 
 
 def _stdin(monkeypatch: pytest.MonkeyPatch, text: str) -> None:

@@ -38,6 +38,7 @@ from gateway.state import KEYS
 from tests.conftest import AiohttpClient
 from tests.keys import KeyFile
 from tests.scrape import Samples
+from tests.spec_samples import sample_api_key
 
 
 def test_a_minted_key_is_stored_as_its_hash_only(tmp_path: Path) -> None:
@@ -153,8 +154,7 @@ def test_the_store_reloads_changes_and_keeps_the_last_good_set(
     assert store.lookup(key_file.key) is None
 
 
-# The CAfe spec's sample key, which teams moving to the gateway have shipped in apps.
-SPEC_SAMPLE_KEY = "VTwgEDNQDHnM8XFYx2eJckeou49MYfyZkc9mTDgW"
+SPEC_SAMPLE_KEY = sample_api_key()
 
 
 def test_the_spec_sample_key_and_random_keys_are_strong_enough() -> None:

@@ -20,11 +20,11 @@ from tests.integration.tcp_proxy import free_port
 from tests.integration.test_serve import gateway_env, prefix, serving  # noqa: F401
 from tests.keys import KeyFile
 from tests.scrape import Samples
+from tests.spec_samples import sample_api_key
 
 pytestmark = pytest.mark.integration
 
-# The CAfe spec's sample key: a key teams have already shipped in their apps.
-SPEC_SAMPLE_KEY = "VTwgEDNQDHnM8XFYx2eJckeou49MYfyZkc9mTDgW"
+SPEC_SAMPLE_KEY = sample_api_key()
 # How long a change may take to be in force once the command has returned: the gateway
 # polls the keys file once a second.
 IN_FORCE_S = 2.0
