@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 from gateway.fleetlimit import LEASE_SECONDS, FleetBuckets
 from gateway.keys import mint_key, update_keys_file
 from gateway.metrics import Metrics
-from tests.integration.conftest import Broker
+from tests.integration.conftest import Broker, summarise
 from tests.integration.tcp_proxy import free_port, free_ports
 from tests.integration.test_serve import gateway_env, ready_in_a_row, running
 from tests.keys import KeyFile
@@ -69,7 +69,7 @@ async def hammer(seconds: float, clients: list[Callable[[], Awaitable[object]]])
 
 
 async def test_processes_sharing_a_bucket_get_no_more_than_one_bucket_gives(
-    redis_url: str,
+    redis_url: str, pytestconfig: pytest.Config
 ) -> None:
     rate, burst = 50.0, 50.0
     bucket = new_bucket(rate)
@@ -84,11 +84,15 @@ async def test_processes_sharing_a_bucket_get_no_more_than_one_bucket_gives(
     calls = metrics.ratelimit_redis_calls.labels("ok")._value.get()
     bound = burst + rate * elapsed
     granted = answers[True]
-    print(f"\n3 processes, {rate:g}/s: {granted} granted in {elapsed:.2f}s, bound {bound:.0f}")
+    summarise(
+        pytestconfig,
+        f"fleet limits, 3 processes on one Redis, {rate:g}/s: {granted} granted in "
+        f"{elapsed:.2f}s (bound {bound:.0f}); {sum(answers.values())} asked, "
+        f"{calls:g} calls to Redis",
+    )
     assert burst <= granted <= bound
     # Leases cover several requests, and a refused key is refused without asking Redis
     # until its tokens would be back: Redis sees a small share of the requests.
-    print(f"{sum(answers.values())} requests, {calls:g} calls to Redis")
     assert calls < sum(answers.values()) / 10
 
 
@@ -160,7 +164,7 @@ async def test_redis_stopped_means_local_limits_until_it_answers_again() -> None
 
 
 async def test_two_gateways_on_one_redis_hold_one_limit_between_them(
-    kafka: Broker, key_file: KeyFile, redis_url: str
+    kafka: Broker, key_file: KeyFile, redis_url: str, pytestconfig: pytest.Config
 ) -> None:
     rate = 20  # requests/s, and a burst of as many
     plaintext, record = mint_key(("analytics-portal",), requests_per_second=rate)
@@ -193,9 +197,12 @@ async def test_two_gateways_on_one_redis_hold_one_limit_between_them(
     # The stated bound, leases included (2 processes, each holding < L tokens).
     lease = math.ceil(rate * LEASE_SECONDS)
     bound = rate + rate * elapsed + 2 * lease
-    print(f"\nRedis: {on_redis} answered 200 in {elapsed:.2f}s; one key's bound {bound:.0f}")
     assert rate <= on_redis <= bound
     # Local buckets are per host: the two gateways give the key about twice as much.
-    on_local, elapsed = await granted("local")
-    print(f"local: {on_local} answered 200 in {elapsed:.2f}s")
-    assert on_local > rate + rate * elapsed + 2 * lease
+    on_local, local_s = await granted("local")
+    summarise(
+        pytestconfig,
+        f"fleet limits, two gateways, a key of {rate}/s: {on_redis} answered 200 in "
+        f"{elapsed:.2f}s on Redis (bound {bound:.0f}), {on_local} in {local_s:.2f}s on local",
+    )
+    assert on_local > rate + rate * local_s + 2 * lease
