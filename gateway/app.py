@@ -92,6 +92,7 @@ def create_app(
             # A replayed window must fit, beside live traffic, in what the Kafka sink
             # may hold unacknowledged, or it would be refused every time.
             max_window_bytes=settings.kafka.max_queued_bytes // 2,
+            produce_timeout_s=settings.kafka.produce_timeout_ms / 1000,
             metrics=metrics,
         )
     app[SINK] = sink

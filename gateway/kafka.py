@@ -101,13 +101,14 @@ async def _send_batch(
 class _Batch:
     """One record batch of a partition, and the future its requests wait on."""
 
-    __slots__ = ("acked", "builder", "records", "size")
+    __slots__ = ("acked", "builder", "producer", "records", "size")
 
     def __init__(self, builder: Any, acked: asyncio.Future[None]) -> None:
         self.builder = builder
         self.acked = acked
         self.records = 0
         self.size = 0  # bytes of record values, as the sink counts what it holds
+        self.producer: AIOKafkaProducer | None = None  # the one it was handed to
 
 
 class _Batcher:
@@ -168,6 +169,13 @@ class _Batcher:
             self.down = True
             self._sink.partition_down(self)
 
+    def fail_handed_to(self, producer: AIOKafkaProducer) -> None:
+        """`producer` was closed without answering for its batches: fail those it holds,
+        so their requests and the bytes they hold are let go."""
+        for batch in self.unsettled:
+            if batch.producer is producer and not batch.acked.done():
+                batch.acked.set_exception(KafkaError("the producer closed without an answer"))
+
     async def flush(self) -> None:
         """Return once every batch made so far has been handed to the producer."""
         self._wake.set()
@@ -226,6 +234,7 @@ class _Batcher:
         """Hand one closed batch to the sink's producer; False if the partition is gone."""
         producer = await self._sink.producer_for_batches()
         handed_at = time.perf_counter()
+        batch.producer = producer
         ack = await _send_batch(producer, batch.builder, self.topic, self.partition)
         if ack is None:
             return False
@@ -274,9 +283,9 @@ def _add(batch: Any, message: Message) -> bool:
     return metadata is not None
 
 
-async def _wait_all(futures: Collection[asyncio.Future[Any]], deadline: float) -> None:
+async def _wait_all(futures: Collection[asyncio.Future[Any]], deadline: float | None) -> None:
     """Return once every one of `futures` is done; raise TimeoutError if the loop's clock
-    reaches `deadline` first. Cancels none of them, as other requests' records share
+    reaches `deadline` (if any) first. Cancels none of them, as other requests' records share
     them (gather() under a timeout would). One future and one timer per call: every
     request waits here, and asyncio.timeout() around asyncio.wait() cost twice as much."""
     if not futures:
@@ -297,11 +306,18 @@ async def _wait_all(futures: Collection[asyncio.Future[Any]], deadline: float) -
 
     for future in futures:
         future.add_done_callback(one_done)
-    timer = loop.call_at(deadline, too_late)
+    timer = None if deadline is None else loop.call_at(deadline, too_late)
     try:
         await waiter
     finally:
-        timer.cancel()
+        if timer is not None:
+            timer.cancel()
+
+
+def _enough(answering: int, known: int) -> bool:
+    """Ready takes most of the brokers: with the usual 3 replicas and
+    min.insync.replicas=2, one broker left answers but is too few to write to."""
+    return answering > 0 and answering > known // 2
 
 
 def _observe(histogram: Any, since: float, ack: asyncio.Future[Any]) -> None:
@@ -417,48 +433,67 @@ class KafkaSink:
                 async with asyncio.timeout(_SENDER_CLOSE_S):
                     await producer._sender.close()
             await producer.client.close()
+            # A cancelled sender fails none of its batches (aiokafka's Sender._fail_all
+            # returns early): their futures would never be done, their requests would
+            # wait and their bytes stay held, refusing the partition for good.
+            for batcher in list(self._batchers.values()):
+                batcher.fail_handed_to(producer)
 
     async def unavailable(self) -> str | None:
-        if await self._broker_answers():
+        answering, known = await self._brokers_answering()
+        if _enough(answering, known):
             return None
-        return f"Kafka at {self._settings.bootstrap} is not reachable"
+        if not answering:
+            return f"Kafka at {self._settings.bootstrap} is not reachable"
+        return (
+            f"only {answering} of the {known} Kafka brokers at {self._settings.bootstrap} "
+            "answer: too few for the replicas a write needs"
+        )
 
-    async def _broker_answers(self) -> bool:
+    async def _brokers_answering(self) -> tuple[int, int]:
+        """How many of the brokers the producer knows answer, and how many it knows."""
         producer = self._producer
         if producer is None:
-            return False
+            return 0, 0
         # The producer has no public "is a broker reachable"; its undocumented client,
         # which holds the connections and metadata, answers that.
         client = producer.client
-        try:
-            async with asyncio.timeout(_READY_TIMEOUT_S):
-                for broker in client.cluster.brokers():
-                    # Reuses the open connection; reconnects if the broker went away.
-                    if await client.ready(broker.nodeId):
-                        return True
-        except TimeoutError:
+        brokers = client.cluster.brokers()
+
+        async def answers(node_id: int) -> bool:
+            # Reuses the open connection; reconnects if the broker went away.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_READY_TIMEOUT_S):
+                    return bool(await client.ready(node_id))
             return False
-        return False
+
+        results = await asyncio.gather(*(answers(broker.nodeId) for broker in brokers))
+        return sum(results), len(brokers)
 
     async def _watch(self) -> None:
         """Keep cafe_kafka_ready and cafe_kafka_queued_bytes current, and mark every
         partition down while no broker answers."""
         while True:
-            answers = await self._broker_answers()
+            answering, known = await self._brokers_answering()
             if self.metrics is not None:
-                self.metrics.kafka_ready.set(1 if answers else 0)
+                self.metrics.kafka_ready.set(1 if _enough(answering, known) else 0)
                 self.metrics.kafka_queued_bytes.set(self._held_bytes)
-            if not answers:
+            if not answering:
                 for batcher in list(self._batchers.values()):
                     batcher.mark_down()
             await asyncio.sleep(_HEALTH_EVERY_S)
 
     async def send(
-        self, record_type: str, accepted: Sequence[Message], dead_letters: Sequence[Message] = ()
+        self,
+        record_type: str,
+        accepted: Sequence[Message],
+        dead_letters: Sequence[Message] = (),
+        *,
+        patient: bool = False,
     ) -> bool:
         """Produce the records to their type's topic and the dead letters to the
         dead-letter topic, at once; return (False: not spooled) when Kafka has
-        acknowledged both."""
+        acknowledged both. `patient`: wait for Kafka's verdict past the produce timeout."""
         sends = [
             (topic, messages)
             for topic, messages in (
@@ -468,19 +503,24 @@ class KafkaSink:
             if messages
         ]
         if len(sends) == 1:
-            await self.produce(*sends[0])
+            await self.produce(*sends[0], patient=patient)
             return False
         results = await asyncio.gather(
-            *(self.produce(topic, messages) for topic, messages in sends), return_exceptions=True
+            *(self.produce(topic, messages, patient=patient) for topic, messages in sends),
+            return_exceptions=True,
         )
         for result in results:
             if isinstance(result, BaseException):
                 raise result
         return False
 
-    async def produce(self, topic: str, messages: Sequence[Message]) -> None:
+    async def produce(
+        self, topic: str, messages: Sequence[Message], *, patient: bool = False
+    ) -> None:
         """Return once Kafka has acknowledged every message on `topic`; raise
-        KafkaUnavailable (or RecordTooLarge) otherwise."""
+        KafkaUnavailable (or RecordTooLarge) otherwise. Within the produce timeout, or
+        `patient`ly, until Kafka answers for every batch: what the spool replays waits
+        so, as records given up on may still be stored, and sent again would be twice."""
         producer = self._producer
         if producer is None:
             self._count_error("not_connected")
@@ -489,7 +529,7 @@ class KafkaSink:
             if len(message.value) > _WEIGH_ABOVE:
                 _check_size(topic, message)
         timeout_s = self._settings.produce_timeout_ms / 1000
-        deadline = asyncio.get_running_loop().time() + timeout_s
+        deadline = None if patient else asyncio.get_running_loop().time() + timeout_s
         acks: dict[asyncio.Future[None], _Batcher] = {}
         try:
             # As in _send_batch: known metadata without an await, else the public way.

@@ -42,13 +42,20 @@ class Sink(Protocol):
         """
 
     async def send(
-        self, record_type: str, accepted: Sequence[Message], dead_letters: Sequence[Message] = ()
+        self,
+        record_type: str,
+        accepted: Sequence[Message],
+        dead_letters: Sequence[Message] = (),
+        *,
+        patient: bool = False,
     ) -> bool:
         """Return once every message is stored: `accepted` as records of `record_type`,
         `dead_letters` with the rejected records. Raise a `SinkUnavailable` otherwise.
 
         Within one key, messages are stored in the order given. True if they are stored
         in the local spool (gateway/spool.py), to reach Kafka later; False if in Kafka.
+        `patient`: wait for the store's verdict however long it takes, rather than give
+        up at the produce timeout (the spool's replay, which must not send twice).
         """
 
 
@@ -72,7 +79,12 @@ class MemorySink:
         return None if self.is_ready else "the test made the memory sink unavailable"
 
     async def send(
-        self, record_type: str, accepted: Sequence[Message], dead_letters: Sequence[Message] = ()
+        self,
+        record_type: str,
+        accepted: Sequence[Message],
+        dead_letters: Sequence[Message] = (),
+        *,
+        patient: bool = False,
     ) -> bool:
         if not self.is_ready:
             raise SinkUnavailable("the test made the memory sink unavailable")
@@ -98,6 +110,11 @@ class DiscardSink:
         return None
 
     async def send(
-        self, record_type: str, accepted: Sequence[Message], dead_letters: Sequence[Message] = ()
+        self,
+        record_type: str,
+        accepted: Sequence[Message],
+        dead_letters: Sequence[Message] = (),
+        *,
+        patient: bool = False,
     ) -> bool:
         return False

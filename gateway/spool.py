@@ -3,10 +3,14 @@
 `SpoolingSink` wraps the Kafka sink. A request's records go to Kafka first; if Kafka has
 not acknowledged them within CAFE_SPOOL_AFTER_MS (or refuses them at once, being down),
 they are written to the spool, and the request is answered once the write is fsynced.
-While the spool holds anything, new requests are spooled behind it, so one session's
-records reach Kafka in the order they came. A replayer sends the oldest chunks to Kafka
-and deletes them only once Kafka has acknowledged them; when the spool is empty, requests
-go to Kafka first again.
+
+Each record type is a queue of its own, so a topic that is down holds back only its own
+type. While the spool holds records of a type, new requests of that type go behind them,
+so one session's records reach Kafka in the order they came: at once while Kafka is away,
+and while the replayer is catching up, after waiting up to CAFE_SPOOL_AFTER_MS for the
+queue to empty (live traffic then leaves the replayer the CPU and the disk). A replayer
+per type sends the oldest chunks to Kafka and deletes them only once Kafka has
+acknowledged them; when its queue is empty, that type's requests go to Kafka first again.
 
 The store, SQLite written from a thread of its own, is gateway/spoolfile.py.
 """
@@ -30,14 +34,18 @@ from gateway.spoolfile import DISK_ERRORS, Chunk, SpoolFile, Stored, encode
 
 log = logging.getLogger(__name__)
 
-# A replayed window holds chunks up to this many bytes of records (at least one chunk):
-# large enough that Kafka's batches fill, small enough beside CAFE_MAX_QUEUED_BYTES.
+# The replayed windows in flight at once hold chunks up to this many bytes of records (at
+# least one chunk each), shared by the types replaying: large enough that Kafka's batches
+# fill, small enough beside CAFE_MAX_QUEUED_BYTES.
 _WINDOW_BYTES = 4 * 1024 * 1024
 # Replay attempts while Kafka is away back off from the first delay to the last.
 _FIRST_RETRY_S = 0.25
 _LAST_RETRY_S = 5.0
-# How often the age of the oldest record is brought up to date.
+# How often the age of the oldest record is brought up to date, and a broken disk tried.
 _GAUGE_EVERY_S = 1.0
+_MEND_EVERY_S = 1.0
+# The two parts of a chunk, each delivered to a topic of its own.
+_RECORDS, _DEAD_LETTERS = "records", "dead letters"
 
 
 def _spooled_before(window: list[Stored], moment: float) -> list[Stored]:
@@ -45,12 +53,18 @@ def _spooled_before(window: list[Stored], moment: float) -> list[Stored]:
     return list(itertools.takewhile(lambda stored: stored.spooled_at < moment, window))
 
 
+def _retrieve(future: asyncio.Future[None]) -> None:
+    """Mark a write's failure as seen: its request may have stopped waiting for it."""
+    if not future.cancelled():
+        future.exception()
+
+
 @dataclass
 class _Direct:
     """A request whose records are with Kafka, waiting for its acknowledgement."""
 
     chunk: Chunk
-    wait: asyncio.Timeout  # its wait for Kafka
+    wait: asyncio.Timeout  # its wait for Kafka, ended early once its records are spooled
     # Set when its records are queued for the spool: done once they are on disk.
     written: asyncio.Future[None] | None = None
     refused: SinkUnavailable | None = None  # the spool could not take them either
@@ -74,18 +88,27 @@ class _Held:
     chunks: int = 0
     records: int = 0
     bytes: int = 0
-    oldest_at: float | None = None
     # A chunk was refused for want of room, and none has been replayed since.
     full: bool = False
     pending: list[_Pending] = field(default_factory=list)
 
-    def take_away(self, chunks: int, records: int, size: int) -> None:
-        """Chunks have left the spool (delivered, dropped, or never written)."""
-        self.chunks -= chunks
-        self.records -= records
-        self.bytes -= size
-        if not self.chunks:
-            self.oldest_at = None
+
+@dataclass
+class _Queue:
+    """One record type's chunks in the spool, and its replayer's state."""
+
+    record_type: str
+    chunks: int = 0
+    oldest_at: float | None = None
+    # Set while written chunks may wait; the replayer clears it when it finds none.
+    has_chunks: asyncio.Event = field(default_factory=asyncio.Event)
+    emptied: asyncio.Event = field(default_factory=asyncio.Event)
+    # Kafka acknowledged the last window: requests wait for the queue before joining it.
+    catching_up: bool = False
+    # The parts of chunks Kafka has acknowledged while others of their window were not:
+    # not sent again. Kept in memory only: after a crash, they are sent once more.
+    delivered: dict[int, set[str]] = field(default_factory=dict)
+    replayer: asyncio.Task[None] | None = None
 
 
 class SpoolingSink:
@@ -99,50 +122,80 @@ class SpoolingSink:
         *,
         workers: int = 1,
         max_window_bytes: int = _WINDOW_BYTES,
+        produce_timeout_s: float = 5.0,
         metrics: Metrics | None = None,
     ) -> None:
         self.inner = inner
         self._window_bytes = min(_WINDOW_BYTES, max_window_bytes)
         self._after_s = settings.after_ms / 1000
+        # No request waits longer than Kafka's own wait: past it, a write not yet on disk
+        # is answered 503 too.
+        self._bound_s = max(produce_timeout_s, self._after_s)
         self._settings = settings
         self._metrics = metrics
         self._file = SpoolFile(directory, workers)
         self._held = _Held()
+        self._queues: dict[str, _Queue] = {}
         self._direct: dict[int, _Direct] = {}  # by arrival, oldest first
         self._arrivals = 0
         self._writer: asyncio.Task[None] | None = None
-        self._replayer: asyncio.Task[None] | None = None
+        self._mender: asyncio.Task[None] | None = None
         self._gauges: asyncio.Task[None] | None = None
-        self._has_chunks = asyncio.Event()
+        self._counted = False  # what the file held at start is known
+        self._running = False
         self.broken: str | None = None  # why the spool cannot write, while it cannot
 
     async def start(self) -> None:
         """Open the spool (a failure leaves it broken, not the gateway down), start the
-        sink and the replayer."""
+        sink and the replayers."""
+        self._running = True
         try:
             await self._recount()
         except DISK_ERRORS as exc:
             self._break(exc)
         await self.inner.start()
-        self._replayer = asyncio.create_task(self._replay(), name="spool-replay")
         self._gauges = asyncio.create_task(self._keep_gauges(), name="spool-gauges")
         self._update_gauges()
 
     async def _recount(self) -> None:
-        """Learn what the file holds: at start, or once a disk that failed at start works."""
-        chunks, records, size, oldest = await self._file.totals()
-        self._held = _Held(chunks, records, size, oldest)
-        if chunks:
+        """Learn what the file holds: at start, or once a disk that failed at start works.
+        Nothing is written meanwhile: the spool is new, or broken."""
+        by_type = await self._file.totals_by_type()
+        held = self._held
+        for record_type, totals in by_type.items():
+            queue = self._queue(record_type)
+            queue.chunks = totals.chunks
+            queue.oldest_at = totals.oldest_at
+            queue.emptied.clear()
+            queue.has_chunks.set()
+            held.chunks += totals.chunks
+            held.records += totals.records
+            held.bytes += totals.bytes
+        self._counted = True
+        if held.chunks:
             log.warning(
                 "the spool at %s holds %d records from before this start; they go to Kafka first",
                 self._file.path,
-                records,
+                held.records,
             )
-            self._has_chunks.set()
+
+    def _queue(self, record_type: str) -> _Queue:
+        """The queue of a record type, made (with its replayer) when first needed."""
+        queue = self._queues.get(record_type)
+        if queue is None:
+            queue = self._queues[record_type] = _Queue(record_type)
+            queue.emptied.set()
+            if self._running:
+                queue.replayer = asyncio.create_task(
+                    self._replay(queue), name=f"spool-replay-{record_type}"
+                )
+        return queue
 
     async def close(self) -> None:
         """Stop replaying and close Kafka; what the spool holds stays for the next start."""
-        for task in (self._replayer, self._gauges):
+        self._running = False
+        tasks = [queue.replayer for queue in self._queues.values()]
+        for task in (*tasks, self._gauges, self._mender):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -159,73 +212,110 @@ class SpoolingSink:
             )
 
     async def unavailable(self) -> str | None:
-        """Ready while Kafka or the spool can take records: a broken spool is not ready."""
+        """Ready while Kafka or the spool can take records: a broken or full spool is not
+        ready. Only a question: a task of its own tries a broken disk again (_mend)."""
         if self.broken is not None:
-            try:
-                await self._file.probe()
-            except DISK_ERRORS:
-                return f"the spool at {self._file.path} cannot be written: {self.broken}"
-            log.info("the spool at %s takes writes again", self._file.path)
-            self.broken = None
-            if not self._held.chunks:
-                await self._recount()
+            return f"the spool at {self._file.path} cannot be written: {self.broken}"
         if self._held.full:
             return f"the spool at {self._file.path} is full ({self._held.bytes} bytes)"
         return None
 
     async def send(
-        self, record_type: str, accepted: Sequence[Message], dead_letters: Sequence[Message] = ()
+        self,
+        record_type: str,
+        accepted: Sequence[Message],
+        dead_letters: Sequence[Message] = (),
+        *,
+        patient: bool = False,
     ) -> bool:
         """Store the records in Kafka, or in the spool; True if they were spooled."""
         chunk = Chunk(record_type, accepted, dead_letters)
-        # Behind what the spool holds; unless its disk refuses writes: then to Kafka,
-        # ahead of it, rather than a 503 while Kafka takes records.
-        if self._held.chunks and self.broken is None:
-            await self._append(chunk)
-            return True
-        # Waits in this task, under a timeout: another task per request cost 15 us
-        # (measured with a sink that acknowledges at once), this about a third of that.
+        loop = asyncio.get_running_loop()
+        arrived = loop.time()
+        queue = self._queues.get(record_type)
+        # Behind what the spool holds of this type; unless its disk refuses writes: then
+        # to Kafka, ahead of it, rather than a 503 while Kafka takes records.
+        if (
+            queue is not None
+            and queue.chunks
+            and self.broken is None
+            and not await self._turn_comes(queue, arrived + self._after_s)
+        ):
+            return await self._on_disk(self._append(chunk), arrived)
+        # Waits in this task: another task per request cost 15 us (measured with a sink
+        # that acknowledges at once), a timer and a timeout about a third of that.
         arrival = self._arrivals = self._arrivals + 1
-        direct = self._direct[arrival] = _Direct(chunk, asyncio.timeout(self._after_s))
+        direct = self._direct[arrival] = _Direct(chunk, asyncio.timeout(None))
+        late = loop.call_at(arrived + self._after_s, self._spool_waiting, direct, True)
         acknowledged = False
         try:
             async with direct.wait:
                 await self.inner.send(record_type, accepted, dead_letters)
             acknowledged = True
-        except (TimeoutError, SinkUnavailable):
-            # Not acknowledged in time, or refused at once: spool it, with every other
-            # request still waiting (unless that already happened).
-            self._spool_direct(direct)
+        except TimeoutError:
+            pass  # spooled (_spool_waiting ended the wait)
+        except SinkUnavailable as exc:
+            # Refused at once, or Kafka's own wait ran out while the spool refused them.
+            self._spool_waiting(direct, False)
+            if direct.written is None:
+                raise direct.refused or exc from None
         finally:
+            late.cancel()
             del self._direct[arrival]
         if acknowledged:
-            if direct.written is not None:
-                # Kafka acknowledged it just as another request spooled it: a duplicate.
-                with contextlib.suppress(SinkUnavailable):
-                    await direct.written
+            # Kafka acknowledged it just as it was spooled: the spooled copy is a
+            # duplicate, and its write need not be awaited.
             return False
-        if direct.written is None:
-            # _spool_direct could not queue it: the spool is full or its disk fails.
-            raise direct.refused or SpoolUnavailable("the records could not be spooled")
-        await direct.written
+        assert direct.written is not None  # noqa: S101 (TimeoutError: _spool_waiting set it)
+        return await self._on_disk(direct.written, arrived)
+
+    async def _turn_comes(self, queue: _Queue, deadline: float) -> bool:
+        """Whether a request may go to Kafka, ahead of nothing of its type: at once if the
+        queue is empty; while the replayer is catching up, once it empties before
+        `deadline`. False: it goes behind the queue (Kafka is away, or the wait is over)."""
+        while queue.chunks:
+            if not queue.catching_up:
+                return False
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await queue.emptied.wait()
+            except TimeoutError:
+                return False
         return True
 
-    def _spool_direct(self, over: _Direct) -> None:
-        """Kafka has not acknowledged a request in time: spool every request still waiting
-        for it, in the order they came, so none is overtaken by one spooled after it, and
-        end their waits. Their records may still reach Kafka from the batches they are in,
-        and again from the spool: at most two copies. `over` is the request whose wait
-        is over."""
+    async def _on_disk(self, written: asyncio.Future[None], arrived: float) -> bool:
+        """Wait for a spooled chunk's write, within the request's bound; True."""
+        try:
+            async with asyncio.timeout_at(arrived + self._bound_s):
+                await asyncio.shield(written)
+        except TimeoutError:
+            # Written later, it is replayed: a duplicate of the client's retry, not a loss.
+            raise SpoolUnavailable(
+                f"the spool's disk did not take the records within {self._bound_s:g}s"
+            ) from None
+        return True
+
+    def _spool_waiting(self, over: _Direct, its_time_is_up: bool) -> None:
+        """Kafka has not acknowledged a request in time, or refused it: spool it and every
+        request of its type still waiting, in the order they came, so none is overtaken by
+        one spooled after it, and end their waits (`over`'s too, when `its_time_is_up`:
+        else it has ended already). Their records may still reach Kafka from
+        the batches they are in, and again from the spool: at most two copies.
+
+        A request the spool cannot take (full, or its disk fails) keeps waiting for Kafka,
+        to its own produce timeout: Kafka may yet store it, and a 503 now would only bring
+        a retry and a second copy."""
         now = asyncio.get_running_loop().time()
+        record_type = over.chunk.record_type
         for direct in self._direct.values():
-            if direct.written is not None or direct.refused is not None:
+            if direct.written is not None or direct.chunk.record_type != record_type:
                 continue
             try:
                 direct.written = self._append(direct.chunk)
             except SinkUnavailable as exc:
                 direct.refused = exc
-            # The others are still waiting, unless their own time is up this instant.
-            if direct is not over and not direct.wait.expired():
+                continue
+            if (direct is not over or its_time_is_up) and not direct.wait.expired():
                 direct.wait.reschedule(now)
 
     def _append(self, chunk: Chunk) -> asyncio.Future[None]:
@@ -242,12 +332,16 @@ class SpoolingSink:
             )
         now = time.time()
         written = asyncio.get_running_loop().create_future()
+        written.add_done_callback(_retrieve)
         held.pending.append(_Pending(now, chunk.record_type, chunk.records, payload, written))
         held.chunks += 1
         held.records += chunk.records
         held.bytes += len(payload)
-        if held.oldest_at is None:
-            held.oldest_at = now
+        queue = self._queue(chunk.record_type)
+        queue.chunks += 1
+        queue.emptied.clear()
+        if queue.oldest_at is None:
+            queue.oldest_at = now
         if self._writer is None:
             self._writer = asyncio.create_task(self._write(), name="spool-write")
         return written
@@ -264,19 +358,34 @@ class SpoolingSink:
             except DISK_ERRORS as exc:
                 self._break(exc)
                 for pending in batch:
-                    held.take_away(1, pending.records, len(pending.payload))
-                    pending.written.set_exception(
-                        SpoolUnavailable(f"the spool could not be written: {exc}")
+                    self._take_away(
+                        self._queues[pending.record_type], 1, pending.records, len(pending.payload)
                     )
+                    if not pending.written.done():
+                        pending.written.set_exception(
+                            SpoolUnavailable(f"the spool could not be written: {exc}")
+                        )
                 continue
             records = sum(p.records for p in batch)
             if self._metrics is not None:
                 self._metrics.spool_write_seconds.observe(time.perf_counter() - started)
                 self._metrics.spool_records_spooled.inc(records)
             for pending in batch:
-                pending.written.set_result(None)
-            self._has_chunks.set()
+                if not pending.written.done():
+                    pending.written.set_result(None)
+                self._queues[pending.record_type].has_chunks.set()
         self._writer = None
+
+    def _take_away(self, queue: _Queue, chunks: int, records: int, size: int) -> None:
+        """Chunks have left the spool (delivered, dropped, or never written)."""
+        held = self._held
+        held.chunks -= chunks
+        held.records -= records
+        held.bytes -= size
+        queue.chunks -= chunks
+        if not queue.chunks:
+            queue.oldest_at = None
+            queue.emptied.set()
 
     def _break(self, exc: BaseException) -> None:
         if self.broken is None:
@@ -287,88 +396,157 @@ class SpoolingSink:
                 exc,
             )
         self.broken = str(exc)
+        if self._mender is None and self._running:
+            self._mender = asyncio.create_task(self._mend(), name="spool-mend")
 
-    async def _replay(self) -> None:
-        """Send the oldest chunks to Kafka, in order, deleting each window once acknowledged."""
+    async def _mend(self) -> None:
+        """Try a broken disk every second, until it takes a write again."""
+        while self.broken is not None:
+            await asyncio.sleep(_MEND_EVERY_S)
+            try:
+                await self._file.probe()
+                if not self._counted:
+                    await self._recount()
+            except DISK_ERRORS as exc:
+                self.broken = str(exc)
+                continue
+            log.info("the spool at %s takes writes again", self._file.path)
+            self.broken = None
+        self._mender = None
+
+    async def _replay(self, queue: _Queue) -> None:
+        """Send a type's oldest chunks to Kafka, in order, deleting each window once
+        acknowledged; a failure of any kind is logged, and the replayer goes on."""
         delay = _FIRST_RETRY_S
         while True:
-            await self._has_chunks.wait()
             try:
-                window: list[Stored] = await self._file.oldest(self._window_bytes)
-            except DISK_ERRORS as exc:
-                self._break(exc)
-                await asyncio.sleep(_LAST_RETRY_S)
-                continue
-            if not window:
-                # Everything held is still being written: the writer sets the event again.
-                self._has_chunks.clear()
-                continue
-            # Dropped whether Kafka is back or not, so the age bounds the spool in an
-            # outage too. Chunks are in the order they were spooled: the expired lead.
-            expired = _spooled_before(window, time.time() - self._settings.max_age_seconds)
-            if expired:
-                await self._forget(expired, "expired")
-                continue
-            self._held.oldest_at = window[0].spooled_at
-            started = time.perf_counter()
-            try:
-                refused = await self._deliver(window)
-            except SinkUnavailable:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _LAST_RETRY_S)
-                continue
+                delay = await self._replay_window(queue, delay)
             except Exception:
-                log.exception("could not replay the spool; trying again")
+                log.exception("could not replay the spool's %s; trying again", queue.record_type)
+                queue.catching_up = False
                 await asyncio.sleep(_LAST_RETRY_S)
-                continue
-            delay = _FIRST_RETRY_S
-            if refused:
-                await self._forget(refused, "refused")
-                window = [stored for stored in window if stored not in refused]
-            if window:
-                await self._forget(window, took=time.perf_counter() - started)
 
-    async def _deliver(self, window: list[Stored]) -> list[Stored]:
-        """Send a window of chunks, each record type's records together; return the
-        chunks Kafka refuses for good. Raise SinkUnavailable if Kafka did not acknowledge
-        everything else: the whole window is sent again later."""
-        by_type: dict[str, tuple[list[Message], list[Message]]] = {}
-        for stored in window:
-            accepted, dead = by_type.setdefault(stored.chunk.record_type, ([], []))
-            accepted.extend(stored.chunk.accepted)
-            dead.extend(stored.chunk.dead_letters)
+    async def _replay_window(self, queue: _Queue, delay: float) -> float:
+        """Replay one window of `queue`; return the delay before the next try on failure."""
+        await queue.has_chunks.wait()
+        window_bytes = self._window_bytes // max(1, len(self._queues))
+        try:
+            window = await self._file.oldest(window_bytes, queue.record_type)
+        except DISK_ERRORS as exc:
+            self._break(exc)
+            await asyncio.sleep(_LAST_RETRY_S)
+            return delay
+        if not window:
+            # Everything held is still being written: the writer sets the event again.
+            queue.has_chunks.clear()
+            return delay
+        corrupt = [stored for stored in window if stored.corrupt]
+        if corrupt:
+            await self._forget(queue, corrupt, "corrupt")
+            return delay
+        # Dropped whether Kafka is back or not, so the age bounds the spool in an
+        # outage too. Chunks are in the order they were spooled: the expired lead.
+        expired = _spooled_before(window, time.time() - self._settings.max_age_seconds)
+        if expired:
+            await self._forget(queue, expired, "expired")
+            return delay
+        queue.oldest_at = window[0].spooled_at
+        started = time.perf_counter()
+        try:
+            refused = await self._deliver(queue, window)
+        except SinkUnavailable:
+            queue.catching_up = False
+            await asyncio.sleep(delay)
+            return min(delay * 2, _LAST_RETRY_S)
+        queue.catching_up = True
+        if refused:
+            await self._forget(queue, refused, "refused")
+            window = [stored for stored in window if stored not in refused]
+        if window:
+            await self._forget(queue, window, took=time.perf_counter() - started)
+        return _FIRST_RETRY_S
+
+    async def _deliver(self, queue: _Queue, window: list[Stored]) -> list[Stored]:
+        """Send a window's records and its dead letters, each part not yet acknowledged,
+        waiting for Kafka's verdict however long it takes (a send given up on may still be
+        stored; sent again, it would be stored twice). Return the chunks Kafka refuses for
+        good. Raise SinkUnavailable if Kafka did not take every other part: the window is
+        sent again later, less the parts it took."""
+        parts = {_RECORDS: self._undelivered(queue, window, _RECORDS)}
+        parts[_DEAD_LETTERS] = self._undelivered(queue, window, _DEAD_LETTERS)
+        sends = {part: chunks for part, chunks in parts.items() if chunks}
         results = await asyncio.gather(
-            *(self.inner.send(t, a, d) for t, (a, d) in by_type.items()), return_exceptions=True
+            *(self._send_part(queue.record_type, part, chunks) for part, chunks in sends.items()),
+            return_exceptions=True,
         )
-        failures = [result for result in results if isinstance(result, BaseException)]
-        for failure in failures:
-            if not isinstance(failure, GatewayError):
-                raise failure
-            if isinstance(failure, SinkUnavailable):
-                raise failure
-        if not failures:
-            return []
+        unavailable: SinkUnavailable | None = None
+        refused_parts = []
+        for (part, chunks), result in zip(sends.items(), results, strict=True):
+            if result is None:
+                self._mark_delivered(queue, chunks, part)
+            elif isinstance(result, SinkUnavailable):
+                unavailable = result
+            elif isinstance(result, GatewayError):
+                refused_parts.append(part)
+            else:
+                raise result
+        if unavailable is not None:
+            raise unavailable
         # Kafka refused a record for good (a topic whose own size limit is below the
         # gateway's). Sent one chunk at a time, the chunks that hold none are kept.
         refused = []
-        for stored in window:
-            chunk = stored.chunk
-            try:
-                await self.inner.send(chunk.record_type, chunk.accepted, chunk.dead_letters)
-            except SinkUnavailable:
-                raise
-            except GatewayError as exc:
-                log.error(
-                    "Kafka refuses %d spooled %s records for good (%s); they are dropped",
-                    chunk.records,
-                    chunk.record_type,
-                    exc,
-                )
-                refused.append(stored)
+        for part in refused_parts:
+            for stored in sends[part]:
+                try:
+                    await self._send_part(queue.record_type, part, [stored])
+                except SinkUnavailable:
+                    raise
+                except GatewayError as exc:
+                    log.error(
+                        "Kafka refuses %d spooled %s records for good (%s); they are dropped",
+                        stored.records,
+                        queue.record_type,
+                        exc,
+                    )
+                    refused.append(stored)
+                else:
+                    self._mark_delivered(queue, [stored], part)
         return refused
 
+    @staticmethod
+    def _undelivered(queue: _Queue, window: list[Stored], part: str) -> list[Stored]:
+        """The chunks of `window` with messages in `part` Kafka has not acknowledged."""
+        return [
+            stored
+            for stored in window
+            if (stored.chunk.accepted if part == _RECORDS else stored.chunk.dead_letters)
+            and part not in queue.delivered.get(stored.id, ())
+        ]
+
+    @staticmethod
+    def _mark_delivered(queue: _Queue, chunks: list[Stored], part: str) -> None:
+        for stored in chunks:
+            queue.delivered.setdefault(stored.id, set()).add(part)
+
+    async def _send_part(self, record_type: str, part: str, chunks: list[Stored]) -> None:
+        messages = [
+            message
+            for stored in chunks
+            for message in (
+                stored.chunk.accepted if part == _RECORDS else stored.chunk.dead_letters
+            )
+        ]
+        if part == _RECORDS:
+            await self.inner.send(record_type, messages, (), patient=True)
+        else:
+            await self.inner.send(record_type, (), messages, patient=True)
+
     async def _forget(
-        self, chunks: list[Stored], dropped: str | None = None, took: float | None = None
+        self,
+        queue: _Queue,
+        chunks: list[Stored],
+        dropped: str | None = None,
+        took: float | None = None,
     ) -> None:
         """Delete chunks from the spool: delivered, or `dropped` for that reason."""
         held = self._held
@@ -376,20 +554,31 @@ class SpoolingSink:
         try:
             await self._file.delete([stored.id for stored in chunks], empty)
         except DISK_ERRORS as exc:
-            # Kept: sent again later, a duplicate rather than a loss.
+            # Kept: sent again later (less the parts Kafka took), not lost.
             self._break(exc)
             await asyncio.sleep(_LAST_RETRY_S)
             return
-        records = sum(stored.chunk.records for stored in chunks)
-        held.take_away(len(chunks), records, sum(stored.size for stored in chunks))
+        for stored in chunks:
+            queue.delivered.pop(stored.id, None)
+        records = sum(stored.records for stored in chunks)
+        self._take_away(queue, len(chunks), records, sum(stored.size for stored in chunks))
         held.full = False
-        if not held.chunks:
-            log.info("the spool is empty: requests go to Kafka first again")
+        if not queue.chunks:
+            log.info(
+                "the spool holds no %s records: they go to Kafka first again", queue.record_type
+            )
         if dropped == "expired":
             log.error(
                 "dropped %d spooled records older than CAFE_SPOOL_MAX_AGE (%gs)",
                 records,
                 self._settings.max_age_seconds,
+            )
+        elif dropped == "corrupt":
+            log.error(
+                "dropped %d spooled %s records whose chunks in %s do not decode",
+                records,
+                queue.record_type,
+                self._file.path,
             )
         if self._metrics is not None:
             if dropped is not None:
@@ -412,6 +601,8 @@ class SpoolingSink:
         held = self._held
         metrics.spool_records.set(held.records)
         metrics.spool_bytes.set(held.bytes)
-        oldest = held.oldest_at
+        oldest = min(
+            (q.oldest_at for q in self._queues.values() if q.oldest_at is not None), default=None
+        )
         metrics.spool_oldest_age.set(0 if oldest is None else max(0.0, time.time() - oldest))
         metrics.spool_unwritable.set(1 if self.broken else 0)

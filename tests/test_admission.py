@@ -32,7 +32,12 @@ class GatedSink(MemorySink):
         self.arrived: asyncio.Queue[str] = asyncio.Queue()
 
     async def send(
-        self, record_type: str, accepted: Sequence[Message], dead_letters: Sequence[Message] = ()
+        self,
+        record_type: str,
+        accepted: Sequence[Message],
+        dead_letters: Sequence[Message] = (),
+        *,
+        patient: bool = False,
     ) -> bool:
         self.arrived.put_nowait(record_type)
         await self.gate.wait()

@@ -1,14 +1,18 @@
-"""The sink's partitioning: Kafka's murmur2, so Java consumers and producers agree."""
+"""The Kafka sink without a broker: its partitioning (Kafka's murmur2, so Java consumers
+and producers agree), a producer closed without answering, and readiness."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
 from gateway.config import KafkaSettings
+from gateway.errors import KafkaUnavailable
 from gateway.kafka import KafkaSink, murmur2_cached
+from gateway.sink import Message
 
 # The vectors of Kafka's own test of Utils.murmur2 (signed 32-bit results).
 KAFKA_VECTORS = {
@@ -45,3 +49,98 @@ def test_unkeyed_messages_go_round_robin() -> None:
 async def test_a_sink_that_has_not_connected_says_which_kafka_it_waits_for() -> None:
     sink = KafkaSink(KafkaSettings(bootstrap="kafka.invalid:9092"))
     assert await sink.unavailable() == "Kafka at kafka.invalid:9092 is not reachable"
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.records = 0
+
+    def append(self, **_: object) -> object:
+        self.records += 1
+        return object()
+
+    def close(self) -> None:
+        pass
+
+
+class _Node:
+    def __init__(self, node_id: int) -> None:
+        self.nodeId = node_id
+
+
+class StalledProducer:
+    """Just what KafkaSink asks of aiokafka's producer, for a broker that stopped
+    answering: batches are taken and never answered, and stop() never returns."""
+
+    def __init__(self, answering: tuple[int, ...] = (0,), brokers: int = 1) -> None:
+        self.client = self
+        self.cluster = self
+        self._sender = self
+        self.answering = answering
+        self.nodes = [_Node(n) for n in range(brokers)]
+        self.acks: list[asyncio.Future[None]] = []
+        self.handed = asyncio.Event()
+        self.closed = False
+
+    def partitions_for_topic(self, topic: str) -> set[int]:
+        return {0}
+
+    def brokers(self) -> list[_Node]:
+        return self.nodes
+
+    async def ready(self, node_id: int) -> bool:
+        return node_id in self.answering
+
+    def create_batch(self) -> _Builder:
+        return _Builder()
+
+    async def send_batch(self, batch: _Builder, topic: str, partition: int) -> asyncio.Future[None]:
+        ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.acks.append(ack)
+        self.handed.set()
+        return ack
+
+    async def stop(self) -> None:
+        await asyncio.Event().wait()
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def test_batches_of_a_producer_closed_without_answering_fail_and_free_their_bytes() -> None:
+    """A stop that times out cancels the sender, which fails none of its batches: the sink
+    fails them, so their requests end and the partition is not refused for good."""
+    sink = KafkaSink(KafkaSettings(produce_timeout_ms=60_000))
+    stalled = StalledProducer()
+    sink._producer = stalled
+    sending = asyncio.create_task(sink.produce("cafe.activity", [Message(b"s1", b"{}")]))
+    await stalled.handed.wait()
+    assert sink._held_bytes == 2
+    loop = asyncio.get_running_loop()
+    await sink._stop(stalled, loop.time() + 0.05)
+    assert stalled.closed
+    with pytest.raises(KafkaUnavailable, match="closed without an answer"):
+        await asyncio.wait_for(sending, timeout=5)
+    await asyncio.sleep(0)
+    assert sink._held_bytes == 0
+    for batcher in sink._batchers.values():
+        await batcher.close()
+
+
+@pytest.mark.parametrize(
+    ("answering", "brokers", "ready"),
+    [((0,), 1, True), ((0, 1), 3, True), ((2,), 3, False), ((), 3, False), ((0, 1), 4, False)],
+)
+async def test_ready_takes_most_of_the_brokers(
+    answering: tuple[int, ...], brokers: int, ready: bool
+) -> None:
+    """With 3 replicas and min.insync.replicas=2, one broker of three cannot take a write."""
+    sink = KafkaSink(KafkaSettings(bootstrap="k1:9092"))
+    sink._producer = StalledProducer(answering, brokers)
+    reason = await sink.unavailable()
+    assert (reason is None) == ready, reason
+    if not ready and answering:
+        assert reason == (
+            f"only {len(answering)} of the {brokers} Kafka brokers at k1:9092 answer: too few "
+            "for the replicas a write needs"
+        )

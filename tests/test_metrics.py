@@ -30,7 +30,12 @@ class SwitchableSink(MemorySink):
     failing = False
 
     async def send(
-        self, record_type: str, accepted: Sequence[Message], dead_letters: Sequence[Message] = ()
+        self,
+        record_type: str,
+        accepted: Sequence[Message],
+        dead_letters: Sequence[Message] = (),
+        *,
+        patient: bool = False,
     ) -> bool:
         if self.failing:
             raise KafkaUnavailable("Kafka did not acknowledge the records within 5s")

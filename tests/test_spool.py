@@ -4,9 +4,11 @@ client is told, order, replay, restarts, bounds and a disk that fails."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from gateway.app import create_app
 from gateway.config import Settings, SpoolSettings
-from gateway.errors import RecordTooLarge, SpoolFull, SpoolUnavailable
+from gateway.errors import KafkaUnavailable, RecordTooLarge, SpoolFull, SpoolUnavailable
 from gateway.ingest import SPOOLED_HEADER
 from gateway.metrics import Metrics
 from gateway.sink import MemorySink, Message
@@ -42,7 +44,12 @@ class StallingSink(MemorySink):
         self.sends = 0
 
     async def send(
-        self, record_type: str, accepted: Sequence[Message], dead_letters: Sequence[Message] = ()
+        self,
+        record_type: str,
+        accepted: Sequence[Message],
+        dead_letters: Sequence[Message] = (),
+        *,
+        patient: bool = False,
     ) -> bool:
         self.sends += 1
         if self.stalled:
@@ -277,9 +284,12 @@ async def test_a_spool_that_cannot_write_makes_the_gateway_not_ready(
         inner.is_ready = False
         with pytest.raises(SpoolUnavailable):
             await sink.send("activity", [message(2)])
-        # The disk is fixed: the next readiness probe finds it so.
+        # The disk is fixed: the spool tries it every second, and finds it so.
         blocked.unlink()
-        assert await sink.unavailable() is None
+        deadline = time.monotonic() + 5
+        while await sink.unavailable() is not None:
+            assert time.monotonic() < deadline, "the mended disk was not found so"
+            await asyncio.sleep(0.05)
         assert await sink.send("activity", [message(3)]) is True
     finally:
         await sink.close()
@@ -351,11 +361,15 @@ async def test_records_kafka_refuses_for_good_on_replay_are_dropped_and_the_rest
     send = inner.send
 
     async def refuse_poison(
-        record_type: str, accepted: Sequence[Message], dead: Sequence[Message] = ()
+        record_type: str,
+        accepted: Sequence[Message],
+        dead: Sequence[Message] = (),
+        *,
+        patient: bool = False,
     ) -> bool:
         if poison in accepted:
             raise RecordTooLarge("Kafka refused a record as too large for cafe.activity")
-        return await send(record_type, accepted, dead)
+        return await send(record_type, accepted, dead, patient=patient)
 
     inner.send = refuse_poison  # type: ignore[method-assign,assignment]
     with caplog.at_level(logging.ERROR, logger="gateway.spool"):
@@ -401,3 +415,229 @@ async def test_with_its_disk_failing_the_spool_lets_requests_go_to_kafka_ahead_o
         assert b'{"n":2}' in inner.values()
     finally:
         await sink.close()
+
+
+class PartialSink(MemorySink):
+    """A memory sink with faults per topic: `down` topics refuse at once (the others of the
+    send store theirs); on `slow` ones a
+    send is stored only after `ack_after_s`, and one that will not wait so long gives up
+    at `timeout_s` (as the Kafka sink does at the produce timeout), though it is stored."""
+
+    def __init__(self, *, timeout_s: float = 0.05, ack_after_s: float = 0.2) -> None:
+        super().__init__()
+        self.down: set[str] = set()
+        self.slow: set[str] = set()
+        self.timeout_s = timeout_s
+        self.ack_after_s = ack_after_s
+        self.late: set[asyncio.Task[None]] = set()
+
+    async def send(
+        self,
+        record_type: str,
+        accepted: Sequence[Message],
+        dead_letters: Sequence[Message] = (),
+        *,
+        patient: bool = False,
+    ) -> bool:
+        names = self._names
+        parts = [(names.by_record_type()[record_type], accepted), (names.deadletter, dead_letters)]
+        sends = [(topic, messages) for topic, messages in parts if messages]
+        if not self.is_ready:
+            raise KafkaUnavailable("Kafka is down")
+        # As the Kafka sink does, each topic's messages are stored or not on their own.
+        down = [(topic, messages) for topic, messages in sends if topic in self.down]
+        if down:
+            for topic, messages in sends:
+                if topic not in self.down:
+                    self.store(topic, messages)
+            raise KafkaUnavailable(f"{down[0][0]} is down")
+        if any(topic in self.slow for topic, _ in sends):
+            stored = asyncio.create_task(self._store_late(sends))
+            self.late.add(stored)
+            stored.add_done_callback(self.late.discard)
+            if not patient:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.timeout_s):
+                        await asyncio.shield(stored)
+                if not stored.done():
+                    raise KafkaUnavailable("not acknowledged within the produce timeout")
+            await stored
+            return False
+        for topic, messages in sends:
+            self.store(topic, messages)
+        return False
+
+    async def _store_late(self, sends: list[tuple[str, Sequence[Message]]]) -> None:
+        await asyncio.sleep(self.ack_after_s)
+        for topic, messages in sends:
+            self.store(topic, messages)
+
+    def copies(self, topic: str) -> Counter[bytes]:
+        return Counter(message.value for message in self.topics.get(topic, []))
+
+
+async def test_a_topic_down_beside_one_up_neither_repeats_nor_holds_back_the_other(
+    tmp_path: Path,
+) -> None:
+    """Replay sends each part of a window once: the records Kafka took are not sent again
+    while the dead letters of their chunks wait for their topic; and a record type whose
+    topic is up is not held back by one whose topic is down."""
+    inner = PartialSink()
+    sink = SpoolingSink(inner, SETTINGS, tmp_path)
+    await sink.start()
+    try:
+        inner.is_ready = False
+        for n in range(5):
+            assert await sink.send("activity", [message(n)], [message(100 + n)]) is True
+            assert await sink.send("log", [message(200 + n)]) is True
+        assert chunks_in(tmp_path) == 10
+        inner.is_ready = True
+        inner.down = {"cafe.deadletter", "cafe.log"}
+        # The activity records are delivered; their chunks stay for their dead letters,
+        # through several tries (0.25 s, 0.5 s, 1 s apart).
+        await asyncio.sleep(2)
+        assert inner.copies("cafe.activity") == Counter(b'{"n":%d}' % n for n in range(5))
+        assert chunks_in(tmp_path) == 10
+        # The log topic comes back while the dead-letter topic stays down: log is replayed
+        # (it waits for no other type), and its requests go to Kafka first again.
+        inner.down = {"cafe.deadletter"}
+        await until(lambda: sink._queues["log"].chunks == 0)
+        assert await sink.send("log", [message(300)]) is False
+        inner.down = set()
+        await until(lambda: chunks_in(tmp_path) == 0)
+    finally:
+        await sink.close()
+    assert inner.copies("cafe.activity") == Counter(b'{"n":%d}' % n for n in range(5))
+    assert inner.copies("cafe.deadletter") == Counter(b'{"n":%d}' % n for n in range(100, 105))
+    assert inner.copies("cafe.log") == Counter(b'{"n":%d}' % n for n in (*range(200, 205), 300))
+
+
+async def test_a_replay_kafka_acknowledges_after_the_produce_timeout_is_not_sent_again(
+    tmp_path: Path,
+) -> None:
+    """Acknowledgements slower than the produce timeout: each replayed record is stored
+    once, as the replay waits for Kafka's verdict rather than sending again."""
+    inner = PartialSink(timeout_s=0.05, ack_after_s=0.3)
+    sink = SpoolingSink(inner, SETTINGS, tmp_path)
+    await sink.start()
+    try:
+        inner.is_ready = False
+        for n in range(3):
+            assert await sink.send("activity", [message(n)]) is True
+        inner.is_ready = True
+        inner.slow = {"cafe.activity"}
+        await until(lambda: chunks_in(tmp_path) == 0)
+        await asyncio.gather(*inner.late)
+    finally:
+        await sink.close()
+    assert inner.copies("cafe.activity") == Counter(b'{"n":%d}' % n for n in range(3))
+
+
+async def test_with_the_spool_full_a_request_waits_for_kafka_to_its_own_timeout(
+    tmp_path: Path,
+) -> None:
+    """The spool cannot take a request Kafka is slow to acknowledge: it is not answered 503
+    at CAFE_SPOOL_AFTER_MS while Kafka may still store it, but waits for Kafka."""
+    inner = PartialSink(timeout_s=1.0, ack_after_s=0.2)
+    inner.slow = {"cafe.activity"}
+    sink = SpoolingSink(inner, SpoolSettings(after_ms=50, max_bytes=1), tmp_path)
+    await sink.start()
+    try:
+        assert await sink.send("activity", [message(1)]) is False
+        assert inner.copies("cafe.activity") == Counter([b'{"n":1}'])
+        # Past Kafka's own wait, the answer is the spool's refusal.
+        inner.ack_after_s = 5
+        with pytest.raises(SpoolFull):
+            await sink.send("activity", [message(2)])
+    finally:
+        await sink.close()
+
+
+def page_count(db: sqlite3.Connection) -> int:
+    count: int = db.execute("PRAGMA page_count").fetchone()[0]
+    return count
+
+
+async def test_readiness_probes_racing_requests_on_a_full_disk_change_nothing(
+    tmp_path: Path,
+) -> None:
+    """A full disk (SQLite's max_page_count reached: a DELETE of nothing still works, an
+    insert does not): /readyz says not ready for as long as it is full, asking changes
+    nothing, and every request racing the probes is answered, 503, within its bound."""
+    inner = PartialSink()
+    inner.is_ready = False
+    sink = SpoolingSink(inner, SETTINGS, tmp_path)
+    await sink.start()
+    try:
+        limit = await sink._file._run(page_count)
+        await sink._file._run(lambda db: db.execute(f"PRAGMA max_page_count={limit}"))
+        for n in range(30):
+            results = await asyncio.wait_for(
+                asyncio.gather(
+                    sink.unavailable(),
+                    # Larger than a page: it needs pages the file cannot have.
+                    sink.send("activity", [Message(b"s", b"x" * 20_000, HEADERS)]),
+                    sink.unavailable(),
+                    return_exceptions=True,
+                ),
+                timeout=2,
+            )
+            assert isinstance(results[1], SpoolUnavailable), results[1]
+            assert await sink.unavailable() is not None
+            await asyncio.sleep(0.05)
+        assert "cannot be written" in (await sink.unavailable() or "")
+        assert sink._held.chunks == 0 == chunks_in(tmp_path)
+        # Room again: the spool finds it so by itself, and takes the next request.
+        await sink._file._run(lambda db: db.execute("PRAGMA max_page_count=1073741823"))
+        deadline = time.monotonic() + 5
+        while await sink.unavailable() is not None:
+            assert time.monotonic() < deadline, "the disk with room again was not found so"
+            await asyncio.sleep(0.05)
+        assert await sink.send("activity", [message(99)]) is True
+        assert sink._held.chunks == 1 == chunks_in(tmp_path)
+    finally:
+        await sink.close()
+
+
+async def test_after_one_spooled_request_requests_soon_go_to_kafka_first_again(
+    tmp_path: Path,
+) -> None:
+    """One client sending one request after another, behind one spooled request once Kafka
+    is back: the replayer catches up, rather than chase the client's appends."""
+    inner = PartialSink()
+    sink = SpoolingSink(inner, SETTINGS, tmp_path)
+    await sink.start()
+    try:
+        inner.is_ready = False
+        assert await sink.send("activity", [message(0)]) is True
+        inner.is_ready = True
+        back = time.monotonic()
+        n = 1
+        while await sink.send("activity", [message(n)]):
+            assert time.monotonic() - back < 3, f"{n} requests spooled since Kafka came back"
+            n += 1
+    finally:
+        await sink.close()
+    assert inner.copies("cafe.activity") == Counter(b'{"n":%d}' % i for i in range(n + 1))
+
+
+async def test_a_chunk_that_does_not_decode_is_dropped_and_the_replay_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    await spooled_while_kafka_is_down(tmp_path, [message(1)], [message(2)])
+    with sqlite3.connect(tmp_path / "spool-0.sqlite3") as db:
+        first = db.execute("SELECT min(id) FROM chunks").fetchone()[0]
+        db.execute("UPDATE chunks SET payload = ? WHERE id = ?", (b"\xff" * 7, first))
+    inner = PartialSink()
+    metrics = Metrics(CollectorRegistry(), "test")
+    sink = SpoolingSink(inner, SETTINGS, tmp_path, metrics=metrics)
+    with caplog.at_level(logging.ERROR, logger="gateway.spool"):
+        await sink.start()
+        try:
+            await until(lambda: chunks_in(tmp_path) == 0)
+        finally:
+            await sink.close()
+    assert inner.copies("cafe.activity") == Counter([b'{"n":2}'])
+    samples = Samples(generate_latest(metrics.registry).decode())
+    assert samples.value("cafe_spool_records_dropped_total", reason="corrupt") == 1
+    assert "do not decode" in caplog.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,38 @@ async def test_files_left_by_workers_beyond_the_count_are_named_in_an_error(
             await file.close()
     assert "spool-3.sqlite3 belongs to worker 3, and CAFE_WORKERS is 2" in caplog.text
     assert "run with CAFE_WORKERS=4 until it is empty" in caplog.text
+
+
+async def test_a_window_is_deleted_in_one_commit(tmp_path: Path) -> None:
+    """Deleting a window writes a few pages to the log, not a commit (and an fsync) per
+    chunk: 500 chunks wrote 661 log frames one by one, 24 in one transaction."""
+    file = SpoolFile(tmp_path, workers=1)
+    try:
+        await file.insert([(1000.0, "activity", 1, encode(chunk(n))) for n in range(500)])
+        await file._run(lambda db: db.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
+        window = await file.oldest(1 << 30)
+        assert len(window) == 500
+        await file.delete([stored.id for stored in window], empty=False)
+        frames = await file._run(
+            lambda db: db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
+        )
+        assert frames < 50
+        assert await file.totals() == (0, 0, 0, None)
+    finally:
+        await file.close()
+
+
+async def test_a_probe_fails_on_a_disk_too_full_for_a_chunk(tmp_path: Path) -> None:
+    """A probe writes: on a full disk (SQLite's max_page_count reached) it fails as an
+    insert would, where a delete of nothing passes."""
+    file = SpoolFile(tmp_path, workers=1)
+    try:
+        assert await file.totals() == (0, 0, 0, None)  # opened
+        pages = await file._run(lambda db: db.execute("PRAGMA page_count").fetchone()[0])
+        await file._run(lambda db: db.execute(f"PRAGMA max_page_count={pages}"))
+        await file._run(lambda db: db.execute("DELETE FROM chunks WHERE id < 0"))
+        with pytest.raises(sqlite3.OperationalError, match="full"):
+            await file.probe()
+        assert await file.totals() == (0, 0, 0, None)
+    finally:
+        await file.close()
