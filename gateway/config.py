@@ -21,8 +21,9 @@ if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-# CAFE_MAX_QUEUED_BYTES, unset, is this many times CAFE_MAX_INFLIGHT_BYTES: room for the
-# records of requests answered 503 that the sink still delivers, beside those in flight.
+# CAFE_MAX_QUEUED_BYTES, unset, is this many times CAFE_MAX_INFLIGHT_BYTES (and at least
+# CAFE_MAX_BODY_BYTES): room for the records of requests answered 503 that the sink still
+# delivers, beside those in flight.
 _QUEUED_PER_INFLIGHT = 4
 _T = TypeVar("_T")
 _N = TypeVar("_N", int, float)
@@ -204,8 +205,9 @@ class KafkaSettings:
     )
     # Includes records of requests already answered 503 that the sink still delivers.
     # Healthy traffic holds about what the requests in flight carry, so it must be at least
-    # max_inflight_bytes. Unset, from_env makes it _QUEUED_PER_INFLIGHT times that; the
-    # default here is what that gives for the default max_inflight_bytes.
+    # max_inflight_bytes, and at least max_body_bytes (see from_env). Unset, from_env makes
+    # it _QUEUED_PER_INFLIGHT times max_inflight_bytes, or max_body_bytes if that is more;
+    # the default here is what that gives for the defaults.
     max_queued_bytes: int = _var(
         "CAFE_MAX_QUEUED_BYTES",
         32 * 1024 * 1024,
@@ -352,8 +354,17 @@ class Settings:
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         """Read every declared `CAFE_*` variable; unset or blank ones keep their defaults."""
         settings = _read(cls(), env)
+        # One request queues up to max_body_bytes of records (the body is cut there once
+        # decoded, whatever its Content-Encoding, and gateway/ingest.py refuses records
+        # that come to more as stored), and the queue, unlike admission, has no room for
+        # a request alone: a smaller bound would refuse such a request on every try, or,
+        # with the spool on, spool it and then fail to replay it (and all behind it) until
+        # CAFE_SPOOL_MAX_AGE. The in-flight cap needs no such rule: a request alone in
+        # progress is always admitted (gateway/admission.py).
         if not env.get("CAFE_MAX_QUEUED_BYTES", "").strip():
-            queued = _QUEUED_PER_INFLIGHT * settings.max_inflight_bytes
+            queued = max(
+                _QUEUED_PER_INFLIGHT * settings.max_inflight_bytes, settings.max_body_bytes
+            )
             settings = replace(settings, kafka=replace(settings.kafka, max_queued_bytes=queued))
         if settings.workers > 1 and settings.port == 0:
             raise ConfigError(f"CAFE_WORKERS={settings.workers} needs a fixed CAFE_PORT, not 0")
@@ -362,6 +373,12 @@ class Settings:
                 f"CAFE_MAX_QUEUED_BYTES={settings.kafka.max_queued_bytes} is below "
                 f"CAFE_MAX_INFLIGHT_BYTES={settings.max_inflight_bytes}: the requests "
                 "admitted at once could not all be queued"
+            )
+        if settings.kafka.max_queued_bytes < settings.max_body_bytes:
+            raise ConfigError(
+                f"CAFE_MAX_QUEUED_BYTES={settings.kafka.max_queued_bytes} is below "
+                f"CAFE_MAX_BODY_BYTES={settings.max_body_bytes}: a request of the largest "
+                "body would be refused on every try"
             )
         spool = settings.spool
         if spool.dir is not None and spool.after_ms >= settings.kafka.produce_timeout_ms:

@@ -11,7 +11,7 @@ A key's plaintext is shown once, when it is minted, and never stored; a key brou
 from elsewhere (`import_key`) must be strong enough to be kept that way. The gateway
 holds every key of the file in memory as a dict by hash, so finding a key costs one
 SHA-256 and one lookup, and polls the file for changes once a second. It notes which
-keys it admitted and, once a minute, merges when into `<keys file>.last-used.json`.
+keys it admitted and, about once a minute, merges when into `<keys file>.last-used.json`.
 Nothing here knows HTTP: the CLI and the benchmark use this module alone; what a key
 admits is `gateway.auth`.
 """
@@ -21,12 +21,14 @@ from __future__ import annotations
 import asyncio
 import calendar
 import contextlib
+import errno
 import fcntl
 import functools
 import hashlib
 import logging
 import math
 import os
+import random
 import re
 import secrets
 import tempfile
@@ -288,6 +290,11 @@ def read_keys_file(path: Path) -> list[ApiKey]:
         return []
     except OSError as exc:
         raise KeysFileError(f"{path}: {exc.strerror}") from exc
+    return _parse_keys_file(path, raw)
+
+
+def _parse_keys_file(path: Path, raw: bytes) -> list[ApiKey]:
+    """The keys of the file at `path`, read as `raw`; KeysFileError if they are not valid."""
     try:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -335,6 +342,24 @@ def _replace_file(path: Path, doc: object) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    # The rename is on disk only once the directory is: a crash before that could bring
+    # the old file back, and with it a key `keys disable` had disabled.
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Flush `directory`'s entries to disk."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        # Some filesystems (some network and FUSE ones) cannot fsync a directory and say
+        # so with EINVAL; a rename there is as durable as they make it. PostgreSQL
+        # ignores it too (fsync_fname).
+        if exc.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(fd)
 
 
 def update_keys_file(path: Path, change: Callable[[list[ApiKey]], list[ApiKey]]) -> None:
@@ -412,6 +437,8 @@ class KeyStore:
         # When the next active key expires, so the counts above can drop it then.
         self._next_expiry: float | None = None
         self._stamp: tuple[int, int, int] | None = None
+        # The file could not be looked at last time: reported once per outage.
+        self._unreadable = False
         self.used: set[str] = set()
         self._save_failed = False
 
@@ -443,10 +470,29 @@ class KeyStore:
         return self._by_hash.get(hash_key(plaintext))
 
     def reload_if_changed(self) -> bool:
-        """Reload if the file's inode, size or mtime moved; True if a new set is in place."""
+        """Reload if the file's inode, size or mtime moved; True if a new set is in place.
+
+        A file that cannot be looked at (ESTALE, EIO or EACCES while an NFS volume or a
+        Kubernetes Secret is remounted) says nothing about the keys: the last good set
+        stays, and the next call looks again.
+        """
         if self.path is None:
             return False
-        stamp = _file_stamp(self.path)
+        try:
+            stamp = _file_stamp(self.path)
+            changed = stamp is not None and stamp != self._stamp
+            raw = self.path.read_bytes() if changed else b""
+        except OSError as exc:
+            # The stamp is left as it was, so a change made meanwhile is read once the
+            # file can be.
+            if not self._unreadable:
+                log.error("keeping the last good API keys: cannot read %s: %s", self.path, exc)
+                self._count_reload("failed")
+                self._unreadable = True
+            return False
+        if self._unreadable:
+            log.info("can read %s again", self.path)
+            self._unreadable = False
         if stamp == self._stamp:
             return False
         self._stamp = stamp  # a bad file is reported once, not every second
@@ -455,7 +501,7 @@ class KeyStore:
             self._count_reload("failed")
             return False
         try:
-            keys = read_keys_file(self.path)
+            keys = _parse_keys_file(self.path, raw)
         except KeysFileError as exc:
             log.error("keeping the last good API keys: %s", exc)
             self._count_reload("failed")
@@ -497,12 +543,32 @@ class KeyStore:
         Never raises: a keys file on a read-only mount (a Kubernetes Secret) has nowhere
         to keep this, which costs one warning and no request.
         """
+        self._merge_last_used(self._take_used(now))
+
+    async def _save_last_used_in_thread(self) -> None:
+        """`save_last_used`, with the merge on a thread of its own.
+
+        The merge waits for the keys file's lock, which every worker and `keys` command
+        takes, and fsyncs: on the event loop, requests would wait for both.
+        """
+        stamps = self._take_used()
+        if stamps:
+            await asyncio.to_thread(self._merge_last_used, stamps)
+
+    def _take_used(self, now: float | None = None) -> dict[str, str]:
+        """The ids in `used` stamped `now`, and `used` emptied (on the event loop, where
+        requests add to it)."""
         if self.path is None or not self.used:
-            return
+            return {}
         stamp = utc_text(time.time() if now is None else now)
         used, self.used = self.used, set()
+        return dict.fromkeys(used, stamp)
+
+    def _merge_last_used(self, stamps: dict[str, str]) -> None:
+        if self.path is None or not stamps:
+            return
         try:
-            merge_last_used(self.path, dict.fromkeys(used, stamp))
+            merge_last_used(self.path, stamps)
         except OSError as exc:
             if not self._save_failed:
                 log.warning("not keeping when keys were last used (keys last-used file): %s", exc)
@@ -511,21 +577,36 @@ class KeyStore:
     async def watch(self, interval_s: float = 1.0, save_every_s: float = 60.0) -> None:
         """Poll the file forever (a stat per interval), drop keys as they expire, and save
         the keys used every `save_every_s` and when cancelled; cancel to stop."""
-        next_save = time.monotonic() + save_every_s
+        # The first save comes at a random point of the first interval: the workers of a
+        # host start together, and would otherwise all wait for the file's lock at once.
+        next_save = time.monotonic() + random.uniform(0, save_every_s)  # noqa: S311 - no secret
+        failing = False
         try:
             while True:
                 await asyncio.sleep(interval_s)
-                if not self.reload_if_changed():
-                    self.expire_if_due()
-                if time.monotonic() >= next_save:
-                    next_save = time.monotonic() + save_every_s
-                    self.save_last_used()
+                try:
+                    if not self.reload_if_changed():
+                        self.expire_if_due()
+                    if time.monotonic() >= next_save:
+                        next_save = time.monotonic() + save_every_s
+                        await self._save_last_used_in_thread()
+                except Exception:
+                    # A watcher that ended would leave the keys as they are (a `keys
+                    # disable` without effect) until a restart: it logs and goes on, and
+                    # a fault that lasts is logged once, not every second.
+                    if not failing:
+                        log.exception("the API keys watcher failed; it goes on polling")
+                    failing = True
+                else:
+                    failing = False
         finally:
             # At shutdown the watcher is cancelled after the last request is answered.
-            self.save_last_used()
+            await self._save_last_used_in_thread()
 
 
 def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """The file's inode, size and mtime, None if it is missing; OSError if it cannot be
+    looked at."""
     try:
         st = path.stat()
     except FileNotFoundError:

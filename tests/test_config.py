@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.cli import main
 from gateway.config import (
     ConfigError,
     KafkaSettings,
@@ -17,6 +18,8 @@ from gateway.config import (
     TopicSettings,
     declared_variables,
 )
+
+MIB = 1024 * 1024
 
 
 def test_an_empty_environment_gives_the_defaults() -> None:
@@ -155,6 +158,31 @@ def test_the_queue_bound_follows_the_in_flight_cap_unless_set() -> None:
         {"CAFE_MAX_INFLIGHT_BYTES": str(100 * mib), "CAFE_MAX_QUEUED_BYTES": str(150 * mib)}
     )
     assert both.kafka.max_queued_bytes == 150 * mib
+
+
+def test_the_queue_bound_unset_takes_the_largest_body() -> None:
+    # One request queues up to CAFE_MAX_BODY_BYTES, and the queue has no room for a request
+    # alone: below that, a request of the largest body would get 503 on every try.
+    small = Settings.from_env({"CAFE_MAX_INFLIGHT_BYTES": str(MIB)})
+    assert small.kafka.max_queued_bytes == small.max_body_bytes == 10 * MIB
+    large = Settings.from_env({"CAFE_MAX_BODY_BYTES": str(64 * MIB)})
+    assert large.kafka.max_queued_bytes == 64 * MIB
+
+
+def test_a_queue_bound_below_the_largest_body_stops_start_up(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    env = {"CAFE_MAX_INFLIGHT_BYTES": str(MIB), "CAFE_MAX_QUEUED_BYTES": str(4 * MIB)}
+    message = "CAFE_MAX_QUEUED_BYTES=4194304 is below CAFE_MAX_BODY_BYTES=10485760"
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_env(env)
+    both = {**env, "CAFE_MAX_BODY_BYTES": str(4 * MIB)}
+    assert Settings.from_env(both).kafka.max_queued_bytes == 4 * MIB
+    # As every bad setting does: exit status 2, the message on stderr.
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["keys", "--keys-file", str(tmp_path / "keys.json"), "list"]) == 2
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -9,10 +9,14 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from gateway.app import create_app
 from gateway.config import Settings
 from gateway.errors import KafkaUnavailable
+from gateway.ingest import DEAD_LETTER_MAX_BYTES, DEAD_LETTER_MAX_ERROR_CHARS, _dead_letter
+from gateway.kafka import _MAX_MESSAGE_BYTES
+from gateway.schemas import load_record_types
 from gateway.sink import MemorySink, Message
 from tests.conftest import AiohttpClient
 from tests.keys import KeyFile
@@ -296,4 +300,81 @@ async def test_a_client_leaving_mid_body_is_counted_as_an_abort_not_a_server_err
     ]  # fmt: skip
     assert five_hundreds == []
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert gw.sink.topics == {}
+
+
+def _kafka_size(message: Message) -> int:
+    """What `message` weighs as Kafka counts it against its limit (as gateway/kafka.py does)."""
+    size: int = DefaultRecordBatchBuilder.estimate_size_in_bytes(
+        message.key, message.value, message.headers or []
+    )
+    return size
+
+
+def test_the_largest_dead_letter_a_client_can_make_fits_in_a_kafka_message() -> None:
+    # The key: the longest sessionId a key may be, in 4-byte characters. The value: past
+    # its cut. The error: texts as long as a body, of characters JSON writes as 6-byte
+    # escapes. The request's headers as _kafka_headers writes them, at their longest.
+    (activity,) = load_record_types({"activity": "cafe.activity"}, "fastjsonschema").values()
+    session = "\U0010ffff" * activity.max_key_length
+    rec = record("activity", sessionId=session, eventId="\x01" * (DEAD_LETTER_MAX_BYTES // 3))
+    headers = [
+        ("cafe-key-id", b"k_0123456789ab"),
+        ("cafe-client-ip", b"ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"),
+        ("cafe-received-at", b"2026-12-01T00:00:00.000000Z"),
+        ("cafe-request-id", b"r" * 128),
+        ("cafe-schema", b"activity"),
+        ("cafe-schema-version", b"1"),
+    ]
+    text = "\x01" * Settings().max_body_bytes
+    message = _dead_letter(
+        499, rec, headers, "forbidden", [{"pointer": text, "message": text}], activity
+    )
+
+    assert _kafka_size(message) <= _MAX_MESSAGE_BYTES
+    # It is the worst: key kept, value cut, errors cut, each saying so.
+    assert message.key == session.encode()
+    sent = dict(message.headers or ())
+    assert len(message.value) > DEAD_LETTER_MAX_BYTES - 4 and sent["cafe-truncated"] == b"true"
+    cut = "\x01" * DEAD_LETTER_MAX_ERROR_CHARS + f"... (cut from {len(text)} characters)"
+    assert orjson.loads(sent["cafe-errors"]) == [{"pointer": cut, "message": cut}]
+
+
+async def test_a_dead_letter_fits_in_a_kafka_message_whatever_property_names_it_has(
+    aiohttp_client: AiohttpClient, key_file: KeyFile
+) -> None:
+    # The schema's error quotes an unknown property's name: 900 KB, once in the value and
+    # once in the errors header, made a 1,424,691-byte message, which Kafka refused.
+    sink = MemorySink()
+    gw = Gateway(
+        await aiohttp_client(create_app(Settings(keys_file=key_file.path), sink=sink)),
+        sink,
+        key_file,
+    )
+    batch = [record("activity", eventId="good"), {**record("activity"), "p" * 900_000: 1}]
+    status, body, _ = await gw.post("/v1/activity", {"records": batch})
+
+    assert (status, body["accepted"], body["rejected"]) == (207, 1, 1)
+    (rejection,) = body["rejections"]
+    assert (rejection["index"], rejection["reason"]) == (1, "invalid")
+    assert len(gw.produced("cafe.activity")) == 1
+    (dead,) = gw.produced("cafe.deadletter")
+    assert _kafka_size(dead) <= _MAX_MESSAGE_BYTES
+    (error,) = orjson.loads(dict(dead.headers or ())["cafe-errors"])
+    whole = rejection["errors"][0]["message"]  # the answer keeps it whole: the client's own
+    assert error["message"] == (
+        whole[:DEAD_LETTER_MAX_ERROR_CHARS] + f"... (cut from {len(whole)} characters)"
+    )
+
+
+async def test_records_larger_as_stored_than_the_body_limit_are_413(gw: Gateway) -> None:
+    # Re-encoded, 1e15 is 1000000000000000.0: a body under the limit could queue more than
+    # it, past what the queue is held to take (Settings.from_env), and be refused on every
+    # try. The dead letter here is cut to 512 KiB, still twice the limit.
+    numbers = b",".join([b"1e15"] * 50_000)
+    body = b'{"records": [{"n": [' + numbers + b"]}]}"
+    assert len(body) < LIMIT
+    status, got, _ = await gw.post("/v1/log", body)
+    assert (status, got.get("code")) == (413, "payload_too_large")
+    assert got["detail"] == f"the records come to 524288 bytes as stored; the limit is {LIMIT}"
     assert gw.sink.topics == {}

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
+import os
 import random
 import stat
 import string
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,6 +27,7 @@ from gateway.keys import (
     KeysFileError,
     KeyStore,
     NoSuchKey,
+    _keys_file_lock,
     change_key,
     hash_key,
     import_key,
@@ -342,3 +349,188 @@ async def test_a_key_is_refused_from_its_expiry_on_without_a_reload(
     assert resp.status == 200
     samples = Samples(await (await client.get("/metrics")).text())
     assert samples.value("cafe_auth_failures_total", reason="expired") == 1
+
+
+def _failing_stat(path: Path, error: int, times: int) -> tuple[Callable[..., Any], list[int]]:
+    """A Path.stat that raises `error` for `path` the next `times` times, as while an NFS
+    volume or a Kubernetes Secret is remounted; and the count of failures left."""
+    stat_of = Path.stat
+    left = [times]
+
+    def failing(self: Path, **kwargs: Any) -> os.stat_result:
+        if self == path and left[0]:
+            left[0] -= 1
+            raise OSError(error, os.strerror(error), str(path))
+        return stat_of(self, **kwargs)
+
+    return failing, left
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Let the event loop run until `condition` holds; fail if it does not within 2 s."""
+    for _ in range(200):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("not within 2 s")
+
+
+@pytest.mark.parametrize("error", [errno.ESTALE, errno.EIO, errno.EACCES])
+async def test_the_watcher_outlives_a_file_it_cannot_stat(
+    key_file: KeyFile, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, error: int
+) -> None:
+    store = KeyStore(key_file.path)
+    store.load()
+    failing, left = _failing_stat(key_file.path, error, times=5)
+    monkeypatch.setattr(Path, "stat", failing)
+    watcher = asyncio.create_task(store.watch(interval_s=0.01, save_every_s=0.01))
+    try:
+        await _until(lambda: not left[0])
+        store.used.add(key_file.record.id)
+        key_file.disable(key_file.record.id)
+        # The change is in force, and the keys used are still saved.
+        await _until(lambda: not len(store))
+        assert store.lookup(key_file.key) == replace(key_file.record, enabled=False)
+        await _until(lambda: key_file.record.id in read_last_used(key_file.path))
+        assert not watcher.done()
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    # Five failed polls in a row are one outage: one line.
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert errors == [
+        f"keeping the last good API keys: cannot read {key_file.path}: "
+        f"[Errno {error}] {os.strerror(error)}: '{key_file.path}'"
+    ]
+
+
+def test_a_change_the_store_could_not_read_is_read_at_the_next_poll(
+    key_file: KeyFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = KeyStore(key_file.path)
+    store.load()
+    new_key, _ = key_file.add("web")
+    read_bytes = Path.read_bytes
+
+    def fails_once(path: Path) -> bytes:
+        monkeypatch.setattr(Path, "read_bytes", read_bytes)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(Path, "read_bytes", fails_once)
+    assert store.reload_if_changed() is False
+    assert store.lookup(new_key) is None
+    assert store.reload_if_changed() is True
+    assert store.lookup(new_key) is not None
+
+
+async def test_the_watcher_logs_an_unexpected_error_and_goes_on(
+    key_file: KeyFile, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = KeyStore(key_file.path)
+    store.load()
+    faults = [RuntimeError("a bug")] * 3
+
+    def reload_if_changed() -> bool:
+        if faults:
+            raise faults.pop()
+        return KeyStore.reload_if_changed(store)
+
+    monkeypatch.setattr(store, "reload_if_changed", reload_if_changed)
+    watcher = asyncio.create_task(store.watch(interval_s=0.01))
+    try:
+        await _until(lambda: not faults)
+        key_file.disable(key_file.record.id)
+        await _until(lambda: not len(store))
+        assert not watcher.done()
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    (logged,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert logged.getMessage() == "the API keys watcher failed; it goes on polling"
+    assert logged.exc_info is not None and str(logged.exc_info[1]) == "a bug"
+
+
+async def test_the_last_used_merge_leaves_the_event_loop_free(key_file: KeyFile) -> None:
+    # A thread stands in for another process (a worker, a `keys` command) holding the
+    # keys file's lock: the merge waits for it on a thread of its own; the loop answers.
+    store = KeyStore(key_file.path)
+    store.load()
+    store.used.add(key_file.record.id)
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_the_lock() -> None:
+        with _keys_file_lock(key_file.path):
+            locked.set()
+            release.wait(timeout=2.0)
+
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    locked.wait()
+    watcher = asyncio.create_task(store.watch(interval_s=0.01, save_every_s=0.01))
+    try:
+        started = time.monotonic()
+        await asyncio.sleep(0.1)
+        assert time.monotonic() - started < 1.0, "the event loop waited for the lock"
+        assert not store.used and read_last_used(key_file.path) == {}  # the merge waits
+        release.set()
+        await _until(lambda: key_file.record.id in read_last_used(key_file.path))
+    finally:
+        release.set()
+        holder.join()
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+
+
+async def test_each_watcher_saves_first_at_a_random_point_of_the_interval(
+    key_file: KeyFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # So the workers of a host, started together, do not all take the file's lock at once.
+    drawn: list[tuple[float, float]] = []
+
+    def uniform(low: float, high: float) -> float:
+        drawn.append((low, high))
+        return high / 100
+
+    monkeypatch.setattr(random, "uniform", uniform)
+    store = KeyStore(key_file.path)
+    store.load()
+    store.used.add(key_file.record.id)
+    watcher = asyncio.create_task(store.watch(interval_s=0.01, save_every_s=30.0))
+    try:
+        await _until(lambda: key_file.record.id in read_last_used(key_file.path))
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    assert drawn == [(0, 30.0)]
+
+
+def test_a_replaced_file_is_made_durable_by_fsyncing_its_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Until the directory is fsynced, a crash can bring back the file a rename replaced:
+    # a `keys disable` undone.
+    calls: list[tuple[str, object]] = []
+    fsync, rename = os.fsync, os.replace
+
+    def record_fsync(fd: int) -> None:
+        calls.append(("fsync", os.fstat(fd).st_ino))
+        fsync(fd)
+
+    def record_replace(src: str, dst: Path) -> None:
+        calls.append(("replace", Path(dst).name))
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", record_fsync)
+    monkeypatch.setattr(os, "replace", record_replace)
+    path = tmp_path / "keys.json"
+    write_keys_file(path, [mint_key(("web",))[1]])
+    # The new file's data, then the rename, then the directory that holds the name.
+    assert calls == [
+        ("fsync", path.stat().st_ino),
+        ("replace", "keys.json"),
+        ("fsync", tmp_path.stat().st_ino),
+    ]

@@ -395,6 +395,8 @@ async def test_kafka_frozen_for_a_minute_under_retrying_clients_duplicates_no_re
         prefix,
         CAFE_PRODUCE_TIMEOUT_MS=str(FREEZE_PRODUCE_TIMEOUT_MS),
         CAFE_MAX_QUEUED_BYTES=str(MAX_QUEUED_BYTES),
+        # Held to at most the queue's bound (Settings.from_env); the batches are ~10 KiB.
+        CAFE_MAX_BODY_BYTES=str(MAX_QUEUED_BYTES),
     )
     headers = {"x-api-key": key_file.key, "Content-Type": "application/json"}
     tally = Tally()
