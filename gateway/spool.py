@@ -25,6 +25,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from gateway.config import SpoolSettings
 from gateway.errors import GatewayError, SinkUnavailable, SpoolFull, SpoolUnavailable
@@ -38,9 +39,13 @@ log = logging.getLogger(__name__)
 # least one chunk each), shared by the types replaying: large enough that Kafka's batches
 # fill, small enough beside CAFE_MAX_QUEUED_BYTES.
 _WINDOW_BYTES = 4 * 1024 * 1024
-# Replay attempts while Kafka is away back off from the first delay to the last.
+# Replay attempts while Kafka is away back off from the first delay to the last. A try
+# costs little (the Kafka sink refuses at once while it knows Kafka is away; reading a
+# 4 MiB window again, some 16 ms), and the last delay is time lost once Kafka is back.
 _FIRST_RETRY_S = 0.25
-_LAST_RETRY_S = 5.0
+_LAST_RETRY_S = 1.0
+# After the disk failed, or the replay did in an unforeseen way.
+_DISK_RETRY_S = 5.0
 # How often the age of the oldest record is brought up to date, and a broken disk tried.
 _GAUGE_EVERY_S = 1.0
 _MEND_EVERY_S = 1.0
@@ -53,8 +58,8 @@ def _spooled_before(window: list[Stored], moment: float) -> list[Stored]:
     return list(itertools.takewhile(lambda stored: stored.spooled_at < moment, window))
 
 
-def _retrieve(future: asyncio.Future[None]) -> None:
-    """Mark a write's failure as seen: its request may have stopped waiting for it."""
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a failure as seen: a write whose request stopped waiting, a read not needed."""
     if not future.cancelled():
         future.exception()
 
@@ -109,6 +114,9 @@ class _Queue:
     # not sent again. Kept in memory only: after a crash, they are sent once more.
     delivered: dict[int, set[str]] = field(default_factory=dict)
     replayer: asyncio.Task[None] | None = None
+    # The next window, read while the last is with Kafka; the last one's deletion.
+    prefetched: asyncio.Task[list[Stored]] | None = None
+    deleting: asyncio.Task[bool] | None = None
 
 
 class SpoolingSink:
@@ -200,6 +208,10 @@ class SpoolingSink:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        for queue in self._queues.values():
+            self._drop_prefetched(queue)
+            if queue.deleting is not None:  # delivered: deleted, not sent again next time
+                await queue.deleting
         if self._writer is not None:
             await self._writer
         await self.inner.close()
@@ -266,7 +278,8 @@ class SpoolingSink:
             # Kafka acknowledged it just as it was spooled: the spooled copy is a
             # duplicate, and its write need not be awaited.
             return False
-        assert direct.written is not None  # noqa: S101 (TimeoutError: _spool_waiting set it)
+        if direct.written is None:  # never: a wait is ended only once its chunk is queued
+            raise SpoolUnavailable("the records could not be spooled")
         return await self._on_disk(direct.written, arrived)
 
     async def _turn_comes(self, queue: _Queue, deadline: float) -> bool:
@@ -424,17 +437,17 @@ class SpoolingSink:
             except Exception:
                 log.exception("could not replay the spool's %s; trying again", queue.record_type)
                 queue.catching_up = False
-                await asyncio.sleep(_LAST_RETRY_S)
+                await asyncio.sleep(_DISK_RETRY_S)
 
     async def _replay_window(self, queue: _Queue, delay: float) -> float:
-        """Replay one window of `queue`; return the delay before the next try on failure."""
+        """Replay one window of `queue`; return the delay before the next try on failure.
+
+        The file's thread reads the next window, and deletes the last, while this one is
+        with Kafka: one after the other, a replay spent a third of its time on them."""
         await queue.has_chunks.wait()
-        window_bytes = self._window_bytes // max(1, len(self._queues))
-        try:
-            window = await self._file.oldest(window_bytes, queue.record_type)
-        except DISK_ERRORS as exc:
-            self._break(exc)
-            await asyncio.sleep(_LAST_RETRY_S)
+        window = await self._next_window(queue)
+        if window is None:
+            await asyncio.sleep(_DISK_RETRY_S)
             return delay
         if not window:
             # Everything held is still being written: the writer sets the event again.
@@ -442,29 +455,73 @@ class SpoolingSink:
             return delay
         corrupt = [stored for stored in window if stored.corrupt]
         if corrupt:
-            await self._forget(queue, corrupt, "corrupt")
+            await self._forget_or_wait(queue, corrupt, "corrupt")
             return delay
         # Dropped whether Kafka is back or not, so the age bounds the spool in an
         # outage too. Chunks are in the order they were spooled: the expired lead.
         expired = _spooled_before(window, time.time() - self._settings.max_age_seconds)
         if expired:
-            await self._forget(queue, expired, "expired")
+            await self._forget_or_wait(queue, expired, "expired")
             return delay
         queue.oldest_at = window[0].spooled_at
         started = time.perf_counter()
+        queue.prefetched = asyncio.create_task(
+            self._file.oldest(self._window_size(), queue.record_type, after=window[-1].id)
+        )
+        queue.prefetched.add_done_callback(_retrieve)
         try:
             refused = await self._deliver(queue, window)
         except SinkUnavailable:
+            # Read and sent again, less the parts Kafka took.
+            self._drop_prefetched(queue)
             queue.catching_up = False
             await asyncio.sleep(delay)
             return min(delay * 2, _LAST_RETRY_S)
+        except BaseException:
+            self._drop_prefetched(queue)
+            raise
         queue.catching_up = True
         if refused:
-            await self._forget(queue, refused, "refused")
+            await self._forget_or_wait(queue, refused, "refused")
             window = [stored for stored in window if stored not in refused]
         if window:
-            await self._forget(queue, window, took=time.perf_counter() - started)
+            if queue.deleting is not None:
+                await queue.deleting
+            queue.deleting = asyncio.create_task(
+                self._forget(queue, window, took=time.perf_counter() - started)
+            )
         return _FIRST_RETRY_S
+
+    @staticmethod
+    def _drop_prefetched(queue: _Queue) -> None:
+        if queue.prefetched is not None:
+            queue.prefetched.cancel()
+            queue.prefetched = None
+
+    def _window_size(self) -> int:
+        return self._window_bytes // max(1, len(self._queues))
+
+    async def _next_window(self, queue: _Queue) -> list[Stored] | None:
+        """The window read while the last was with Kafka, or else the oldest chunks of the
+        queue; None if the disk fails."""
+        prefetched, queue.prefetched = queue.prefetched, None
+        if prefetched is not None:
+            with contextlib.suppress(*DISK_ERRORS):
+                window = await prefetched
+                if window:
+                    return window
+        # Not a window read before a write the writer has told of since: read again,
+        # once the last window is deleted.
+        if queue.deleting is not None:
+            deleted = await queue.deleting
+            queue.deleting = None
+            if not deleted:
+                return None
+        try:
+            return await self._file.oldest(self._window_size(), queue.record_type)
+        except DISK_ERRORS as exc:
+            self._break(exc)
+            return None
 
     async def _deliver(self, queue: _Queue, window: list[Stored]) -> list[Stored]:
         """Send a window's records and its dead letters, each part not yet acknowledged,
@@ -541,23 +598,26 @@ class SpoolingSink:
         else:
             await self.inner.send(record_type, (), messages, patient=True)
 
+    async def _forget_or_wait(self, queue: _Queue, chunks: list[Stored], dropped: str) -> None:
+        if not await self._forget(queue, chunks, dropped):
+            await asyncio.sleep(_DISK_RETRY_S)
+
     async def _forget(
         self,
         queue: _Queue,
         chunks: list[Stored],
         dropped: str | None = None,
         took: float | None = None,
-    ) -> None:
-        """Delete chunks from the spool: delivered, or `dropped` for that reason."""
+    ) -> bool:
+        """Delete chunks from the spool: delivered, or `dropped` for that reason. False if
+        the disk failed: they are kept, and sent again later (less the parts Kafka took)."""
         held = self._held
         empty = held.chunks == len(chunks)
         try:
             await self._file.delete([stored.id for stored in chunks], empty)
         except DISK_ERRORS as exc:
-            # Kept: sent again later (less the parts Kafka took), not lost.
             self._break(exc)
-            await asyncio.sleep(_LAST_RETRY_S)
-            return
+            return False
         for stored in chunks:
             queue.delivered.pop(stored.id, None)
         records = sum(stored.records for stored in chunks)
@@ -588,6 +648,7 @@ class SpoolingSink:
             if took is not None:
                 self._metrics.spool_replay_rate.set(records / max(took, 1e-6))
         self._update_gauges()
+        return True
 
     async def _keep_gauges(self) -> None:
         while True:

@@ -172,10 +172,12 @@ class SpoolFile:
         """Write chunks as (spooled_at, record_type, records, payload), in one commit."""
         await self._run(_insert, rows)
 
-    async def oldest(self, max_bytes: int, record_type: str | None = None) -> list[Stored]:
-        """The oldest chunks (of `record_type`, if given), up to `max_bytes` of payload (at
-        least one, if any)."""
-        window: list[Stored] = await self._run(_oldest, max_bytes, record_type)
+    async def oldest(
+        self, max_bytes: int, record_type: str | None = None, after: int = 0
+    ) -> list[Stored]:
+        """The oldest chunks (of `record_type`, if given; past chunk `after`), up to
+        `max_bytes` of payload (at least one, if any)."""
+        window: list[Stored] = await self._run(_oldest, max_bytes, record_type, after)
         return window
 
     async def delete(self, ids: list[int], empty: bool) -> None:
@@ -298,15 +300,19 @@ def _transaction(db: sqlite3.Connection) -> Iterator[None]:
     db.execute("COMMIT")
 
 
-def _oldest(db: sqlite3.Connection, max_bytes: int, record_type: str | None) -> list[Stored]:
-    """The oldest chunks, up to `max_bytes` of payload (at least one)."""
+def _oldest(
+    db: sqlite3.Connection, max_bytes: int, record_type: str | None, after: int
+) -> list[Stored]:
+    """The oldest chunks past chunk `after`, up to `max_bytes` of payload (at least one)."""
     window: list[Stored] = []
     size = 0
-    query = "SELECT id, spooled_at, record_type, records, payload FROM chunks"
+    query = "SELECT id, spooled_at, record_type, records, payload FROM chunks WHERE id > ?"
     if record_type is None:
-        rows = db.execute(f"{query} ORDER BY id LIMIT 1000")
+        rows = db.execute(f"{query} ORDER BY id LIMIT 1000", (after,))
     else:
-        rows = db.execute(f"{query} WHERE record_type = ? ORDER BY id LIMIT 1000", (record_type,))
+        rows = db.execute(
+            f"{query} AND record_type = ? ORDER BY id LIMIT 1000", (after, record_type)
+        )
     for ident, spooled_at, kind, records, payload in rows:
         if window and size + len(payload) > max_bytes:
             break
