@@ -173,8 +173,8 @@ class _Batcher:
         """`producer` was closed without answering for its batches: fail those it holds,
         so their requests and the bytes they hold are let go."""
         for batch in self.unsettled:
-            if batch.producer is producer and not batch.acked.done():
-                batch.acked.set_exception(KafkaError("the producer closed without an answer"))
+            if batch.producer is producer:
+                _fail(batch, KafkaError("the producer closed without an answer"))
 
     async def flush(self) -> None:
         """Return once every batch made so far has been handed to the producer."""
@@ -224,10 +224,10 @@ class _Batcher:
                     log.warning(
                         "could not queue a batch for %s-%d: %r", self.topic, self.partition, exc
                     )
-                    batch.acked.set_exception(exc)
+                    _fail(batch, exc)
                 except Exception as exc:
                     log.exception("could not queue a batch for %s-%d", self.topic, self.partition)
-                    batch.acked.set_exception(exc)
+                    _fail(batch, exc)
             self._idle.set()
 
     async def _send(self, batch: _Batch) -> bool:
@@ -252,7 +252,7 @@ class _Batcher:
         if self._open is not None:
             held.append(self._open)
         for waiting in held:
-            waiting.acked.set_exception(gone)
+            _fail(waiting, gone)
         self._idle.set()
         log.info("%s has no partition %d now; stopped batching for it", self.topic, self.partition)
 
@@ -273,6 +273,13 @@ class _Batcher:
         # With idempotence aiokafka retries what can be retried, so a batch that fails
         # was refused for good, and the sequence numbers it was given are spent.
         self._sink.renew(producer, f"{self.topic}-{self.partition}", failure)
+
+
+def _fail(batch: _Batch, error: BaseException) -> None:
+    """Fail a batch's requests, unless it has failed already (a producer closed while
+    the batch was being handed to it, see fail_handed_to)."""
+    if not batch.acked.done():
+        batch.acked.set_exception(error)
 
 
 def _add(batch: Any, message: Message) -> bool:

@@ -173,7 +173,7 @@ class Metrics:
         )
         self.kafka_ready = Gauge(
             "cafe_kafka_ready",
-            "1 while the producer is connected and a broker answers, else 0",
+            "1 while the producer is connected and most of the brokers it knows answer, else 0",
             registry=registry,
             multiprocess_mode="livemin",
         )
@@ -228,7 +228,8 @@ class Metrics:
         self.spool_records_dropped = Counter(
             "cafe_spool_records_dropped",
             "Spooled records deleted without reaching Kafka, by reason: expired (older than "
-            "CAFE_SPOOL_MAX_AGE) or refused (Kafka refuses them for good)",
+            "CAFE_SPOOL_MAX_AGE), refused (Kafka refuses them for good) or corrupt (their "
+            "chunk in the spool file does not decode)",
             ["reason"],
             registry=registry,
         )

@@ -136,9 +136,10 @@ class SpoolingSink:
         self.inner = inner
         self._window_bytes = min(_WINDOW_BYTES, max_window_bytes)
         self._after_s = settings.after_ms / 1000
-        # No request waits longer than Kafka's own wait: past it, a write not yet on disk
-        # is answered 503 too.
-        self._bound_s = max(produce_timeout_s, self._after_s)
+        # The longest a request waits: for its queue to empty (CAFE_SPOOL_AFTER_MS), then
+        # for Kafka (CAFE_PRODUCE_TIMEOUT_MS). Past it, a write not yet on disk is
+        # answered 503 too (a disk that hangs).
+        self._bound_s = self._after_s + produce_timeout_s
         self._settings = settings
         self._metrics = metrics
         self._file = SpoolFile(directory, workers)
@@ -486,7 +487,7 @@ class SpoolingSink:
             window = [stored for stored in window if stored not in refused]
         if window:
             if queue.deleting is not None:
-                await queue.deleting
+                await asyncio.shield(queue.deleting)  # cancelled, the replayer stops it not
             queue.deleting = asyncio.create_task(
                 self._forget(queue, window, took=time.perf_counter() - started)
             )
@@ -513,7 +514,7 @@ class SpoolingSink:
         # Not a window read before a write the writer has told of since: read again,
         # once the last window is deleted.
         if queue.deleting is not None:
-            deleted = await queue.deleting
+            deleted = await asyncio.shield(queue.deleting)
             queue.deleting = None
             if not deleted:
                 return None
