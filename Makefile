@@ -36,7 +36,7 @@ define redis_for_test
 endef
 REDIS_URL := $${CAFE_TEST_REDIS_URL:-redis://127.0.0.1:$(CAFE_REDIS_PORT)/0}
 
-.PHONY: help install run test test-cluster bench loadtest lint fmt kafka-up kafka-down kafka-status \
+.PHONY: help install run test test-cluster test-model bench loadtest lint fmt kafka-up kafka-down kafka-status \
 	redis-up redis-down redis-status lock clean
 
 help: ## list the targets
@@ -68,6 +68,12 @@ test: $(INSTALLED) ## run the whole test suite, integration tests against a real
 
 test-cluster: $(INSTALLED) ## only the tests that start their own 3-broker Kafka cluster (a few minutes)
 	$(BIN)/pytest -m cluster $(PYTEST_ARGS)
+
+MODEL_EXAMPLES ?= 5000
+MODEL_STEPS ?= 50
+test-model: $(INSTALLED) ## the spool's model-based test, long and with new random choices (MODEL_EXAMPLES, MODEL_STEPS)
+	CAFE_MODEL_EXAMPLES=$(MODEL_EXAMPLES) CAFE_MODEL_STEPS=$(MODEL_STEPS) CAFE_MODEL_RANDOM=1 \
+		$(BIN)/pytest tests/test_spool_model.py $(PYTEST_ARGS)
 
 BENCH_SECONDS ?= 10
 WORKERS ?= 1

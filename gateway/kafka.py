@@ -101,7 +101,7 @@ async def _send_batch(
 class _Batch:
     """One record batch of a partition, and the future its requests wait on."""
 
-    __slots__ = ("acked", "builder", "producer", "records", "size")
+    __slots__ = ("ack", "acked", "builder", "failures_seen", "producer", "records", "size")
 
     def __init__(self, builder: Any, acked: asyncio.Future[None]) -> None:
         self.builder = builder
@@ -109,6 +109,8 @@ class _Batch:
         self.records = 0
         self.size = 0  # bytes of record values, as the sink counts what it holds
         self.producer: AIOKafkaProducer | None = None  # the one it was handed to
+        self.ack: asyncio.Future[Any] | None = None  # that producer's verdict on it
+        self.failures_seen = 0  # its partition's failed batches when it was made
 
 
 class _Batcher:
@@ -138,6 +140,9 @@ class _Batcher:
         # Batches made and not yet settled: being filled, waiting, or with aiokafka.
         self.unsettled: set[_Batch] = set()
         self.down = False
+        # The batch handed to a producer last, and how many handed batches have failed.
+        self._last_handed: _Batch | None = None
+        self._failures = 0
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()  # nothing is waiting to be handed over
         self._idle.set()
@@ -173,7 +178,9 @@ class _Batcher:
         """`producer` was closed without answering for its batches: fail those it holds,
         so their requests and the bytes they hold are let go."""
         for batch in self.unsettled:
-            if batch.producer is producer:
+            # One whose verdict came as it closed is settled by that verdict (_settle).
+            answered = batch.ack is not None and batch.ack.done()
+            if batch.producer is producer and not answered:
                 _fail(batch, KafkaError("the producer closed without an answer"))
 
     async def flush(self) -> None:
@@ -190,6 +197,7 @@ class _Batcher:
         # A built batch belongs to no producer until it is handed over, so one made
         # here may go out through a producer that replaces this one.
         batch = _Batch(producer.create_batch(), asyncio.get_running_loop().create_future())
+        batch.failures_seen = self._failures
         self.unsettled.add(batch)
         batch.acked.add_done_callback(functools.partial(self._settled, batch))
         return batch
@@ -197,6 +205,8 @@ class _Batcher:
     def _settled(self, batch: _Batch, acked: asyncio.Future[None]) -> None:
         self.unsettled.discard(batch)
         self._sink.release(batch.size)
+        if batch.producer is not None and (acked.cancelled() or acked.exception() is not None):
+            self._failures += 1
         # Also marks a failure as seen, even if every request waiting on it timed out.
         if not acked.cancelled() and acked.exception() is None and self.down:
             self.down = False
@@ -231,13 +241,26 @@ class _Batcher:
             self._idle.set()
 
     async def _send(self, batch: _Batch) -> bool:
-        """Hand one closed batch to the sink's producer; False if the partition is gone."""
+        """Hand one closed batch to the sink's producer; False if the partition is gone.
+
+        Records of one key keep their order across a producer's renewal: a batch waits
+        for Kafka's verdict on the one handed before it to a producer since replaced (a
+        producer keeps its own batches in order), and fails if one handed before it failed
+        after it was made (it would be stored ahead of that one's records, sent again)."""
         producer = await self._sink.producer_for_batches()
+        last = self._last_handed
+        while last is not None and last.producer is not producer and not last.acked.done():
+            await asyncio.wait([last.acked])
+            producer = await self._sink.producer_for_batches()
+        if self._failures > batch.failures_seen:
+            raise KafkaError(f"an earlier batch for {self.topic}-{self.partition} failed")
         handed_at = time.perf_counter()
         batch.producer = producer
         ack = await _send_batch(producer, batch.builder, self.topic, self.partition)
         if ack is None:
             return False
+        self._last_handed = batch
+        batch.ack = ack
         ack.add_done_callback(functools.partial(self._settle, producer, batch.acked))
         if self._produce_seconds is not None:
             ack.add_done_callback(functools.partial(_observe, self._produce_seconds, handed_at))
@@ -260,6 +283,7 @@ class _Batcher:
         self, producer: AIOKafkaProducer, acked: asyncio.Future[None], ack: asyncio.Future[Any]
     ) -> None:
         """Pass aiokafka's verdict on a batch to the future its requests wait on."""
+        self._sink.answered(producer)
         if acked.done():
             return
         if ack.cancelled():
@@ -373,6 +397,9 @@ class KafkaSink:
         self._renewing: asyncio.Task[None] | None = None
         # Replaced producers delivering what they hold before they close.
         self._retiring: set[asyncio.Task[None]] = set()
+        # When Kafka last answered for a batch of each of them (see _stop).
+        self._answered_at: dict[AIOKafkaProducer, float] = {}
+        self._request_timeout_s = settings.request_timeout_ms / 1000
         self._unkeyed = 0  # round-robin position for messages without a key
         self._batchers: dict[tuple[str, int], _Batcher] = {}
         self._held_bytes = 0  # record values in unsettled batches (see _admit)
@@ -418,15 +445,47 @@ class KafkaSink:
                 dropped,
             )
 
-    async def _stop(self, producer: AIOKafkaProducer, deadline: float | None = None) -> None:
+    async def _stopped(
+        self,
+        producer: AIOKafkaProducer,
+        stopping: asyncio.Future[None],
+        deadline: float,
+        retiring: bool,
+    ) -> bool:
+        """Whether `stopping` ends by `deadline` (or, `retiring`, before Kafka has gone a
+        request timeout without answering for one of the producer's batches)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await asyncio.shield(stopping)
+                return True
+            quiet_until = self._answered_at.get(producer, -1.0) + self._request_timeout_s
+            if not retiring or quiet_until <= loop.time():
+                return False
+            deadline = quiet_until
+
+    def answered(self, producer: AIOKafkaProducer) -> None:
+        """Kafka answered for one of `producer`'s batches (see _stop)."""
+        self._answered_at[producer] = asyncio.get_running_loop().time()
+
+    async def _stop(
+        self, producer: AIOKafkaProducer, deadline: float | None = None, *, retiring: bool = False
+    ) -> None:
         """Deliver what is buffered, until `deadline` (by default for as long as a request
-        would wait for it), then close."""
+        would wait for it), then close. `retiring` (a producer replaced after a refused
+        batch): past `deadline` too, for as long as Kafka answers one of its batches within
+        the request timeout. Its batches to partitions that are only slow may yet be
+        stored; closed with them unanswered, what the spool replays would be sent again."""
         if deadline is None:
             deadline = asyncio.get_running_loop().time() + self._settings.produce_timeout_ms / 1000
+        stopping = asyncio.ensure_future(producer.stop())
         try:
-            async with asyncio.timeout_at(deadline):
-                await producer.stop()
-        except TimeoutError:
+            if await self._stopped(producer, stopping, deadline, retiring):
+                return
+            stopping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stopping
             # With idempotence aiokafka retries a batch until a broker takes it, so stop()
             # would wait forever for a cluster that is gone. The requests these records
             # came with have already been answered 503, so nothing acknowledged is lost.
@@ -445,6 +504,8 @@ class KafkaSink:
             # wait and their bytes stay held, refusing the partition for good.
             for batcher in list(self._batchers.values()):
                 batcher.fail_handed_to(producer)
+        finally:
+            self._answered_at.pop(producer, None)
 
     async def unavailable(self) -> str | None:
         answering, known = await self._brokers_answering()
@@ -680,7 +741,7 @@ class KafkaSink:
     async def _renew(self, old: AIOKafkaProducer) -> None:
         self._producer = await self._started_producer()
         self._renewing = None
-        retiring = asyncio.create_task(self._stop(old), name="kafka-retire")
+        retiring = asyncio.create_task(self._stop(old, retiring=True), name="kafka-retire")
         self._retiring.add(retiring)
         retiring.add_done_callback(self._retiring.discard)
 

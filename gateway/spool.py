@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -69,10 +70,11 @@ class _Direct:
     """A request whose records are with Kafka, waiting for its acknowledgement."""
 
     chunk: Chunk
-    wait: asyncio.Timeout  # its wait for Kafka, ended early once its records are spooled
+    wait: asyncio.Timeout  # its wait for Kafka, ended early once its records are on disk
     # Set when its records are queued for the spool: done once they are on disk.
     written: asyncio.Future[None] | None = None
     refused: SinkUnavailable | None = None  # the spool could not take them either
+    waiting: bool = True  # still within `wait`
 
 
 @dataclass
@@ -261,20 +263,21 @@ class SpoolingSink:
         # the end of its wait would be spooled at once, and stored twice.
         arrival = self._arrivals = self._arrivals + 1
         direct = self._direct[arrival] = _Direct(chunk, asyncio.timeout(None))
-        late = loop.call_later(self._after_s, self._spool_waiting, direct, True)
+        late = loop.call_later(self._after_s, self._spool_waiting, direct)
         acknowledged = False
         try:
             async with direct.wait:
                 await self.inner.send(record_type, accepted, dead_letters)
             acknowledged = True
         except TimeoutError:
-            pass  # spooled (_spool_waiting ended the wait)
+            pass  # on disk (_on_written ended the wait)
         except SinkUnavailable as exc:
             # Refused at once, or Kafka's own wait ran out while the spool refused them.
-            self._spool_waiting(direct, False)
+            self._spool_waiting(direct)
             if direct.written is None:
                 raise direct.refused or exc from None
         finally:
+            direct.waiting = False
             late.cancel()
             del self._direct[arrival]
         if acknowledged:
@@ -311,17 +314,16 @@ class SpoolingSink:
             ) from None
         return True
 
-    def _spool_waiting(self, over: _Direct, its_time_is_up: bool) -> None:
+    def _spool_waiting(self, over: _Direct) -> None:
         """Kafka has not acknowledged a request in time, or refused it: spool it and every
         request of its type still waiting, in the order they came, so none is overtaken by
-        one spooled after it, and end their waits (`over`'s too, when `its_time_is_up`:
-        else it has ended already). Their records may still reach Kafka from
-        the batches they are in, and again from the spool: at most two copies.
+        one spooled after it. Their waits for Kafka end once their records are on disk
+        (_on_written). Their records may still reach Kafka from the batches they are in,
+        and again from the spool: at most two copies.
 
         A request the spool cannot take (full, or its disk fails) keeps waiting for Kafka,
         to its own produce timeout: Kafka may yet store it, and a 503 now would only bring
         a retry and a second copy."""
-        now = asyncio.get_running_loop().time()
         record_type = over.chunk.record_type
         for direct in self._direct.values():
             if direct.written is not None or direct.chunk.record_type != record_type:
@@ -331,8 +333,15 @@ class SpoolingSink:
             except SinkUnavailable as exc:
                 direct.refused = exc
                 continue
-            if (direct is not over or its_time_is_up) and not direct.wait.expired():
-                direct.wait.reschedule(now)
+            direct.written.add_done_callback(functools.partial(self._on_written, direct))
+
+    @staticmethod
+    def _on_written(direct: _Direct, written: asyncio.Future[None]) -> None:
+        """A waiting request's records are on disk: its wait for Kafka is over. If the
+        write failed, it goes on waiting for Kafka."""
+        on_disk = not written.cancelled() and written.exception() is None
+        if on_disk and direct.waiting and not direct.wait.expired():
+            direct.wait.reschedule(asyncio.get_running_loop().time())
 
     def _append(self, chunk: Chunk) -> asyncio.Future[None]:
         """Queue a chunk for the next group commit; the future is done once it is on disk."""

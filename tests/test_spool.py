@@ -571,7 +571,7 @@ async def test_readiness_probes_racing_requests_on_a_full_disk_change_nothing(
     try:
         limit = await sink._file._run(page_count)
         await sink._file._run(lambda db: db.execute(f"PRAGMA max_page_count={limit}"))
-        for n in range(30):
+        for _ in range(30):
             results = await asyncio.wait_for(
                 asyncio.gather(
                     sink.unavailable(),
