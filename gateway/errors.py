@@ -243,6 +243,9 @@ class SinkUnavailable(GatewayError):
 
     status = 503
     retry_after = 1
+    # Where known, which of the messages sent the store did take (the spool's replay
+    # sends only the others again).
+    stored: tuple[bool, ...] | None = None
 
 
 class KafkaUnavailable(SinkUnavailable):

@@ -205,7 +205,7 @@ class _Batcher:
     def _settled(self, batch: _Batch, acked: asyncio.Future[None]) -> None:
         self.unsettled.discard(batch)
         self._sink.release(batch.size)
-        if batch.producer is not None and (acked.cancelled() or acked.exception() is not None):
+        if batch.producer is not None and _failed(acked):
             self._failures += 1
         # Also marks a failure as seen, even if every request waiting on it timed out.
         if not acked.cancelled() and acked.exception() is None and self.down:
@@ -243,16 +243,17 @@ class _Batcher:
     async def _send(self, batch: _Batch) -> bool:
         """Hand one closed batch to the sink's producer; False if the partition is gone.
 
-        Records of one key keep their order across a producer's renewal: a batch waits
-        for Kafka's verdict on the one handed before it to a producer since replaced (a
-        producer keeps its own batches in order), and fails if one handed before it failed
-        after it was made (it would be stored ahead of that one's records, sent again)."""
+        Records of one key keep their order across a producer's renewal, as one producer
+        keeps them (its batch after one that failed fails too): a batch waits for Kafka's
+        verdict on the one handed before it to a producer since replaced, and fails if
+        that one failed after it was made (it would be stored ahead of that one's records,
+        sent again)."""
         producer = await self._sink.producer_for_batches()
         last = self._last_handed
         while last is not None and last.producer is not producer and not last.acked.done():
             await asyncio.wait([last.acked])
             producer = await self._sink.producer_for_batches()
-        if self._failures > batch.failures_seen:
+        if last is not None and _failed(last.acked) and self._failures > batch.failures_seen:
             raise KafkaError(f"an earlier batch for {self.topic}-{self.partition} failed")
         handed_at = time.perf_counter()
         batch.producer = producer
@@ -297,6 +298,10 @@ class _Batcher:
         # With idempotence aiokafka retries what can be retried, so a batch that fails
         # was refused for good, and the sequence numbers it was given are spent.
         self._sink.renew(producer, f"{self.topic}-{self.partition}", failure)
+
+
+def _failed(future: asyncio.Future[Any]) -> bool:
+    return future.done() and (future.cancelled() or future.exception() is not None)
 
 
 def _fail(batch: _Batch, error: BaseException) -> None:
@@ -599,6 +604,7 @@ class KafkaSink:
         timeout_s = self._settings.produce_timeout_ms / 1000
         deadline = None if patient else asyncio.get_running_loop().time() + timeout_s
         acks: dict[asyncio.Future[None], _Batcher] = {}
+        appended: list[asyncio.Future[None]] = []  # each message's batch's future
         try:
             # As in _send_batch: known metadata without an await, else the public way.
             partitions = producer.client.cluster.partitions_for_topic(topic)
@@ -611,8 +617,11 @@ class KafkaSink:
             ]
             self._admit(topic, messages, batchers)
             # Appended in order, so one key's messages keep their order.
-            for batcher, message in zip(batchers, messages, strict=True):
-                acks[batcher.append(producer, message)] = batcher
+            appended = [
+                batcher.append(producer, message)
+                for batcher, message in zip(batchers, messages, strict=True)
+            ]
+            acks = dict(zip(appended, batchers, strict=True))
             await _wait_all(acks, deadline)
             for ack in acks:
                 failure = ack.exception()
@@ -633,7 +642,13 @@ class KafkaSink:
         except KafkaError as exc:
             # aiokafka's error classes are a fixed set: a bounded label.
             self._count_error(type(exc).__name__)
-            raise KafkaUnavailable(f"Kafka did not acknowledge the records: {exc}") from exc
+            error = KafkaUnavailable(f"Kafka did not acknowledge the records: {exc}")
+            if patient and appended:
+                # All settled: which messages Kafka took. Batches of one partition after
+                # one that failed fail too (_Batcher._send), so those are a prefix of
+                # each key's messages, and the others can be sent again in order.
+                error.stored = tuple(not _failed(ack) for ack in appended)
+            raise error from exc
 
     def _admit(self, topic: str, messages: Sequence[Message], batchers: Sequence[_Batcher]) -> None:
         """Refuse the request (503) before anything of it is queued, if the sink holds

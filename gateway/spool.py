@@ -52,6 +52,8 @@ _GAUGE_EVERY_S = 1.0
 _MEND_EVERY_S = 1.0
 # The two parts of a chunk, each delivered to a topic of its own.
 _RECORDS, _DEAD_LETTERS = "records", "dead letters"
+# A message of a replayed window: its chunk's id, its place in its part, itself.
+_Message = tuple[int, int, Message]
 
 
 def _spooled_before(window: list[Stored], moment: float) -> list[Stored]:
@@ -112,9 +114,9 @@ class _Queue:
     emptied: asyncio.Event = field(default_factory=asyncio.Event)
     # Kafka acknowledged the last window: requests wait for the queue before joining it.
     catching_up: bool = False
-    # The parts of chunks Kafka has acknowledged while others of their window were not:
-    # not sent again. Kept in memory only: after a crash, they are sent once more.
-    delivered: dict[int, set[str]] = field(default_factory=dict)
+    # The messages, by chunk and part, Kafka has acknowledged while others of their window
+    # were not: not sent again. Kept in memory only: after a crash, sent once more.
+    delivered: dict[tuple[int, str], set[int]] = field(default_factory=dict)
     replayer: asyncio.Task[None] | None = None
     # The next window, read while the last is with Kafka; the last one's deletion.
     prefetched: asyncio.Task[list[Stored]] | None = None
@@ -538,25 +540,30 @@ class SpoolingSink:
             return None
 
     async def _deliver(self, queue: _Queue, window: list[Stored]) -> list[Stored]:
-        """Send a window's records and its dead letters, each part not yet acknowledged,
-        waiting for Kafka's verdict however long it takes (a send given up on may still be
-        stored; sent again, it would be stored twice). Return the chunks Kafka refuses for
-        good. Raise SinkUnavailable if Kafka did not take every other part: the window is
-        sent again later, less the parts it took."""
-        parts = {_RECORDS: self._undelivered(queue, window, _RECORDS)}
-        parts[_DEAD_LETTERS] = self._undelivered(queue, window, _DEAD_LETTERS)
-        sends = {part: chunks for part, chunks in parts.items() if chunks}
+        """Send a window's records and its dead letters, each message Kafka has not yet
+        acknowledged, waiting for Kafka's verdict however long it takes (a send given up
+        on may still be stored; sent again, it would be stored twice). Return the chunks
+        Kafka refuses for good. Raise SinkUnavailable if Kafka did not take every other
+        message: the window is sent again later, less the messages it took."""
+        sends = {
+            part: pending
+            for part in (_RECORDS, _DEAD_LETTERS)
+            if (pending := self._pending(queue, window, part))
+        }
         results = await asyncio.gather(
-            *(self._send_part(queue.record_type, part, chunks) for part, chunks in sends.items()),
+            *(self._send_part(queue.record_type, part, p) for part, p in sends.items()),
             return_exceptions=True,
         )
+        if all(result is None for result in results):
+            return []
         unavailable: SinkUnavailable | None = None
         refused_parts = []
-        for (part, chunks), result in zip(sends.items(), results, strict=True):
+        for (part, pending), result in zip(sends.items(), results, strict=True):
             if result is None:
-                self._mark_delivered(queue, chunks, part)
+                self._mark_delivered(queue, part, pending)
             elif isinstance(result, SinkUnavailable):
                 unavailable = result
+                self._mark_delivered(queue, part, pending, result.stored)
             elif isinstance(result, GatewayError):
                 refused_parts.append(part)
             else:
@@ -565,12 +572,16 @@ class SpoolingSink:
             raise unavailable
         # Kafka refused a record for good (a topic whose own size limit is below the
         # gateway's). Sent one chunk at a time, the chunks that hold none are kept.
-        refused = []
+        refused: list[Stored] = []
         for part in refused_parts:
-            for stored in sends[part]:
+            for stored in window:
+                pending = self._pending(queue, [stored], part)
+                if not pending:
+                    continue
                 try:
-                    await self._send_part(queue.record_type, part, [stored])
-                except SinkUnavailable:
+                    await self._send_part(queue.record_type, part, pending)
+                except SinkUnavailable as exc:
+                    self._mark_delivered(queue, part, pending, exc.stored)
                     raise
                 except GatewayError as exc:
                     log.error(
@@ -579,34 +590,37 @@ class SpoolingSink:
                         queue.record_type,
                         exc,
                     )
-                    refused.append(stored)
+                    if stored not in refused:
+                        refused.append(stored)
                 else:
-                    self._mark_delivered(queue, [stored], part)
+                    self._mark_delivered(queue, part, pending)
         return refused
 
     @staticmethod
-    def _undelivered(queue: _Queue, window: list[Stored], part: str) -> list[Stored]:
-        """The chunks of `window` with messages in `part` Kafka has not acknowledged."""
-        return [
-            stored
-            for stored in window
-            if (stored.chunk.accepted if part == _RECORDS else stored.chunk.dead_letters)
-            and part not in queue.delivered.get(stored.id, ())
-        ]
+    def _pending(queue: _Queue, window: list[Stored], part: str) -> list[_Message]:
+        """The messages of `part` in `window` Kafka has not acknowledged, in order."""
+        pending = []
+        for stored in window:
+            messages = stored.chunk.accepted if part == _RECORDS else stored.chunk.dead_letters
+            done = queue.delivered.get((stored.id, part), ())
+            pending += [(stored.id, i, m) for i, m in enumerate(messages) if i not in done]
+        return pending
 
     @staticmethod
-    def _mark_delivered(queue: _Queue, chunks: list[Stored], part: str) -> None:
-        for stored in chunks:
-            queue.delivered.setdefault(stored.id, set()).add(part)
+    def _mark_delivered(
+        queue: _Queue, part: str, sent: list[_Message], stored: Sequence[bool] | None = ()
+    ) -> None:
+        """Note which of `sent` Kafka took: all of them (`stored` empty), or those
+        `stored` says (None: none known)."""
+        if stored is None:
+            return
+        flags = stored or itertools.repeat(True)
+        for (chunk_id, index, _), took in zip(sent, flags, strict=False):
+            if took:
+                queue.delivered.setdefault((chunk_id, part), set()).add(index)
 
-    async def _send_part(self, record_type: str, part: str, chunks: list[Stored]) -> None:
-        messages = [
-            message
-            for stored in chunks
-            for message in (
-                stored.chunk.accepted if part == _RECORDS else stored.chunk.dead_letters
-            )
-        ]
+    async def _send_part(self, record_type: str, part: str, pending: list[_Message]) -> None:
+        messages = [message for _, _, message in pending]
         if part == _RECORDS:
             await self.inner.send(record_type, messages, (), patient=True)
         else:
@@ -633,7 +647,8 @@ class SpoolingSink:
             self._break(exc)
             return False
         for stored in chunks:
-            queue.delivered.pop(stored.id, None)
+            queue.delivered.pop((stored.id, _RECORDS), None)
+            queue.delivered.pop((stored.id, _DEAD_LETTERS), None)
         records = sum(stored.records for stored in chunks)
         self._take_away(queue, len(chunks), records, sum(stored.size for stored in chunks))
         held.full = False
