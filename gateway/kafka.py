@@ -217,6 +217,14 @@ class _Batcher:
             await self._wake.wait()
             self._wake.clear()
             while True:
+                # One batch of the partition with Kafka at a time, as aiokafka sends them
+                # anyway: were the next one queued behind it, aiokafka could store it after
+                # this one failed (a batch that expires unsent leaves the next its turn),
+                # and the records sent again would come after it. Records meanwhile fill
+                # the open batch.
+                last = self._last_handed
+                if last is not None and not last.acked.done():
+                    await asyncio.wait([last.acked])
                 if self._ready:
                     batch = self._ready.popleft()
                 elif self._open is not None:
@@ -243,16 +251,12 @@ class _Batcher:
     async def _send(self, batch: _Batch) -> bool:
         """Hand one closed batch to the sink's producer; False if the partition is gone.
 
-        Records of one key keep their order across a producer's renewal, as one producer
-        keeps them (its batch after one that failed fails too): a batch waits for Kafka's
-        verdict on the one handed before it to a producer since replaced, and fails if
-        that one failed after it was made (it would be stored ahead of that one's records,
-        sent again)."""
+        The one handed before it has its verdict (_hand_over). If that one failed after
+        this one was made, this one fails too: stored, it would be ahead of the failed
+        one's records, sent again. So of one key's records, what Kafka stores of a send is
+        the first ones, and what a client or the spool sends again keeps their order."""
         producer = await self._sink.producer_for_batches()
         last = self._last_handed
-        while last is not None and last.producer is not producer and not last.acked.done():
-            await asyncio.wait([last.acked])
-            producer = await self._sink.producer_for_batches()
         if last is not None and _failed(last.acked) and self._failures > batch.failures_seen:
             raise KafkaError(f"an earlier batch for {self.topic}-{self.partition} failed")
         handed_at = time.perf_counter()

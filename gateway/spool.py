@@ -645,6 +645,11 @@ class SpoolingSink:
             await self._file.delete([stored.id for stored in chunks], empty)
         except DISK_ERRORS as exc:
             self._break(exc)
+            if dropped is None:  # delivered: read again, they are not sent again
+                for stored in chunks:
+                    for part in (_RECORDS, _DEAD_LETTERS):
+                        sent = self._pending(queue, [stored], part)
+                        self._mark_delivered(queue, part, sent)
             return False
         for stored in chunks:
             queue.delivered.pop((stored.id, _RECORDS), None)
