@@ -207,6 +207,8 @@ class _Batcher:
         self._sink.release(batch.size)
         if batch.producer is not None and _failed(acked):
             self._failures += 1
+        if batch is self._last_handed:
+            self._wake.set()  # the next batch's turn
         # Also marks a failure as seen, even if every request waiting on it timed out.
         if not acked.cancelled() and acked.exception() is None and self.down:
             self.down = False
@@ -221,10 +223,10 @@ class _Batcher:
                 # anyway: were the next one queued behind it, aiokafka could store it after
                 # this one failed (a batch that expires unsent leaves the next its turn),
                 # and the records sent again would come after it. Records meanwhile fill
-                # the open batch.
+                # the open batch. (_settled wakes this loop.)
                 last = self._last_handed
                 if last is not None and not last.acked.done():
-                    await asyncio.wait([last.acked])
+                    break
                 if self._ready:
                     batch = self._ready.popleft()
                 elif self._open is not None:
@@ -246,7 +248,8 @@ class _Batcher:
                 except Exception as exc:
                     log.exception("could not queue a batch for %s-%d", self.topic, self.partition)
                     _fail(batch, exc)
-            self._idle.set()
+            if not self._ready and self._open is None:
+                self._idle.set()
 
     async def _send(self, batch: _Batch) -> bool:
         """Hand one closed batch to the sink's producer; False if the partition is gone.
