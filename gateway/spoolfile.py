@@ -105,31 +105,33 @@ def _encode_headers(headers: Sequence[tuple[str, bytes]]) -> bytes:
 
 
 def decode(record_type: str, payload: bytes) -> Chunk:
-    """The chunk `encode` made `payload` from."""
-    view = memoryview(payload)
-    (count,), at = _COUNT.unpack_from(view), _COUNT.size
+    """The chunk `encode` made `payload` from. (The replay reads every record through
+    this loop: slices of `payload` and the struct's bound method cost a quarter less than
+    a memoryview's.)"""
+    (count,), at = _COUNT.unpack_from(payload), _COUNT.size
     lists: list[list[tuple[str, bytes]] | None] = []
     for _ in range(count):
-        (headers,), at = _COUNT.unpack_from(view, at), at + _COUNT.size
+        (headers,), at = _COUNT.unpack_from(payload, at), at + _COUNT.size
         pairs = []
         for _ in range(headers):
-            name_size, value_size = _HEADER.unpack_from(view, at)
+            name_size, value_size = _HEADER.unpack_from(payload, at)
             at += _HEADER.size
-            name = bytes(view[at : at + name_size]).decode()
+            name = payload[at : at + name_size].decode()
             at += name_size
-            pairs.append((name, bytes(view[at : at + value_size])))
+            pairs.append((name, payload[at : at + value_size]))
             at += value_size
         lists.append(pairs or None)
     accepted: list[Message] = []
     dead_letters: list[Message] = []
-    while at < len(view):
-        dead, key_size, value_size, place = _MESSAGE.unpack_from(view, at)
-        at += _MESSAGE.size
+    unpack, size, end = _MESSAGE.unpack_from, _MESSAGE.size, len(payload)
+    while at < end:
+        dead, key_size, value_size, place = unpack(payload, at)
+        at += size
         key = None
         if key_size >= 0:
-            key = bytes(view[at : at + key_size])
+            key = payload[at : at + key_size]
             at += key_size
-        value = bytes(view[at : at + value_size])
+        value = payload[at : at + value_size]
         at += value_size
         (dead_letters if dead else accepted).append(Message(key, value, lists[place]))
     return Chunk(record_type, accepted, dead_letters)
@@ -213,6 +215,13 @@ class SpoolFile:
         # is answered (NORMAL survives a crash of the process, not of the machine).
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
+        # Debian's SQLite (and others') is built to zero every page a DELETE frees, so
+        # deleting a replayed window wrote as much as spooling it had: 0.26 s against
+        # 0.04 s for 120,000 records, and the replay's deletes took a fifth of the spool
+        # thread's time. FAST zeroes only what is written anyway. A deleted record may so
+        # stay in a free page until the page is reused or the spool empties (the file
+        # then shrinks); the WAL held it as long in either mode.
+        db.execute("PRAGMA secure_delete=FAST")
         db.execute(
             "CREATE TABLE IF NOT EXISTS chunks (id INTEGER PRIMARY KEY AUTOINCREMENT, "
             "spooled_at REAL NOT NULL, record_type TEXT NOT NULL, records INTEGER NOT NULL, "
