@@ -149,17 +149,23 @@ class _Batcher:
         self._task = asyncio.create_task(self._hand_over(), name=f"batches-{topic}-{partition}")
 
     def append(self, producer: AIOKafkaProducer, message: Message) -> asyncio.Future[None]:
-        """Add a message to the open batch; returns that batch's ack future."""
-        if self._open is None or not _add(self._open.builder, message):
-            if self._open is not None:
-                self._ready.append(self._open)  # full: it goes as it is
-            self._open = self._new_batch(producer)
-            _add(self._open.builder, message)  # an empty batch always takes a record
-        self._open.records += 1
-        self._open.size += len(message.value)
+        """Add a message to the open batch; returns that batch's ack future. The caller
+        wakes the batcher once it has added what it sends (a replayed window holds
+        thousands of messages for a few partitions)."""
+        batch = self._open
+        if batch is None or not _add(batch.builder, message):
+            if batch is not None:
+                self._ready.append(batch)  # full: it goes as it is
+            batch = self._open = self._new_batch(producer)
+            _add(batch.builder, message)  # an empty batch always takes a record
+        batch.records += 1
+        batch.size += len(message.value)
+        return batch.acked
+
+    def wake(self) -> None:
+        """Messages were appended: hand over what is ready."""
         self._idle.clear()
         self._wake.set()
-        return self._open.acked
 
     def admits(self, renewing: bool) -> bool:
         """Whether records for this partition may be queued now."""
@@ -618,16 +624,17 @@ class KafkaSink:
             if not partitions:
                 async with asyncio.timeout_at(deadline):
                     partitions = await producer.partitions_for(topic)
-            batchers = [
-                self._batcher(topic, self._partition(message.key, len(partitions)))
-                for message in messages
-            ]
-            self._admit(topic, messages, batchers)
-            # Appended in order, so one key's messages keep their order.
-            appended = [
-                batcher.append(producer, message)
-                for batcher, message in zip(batchers, messages, strict=True)
-            ]
+            batchers, distinct = self._batchers_for(topic, messages, len(partitions))
+            self._admit(topic, messages, distinct)
+            try:
+                # Appended in order, so one key's messages keep their order.
+                appended = [
+                    batcher.append(producer, message)
+                    for batcher, message in zip(batchers, messages, strict=True)
+                ]
+            finally:
+                for batcher in distinct:
+                    batcher.wake()
             acks = dict(zip(appended, batchers, strict=True))
             await _wait_all(acks, deadline)
             for ack in acks:
@@ -657,7 +664,26 @@ class KafkaSink:
                 error.stored = tuple(not _failed(ack) for ack in appended)
             raise error from exc
 
-    def _admit(self, topic: str, messages: Sequence[Message], batchers: Sequence[_Batcher]) -> None:
+    def _batchers_for(
+        self, topic: str, messages: Sequence[Message], partitions: int
+    ) -> tuple[list[_Batcher], set[_Batcher]]:
+        """Each message's batcher, and the distinct ones. A request's records mostly share
+        one session's key, and a replayed window is a run of such requests: a key like
+        the one before it is not looked up again."""
+        batchers: list[_Batcher] = []
+        distinct: set[_Batcher] = set()
+        batcher: _Batcher | None = None
+        last: bytes | None = None
+        for message in messages:
+            key = message.key
+            if batcher is None or key is None or key != last:
+                batcher = self._batcher(topic, self._partition(key, partitions))
+                distinct.add(batcher)
+                last = key
+            batchers.append(batcher)
+        return batchers, distinct
+
+    def _admit(self, topic: str, messages: Sequence[Message], batchers: set[_Batcher]) -> None:
         """Refuse the request (503) before anything of it is queued, if the sink holds
         too much already or a partition it writes to is down; else count its bytes held.
 
@@ -674,7 +700,7 @@ class KafkaSink:
             )
         if self._down:
             renewing = self._renewing is not None
-            if not all(batcher.admits(renewing) for batcher in set(batchers)):
+            if not all(batcher.admits(renewing) for batcher in batchers):
                 self._refuse(topic, len(messages), "kafka_down")
                 self._refused_while_down += len(messages)
                 raise KafkaUnavailable(f"Kafka is not acknowledging records for {topic} now")

@@ -52,8 +52,6 @@ _GAUGE_EVERY_S = 1.0
 _MEND_EVERY_S = 1.0
 # The two parts of a chunk, each delivered to a topic of its own.
 _RECORDS, _DEAD_LETTERS = "records", "dead letters"
-# A message of a replayed window: its chunk's id, its place in its part, itself.
-_Message = tuple[int, int, Message]
 
 
 def _spooled_before(window: list[Stored], moment: float) -> list[Stored]:
@@ -88,6 +86,16 @@ class _Pending:
     records: int
     payload: bytes
     written: asyncio.Future[None]
+
+
+@dataclass
+class _Unsent:
+    """The messages of one part of a replayed window that Kafka has not acknowledged:
+    what one send carries. `places` says where they sit in their chunks' parts."""
+
+    part: str
+    messages: list[Message] = field(default_factory=list)
+    places: list[tuple[int, Sequence[int]]] = field(default_factory=list)  # by chunk id
 
 
 @dataclass
@@ -545,27 +553,28 @@ class SpoolingSink:
         on may still be stored; sent again, it would be stored twice). Return the chunks
         Kafka refuses for good. Raise SinkUnavailable if Kafka did not take every other
         message: the window is sent again later, less the messages it took."""
-        sends = {
-            part: pending
+        sends = [
+            unsent
             for part in (_RECORDS, _DEAD_LETTERS)
-            if (pending := self._pending(queue, window, part))
-        }
+            if (unsent := self._unsent(queue, window, part)).messages
+        ]
         results = await asyncio.gather(
-            *(self._send_part(queue.record_type, part, p) for part, p in sends.items()),
+            *(self._send_part(queue.record_type, unsent) for unsent in sends),
             return_exceptions=True,
         )
         if all(result is None for result in results):
             return []
         unavailable: SinkUnavailable | None = None
         refused_parts = []
-        for (part, pending), result in zip(sends.items(), results, strict=True):
+        for unsent, result in zip(sends, results, strict=True):
             if result is None:
-                self._mark_delivered(queue, part, pending)
+                self._note_taken(queue, unsent)
             elif isinstance(result, SinkUnavailable):
                 unavailable = result
-                self._mark_delivered(queue, part, pending, result.stored)
+                if result.stored is not None:  # else: which it took is not known
+                    self._note_taken(queue, unsent, result.stored)
             elif isinstance(result, GatewayError):
-                refused_parts.append(part)
+                refused_parts.append(unsent.part)
             else:
                 raise result
         if unavailable is not None:
@@ -575,13 +584,14 @@ class SpoolingSink:
         refused: list[Stored] = []
         for part in refused_parts:
             for stored in window:
-                pending = self._pending(queue, [stored], part)
-                if not pending:
+                unsent = self._unsent(queue, [stored], part)
+                if not unsent.messages:
                     continue
                 try:
-                    await self._send_part(queue.record_type, part, pending)
+                    await self._send_part(queue.record_type, unsent)
                 except SinkUnavailable as exc:
-                    self._mark_delivered(queue, part, pending, exc.stored)
+                    if exc.stored is not None:
+                        self._note_taken(queue, unsent, exc.stored)
                     raise
                 except GatewayError as exc:
                     log.error(
@@ -593,38 +603,45 @@ class SpoolingSink:
                     if stored not in refused:
                         refused.append(stored)
                 else:
-                    self._mark_delivered(queue, part, pending)
+                    self._note_taken(queue, unsent)
         return refused
 
     @staticmethod
-    def _pending(queue: _Queue, window: list[Stored], part: str) -> list[_Message]:
+    def _unsent(queue: _Queue, window: list[Stored], part: str) -> _Unsent:
         """The messages of `part` in `window` Kafka has not acknowledged, in order."""
-        pending = []
+        unsent = _Unsent(part)
         for stored in window:
             messages = stored.chunk.accepted if part == _RECORDS else stored.chunk.dead_letters
-            done = queue.delivered.get((stored.id, part), ())
-            pending += [(stored.id, i, m) for i, m in enumerate(messages) if i not in done]
-        return pending
+            if not messages:
+                continue
+            taken = queue.delivered.get((stored.id, part))
+            if taken is None:  # as a rule: a whole chunk, without a loop over its messages
+                unsent.places.append((stored.id, range(len(messages))))
+                unsent.messages += messages
+            else:
+                places = [place for place in range(len(messages)) if place not in taken]
+                unsent.places.append((stored.id, places))
+                unsent.messages += [messages[place] for place in places]
+        return unsent
 
     @staticmethod
-    def _mark_delivered(
-        queue: _Queue, part: str, sent: list[_Message], stored: Sequence[bool] | None = ()
-    ) -> None:
-        """Note which of `sent` Kafka took: all of them (`stored` empty), or those
-        `stored` says (None: none known)."""
-        if stored is None:
-            return
-        flags = stored or itertools.repeat(True)
-        for (chunk_id, index, _), took in zip(sent, flags, strict=False):
-            if took:
-                queue.delivered.setdefault((chunk_id, part), set()).add(index)
+    def _note_taken(queue: _Queue, sent: _Unsent, stored: Sequence[bool] | None = None) -> None:
+        """Note which of the messages `sent` Kafka took: those `stored` flags (one flag
+        per message), or else all of them."""
+        flags = iter(stored or ())
+        for chunk_id, places in sent.places:
+            taken = places
+            if stored is not None:
+                # zip() takes from `places` first, so each chunk takes its own flags.
+                taken = [p for p, took in zip(places, flags, strict=False) if took]
+            if taken:
+                queue.delivered.setdefault((chunk_id, sent.part), set()).update(taken)
 
-    async def _send_part(self, record_type: str, part: str, pending: list[_Message]) -> None:
-        messages = [message for _, _, message in pending]
-        if part == _RECORDS:
-            await self.inner.send(record_type, messages, (), patient=True)
+    async def _send_part(self, record_type: str, unsent: _Unsent) -> None:
+        if unsent.part == _RECORDS:
+            await self.inner.send(record_type, unsent.messages, (), patient=True)
         else:
-            await self.inner.send(record_type, (), messages, patient=True)
+            await self.inner.send(record_type, (), unsent.messages, patient=True)
 
     async def _forget_or_wait(self, queue: _Queue, chunks: list[Stored], dropped: str) -> None:
         if not await self._forget(queue, chunks, dropped):
@@ -646,10 +663,8 @@ class SpoolingSink:
         except DISK_ERRORS as exc:
             self._break(exc)
             if dropped is None:  # delivered: read again, they are not sent again
-                for stored in chunks:
-                    for part in (_RECORDS, _DEAD_LETTERS):
-                        sent = self._pending(queue, [stored], part)
-                        self._mark_delivered(queue, part, sent)
+                for part in (_RECORDS, _DEAD_LETTERS):
+                    self._note_taken(queue, self._unsent(queue, chunks, part))
             return False
         for stored in chunks:
             queue.delivered.pop((stored.id, _RECORDS), None)

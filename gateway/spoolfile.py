@@ -106,8 +106,8 @@ def _encode_headers(headers: Sequence[tuple[str, bytes]]) -> bytes:
 
 def decode(record_type: str, payload: bytes) -> Chunk:
     """The chunk `encode` made `payload` from. (The replay reads every record through
-    this loop: slices of `payload` and the struct's bound method cost a quarter less than
-    a memoryview's.)"""
+    this loop: slices of `payload` cost a quarter less than a memoryview's, and building
+    each Message as the tuple it is skips the 0.1 us of NamedTuple's own __new__.)"""
     (count,), at = _COUNT.unpack_from(payload), _COUNT.size
     lists: list[list[tuple[str, bytes]] | None] = []
     for _ in range(count):
@@ -123,7 +123,7 @@ def decode(record_type: str, payload: bytes) -> Chunk:
         lists.append(pairs or None)
     accepted: list[Message] = []
     dead_letters: list[Message] = []
-    unpack, size, end = _MESSAGE.unpack_from, _MESSAGE.size, len(payload)
+    unpack, size, end, new = _MESSAGE.unpack_from, _MESSAGE.size, len(payload), tuple.__new__
     while at < end:
         dead, key_size, value_size, place = unpack(payload, at)
         at += size
@@ -133,7 +133,7 @@ def decode(record_type: str, payload: bytes) -> Chunk:
             at += key_size
         value = payload[at : at + value_size]
         at += value_size
-        (dead_letters if dead else accepted).append(Message(key, value, lists[place]))
+        (dead_letters if dead else accepted).append(new(Message, (key, value, lists[place])))
     return Chunk(record_type, accepted, dead_letters)
 
 

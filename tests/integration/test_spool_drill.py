@@ -230,11 +230,11 @@ def _outage_replayed(thawed_at: float, sample: Sample) -> bool:
     return sample.spooled == 0 or sample.at - sample.age > thawed_at
 
 
-def _spool_shape(samples: list[Sample], since: float) -> str:
-    """The spool every 10 s from `since`: thousands of records / age of the oldest."""
+def _spool_shape(samples: list[Sample], since: float, every_s: float = 10.0) -> str:
+    """The spool every `every_s` from `since`: thousands of records / age of the oldest."""
     marks: list[str] = []
     for sample in samples:
-        if sample.at >= since + 10 * len(marks) and sample.spooled is not None:
+        if sample.at >= since + every_s * len(marks) and sample.spooled is not None:
             marks.append(f"{sample.spooled / 1000:.0f}k/{sample.age or 0:.0f}s")
     return " ".join(marks)
 
@@ -434,6 +434,7 @@ async def test_spool_drill_frozen_broker_killed_gateway_unpaced_clients(
     print("2xx answers per 5 s: " + _shape(books.ok_by_second))
     print("other answers per 5 s: " + _shape(books.other_by_second))
     print("spool every 10 s from the freeze: " + _spool_shape(samples, frozen_at))
+    print("spool every 2 s from the thaw: " + _spool_shape(samples, thawed_at, 2.0))
     for name, output in (("first", first_output), ("second", second_output)):
         print(f"the {name} gateway's warnings and errors:\n" + _notable(output))
     summarise(request.config, line)
