@@ -42,9 +42,10 @@ log = logging.getLogger(__name__)
 _WINDOW_BYTES = 4 * 1024 * 1024
 # Replay attempts while Kafka is away back off from the first delay to the last. A try
 # costs little (the Kafka sink refuses at once while it knows Kafka is away; reading a
-# 4 MiB window again, some 16 ms), and the last delay is time lost once Kafka is back.
+# 4 MiB window again, some 16 ms), and the last delay is time lost once Kafka is back:
+# with 1 s, a gateway started during an outage began its replay 0.9 s after it connected.
 _FIRST_RETRY_S = 0.25
-_LAST_RETRY_S = 1.0
+_LAST_RETRY_S = 0.5
 # After the disk failed, or the replay did in an unforeseen way.
 _DISK_RETRY_S = 5.0
 # How often the age of the oldest record is brought up to date, and a broken disk tried.

@@ -494,7 +494,7 @@ async def test_a_topic_down_beside_one_up_neither_repeats_nor_holds_back_the_oth
         inner.is_ready = True
         inner.down = {"cafe.deadletter", "cafe.log"}
         # The activity records are delivered; their chunks stay for their dead letters,
-        # through several tries (0.25 s, 0.5 s, 1 s apart).
+        # through several tries (0.25 s, then 0.5 s apart).
         await asyncio.sleep(2)
         assert inner.copies("cafe.activity") == Counter(b'{"n":%d}' % n for n in range(5))
         assert chunks_in(tmp_path) == 10
