@@ -62,6 +62,7 @@ run: $(INSTALLED) $(DEV)/api-key ## start Kafka and the gateway on 127.0.0.1:808
 		$(BIN)/cafe-gateway serve
 
 test: $(INSTALLED) ## run the whole test suite, integration tests against a real Kafka and Redis
+	@bash tests/system-packages.sh
 	$(kafka_for_run)
 	$(redis_for_test)
 	CAFE_KAFKA_BOOTSTRAP=$(BOOTSTRAP) CAFE_TEST_REDIS_URL=$(REDIS_URL) $(BIN)/pytest $(PYTEST_ARGS)

@@ -6,8 +6,9 @@ site is. The keys file lets the page's origin send with a header key and a brows
 key; a third port is an origin no key allows. What lands in Kafka is read back and compared
 record by record, field by field.
 
-Chromium is Debian's (/usr/bin/chromium, from tests/browser/install.sh, which the `chromium`
-fixture runs if it is missing), driven by Playwright for Python; never skipped.
+Chromium is Debian's (/usr/bin/chromium, from tests/system-packages.sh, which `make test`
+and the `chromium` fixture run if it is missing), driven by Playwright for Python; never
+skipped.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 CLIENT_JS = REPO / "clients" / "js" / "cafe.js"
 PAGE_HTML = REPO / "tests" / "browser" / "page.html"
-INSTALL_SH = REPO / "tests" / "browser" / "install.sh"
+INSTALL_SH = REPO / "tests" / "system-packages.sh"
 CHROMIUM = Path("/usr/bin/chromium")
 TYPES = ("activity", "log", "profile")
 PARTITIONS = 2
@@ -50,7 +51,7 @@ PARTITIONS = 2
 
 @pytest.fixture(scope="session")
 def chromium() -> Path:
-    """Debian's Chromium, installed by tests/browser/install.sh if it is missing."""
+    """Debian's Chromium, installed by tests/system-packages.sh if it is missing."""
     if not CHROMIUM.exists():
         run = subprocess.run(
             ["bash", str(INSTALL_SH)], capture_output=True, text=True, timeout=600, check=False
