@@ -1,10 +1,13 @@
-"""One gateway process: the limits and collector settings `serve` applies at start."""
+"""One gateway process: the limits, collector and allocator settings `serve` applies at start."""
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import resource
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -57,3 +60,38 @@ def test_tune_gc_freezes_what_start_up_made_and_collects_less_often(gc_state: No
     # Frozen objects are out of every generation: no collection will scan them.
     assert not any(made_at_start is obj for obj in gc.get_objects())
     assert gc.get_threshold()[0] == 10_000
+
+
+# Counts the buffers of three MiB that glibc served from an mmap of their own
+# (mallinfo2's hblks), in a fresh process: the thresholds are process-wide, and
+# cannot be read back.
+_COUNT_MMAPPED = """
+import ctypes, sys
+from gateway import server
+
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd",
+        "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = Info
+tuned = sys.argv[1] == "tuned" and server.tune_malloc()
+before = mallinfo2().hblks
+held = [bytearray(3 * 1024 * 1024) for _ in range(4)]
+print(tuned, mallinfo2().hblks - before)
+"""
+
+
+def _mmapped(mode: str) -> tuple[str, int]:
+    out = subprocess.run(
+        [sys.executable, "-c", _COUNT_MMAPPED, mode], capture_output=True, text=True, check=True
+    ).stdout.split()
+    return out[0], int(out[1])
+
+
+def test_tune_malloc_serves_request_sized_buffers_from_the_heap() -> None:
+    if not hasattr(ctypes.CDLL(None), "mallinfo2"):
+        pytest.skip("not glibc 2.33 or later: no mallinfo2 to count mmapped buffers")
+    assert _mmapped("default") == ("False", 4)  # the default threshold is 128 KiB
+    assert _mmapped("tuned") == ("True", 0)
