@@ -9,8 +9,10 @@ and tests/test_config.py checks the README's configuration table against them.
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import logging
+import os
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -92,15 +94,29 @@ def _number(
 
 
 def _choice(*choices: str) -> Parser[str]:
-    """One of `choices`, in any case."""
+    """One of `choices`, in any case; returned as declared."""
 
     def parse(name: str, raw: str) -> str:
-        value = raw.lower()
-        if value not in choices:
-            raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}")
-        return value
+        for choice in choices:
+            if raw.lower() == choice.lower():
+                return choice
+        raise ConfigError(f"{name}={raw.lower()!r} is not one of {', '.join(choices)}")
 
     return parse
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A value kept out of logs and reprs: a password given in the environment."""
+
+    value: str = field(repr=False)
+
+    def __str__(self) -> str:
+        return "***"
+
+
+def _secret(name: str, raw: str) -> Secret:
+    return Secret(raw)
 
 
 def _bool(name: str, raw: str) -> bool:
@@ -169,6 +185,14 @@ class TopicSettings:
     partitions: int = _var(
         "CAFE_TOPIC_PARTITIONS", 6, _integer(1, 10_000), "partitions of a topic it creates"
     )
+    # never: for a principal without the right to create topics, or where topics are
+    # made elsewhere (Terraform, a Strimzi KafkaTopic).
+    create: str = _var(
+        "CAFE_KAFKA_CREATE_TOPICS",
+        "auto",
+        _choice("auto", "never"),
+        "auto: create missing topics at start; never: leave that to an admin",
+    )
 
     def all(self) -> tuple[str, ...]:
         """Every topic the gateway writes to."""
@@ -177,6 +201,160 @@ class TopicSettings:
     def by_record_type(self) -> dict[str, str]:
         """The topic of each record type, by the type's name (its route and schema)."""
         return {"activity": self.activity, "log": self.log, "profile": self.profile}
+
+
+_SASL_PROTOCOLS = ("SASL_PLAINTEXT", "SASL_SSL")
+_TLS_PROTOCOLS = ("SSL", "SASL_SSL")
+
+
+@dataclass(frozen=True)
+class KafkaSecurity:
+    """How the gateway proves itself to Kafka, and checks Kafka: TLS and SASL.
+
+    Secrets are best given as files (as a Kubernetes Secret mounts them): they are read
+    again at each new connection, so a rotated password or token needs no restart.
+    gateway/kafkaauth.py turns these into the client's options.
+    """
+
+    protocol: str = _var(
+        "CAFE_KAFKA_SECURITY_PROTOCOL",
+        "PLAINTEXT",
+        _choice("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
+        "PLAINTEXT, SSL (TLS), SASL_PLAINTEXT or SASL_SSL",
+    )
+    # RUF009 on each Path (and Secret) default: as for keys_file below.
+    ca_file: Path | None = _var(  # noqa: RUF009
+        "CAFE_KAFKA_SSL_CA_FILE", None, _path, "PEM bundle of the CAs trusted (else the system's)"
+    )
+    cert_file: Path | None = _var(  # noqa: RUF009
+        "CAFE_KAFKA_SSL_CERT_FILE", None, _path, "PEM client certificate, for mutual TLS"
+    )
+    key_file: Path | None = _var(  # noqa: RUF009
+        "CAFE_KAFKA_SSL_KEY_FILE", None, _path, "PEM key of the client certificate"
+    )
+    key_password_file: Path | None = _var(  # noqa: RUF009
+        "CAFE_KAFKA_SSL_KEY_PASSWORD_FILE", None, _path, "file holding the key's passphrase"
+    )
+    # Off, any certificate a trusted CA signed passes for any broker: say so explicitly.
+    check_hostname: bool = _var(
+        "CAFE_KAFKA_SSL_CHECK_HOSTNAME",
+        True,
+        _bool,
+        "the broker's certificate must name the host connected to",
+    )
+    sasl_mechanism: str | None = _var(
+        "CAFE_KAFKA_SASL_MECHANISM",
+        None,
+        _choice("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"),
+        "PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER",
+    )
+    sasl_username: str | None = _var(
+        "CAFE_KAFKA_SASL_USERNAME", None, _text, "user name for PLAIN and SCRAM"
+    )
+    sasl_password: Secret | None = _var(  # noqa: RUF009
+        "CAFE_KAFKA_SASL_PASSWORD", None, _secret, "its password (prefer the _FILE form)"
+    )
+    sasl_password_file: Path | None = _var(  # noqa: RUF009
+        "CAFE_KAFKA_SASL_PASSWORD_FILE", None, _path, "file holding the password"
+    )
+    oauth_token_file: Path | None = _var(  # noqa: RUF009
+        "CAFE_KAFKA_OAUTH_TOKEN_FILE",
+        None,
+        _path,
+        "OAUTHBEARER: file holding the token, read again when it changes",
+    )
+    oauth_token_command: str | None = _var(
+        "CAFE_KAFKA_OAUTH_TOKEN_COMMAND",
+        None,
+        _text,
+        "OAUTHBEARER: command printing a token, run again before it expires",
+    )
+    msk_iam_region: str | None = _var(
+        "CAFE_KAFKA_MSK_IAM_REGION",
+        None,
+        _text,
+        "OAUTHBEARER: Amazon MSK IAM tokens for this AWS region (cafe-gateway[msk])",
+    )
+
+    def check(self) -> None:
+        """Refuse a combination that cannot connect, naming the variables."""
+        p = "CAFE_KAFKA_"
+        protocol = f"{p}SECURITY_PROTOCOL={self.protocol}"
+        sasl = self.protocol in _SASL_PROTOCOLS
+        if sasl and self.sasl_mechanism is None:
+            raise ConfigError(f"{protocol} needs {p}SASL_MECHANISM")
+        if not sasl:
+            given = self._given(
+                "SASL_MECHANISM", "SASL_USERNAME", "SASL_PASSWORD", "SASL_PASSWORD_FILE",
+                "OAUTH_TOKEN_FILE", "OAUTH_TOKEN_COMMAND", "MSK_IAM_REGION",
+            )  # fmt: skip
+            if given:
+                raise ConfigError(f"{p}{given[0]} is set, but {protocol} uses no SASL")
+        if self.protocol not in _TLS_PROTOCOLS:
+            given = self._given("SSL_CA_FILE", "SSL_CERT_FILE", "SSL_KEY_FILE")
+            if given or not self.check_hostname:
+                what = given[0] if given else "SSL_CHECK_HOSTNAME"
+                raise ConfigError(f"{p}{what} is set, but {protocol} uses no TLS")
+        if self.key_file is not None and self.cert_file is None:
+            raise ConfigError(f"{p}SSL_KEY_FILE is set without {p}SSL_CERT_FILE")
+        if self.sasl_mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
+            mechanism = f"{p}SASL_MECHANISM={self.sasl_mechanism}"
+            if self.sasl_username is None:
+                raise ConfigError(f"{mechanism} needs {p}SASL_USERNAME")
+            if (self.sasl_password is None) == (self.sasl_password_file is None):
+                raise ConfigError(
+                    f"{mechanism} needs one of {p}SASL_PASSWORD_FILE and {p}SASL_PASSWORD"
+                )
+        if self.sasl_mechanism == "OAUTHBEARER":
+            sources = self._given("OAUTH_TOKEN_FILE", "OAUTH_TOKEN_COMMAND", "MSK_IAM_REGION")
+            if len(sources) != 1:
+                raise ConfigError(
+                    f"{p}SASL_MECHANISM=OAUTHBEARER needs exactly one of {p}OAUTH_TOKEN_FILE, "
+                    f"{p}OAUTH_TOKEN_COMMAND and {p}MSK_IAM_REGION"
+                )
+        for name in (
+            "SSL_CA_FILE", "SSL_CERT_FILE", "SSL_KEY_FILE", "SSL_KEY_PASSWORD_FILE",
+            "SASL_PASSWORD_FILE", "OAUTH_TOKEN_FILE",
+        ):  # fmt: skip
+            path = getattr(self, _FIELD_OF[name])
+            if path is not None and not os.access(path, os.R_OK):
+                raise ConfigError(f"{p}{name}={path}: no file this process may read")
+        if self.msk_iam_region is not None and not importlib.util.find_spec(
+            "aws_msk_iam_sasl_signer"
+        ):
+            raise ConfigError(
+                f"{p}MSK_IAM_REGION needs aws-msk-iam-sasl-signer-python: "
+                "pip install 'cafe-gateway[msk]'"
+            )
+        if self.protocol in _TLS_PROTOCOLS:
+            # The files are read as a connection would read them (this module is
+            # imported by that one, hence the late import).
+            from gateway.kafkaauth import SecretUnavailable, ssl_context
+
+            try:
+                ssl_context(self)
+            except SecretUnavailable as exc:
+                raise ConfigError(str(exc)) from None
+
+    def _given(self, *names: str) -> list[str]:
+        """Which of the variables (without CAFE_KAFKA_) are set."""
+        return [name for name in names if getattr(self, _FIELD_OF[name]) is not None]
+
+
+# Each security variable's field, by the variable's name without CAFE_KAFKA_.
+_FIELD_OF = {
+    "SASL_MECHANISM": "sasl_mechanism",
+    "SASL_USERNAME": "sasl_username",
+    "SASL_PASSWORD": "sasl_password",
+    "SASL_PASSWORD_FILE": "sasl_password_file",
+    "OAUTH_TOKEN_FILE": "oauth_token_file",
+    "OAUTH_TOKEN_COMMAND": "oauth_token_command",
+    "MSK_IAM_REGION": "msk_iam_region",
+    "SSL_CA_FILE": "ca_file",
+    "SSL_CERT_FILE": "cert_file",
+    "SSL_KEY_FILE": "key_file",
+    "SSL_KEY_PASSWORD_FILE": "key_password_file",
+}
 
 
 @dataclass(frozen=True)
@@ -193,6 +371,12 @@ class KafkaSettings:
     # flight; `make bench` measured more records/s and lower latency with 2 than with 5.
     linger_ms: int = _var(
         "CAFE_KAFKA_LINGER_MS", 2, _integer(0, 1000), "extra wait for records to share a batch"
+    )
+    compression: str = _var(
+        "CAFE_KAFKA_COMPRESSION",
+        "none",
+        _choice("none", "gzip", "snappy", "lz4", "zstd"),
+        "how batches are compressed: none, gzip, snappy, lz4 or zstd",
     )
     request_timeout_ms: int = _var(
         "CAFE_KAFKA_REQUEST_TIMEOUT_MS", 30_000, _integer(1000, 300_000), "Kafka request timeout"
@@ -215,6 +399,7 @@ class KafkaSettings:
         "record bytes awaiting acknowledgement, past which requests get 503 at once",
     )
     topics: TopicSettings = field(default_factory=TopicSettings)
+    security: KafkaSecurity = field(default_factory=KafkaSecurity)
 
 
 def _duration(low: float, high: float) -> Parser[float]:
@@ -387,6 +572,7 @@ class Settings:
                 f"CAFE_PRODUCE_TIMEOUT_MS={settings.kafka.produce_timeout_ms}: records would "
                 "never be spooled before Kafka's wait ends"
             )
+        settings.kafka.security.check()
         if settings.metrics_port is not None and settings.metrics_port == settings.port:
             raise ConfigError(
                 f"CAFE_METRICS_PORT={settings.metrics_port} is CAFE_PORT; unset it to serve "

@@ -254,6 +254,19 @@ class KafkaUnavailable(SinkUnavailable):
     code = "kafka_unavailable"
 
 
+class KafkaTopicMissing(KafkaUnavailable):
+    """The record type's topic does not exist, and the gateway may not (or is told not
+    to) create it."""
+
+    code = "kafka_topic_missing"
+
+
+class KafkaForbidden(KafkaUnavailable):
+    """Kafka refuses the gateway's principal the right to write to the type's topic."""
+
+    code = "kafka_forbidden"
+
+
 class SpoolFull(SinkUnavailable):
     """Kafka did not acknowledge in time, and the spool holds CAFE_SPOOL_MAX_BYTES."""
 

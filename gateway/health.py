@@ -21,10 +21,12 @@ async def readyz(request: web.Request) -> web.Response:
     if reason is not None:
         raise NotReady(reason)
     # Still ready when the rate limits' Redis is away (each host enforces the limits on
-    # its own meanwhile), but said, for whoever reads the answer.
+    # its own meanwhile), or when one record type's topic is missing or forbidden (the
+    # others are served), but said, for whoever reads the answer.
+    degraded = app[SINK].degraded()
     fleet = app[LIMITER].fleet
     if fleet is not None and fleet.down is not None:
-        return json_response(
-            {"status": "ready", "degraded": [f"rate limits are per host: {fleet.down}"]}
-        )
+        degraded.append(f"rate limits are per host: {fleet.down}")
+    if degraded:
+        return json_response({"status": "ready", "degraded": degraded})
     return json_response({"status": "ready"})

@@ -17,6 +17,7 @@ from aiokafka.errors import (
     KafkaTimeoutError,
     MessageSizeTooLargeError,
     RecordListTooLargeError,
+    TopicAuthorizationFailedError,
     UnknownTopicOrPartitionError,
 )
 from aiokafka.partitioner import murmur2
@@ -27,16 +28,24 @@ from aiokafka.partitioner import murmur2
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from gateway.config import KafkaSettings
-from gateway.errors import KafkaUnavailable, RecordTooLarge
+from gateway.errors import KafkaForbidden, KafkaTopicMissing, KafkaUnavailable, RecordTooLarge
+from gateway.kafkaauth import KafkaAuth, Problem
 from gateway.metrics import Metrics
 from gateway.sink import Message
-from gateway.topics import prepare_topics
+from gateway.topics import missing_topics, prepare_topics
 
 log = logging.getLogger(__name__)
 
 # Reconnect attempts back off from the first to the last delay, doubling each time.
 _FIRST_RETRY_S = 0.25
 _LAST_RETRY_S = 5.0
+# The longest a connection made to learn why Kafka cannot be used may take.
+_DIAGNOSE_S = 2.0
+# While a topic is missing, how often the gateway looks for it; while Kafka refuses the
+# gateway writes to one, how often a request goes through to try again. Each refused
+# batch costs a new producer (its sequence numbers are spent), so not more often.
+_TOPICS_EVERY_S = 30.0
+_FORBIDDEN_PROBE_S = 10.0
 # A readiness probe that cannot reach a broker within this time answers "not ready".
 _READY_TIMEOUT_S = 2.0
 # Room for a W500 request's share of one partition in one batch (records are ~0.5 KiB),
@@ -216,9 +225,16 @@ class _Batcher:
         if batch is self._last_handed:
             self._wake.set()  # the next batch's turn
         # Also marks a failure as seen, even if every request waiting on it timed out.
-        if not acked.cancelled() and acked.exception() is None and self.down:
-            self.down = False
-            self._sink.partition_up(self)
+        if acked.cancelled():
+            return
+        failure = acked.exception()
+        if isinstance(failure, TopicAuthorizationFailedError):
+            self._sink.forbid(self.topic)
+        elif failure is None:
+            self._sink.allow(self.topic)
+            if self.down:
+                self.down = False
+                self._sink.partition_up(self)
 
     async def _hand_over(self) -> None:
         while True:
@@ -408,6 +424,15 @@ class KafkaSink:
         self._settings = settings
         self._topics = settings.topics.by_record_type()
         self.metrics = metrics
+        self._auth = KafkaAuth(settings)
+        # Why the last try to connect failed, while no producer could be made.
+        self.problem: Problem | None = None
+        # Topics that do not exist, looked for again every _TOPICS_EVERY_S meanwhile.
+        self._missing: set[str] = set()
+        self._looking: asyncio.Task[None] | None = None
+        # Topics Kafka refuses the gateway the right to write to, with when a request
+        # may next go through to try again (the others are refused at once).
+        self._forbidden: dict[str, float] = {}
         self._producer: AIOKafkaProducer | None = None
         self._connecting: asyncio.Task[None] | None = None
         self._watching: asyncio.Task[None] | None = None
@@ -432,7 +457,7 @@ class KafkaSink:
         """Deliver what the sink holds, for as long as a request would wait for it, then
         close; log how many records were dropped, if any were."""
         deadline = asyncio.get_running_loop().time() + self._settings.produce_timeout_ms / 1000
-        for task in (self._connecting, self._watching):
+        for task in (self._connecting, self._watching, self._looking):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -530,6 +555,8 @@ class KafkaSink:
         if _enough(answering, known):
             return None
         if not answering:
+            if self.problem is not None:
+                return f"cannot use Kafka: {self.problem.words}"
             return f"Kafka at {self._settings.bootstrap} is not reachable"
         return (
             f"only {answering} of the {known} Kafka brokers at {self._settings.bootstrap} "
@@ -611,6 +638,8 @@ class KafkaSink:
         if producer is None:
             self._count_error("not_connected")
             raise KafkaUnavailable(f"not connected to Kafka at {self._settings.bootstrap}")
+        if self._missing or self._forbidden:
+            self._refuse_unwritable(topic, len(messages))
         for message in messages:
             if len(message.value) > _WEIGH_ABOVE:
                 _check_size(topic, message)
@@ -656,7 +685,13 @@ class KafkaSink:
         except KafkaError as exc:
             # aiokafka's error classes are a fixed set: a bounded label.
             self._count_error(type(exc).__name__)
-            error = KafkaUnavailable(f"Kafka did not acknowledge the records: {exc}")
+            error: KafkaUnavailable
+            if isinstance(exc, TopicAuthorizationFailedError):
+                # Refused at the metadata (no Describe) or at the batch (no Write).
+                self.forbid(topic)
+                error = KafkaForbidden(f"Kafka refuses the gateway writes to topic {topic}")
+            else:
+                error = KafkaUnavailable(f"Kafka did not acknowledge the records: {exc}")
             if patient and appended:
                 # All settled: which messages Kafka took. Batches of one partition after
                 # one that failed fail too (_Batcher._send), so those are a prefix of
@@ -705,6 +740,21 @@ class KafkaSink:
                 self._refused_while_down += len(messages)
                 raise KafkaUnavailable(f"Kafka is not acknowledging records for {topic} now")
         self._held_bytes += size
+
+    def _refuse_unwritable(self, topic: str, records: int) -> None:
+        """Refuse records for a topic that does not exist, or that Kafka has refused the
+        gateway the right to write to (but for one request in a while, which tries)."""
+        if topic in self._missing:
+            self._refuse(topic, records, "topic_missing")
+            raise KafkaTopicMissing(f"topic {topic} does not exist")
+        probe_at = self._forbidden.get(topic)
+        if probe_at is None:
+            return
+        now = asyncio.get_running_loop().time()
+        if now < probe_at:
+            self._refuse(topic, records, "forbidden")
+            raise KafkaForbidden(f"Kafka refuses the gateway writes to topic {topic}")
+        self._forbidden[topic] = now + _FORBIDDEN_PROBE_S  # this request tries
 
     def _refuse(self, topic: str, records: int, reason: str) -> None:
         if self.metrics is not None:
@@ -798,11 +848,13 @@ class KafkaSink:
         return AIOKafkaProducer(
             bootstrap_servers=s.bootstrap,
             client_id=s.client_id,
+            **self._auth.options(),
             # A record is acknowledged to the client only once every in-sync replica has
             # it, and retries never duplicate or reorder records of one partition.
             acks="all",
             enable_idempotence=True,
             linger_ms=s.linger_ms,
+            compression_type=None if s.compression == "none" else s.compression,
             request_timeout_ms=s.request_timeout_ms,
             max_batch_size=_MAX_BATCH_BYTES,
             max_request_size=_MAX_MESSAGE_BYTES,
@@ -819,30 +871,129 @@ class KafkaSink:
         """A new producer, started (and `prepare`d), retrying until the cluster answers."""
         delay = _FIRST_RETRY_S
         while True:
-            producer = self._new_producer()
+            producer = None
             try:
+                producer = self._new_producer()
                 await producer.start()
                 if prepare is not None:
                     await prepare(producer)
             except (KafkaError, OSError, TimeoutError) as exc:
-                await producer.stop()
+                if producer is not None:
+                    await producer.stop()
                 self._count_error("connect")
-                log.warning(
-                    "Kafka at %s not usable (%s); retrying in %.2fs",
-                    self._settings.bootstrap,
-                    exc,
-                    delay,
-                )
-                await asyncio.sleep(delay)
+                await self._cannot_connect(exc, delay)
                 delay = min(delay * 2, _LAST_RETRY_S)
                 continue
+            self._connected()
             return producer
+
+    async def _cannot_connect(self, exc: BaseException, delay: float) -> None:
+        """Say why Kafka cannot be used, and wait before the next try.
+
+        aiokafka's start reports only that no bootstrap server would do, so one connection
+        is made again to learn why. A cause the operator must fix (credentials, TLS, a
+        secret file) is logged as one ERROR until the cause changes, and is what /readyz
+        says; the gateway keeps trying, so a fixed secret is picked up without a restart.
+        """
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        try:
+            # Within the wait before the next try, unless that is too short for a TLS
+            # handshake and a SASL exchange far away: a broker that does not answer
+            # (frozen, or not listening yet) must not hold the next try back.
+            async with asyncio.timeout(max(delay, _DIAGNOSE_S)):
+                problem = await self._auth.diagnose()
+        except TimeoutError:
+            problem = Problem("unreachable", f"Kafka at {self._settings.bootstrap} did not answer")
+        if problem is None or problem.cause == "unreachable":
+            # Kafka answered this time (the failure came after connecting, e.g. while
+            # creating topics), or is not there yet: a state that mends itself.
+            log.warning(
+                "Kafka at %s not usable (%s); retrying in %.2fs",
+                self._settings.bootstrap,
+                problem.words if problem is not None else exc,
+                delay,
+            )
+        elif problem != self.problem:
+            log.error("cannot use Kafka: %s; trying again every %gs", problem.words, _LAST_RETRY_S)
+        if problem is not None and problem.cause != "unreachable":
+            delay = _LAST_RETRY_S
+        self._set_problem(problem)
+        await asyncio.sleep(max(0.0, delay - (loop.time() - began)))
+
+    def _connected(self) -> None:
+        if self.problem is not None and self.problem.cause != "unreachable":
+            log.info(
+                "connected to Kafka at %s: %s no more", self._settings.bootstrap, self.problem.cause
+            )
+        self._set_problem(None)
+
+    def _set_problem(self, problem: Problem | None) -> None:
+        if self.metrics is not None:
+            gauge = self.metrics.kafka_connection_problem
+            if self.problem is not None:
+                gauge.labels(self.problem.cause).set(0)
+            if problem is not None:
+                gauge.labels(problem.cause).set(1)
+        self.problem = problem
 
     async def _ensure_topics(self, producer: AIOKafkaProducer) -> None:
         """Create and check the topics, then wait until the producer sees them all."""
         # The brokers the producer's undocumented client learned of; no public getter.
         brokers = len(producer.client.cluster.brokers())
-        await prepare_topics(self._settings, brokers, self.metrics)
+        missing = await prepare_topics(self._settings, self._auth, brokers, self.metrics)
         async with asyncio.timeout(self._settings.request_timeout_ms / 1000):
             for topic in self._settings.topics.all():
-                await producer.partitions_for(topic)
+                if topic not in missing:
+                    await producer.partitions_for(topic)
+        self._note_missing(missing)
+        if missing:
+            self._looking = asyncio.create_task(self._look_for_topics(), name="kafka-topics")
+
+    async def _look_for_topics(self) -> None:
+        """Until every topic exists: look for the missing ones every _TOPICS_EVERY_S."""
+        while self._missing:
+            await asyncio.sleep(_TOPICS_EVERY_S)
+            try:
+                self._note_missing(await missing_topics(self._settings, self._auth))
+            except (KafkaError, OSError, TimeoutError) as exc:
+                log.warning("could not look for the missing topics: %r", exc)
+
+    def _note_missing(self, missing: list[str]) -> None:
+        """Log each topic that went missing, or came to exist, once."""
+        for topic in sorted(set(missing) - self._missing):
+            log.error(
+                "topic %s does not exist, and CAFE_KAFKA_CREATE_TOPICS=%s%s: its records get "
+                "503 kafka_topic_missing until it is created; the other types are served",
+                topic,
+                self._settings.topics.create,
+                ""
+                if self._settings.topics.create == "never"
+                else " but Kafka refused to create it",
+            )
+        for topic in sorted(self._missing - set(missing)):
+            log.info("topic %s exists now: its records are produced", topic)
+        self._missing = set(missing)
+
+    def degraded(self) -> list[str]:
+        """The topics the sink cannot write to now, and why."""
+        said = [f"topic {topic} does not exist" for topic in sorted(self._missing)]
+        said += [f"Kafka refuses writes to topic {topic}" for topic in sorted(self._forbidden)]
+        return said
+
+    def forbid(self, topic: str) -> None:
+        """Kafka refused a batch for `topic` to the gateway's principal: refuse its records
+        at once, but for one request every _FORBIDDEN_PROBE_S, which tries again."""
+        if topic not in self._forbidden:
+            log.error(
+                "Kafka refuses the gateway the right to write to topic %s "
+                "(TOPIC_AUTHORIZATION_FAILED): its records get 503 kafka_forbidden until "
+                "the principal is granted Write and Describe on it; the other types are served",
+                topic,
+            )
+        self._forbidden[topic] = asyncio.get_running_loop().time() + _FORBIDDEN_PROBE_S
+
+    def allow(self, topic: str) -> None:
+        """Kafka took a batch for `topic`."""
+        if self._forbidden.pop(topic, None) is not None:
+            log.info("Kafka takes records for topic %s again", topic)

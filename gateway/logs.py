@@ -91,6 +91,18 @@ class MalformedRequests(logging.Filter):
         return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 
 
+class BootstrapFailures(logging.Filter):
+    """Demotes aiokafka's ERROR for each bootstrap server it could not connect to, at
+    every try, to DEBUG: the Kafka sink says why itself, once per cause
+    (gateway/kafka.py, `_cannot_connect`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (isinstance(record.msg, str) and record.msg.startswith("Unable connect to")):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
 def setup_logging(level: str, log_format: str) -> None:
     """Send every logger's records at `level` and above to stderr in `log_format`."""
     handler = logging.StreamHandler(sys.stderr)
@@ -99,3 +111,5 @@ def setup_logging(level: str, log_format: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("aiohttp.server").addFilter(MalformedRequests())
+    # aiokafka's client logs as "aiokafka" itself.
+    logging.getLogger("aiokafka").addFilter(BootstrapFailures())

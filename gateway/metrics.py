@@ -146,8 +146,9 @@ class Metrics:
         self.kafka_refused = Counter(
             "cafe_kafka_records_refused",
             "Records answered 503 without being queued for Kafka, by topic and reason: "
-            "kafka_down (their partition has not acknowledged within the produce timeout) "
-            "or queue_full (the sink holds CAFE_MAX_QUEUED_BYTES)",
+            "kafka_down (their partition has not acknowledged within the produce timeout), "
+            "queue_full (the sink holds CAFE_MAX_QUEUED_BYTES), topic_missing or forbidden "
+            "(Kafka refuses the gateway writes to the topic)",
             ["topic", "reason"],
             registry=registry,
         )
@@ -176,6 +177,14 @@ class Metrics:
             "1 while the producer is connected and most of the brokers it knows answer, else 0",
             registry=registry,
             multiprocess_mode="livemin",
+        )
+        self.kafka_connection_problem = Gauge(
+            "cafe_kafka_connection_problem",
+            "1 while no producer can be made for this cause (sasl_authentication, "
+            "tls_untrusted, tls_client_certificate, unreachable, ...; see /readyz), else 0",
+            ["cause"],
+            registry=registry,
+            multiprocess_mode="livemax",
         )
         self.ratelimit_redis_down = Gauge(
             "cafe_ratelimit_redis_down",

@@ -41,6 +41,10 @@ class Sink(Protocol):
         Only a question: asking changes nothing.
         """
 
+    def degraded(self) -> list[str]:
+        """What the sink cannot store while it is otherwise ready (a record type whose
+        topic is missing or forbidden), in words for an operator."""
+
     async def send(
         self,
         record_type: str,
@@ -78,6 +82,9 @@ class MemorySink:
     async def unavailable(self) -> str | None:
         return None if self.is_ready else "the test made the memory sink unavailable"
 
+    def degraded(self) -> list[str]:
+        return []
+
     async def send(
         self,
         record_type: str,
@@ -108,6 +115,9 @@ class DiscardSink:
 
     async def unavailable(self) -> str | None:
         return None
+
+    def degraded(self) -> list[str]:
+        return []
 
     async def send(
         self,

@@ -246,6 +246,9 @@ class SpoolingSink:
             return f"the spool at {self._file.path} is full ({self._held.bytes} bytes)"
         return None
 
+    def degraded(self) -> list[str]:
+        return self.inner.degraded()
+
     async def send(
         self,
         record_type: str,

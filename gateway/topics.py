@@ -13,9 +13,16 @@ import logging
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    KafkaError,
+    TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+    for_code,
+)
 
 from gateway.config import KafkaSettings
+from gateway.kafkaauth import KafkaAuth
 from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -28,50 +35,77 @@ MIN_INSYNC = 2
 _MIN_INSYNC_KEY = "min.insync.replicas"
 
 
-async def prepare_topics(settings: KafkaSettings, brokers: int, metrics: Metrics | None) -> None:
-    """Create the topics that are missing, then check the durability of every one."""
+async def prepare_topics(
+    settings: KafkaSettings, auth: KafkaAuth, brokers: int, metrics: Metrics | None
+) -> list[str]:
+    """Create the topics that are missing (unless CAFE_KAFKA_CREATE_TOPICS=never), then
+    check the durability of every one; return those that still do not exist."""
     topics = settings.topics
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=settings.bootstrap,
-        client_id=settings.client_id,
-        request_timeout_ms=settings.request_timeout_ms,
-    )
+    admin = _admin(settings, auth)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
         missing = [t for t in topics.all() if t not in existing]
-        if missing:
-            await _create(admin, missing, topics.partitions, brokers)
+        if missing and topics.create == "auto":
+            missing = await _create(admin, missing, topics.partitions, brokers)
         try:
-            await _check(admin, topics.all(), metrics)
+            await _check(admin, tuple(t for t in topics.all() if t not in missing), metrics)
         except KafkaError as exc:
             # Advice, not a condition of serving: a principal may lack DescribeConfigs.
             log.warning("could not read the topics' replication settings: %r", exc)
     finally:
         await admin.close()
+    return missing
+
+
+async def missing_topics(settings: KafkaSettings, auth: KafkaAuth) -> list[str]:
+    """The gateway's topics that do not exist (or that it may not see)."""
+    admin = _admin(settings, auth)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+    finally:
+        await admin.close()
+    return [t for t in settings.topics.all() if t not in existing]
+
+
+def _admin(settings: KafkaSettings, auth: KafkaAuth) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(
+        bootstrap_servers=settings.bootstrap,
+        client_id=settings.client_id,
+        request_timeout_ms=settings.request_timeout_ms,
+        **auth.options(),
+    )
 
 
 async def _create(
     admin: AIOKafkaAdminClient, names: list[str], partitions: int, brokers: int
-) -> None:
+) -> list[str]:
+    """Create the topics; return those Kafka refused the gateway the right to create."""
     replicas = max(1, min(REPLICATION, brokers))
     min_insync = min(MIN_INSYNC, replicas)
     config = {_MIN_INSYNC_KEY: str(min_insync)}
     response = await admin.create_topics(
         [NewTopic(name, partitions, replicas, topic_configs=config) for name in names]
     )
+    refused = []
     for name, code, *_ in response.topic_errors:
         error = for_code(code)
+        if error in (TopicAuthorizationFailedError, ClusterAuthorizationFailedError):
+            refused.append(name)  # a principal with the least rights: the sink says so
         # Another gateway may have created it first.
-        if code and error is not TopicAlreadyExistsError:
+        elif code and error is not TopicAlreadyExistsError:
             raise error(f"cannot create topic {name}")
-    log.info(
-        "created topics %s (%d partitions, %d replicas, min.insync.replicas=%d)",
-        ", ".join(names),
-        partitions,
-        replicas,
-        min_insync,
-    )
+    created = [name for name in names if name not in refused]
+    if created:
+        log.info(
+            "created topics %s (%d partitions, %d replicas, min.insync.replicas=%d)",
+            ", ".join(created),
+            partitions,
+            replicas,
+            min_insync,
+        )
+    return refused
 
 
 async def _check(

@@ -1,0 +1,327 @@
+"""How the gateway connects to a secured Kafka: the client's TLS and SASL options, where
+OAUTHBEARER tokens come from, and a refused connection put in words a person can act on.
+
+Files (CA bundle, client certificate, password, token) are read again for each new
+client, so a rotated secret takes effect at the next connection, without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import importlib
+import logging
+import shlex
+import ssl
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka import errors
+from aiokafka.abc import AbstractTokenProvider
+from aiokafka.conn import create_conn
+
+from gateway.config import KafkaSecurity, KafkaSettings
+
+log = logging.getLogger(__name__)
+
+# A token is fetched again once this share of its lifetime has passed, and a token
+# whose expiry is unknown (not a JWT) is kept this long.
+_REFRESH_AT = 0.8
+_UNKNOWN_LIFETIME_S = 300.0
+_COMMAND_TIMEOUT_S = 30.0
+
+
+class KafkaAuth:
+    """The options each new Kafka client of the gateway is made with."""
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        self._settings = settings
+        security = settings.security
+        self._tokens: AbstractTokenProvider | None = None
+        if security.sasl_mechanism == "OAUTHBEARER":
+            self._tokens = token_provider(security)
+        if security.protocol in ("SSL", "SASL_SSL") and not security.check_hostname:
+            log.warning(
+                "CAFE_KAFKA_SSL_CHECK_HOSTNAME is off: any certificate a trusted CA signed "
+                "passes for any broker"
+            )
+
+    def options(self) -> dict[str, Any]:
+        """aiokafka's connection options for a producer or an admin client, the files
+        read now; SecretUnavailable if one cannot be."""
+        security = self._settings.security
+        options: dict[str, Any] = {"security_protocol": security.protocol}
+        if security.protocol in ("SSL", "SASL_SSL"):
+            options["ssl_context"] = ssl_context(security)
+        if security.sasl_mechanism is not None:
+            options["sasl_mechanism"] = security.sasl_mechanism
+        if self._tokens is not None:
+            options["sasl_oauth_token_provider"] = self._tokens
+        elif security.sasl_mechanism is not None:
+            options["sasl_plain_username"] = security.sasl_username
+            options["sasl_plain_password"] = _password(security)
+        return options
+
+    async def diagnose(self) -> Problem | None:
+        """Connect to each bootstrap server as the producer would; what stops the first
+        that fails, or None if every one took the connection."""
+        settings = self._settings
+        for server in settings.bootstrap.split(","):
+            host, _, port = server.strip().rpartition(":")
+            try:
+                conn = await create_conn(
+                    host.strip("[]"),
+                    int(port),
+                    client_id=settings.client_id,
+                    request_timeout_ms=settings.request_timeout_ms,
+                    **self.options(),
+                )
+            except (OSError, TimeoutError, errors.KafkaError) as exc:
+                return explain(exc, server.strip(), settings.security)
+            conn.close()
+        return None
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why the gateway cannot connect to Kafka: a metric label, and a sentence."""
+
+    cause: str
+    words: str
+
+
+class SecretUnavailable(errors.KafkaError):  # type: ignore[misc]  # aiokafka is untyped
+    """A file the connection needs cannot be read, or no OAUTHBEARER token came."""
+
+
+def explain(exc: BaseException, server: str, security: KafkaSecurity) -> Problem:
+    """Put a failed connection in words that say what to check. aiokafka reports a
+    connection closed under it with the cause chained: the first link that says more
+    than "closed" is the one explained."""
+    link: BaseException | None = exc
+    while link is not None:
+        problem = _explain(link, f"Kafka at {server}", security)
+        if problem is not None:
+            return problem
+        link = link.__cause__
+    return Problem(
+        "refused",
+        f"Kafka at {server} closed the connection while it was set up ({exc}): does its "
+        f"listener take CAFE_KAFKA_SECURITY_PROTOCOL={security.protocol}?",
+    )
+
+
+def _explain(exc: BaseException, at: str, security: KafkaSecurity) -> Problem | None:
+    if isinstance(exc, SecretUnavailable):
+        return Problem("secret_unavailable", str(exc))
+    if isinstance(exc, errors.SaslAuthenticationFailed | errors.IllegalSaslStateError):
+        who = security.sasl_username or "the token's subject"
+        return Problem(
+            "sasl_authentication",
+            f"{at} refused the gateway's {security.sasl_mechanism} credentials for {who}: "
+            f"check CAFE_KAFKA_SASL_USERNAME and the password or token ({exc})",
+        )
+    if isinstance(exc, errors.UnsupportedSaslMechanismError):
+        return Problem(
+            "sasl_mechanism",
+            f"{at} does not offer CAFE_KAFKA_SASL_MECHANISM={security.sasl_mechanism} on "
+            f"this listener ({exc})",
+        )
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        if exc.verify_code == _HOSTNAME_MISMATCH:
+            return Problem(
+                "tls_hostname",
+                f"the certificate of {at} does not name that host ({exc.verify_message}): "
+                "connect by a name it holds",
+            )
+        trusted = security.ca_file or "the system's CA bundle"
+        return Problem(
+            "tls_untrusted",
+            f"the certificate of {at} is not signed by a CA in {trusted} "
+            f"({exc.verify_message}): set CAFE_KAFKA_SSL_CA_FILE to the cluster's CA",
+        )
+    if isinstance(exc, ssl.SSLError):
+        reason = getattr(exc, "reason", None) or str(exc)
+        if any(alert in reason.upper() for alert in _CLIENT_CERT_REFUSED):
+            return Problem(
+                "tls_client_certificate",
+                f"{at} refused the gateway's client certificate ({reason}): check "
+                "CAFE_KAFKA_SSL_CERT_FILE and CAFE_KAFKA_SSL_KEY_FILE",
+            )
+        return Problem(
+            "tls",
+            f"TLS with {at} failed ({reason}): does its listener take "
+            f"CAFE_KAFKA_SECURITY_PROTOCOL={security.protocol}?",
+        )
+    if isinstance(exc, TimeoutError | errors.KafkaTimeoutError):
+        return Problem("unreachable", f"{at} did not answer in time")
+    if isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError):
+        return Problem("unreachable", f"{at} is not reachable ({exc.strerror or exc})")
+    return None
+
+
+# X509_V_ERR_HOSTNAME_MISMATCH, in OpenSSL's x509_vfy.h.
+_HOSTNAME_MISMATCH = 62
+# TLS alerts a server sends when it refuses the client's certificate, or has none.
+_CLIENT_CERT_REFUSED = ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNKNOWN_CA")
+
+
+def ssl_context(security: KafkaSecurity) -> ssl.SSLContext:
+    """A client TLS context: the CA bundle given or the system's, the client certificate
+    for mutual TLS if given, and hostname checking unless turned off. SecretUnavailable,
+    naming the variable, if a file cannot be used."""
+    ca = security.ca_file
+    try:
+        context = ssl.create_default_context(cafile=str(ca) if ca is not None else None)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise SecretUnavailable(f"CAFE_KAFKA_SSL_CA_FILE={ca} cannot be used: {exc}") from exc
+    if security.cert_file is not None:
+        try:
+            passphrase = None
+            if security.key_password_file is not None:
+                passphrase = _first_line(security.key_password_file)
+            context.load_cert_chain(security.cert_file, security.key_file, password=passphrase)
+        except (OSError, ValueError) as exc:
+            raise SecretUnavailable(
+                f"CAFE_KAFKA_SSL_CERT_FILE={security.cert_file} (with CAFE_KAFKA_SSL_KEY_FILE "
+                f"and its password file, if set) cannot be used: {exc}"
+            ) from exc
+    context.check_hostname = security.check_hostname
+    return context
+
+
+def _password(security: KafkaSecurity) -> str | None:
+    path = security.sasl_password_file
+    if path is None:
+        return security.sasl_password.value if security.sasl_password is not None else None
+    try:
+        return _first_line(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SecretUnavailable(
+            f"CAFE_KAFKA_SASL_PASSWORD_FILE={path} cannot be read now: {exc}"
+        ) from exc
+
+
+def _first_line(path: Path) -> str:
+    """A secret in a file: its first line, without the line end an editor adds."""
+    return (path.read_text().splitlines() or [""])[0]
+
+
+def token_provider(security: KafkaSecurity) -> AbstractTokenProvider:
+    """The OAUTHBEARER token source the settings name (KafkaSecurity.check: exactly one)."""
+    if security.oauth_token_file is not None:
+        return FileToken(security.oauth_token_file)
+    if security.oauth_token_command is not None:
+        return CommandToken(security.oauth_token_command)
+    if security.msk_iam_region is not None:
+        return MskIamToken(security.msk_iam_region)
+    raise ValueError("OAUTHBEARER without a token source (KafkaSecurity.check refuses that)")
+
+
+class FileToken(AbstractTokenProvider):  # type: ignore[misc]
+    """A token kept in a file by something else (a sidecar, a Kubernetes projected
+    volume); read again whenever the file changes."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._stamp: tuple[int, int] | None = None
+        self._token = ""
+
+    async def token(self) -> str:
+        try:
+            stat = self._path.stat()
+            stamp = (stat.st_mtime_ns, stat.st_size)
+            if stamp != self._stamp:
+                self._token = self._path.read_text().strip()
+                self._stamp = stamp
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SecretUnavailable(
+                f"CAFE_KAFKA_OAUTH_TOKEN_FILE={self._path} cannot be read now: {exc}"
+            ) from exc
+        return self._token
+
+
+class CommandToken(AbstractTokenProvider):  # type: ignore[misc]
+    """A token printed by a command (no shell), run again once most of its lifetime has
+    passed: the JWT's `exp` says how long that is."""
+
+    def __init__(self, command: str) -> None:
+        self._argv = shlex.split(command)
+        self._token = ""
+        self._renew_at = 0.0
+
+    async def token(self) -> str:
+        if time.time() >= self._renew_at:
+            self._token = await self._run()
+            self._renew_at = _renew_at(self._token)
+        return self._token
+
+    async def _run(self) -> str:
+        process = await asyncio.create_subprocess_exec(
+            *self._argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        try:
+            async with asyncio.timeout(_COMMAND_TIMEOUT_S):
+                out, err = await process.communicate()
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            raise SecretUnavailable(
+                f"CAFE_KAFKA_OAUTH_TOKEN_COMMAND did not finish in {_COMMAND_TIMEOUT_S:g}s"
+            ) from None
+        if process.returncode != 0:
+            said = err.decode(errors="replace").strip().splitlines()[:1]
+            raise SecretUnavailable(
+                f"CAFE_KAFKA_OAUTH_TOKEN_COMMAND exited with status {process.returncode}"
+                + (f": {said[0]}" if said else "")
+            )
+        return out.decode().strip()
+
+
+def _renew_at(token: str) -> float:
+    """When to fetch a token again: most of the way to its JWT `exp`, or a fixed while
+    from now if it is not a JWT with one."""
+    now = time.time()
+    expires = _jwt_expiry(token)
+    if expires is None or expires <= now:
+        return now + _UNKNOWN_LIFETIME_S if expires is None else now
+    return now + (expires - now) * _REFRESH_AT
+
+
+def _jwt_expiry(token: str) -> float | None:
+    """The `exp` claim of a JWT (not checked: the broker checks it), or None."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        claims = orjson.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (binascii.Error, ValueError):
+        return None
+    expires = claims.get("exp") if isinstance(claims, dict) else None
+    return float(expires) if isinstance(expires, int | float) else None
+
+
+class MskIamToken(AbstractTokenProvider):  # type: ignore[misc]
+    """Amazon MSK's IAM tokens, signed with the process's AWS credentials by
+    aws-msk-iam-sasl-signer-python (the `msk` extra)."""
+
+    def __init__(self, region: str) -> None:
+        self._region = region
+        self._signer = importlib.import_module("aws_msk_iam_sasl_signer.MSKAuthTokenProvider")
+        self._token = ""
+        self._renew_at = 0.0
+
+    async def token(self) -> str:
+        if time.time() >= self._renew_at:
+            # It resolves credentials with botocore, which may do blocking I/O.
+            token, expiry_ms = await asyncio.get_running_loop().run_in_executor(
+                None, self._signer.generate_auth_token, self._region
+            )
+            now = time.time()
+            self._token = token
+            self._renew_at = now + (expiry_ms / 1000 - now) * _REFRESH_AT
+        return self._token
