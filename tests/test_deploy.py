@@ -4,7 +4,8 @@ Each file is read by the parser of the program that will consume it, and checked
 against the gateway's own code: its metric names, its settings, its endpoints.
 
 - Dockerfile: BuildKit's parser and its lint rules (`docker build --check`);
-- docker-compose.yml: compose-go, the loader behind `docker compose config`;
+- docker-compose.yml: compose-go, the loader behind `docker compose config`, alone and
+  with docker-compose.secure.yml over it;
 - Kubernetes manifests: the Kubernetes JSON schemas that kubernetes-validate bundles
   (strict: unknown fields are errors);
 - alerts.yml: Prometheus' rule file parser, as `promtool check rules` uses it;
@@ -28,7 +29,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
@@ -40,6 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 COMPOSE_FILE = DEPLOY / "docker-compose.yml"
+# Over COMPOSE_FILE: the gateway against a Kafka that asks for TLS and a login.
+COMPOSE_SECURE_FILE = DEPLOY / "docker-compose.secure.yml"
 DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
@@ -50,11 +53,23 @@ DASHBOARD = GRAFANA / "dashboards" / "cafe-gateway.json"
 # kubernetes-validate has, and an older release still common in managed clusters.
 KUBERNETES_VERSIONS = ("1.30", "1.37")
 # Shown in the manifests' directory but deliberately not applied by kustomization.yaml:
-# the Secret's shape, the StatefulSet to apply instead of the Deployment for the spool,
+# the Secrets' shapes, the StatefulSet to apply instead of the Deployment for the spool,
 # and the optional Redis of fleet-wide rate limits.
 SPOOL_STATEFULSET = K8S / "spool-statefulset.yaml"
 K8S_REDIS = K8S / "redis.yaml"
-EXAMPLE_MANIFESTS = {"secret.example.yaml", SPOOL_STATEFULSET.name, K8S_REDIS.name}
+KAFKA_SECRET_EXAMPLE = K8S / "secret-kafka.example.yaml"
+EXAMPLE_MANIFESTS = {
+    "secret.example.yaml",
+    KAFKA_SECRET_EXAMPLE.name,
+    SPOOL_STATEFULSET.name,
+    K8S_REDIS.name,
+}
+# Both workloads: the Deployment, and the StatefulSet of the spool.
+K8S_WORKLOADS = (K8S / "deployment.yaml", SPOOL_STATEFULSET)
+# Where the pods (from the optional Secret cafe-gateway-kafka) and the secure compose file
+# (compose secrets) put the files of Kafka's credentials, and the files that may be there.
+KAFKA_SECRETS_DIR = PurePosixPath("/run/secrets/kafka")
+KAFKA_SECRET_FILES = {"password", "ca.crt", "tls.crt", "tls.key", "token"}
 REDIS_SH = DEPLOY / "redis" / "redis.sh"
 # Where the image, compose and spool-statefulset.yaml keep the spool (CAFE_SPOOL_DIR).
 SPOOL_DIR = "/var/lib/cafe-gateway/spool"
@@ -149,6 +164,68 @@ def check_gateway_env(env: dict[str, str], where: str) -> None:
     unknown = set(cafe) - gateway_setting_names()
     assert not unknown, f"{where} sets variables the gateway does not read: {sorted(unknown)}"
     Settings.from_env(cafe)  # raises ConfigError, naming the variable, on a bad value
+
+
+def commented_examples(path: Path) -> list[dict[str, str]]:
+    """Each run of commented-out `# CAFE_NAME: value` lines in `path`, as settings."""
+    examples: list[dict[str, str]] = []
+    example: dict[str, str] = {}
+    for line in [*path.read_text(encoding="utf-8").splitlines(), ""]:
+        match = re.fullmatch(r" *# (CAFE_[A-Z0-9_]+: .+)", line)
+        if match:
+            [(name, value)] = yaml.safe_load(match[1]).items()
+            assert name not in example, f"{path.name}: {name} twice in one example"
+            example[name] = str(value)
+        elif example:
+            examples.append(example)
+            example = {}
+    return examples
+
+
+def kafka_secret_files(env: dict[str, str]) -> dict[str, PurePosixPath]:
+    """The settings of `env` whose value is a path under KAFKA_SECRETS_DIR."""
+    return {
+        name: PurePosixPath(value)
+        for name, value in env.items()
+        if PurePosixPath(value).is_relative_to(KAFKA_SECRETS_DIR)
+    }
+
+
+def check_kafka_example(
+    env: dict[str, str], where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Any:
+    """`env` is a configuration the gateway starts with once the files it names under
+    KAFKA_SECRETS_DIR are there: each is made in `tmp_path`, and `env` points there.
+    Returns the Settings."""
+    from gateway.config import Settings
+
+    # The files made here are placeholders, not PEM: the TLS context is not built.
+    monkeypatch.setattr("gateway.kafkaauth.ssl_context", lambda security: None)
+    local = dict(env)
+    for name, path in kafka_secret_files(env).items():
+        file = tmp_path / path.relative_to(KAFKA_SECRETS_DIR)
+        file.write_text("placeholder\n", encoding="utf-8")
+        local[name] = str(file)
+    check_gateway_env(local, where)
+    return Settings.from_env({k: v for k, v in local.items() if k.startswith("CAFE_")})
+
+
+# --- Settings named in deploy/ -------------------------------------------------------
+
+
+def deploy_yaml_files() -> list[Path]:
+    return sorted([*K8S.glob("*.yaml"), *DEPLOY.glob("docker-compose*.yml")])
+
+
+@pytest.mark.parametrize("path", deploy_yaml_files(), ids=lambda p: p.name)
+def test_deploy_files_name_only_declared_settings(path: Path) -> None:
+    """Every CAFE_ variable a manifest or compose file names, set or in a comment (the
+    commented-out examples included), is one the gateway declares."""
+    from gateway.config import declared_variables
+
+    declared = {variable.name for variable, _ in declared_variables()}
+    named = set(re.findall(r"\bCAFE_[A-Z0-9_]+", path.read_text(encoding="utf-8")))
+    assert not named - declared, f"{path.name} names undeclared settings: {named - declared}"
 
 
 # --- Dockerfile ----------------------------------------------------------------------
@@ -286,6 +363,84 @@ def test_compose_redis_is_optional_internal_and_what_the_gateway_would_use(
     url = urlsplit(commented_setting(COMPOSE_FILE, "CAFE_RATELIMIT_STORAGE"))
     assert (url.scheme, url.hostname, url.port) == ("redis", "redis", 6379)
     assert "--port" not in command
+
+
+@pytest.fixture(scope="session")
+def compose_secure(tools: Tools, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """docker-compose.yml with docker-compose.secure.yml over it, as `docker compose -f
+    docker-compose.yml -f docker-compose.secure.yml config` loads them (compose's include
+    merges a list of files that way), with the variables the secure file asks for."""
+    where = tmp_path_factory.mktemp("compose-secure")
+    env_file = where / "env"
+    env_file.write_text(
+        f"KAFKA_BOOTSTRAP=kafka-1.example.com:9093,kafka-2.example.com:9093\n"
+        f"KAFKA_SECRETS_DIR={where}\n",
+        encoding="utf-8",
+    )
+    include = {"path": [str(COMPOSE_FILE), str(COMPOSE_SECURE_FILE)], "env_file": str(env_file)}
+    wrapper = where / "compose.yml"
+    wrapper.write_text(yaml.safe_dump({"name": "cafe-gateway", "include": [include]}))
+    report: dict[str, Any] = deploycheck(tools, "compose", str(wrapper))
+    return report
+
+
+class ComposeLoader(yaml.SafeLoader):  # type: ignore[misc]
+    """PyYAML's safe loader, reading compose's `!reset` tag (a value dropped) as None."""
+
+
+ComposeLoader.add_constructor("!reset", lambda loader, node: None)
+
+
+def test_compose_secure_file_uses_another_kafka(
+    compose: dict[str, Any], compose_secure: dict[str, Any]
+) -> None:
+    # Over docker-compose.yml, the gateway neither waits for nor starts the compose Kafka.
+    assert set(compose_secure["services"]) == set(compose["services"]) - {"kafka"}
+    assert not compose_secure["missing_files"], compose_secure["missing_files"]
+    gateway = compose_secure["services"]["gateway"]
+    assert gateway["depends_on"] == {}
+    env = gateway["environment"]
+    assert env["CAFE_KAFKA_BOOTSTRAP"] == "kafka-1.example.com:9093,kafka-2.example.com:9093"
+    assert env["CAFE_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+    # The rest of the gateway is docker-compose.yml's.
+    plain = compose["services"]["gateway"]
+    assert gateway["volumes"] == plain["volumes"]
+    kafka_settings = {k for k in env if k.startswith("CAFE_KAFKA_")}
+    assert {k: v for k, v in env.items() if k not in kafka_settings} == {
+        k: v for k, v in plain["environment"].items() if k not in kafka_settings
+    }
+    # Alone, docker-compose.yml is for an open Kafka.
+    assert "CAFE_KAFKA_SECURITY_PROTOCOL" not in plain["environment"]
+
+
+def test_compose_secure_secrets_are_files_under_run_secrets_kafka(
+    compose_secure: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each file the secure settings name is a compose secret (a file on the host)
+    mounted there, and each mounted secret is named by a setting."""
+    text = COMPOSE_SECURE_FILE.read_text(encoding="utf-8")
+    secure = yaml.load(text, Loader=ComposeLoader)  # noqa: S506 (a SafeLoader)
+    mounted = {
+        PurePosixPath(s["target"]): s["source"] for s in secure["services"]["gateway"]["secrets"]
+    }
+    for target, source in mounted.items():
+        assert target.parent == KAFKA_SECRETS_DIR, target
+        assert target.name in KAFKA_SECRET_FILES, target
+        assert set(secure["secrets"][source]) == {"file"}, f"secret {source}: not a file"
+    env = compose_secure["services"]["gateway"]["environment"]
+    files = kafka_secret_files(env)
+    assert set(files.values()) == set(mounted), "settings and mounted secrets differ"
+    settings = check_kafka_example(env, COMPOSE_SECURE_FILE.name, tmp_path, monkeypatch)
+    assert settings.kafka.security.protocol == "SASL_SSL"
+    # The commented-out mutual TLS: the SASL settings replaced by its lines, its files
+    # among the secrets commented out beside the others.
+    [mtls] = commented_examples(COMPOSE_SECURE_FILE)
+    commented = {PurePosixPath(t) for t in re.findall(r"^ *#\s+target: (\S+)$", text, re.M)}
+    assert set(kafka_secret_files(mtls).values()) <= set(mounted) | commented
+    env = {k: v for k, v in env.items() if not k.startswith("CAFE_KAFKA_SASL_")} | mtls
+    settings = check_kafka_example(env, f"{COMPOSE_SECURE_FILE.name}, mTLS", tmp_path, monkeypatch)
+    assert settings.kafka.security.protocol == "SSL"
+    assert settings.kafka.security.cert_file is not None
 
 
 def test_compose_prometheus_scrapes_the_gateway_and_loads_the_alerts(
@@ -453,6 +608,84 @@ def test_keys_file_comes_from_the_secret() -> None:
     example = load_yaml(K8S / "secret.example.yaml")
     assert example["metadata"]["name"] == secret["secretName"]
     json.loads(example["stringData"][keys_file.name])
+
+
+@pytest.mark.parametrize("path", K8S_WORKLOADS, ids=lambda p: p.name)
+def test_kafka_secret_is_an_optional_directory(path: Path) -> None:
+    pod = load_yaml(path)["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    mount = mounts[str(KAFKA_SECRETS_DIR)]
+    # The whole directory, not a subPath: only then do Secret updates reach the files.
+    assert "subPath" not in mount
+    assert "subPathExpr" not in mount
+    assert mount["readOnly"] is True
+    # Nor a file of it mounted inside on its own.
+    inside = [p for p in mounts if PurePosixPath(p).parent.is_relative_to(KAFKA_SECRETS_DIR)]
+    assert not inside, inside
+    secret = {v["name"]: v for v in pod["volumes"]}[mount["name"]]["secret"]
+    assert secret["secretName"] == load_yaml(KAFKA_SECRET_EXAMPLE)["metadata"]["name"]
+    # A Kafka that asks for no credentials needs no Secret: the pod starts without it.
+    assert secret["optional"] is True
+    # Every key of the Secret a file: a list of items would leave out those it does not name.
+    assert "items" not in secret
+    # Readable by the gateway (fsGroup), by no one else.
+    assert secret["defaultMode"] & 0o440 == 0o440
+    assert secret["defaultMode"] & 0o007 == 0
+    assert "fsGroup" in pod["securityContext"]
+
+
+def test_kafka_example_secret_holds_the_files_and_no_secret() -> None:
+    example = load_yaml(KAFKA_SECRET_EXAMPLE)
+    assert example["kind"] == "Secret"
+    assert example["type"] == "Opaque"
+    data = example["stringData"]
+    assert set(data) == KAFKA_SECRET_FILES
+    assert all(value.startswith("PLACEHOLDER") for value in data.values()), data
+    # Its comments show how to make the real one, from files under these names.
+    text = KAFKA_SECRET_EXAMPLE.read_text(encoding="utf-8")
+    assert f"kubectl create secret generic {example['metadata']['name']} " in text
+    from_files = set(re.findall(r"--from-file=([^=\s]+)=", text))
+    assert from_files
+    assert from_files <= KAFKA_SECRET_FILES
+
+
+def test_configmap_kafka_examples_read_the_secret_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commented-out examples of configmap.yaml (SCRAM over TLS, mutual TLS, a token)
+    name files of the mounted Secret, and each makes a configuration the gateway takes."""
+    from gateway.config import KafkaSecurity, Settings
+
+    objects = k8s_objects()
+    config = objects["ConfigMap"]["data"]
+    [container] = objects["Deployment"]["spec"]["template"]["spec"]["containers"]
+    env = {**config, **{e["name"]: e["value"] for e in container["env"]}}
+    # Uncommented, none of them: the defaults (PLAINTEXT) stay, for an open Kafka.
+    assert Settings.from_env(env).kafka.security == KafkaSecurity()
+    examples = [
+        example
+        for example in commented_examples(K8S / "configmap.yaml")
+        if "CAFE_KAFKA_SECURITY_PROTOCOL" in example
+    ]
+    kinds = {
+        (e["CAFE_KAFKA_SECURITY_PROTOCOL"], e.get("CAFE_KAFKA_SASL_MECHANISM")) for e in examples
+    }
+    assert {("SASL_SSL", "SCRAM-SHA-512"), ("SSL", None)} <= kinds, kinds
+    named = set()
+    for example in examples:
+        files = kafka_secret_files(example)
+        file_settings = {name for name in example if name.endswith("_FILE")}
+        assert set(files) == file_settings, f"files outside {KAFKA_SECRETS_DIR}: {example}"
+        for path in files.values():
+            # The Secret's keys are files right in the directory.
+            assert path.parent == KAFKA_SECRETS_DIR, path
+            assert path.name in KAFKA_SECRET_FILES, path
+            named.add(path.name)
+        where = f"configmap.yaml's example {sorted(example.items())}"
+        check_kafka_example({**env, **example}, where, tmp_path, monkeypatch)
+    # Each file the example Secret holds is used by one of the examples.
+    assert named == KAFKA_SECRET_FILES
 
 
 def test_configmap_is_a_valid_gateway_configuration() -> None:
