@@ -29,7 +29,7 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from gateway.config import KafkaSettings
 from gateway.errors import KafkaForbidden, KafkaTopicMissing, KafkaUnavailable, RecordTooLarge
-from gateway.kafkaauth import KafkaAuth, Problem
+from gateway.kafkaauth import KafkaAuth, Problem, explain_refusal
 from gateway.metrics import Metrics
 from gateway.sink import Message
 from gateway.topics import missing_topics, prepare_topics
@@ -905,6 +905,9 @@ class KafkaSink:
                 problem = await self._auth.diagnose()
         except TimeoutError:
             problem = Problem("unreachable", f"Kafka at {self._settings.bootstrap} did not answer")
+        if problem is None:
+            # Connected and authenticated, then refused: e.g. a producer id.
+            problem = explain_refusal(exc, self._settings.bootstrap, self._settings.security)
         if problem is None or problem.cause == "unreachable":
             # Kafka answered this time (the failure came after connecting, e.g. while
             # creating topics), or is not there yet: a state that mends itself.

@@ -115,6 +115,14 @@ def explain(exc: BaseException, server: str, security: KafkaSecurity) -> Problem
     )
 
 
+def explain_refusal(exc: BaseException, server: str, security: KafkaSecurity) -> Problem | None:
+    """A refusal that came once connected (the connection itself was fine), in words;
+    None if `exc` is not one of those."""
+    if isinstance(exc, errors.ClusterAuthorizationFailedError):
+        return _explain(exc, f"Kafka at {server}", security)
+    return None
+
+
 def _explain(exc: BaseException, at: str, security: KafkaSecurity) -> Problem | None:
     if isinstance(exc, SecretUnavailable):
         return Problem("secret_unavailable", str(exc))
@@ -124,6 +132,15 @@ def _explain(exc: BaseException, at: str, security: KafkaSecurity) -> Problem | 
             "sasl_authentication",
             f"{at} refused the gateway's {security.sasl_mechanism} credentials for {who}: "
             f"check CAFE_KAFKA_SASL_USERNAME and the password or token ({exc})",
+        )
+    if isinstance(exc, errors.ClusterAuthorizationFailedError):
+        # An idempotent producer's id needs Write on some topic (or, before Kafka 3.0,
+        # IdempotentWrite on the cluster).
+        return Problem(
+            "not_authorized",
+            f"{at} took the gateway's credentials but lets it write to no topic "
+            f"(CLUSTER_AUTHORIZATION_FAILED): grant its principal Write and Describe on "
+            f"its topics",
         )
     if isinstance(exc, errors.UnsupportedSaslMechanismError):
         return Problem(
@@ -167,7 +184,12 @@ def _explain(exc: BaseException, at: str, security: KafkaSecurity) -> Problem | 
 # X509_V_ERR_HOSTNAME_MISMATCH, in OpenSSL's x509_vfy.h.
 _HOSTNAME_MISMATCH = 62
 # TLS alerts a server sends when it refuses the client's certificate, or has none.
-_CLIENT_CERT_REFUSED = ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNKNOWN_CA")
+_CLIENT_CERT_REFUSED = (
+    "CERTIFICATE_REQUIRED",
+    "BAD_CERTIFICATE",
+    "CERTIFICATE_UNKNOWN",
+    "UNKNOWN_CA",
+)
 
 
 def ssl_context(security: KafkaSecurity) -> ssl.SSLContext:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -156,6 +157,104 @@ def spare_broker() -> Iterator[tuple[str, dict[str, str]]]:
         yield f"127.0.0.1:{env['CAFE_KAFKA_PORT']}", env
     finally:
         # Its data and logs go too: each test run would otherwise leave a directory.
+        subprocess.run([str(KAFKA_SH), "destroy"], env=env, check=True, capture_output=True)
+
+
+@dataclass(frozen=True)
+class SecureBroker:
+    """A broker of `kafka.sh up --secure`: PLAINTEXT as on any other broker (its clients
+    are super users), plus listeners that authenticate the users `admin` and `gateway`
+    (SASL_SSL and SASL_PLAINTEXT: PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, and OAUTHBEARER with
+    unsigned tokens whose `sub` names the user; SSL: client certificates of `ca_file`,
+    whose CN is the user), and ACLs. `gateway` may do nothing until a test grants it
+    something with `acls`."""
+
+    plaintext: str  # bootstrap addresses
+    sasl_ssl: str
+    ssl: str
+    sasl_plaintext: str
+    ca_file: Path  # the CA of the broker's certificate and of the client certificates it takes
+    client_cert_file: Path  # CN=gateway, of ca_file: User:gateway on the SSL listener
+    client_key_file: Path
+    other_ca_file: Path  # a CA the broker neither has a certificate of nor trusts
+    other_client_cert_file: Path  # CN=gateway, of other_ca_file: the broker refuses it
+    other_client_key_file: Path
+    admin_password: str
+    gateway_password: str
+    env: dict[str, str]  # what kafka.sh needs to act on this broker (and no other)
+    started_in_s: float  # how long `kafka.sh up --secure` took
+
+    def acls(self, *args: str) -> str:
+        """Kafka's ACL command (kafka-acls) with `args` as a super user, e.g. `"--add",
+        "--allow-principal", "User:gateway", "--operation", "Write", "--topic", name`;
+        returns what it printed. Fails the test if it fails."""
+        done = subprocess.run(
+            [str(KAFKA_SH), "acls", "--", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if done.returncode != 0:
+            pytest.fail(f"kafka.sh acls -- {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
+        return done.stdout
+
+
+@pytest.fixture(scope="module")
+def secure_broker() -> Iterator[SecureBroker]:
+    """A `kafka.sh up --secure` broker on free ports for the module's tests (starting one
+    takes 10-20 s); deleted afterwards, certificates and passwords with it."""
+    import shlex
+
+    port, controller_port, sasl_ssl_port, ssl_port, sasl_plaintext_port = consecutive_free_ports(5)
+    env = {
+        **os.environ,
+        "CAFE_KAFKA_PORT": str(port),
+        "CAFE_KAFKA_CONTROLLER_PORT": str(controller_port),
+        "CAFE_KAFKA_SASL_SSL_PORT": str(sasl_ssl_port),
+        "CAFE_KAFKA_SSL_PORT": str(ssl_port),
+        "CAFE_KAFKA_SASL_PLAINTEXT_PORT": str(sasl_plaintext_port),
+    }
+    started = time.monotonic()
+    try:
+        up = subprocess.run(
+            [str(KAFKA_SH), "up", "--secure"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        if up.returncode != 0:
+            pytest.fail(f"the secure broker did not start:\n{up.stderr}")
+        started_in_s = time.monotonic() - started
+        # The last line of kafka.sh's messages names client.env.
+        client_env = Path(up.stderr.strip().splitlines()[-1].rpartition(": ")[2])
+        settings = dict(
+            shlex.split(line)[0].split("=", 1)
+            for line in client_env.read_text().splitlines()
+            if line and not line.startswith("#")
+        )
+        yield SecureBroker(
+            plaintext=settings["PLAINTEXT_BOOTSTRAP"],
+            sasl_ssl=settings["SASL_SSL_BOOTSTRAP"],
+            ssl=settings["SSL_BOOTSTRAP"],
+            sasl_plaintext=settings["SASL_PLAINTEXT_BOOTSTRAP"],
+            ca_file=Path(settings["CA_FILE"]),
+            client_cert_file=Path(settings["CLIENT_CERT_FILE"]),
+            client_key_file=Path(settings["CLIENT_KEY_FILE"]),
+            other_ca_file=Path(settings["OTHER_CA_FILE"]),
+            other_client_cert_file=Path(settings["OTHER_CLIENT_CERT_FILE"]),
+            other_client_key_file=Path(settings["OTHER_CLIENT_KEY_FILE"]),
+            admin_password=Path(settings["ADMIN_PASSWORD_FILE"]).read_text().strip(),
+            gateway_password=Path(settings["GATEWAY_PASSWORD_FILE"]).read_text().strip(),
+            env=env,
+            started_in_s=started_in_s,
+        )
+    finally:
+        # Its data, logs, certificates and passwords go too (see spare_broker); also after
+        # a failed start, which may have left them.
         subprocess.run([str(KAFKA_SH), "destroy"], env=env, check=True, capture_output=True)
 
 
@@ -298,3 +397,34 @@ async def consume_all(
 ) -> list[ConsumerRecord]:
     """Every message on `topic`, read up to the end offsets it has now (see `consume`)."""
     return [message async for message in consume(bootstrap, topic, partitions)]
+
+
+def kafka_libs() -> Path:
+    """The Kafka jars the local broker runs on (fetched if need be): the Java client."""
+    subprocess.run([str(KAFKA_SH), "fetch"], check=True, capture_output=True, timeout=300)
+    home = Path(
+        os.environ.get("CAFE_KAFKA_HOME", Path.home() / ".cache" / "cafe-gateway" / "kafka")
+    )
+    version = re.search(
+        r"<kafka.version>(.+)</kafka.version>", (KAFKA_SH.parent / "pom.xml").read_text()
+    )
+    assert version is not None
+    return home / version.group(1) / "libs"
+
+
+async def java_consume(
+    bootstrap: str, topic: str, count: int, client_properties: Path | None = None
+) -> list[str]:
+    """The first `count` records of `topic` as the Java client reads them ("KEY\\tVALUE"
+    lines; tests/integration/Consume.java), with `client_properties`' security settings."""
+    source = Path(__file__).with_name("Consume.java")
+    args = [bootstrap, topic, str(count)]
+    if client_properties is not None:
+        args.append(str(client_properties))
+    process = await asyncio.create_subprocess_exec(
+        "java", "-cp", f"{kafka_libs()}/*", str(source), *args,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await process.communicate()
+    assert process.returncode == 0, err.decode(errors="replace")[-2000:]
+    return out.decode().splitlines()

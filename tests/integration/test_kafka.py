@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import os
 import random
-import re
 import subprocess
 import uuid
 from collections import Counter
@@ -28,12 +26,12 @@ from gateway.metrics import Metrics
 from gateway.sink import Message
 from tests.conftest import AiohttpClient
 from tests.integration.conftest import (
-    KAFKA_SH,
     TOPIC_PARTITIONS,
     Broker,
     consume_all,
     delete_topics,
     eventually,
+    kafka_libs,
 )
 from tests.integration.tcp_proxy import TcpProxy, free_port
 from tests.integration.test_outage import broker_pid, frozen
@@ -145,14 +143,7 @@ async def test_readyz_stays_503_while_the_port_is_closed(aiohttp_client: Aiohttp
 
 def test_partitions_agree_with_the_java_client() -> None:
     # The jars the local broker runs on hold the Java client's own murmur2.
-    subprocess.run([str(KAFKA_SH), "fetch"], check=True, capture_output=True, timeout=300)
-    home = Path(
-        os.environ.get("CAFE_KAFKA_HOME", Path.home() / ".cache" / "cafe-gateway" / "kafka")
-    )
-    pom = (KAFKA_SH.parent / "pom.xml").read_text()
-    version = re.search(r"<kafka.version>(.+)</kafka.version>", pom)
-    assert version is not None
-    libs = home / version.group(1) / "libs"
+    libs = kafka_libs()
     keys = [str(uuid.UUID(int=random.Random(i).getrandbits(128))) for i in range(200)]
     result = subprocess.run(
         ["java", "-cp", f"{libs}/*", str(Path(__file__).with_name("Partitions.java")), "6", *keys],

@@ -20,7 +20,9 @@ offsets, and:
   vanished client; the gateway's memory stayed under RSS_LIMIT_BYTES.
 
 Every discrepancy is collected and reported at once, and `make test` ends with a line
-counting what was sent and found.
+counting what was sent and found. The run is made three times: with Kafka up; with the
+spool on and Kafka out of reach until half the requests are answered; and over SASL_SSL
+(a SCRAM login, zstd compression) to a secured broker where the gateway may only write.
 """
 
 from __future__ import annotations
@@ -46,9 +48,17 @@ import brotli
 import orjson
 import pytest
 from aiokafka import ConsumerRecord
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from backports import zstd
 
-from tests.integration.conftest import Broker, consume, delete_topics, eventually, summarise
+from tests.integration.conftest import (
+    Broker,
+    SecureBroker,
+    consume,
+    delete_topics,
+    eventually,
+    summarise,
+)
 from tests.integration.tcp_proxy import TcpProxy, free_port
 from tests.integration.test_outage import GATEWAY_PARTITIONS, watch_rss
 from tests.integration.test_serve import gateway_env, ready_in_a_row, running
@@ -722,7 +732,7 @@ def check_gateway(traffic: Traffic, run: Run, books: Books) -> None:
         books.wrong(f"peak RSS past {RSS_LIMIT_BYTES >> 20} MiB", run.rss_peak >> 20)
 
 
-def summary(traffic: Traffic, ledger: Ledger, found: list[int], run: Run) -> str:
+def summary(traffic: Traffic, ledger: Ledger, found: list[int], run: Run, case: str) -> str:
     """One line of what was sent, answered and found."""
     statuses = Counter(sent.status for sent in traffic.sent)
     refused = sum(n for s, n in statuses.items() if s and 400 <= s < 500 and s != 422)
@@ -734,7 +744,7 @@ def summary(traffic: Traffic, ledger: Ledger, found: list[int], run: Run) -> str
     dead = [sent.records[index] for sent, index in ledger.dead.values()]
     *accepted, dead_once = found
     return (
-        f"mixed traffic: {len(traffic.sent)} requests from {CLIENTS} clients, "
+        f"mixed traffic, Kafka {case}: {len(traffic.sent)} requests from {CLIENTS} clients, "
         f"{traffic.peak_in_flight} in flight at once, {run.seconds:.0f} s "
         f"({statuses[200]} 200, {statuses[207]} 207, {statuses[422]} 422, {refused} other 4xx, "
         f"{traffic.vanished()} vanished mid-body, {failed.total()} 5xx or unanswered, "
@@ -757,34 +767,71 @@ async def topic_prefix(kafka: Broker) -> AsyncIterator[str]:
     await delete_topics(kafka.bootstrap, lambda t: t.startswith(prefix + "."))
 
 
-@pytest.mark.parametrize("kafka_at_start", ["up", "away, with the spool on"])
+async def secured(broker: SecureBroker, prefix: str, directory: Path) -> dict[str, str]:
+    """The gateway's topics made on the secure broker, with only the rights it needs, and
+    the settings of a SCRAM login over SASL_SSL with zstd compression."""
+    names = [f"{prefix}.{name}" for name in (*TYPES, "deadletter")]
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker.plaintext)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, GATEWAY_PARTITIONS, 1) for name in names])
+    finally:
+        await admin.close()
+    topics = [arg for name in names for arg in ("--topic", name)]
+    broker.acls(
+        "--add", "--allow-principal", "User:gateway",
+        "--operation", "Write", "--operation", "Describe", *topics,
+    )  # fmt: skip
+    password = directory / "kafka-password"
+    password.write_text(broker.gateway_password)
+    return {
+        "CAFE_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+        "CAFE_KAFKA_SSL_CA_FILE": str(broker.ca_file),
+        "CAFE_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+        "CAFE_KAFKA_SASL_USERNAME": "gateway",
+        "CAFE_KAFKA_SASL_PASSWORD_FILE": str(password),
+        "CAFE_KAFKA_COMPRESSION": "zstd",
+    }
+
+
+@pytest.mark.parametrize(
+    "kafka_at_start", ["up", "away, with the spool on", "up, over SASL_SSL with zstd"]
+)
 async def test_mixed_traffic_balances_the_books(
     kafka: Broker,
     key_file: KeyFile,
     topic_prefix: str,
     pytestconfig: pytest.Config,
+    request: pytest.FixtureRequest,
     tmp_path: Path,
     kafka_at_start: str,
 ) -> None:
     """With the spool on, the gateway's way to Kafka opens halfway through: the first
-    half of the traffic is spooled, and the books must balance all the same."""
+    half of the traffic is spooled, and the books must balance all the same. Over
+    SASL_SSL, a secured broker of the module's own, where the gateway may only write."""
     beacon_key, _ = key_file.add(PLATFORM, origins=(ORIGIN,), browser=True)
     traffic = Traffic(free_port(), Keys(key_file.key, beacon_key))
-    spool = kafka_at_start != "up"
+    spool = kafka_at_start.startswith("away")
     proxy = TcpProxy(kafka.bootstrap) if spool else None
+    target, security, read_at = kafka, {}, kafka.bootstrap
+    if "SASL_SSL" in kafka_at_start:
+        broker: SecureBroker = request.getfixturevalue("secure_broker")
+        security = await secured(broker, topic_prefix, tmp_path)
+        target, read_at = Broker(broker.sasl_ssl, "the secure broker"), broker.plaintext
     env = gateway_env(
         traffic.port,
-        Broker(f"127.0.0.1:{proxy.port}", "a proxy, closed") if proxy else kafka,
+        Broker(f"127.0.0.1:{proxy.port}", "a proxy, closed") if proxy else target,
         key_file,
         topic_prefix,
         CAFE_WORKERS="1",
         CAFE_MAX_INFLIGHT_BYTES=str(INFLIGHT_CAP_BYTES),
         **GATEWAY_TIMEOUTS,
         **({"CAFE_SPOOL_DIR": str(tmp_path / "spool")} if spool else {}),
+        **security,
     )
 
     def topic(name: str) -> AsyncIterator[ConsumerRecord]:
-        return consume(kafka.bootstrap, f"{topic_prefix}.{name}", GATEWAY_PARTITIONS)
+        return consume(read_at, f"{topic_prefix}.{name}", GATEWAY_PARTITIONS)
 
     async with contextlib.AsyncExitStack() as stack:
         if proxy is not None:
@@ -800,7 +847,7 @@ async def test_mixed_traffic_balances_the_books(
             check_dead_letters(topic("deadletter"), ledger, books),
         )
         check_gateway(traffic, run, books)
-        summarise(pytestconfig, summary(traffic, ledger, found, run))
+        summarise(pytestconfig, summary(traffic, ledger, found, run, kafka_at_start))
         log = await gateway.stop()
     errors = [line for line in log.splitlines() if '"level":"ERROR"' in line][:5]
     assert not books, books.report() + "\ngateway errors:\n" + "\n".join(errors)
