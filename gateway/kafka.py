@@ -46,6 +46,10 @@ _DIAGNOSE_S = 2.0
 # batch costs a new producer (its sequence numbers are spent), so not more often.
 _TOPICS_EVERY_S = 30.0
 _FORBIDDEN_PROBE_S = 10.0
+# Watch rounds (of _HEALTH_EVERY_S) a new client must get in while the producer gets no
+# answer, before the producer is taken for one with stale credentials: one could be a
+# broker coming back, which the producer would reach a moment later.
+_STALE_ROUNDS = 2
 # A readiness probe that cannot reach a broker within this time answers "not ready".
 _READY_TIMEOUT_S = 2.0
 # Room for a W500 request's share of one partition in one batch (records are ~0.5 KiB),
@@ -425,8 +429,10 @@ class KafkaSink:
         self._topics = settings.topics.by_record_type()
         self.metrics = metrics
         self._auth = KafkaAuth(settings)
-        # Why the last try to connect failed, while no producer could be made.
+        # Why the last try to connect failed, while no producer could be made (or none of
+        # its brokers answered it).
         self.problem: Problem | None = None
+        self._stale_rounds = 0  # watch rounds a new client got in and the producer did not
         # Topics that do not exist, looked for again every _TOPICS_EVERY_S meanwhile.
         self._missing: set[str] = set()
         self._looking: asyncio.Task[None] | None = None
@@ -594,7 +600,46 @@ class KafkaSink:
             if not answering:
                 for batcher in list(self._batchers.values()):
                     batcher.mark_down()
+                await self._check_credentials()
+            else:
+                self._stale_rounds = 0
+                if self.problem is not None:
+                    self._connected()
             await asyncio.sleep(_HEALTH_EVERY_S)
+
+    async def _check_credentials(self) -> None:
+        """No broker answers the producer. With TLS or SASL, its credentials may be stale:
+        a password or certificate rotated, and its connections since dropped. A client made
+        now reads the files again: if Kafka lets that one in, round after round, a new
+        producer takes over (it reads them too); if not, the reason is told, as at start."""
+        producer = self._producer
+        if self._settings.security.protocol == "PLAINTEXT" or self._renewing is not None:
+            return
+        try:
+            async with asyncio.timeout(_DIAGNOSE_S):
+                problem = await self._auth.diagnose()
+        except TimeoutError:
+            return  # the cluster is away, not the credentials
+        if problem is not None:
+            self._stale_rounds = 0
+            if problem.cause != "unreachable" and problem != self.problem:
+                log.error(
+                    "cannot use Kafka: %s; trying again every %gs", problem.words, _HEALTH_EVERY_S
+                )
+            self._set_problem(problem)
+            return
+        self._stale_rounds += 1
+        if self._stale_rounds < _STALE_ROUNDS or producer is not self._producer:
+            return
+        self._stale_rounds = 0
+        log.warning(
+            "Kafka at %s lets a new client in with the credentials as the files hold them "
+            "now, and answers none of the producer's connections: a new producer takes over",
+            self._settings.bootstrap,
+        )
+        if self.metrics is not None:
+            self.metrics.producer_renewals.labels("stale_credentials").inc()
+        self._renewing = asyncio.create_task(self._renew(producer), name="kafka-renew")
 
     async def send(
         self,

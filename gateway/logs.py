@@ -97,7 +97,8 @@ class BootstrapFailures(logging.Filter):
     (gateway/kafka.py, `_cannot_connect`)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not (isinstance(record.msg, str) and record.msg.startswith("Unable connect to")):
+        # Its bootstrap's line (a known broker's, "Unable connect to node ...", stays).
+        if not (isinstance(record.msg, str) and record.msg.startswith('Unable connect to "')):
             return True
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)

@@ -14,6 +14,10 @@
 #                    PLAINTEXT listener, as a super user; for a node started with --secure,
 #                    e.g. kafka.sh acls -- --add --allow-principal User:gateway \
 #                                          --operation Write --operation Describe --topic T
+#   kafka.sh configs -- ARGS...
+#                    the same with Kafka's config command (kafka-configs), e.g. a SCRAM
+#                    user's new password: kafka.sh configs -- --alter --entity-type users \
+#                    --entity-name gateway --add-config 'SCRAM-SHA-512=[password=...]'
 #
 #   --secure         (up, fetch; single node only) a node that also has SASL_SSL, SSL (mutual
 #                    TLS) and SASL_PLAINTEXT listeners, the users admin and gateway (PLAIN,
@@ -530,10 +534,12 @@ status() {
     fi
 }
 
-# Kafka's ACL command (what kafka-acls.sh runs) with ARGS, against the node's PLAINTEXT
-# listener: its clients are super users (see secure.properties.in).
-acls() {
-    local java
+# One of Kafka's tools (CLASS: AclCommand, what kafka-acls.sh runs, or ConfigCommand)
+# with ARGS, against the node's PLAINTEXT listener: its clients are super users (see
+# secure.properties.in).
+tool() {
+    local class=$1 java
+    shift
     java=$(java_bin)
     if ! broker_pid >/dev/null; then
         say "not running on 127.0.0.1:$port; start it with kafka.sh up --secure"
@@ -545,7 +551,7 @@ acls() {
     fi
     fetch_tools
     "$java" -Xmx128m -Dlog4j2.configurationFile="$here/tools-log4j2.properties" \
-        -cp "$libs/*:$tools/*" org.apache.kafka.tools.AclCommand \
+        -cp "$libs/*:$tools/*" "org.apache.kafka.tools.$class" \
         --bootstrap-server "127.0.0.1:$port" "$@"
 }
 
@@ -753,8 +759,8 @@ command=${1:-}
 [ $# -eq 0 ] || shift
 nodes=
 secure=
-# What follows `--` goes to the ACL command as it is.
-acl_args=()
+# What follows `--` goes to the ACL or config command as it is.
+tool_args=()
 while [ $# -gt 0 ]; do
     case $1 in
         --secure)
@@ -762,9 +768,9 @@ while [ $# -gt 0 ]; do
             shift
             ;;
         --)
-            [ "$command" = acls ] || usage
+            [ "$command" = acls ] || [ "$command" = configs ] || usage
             shift
-            acl_args=("$@")
+            tool_args=("$@")
             break
             ;;
         --nodes)
@@ -804,7 +810,8 @@ case "$command${nodes:+ --nodes}" in
         [ -z "$secure" ] || fetch_tools
         ;;
     logs) show_log_tail ;;
-    acls) acls "${acl_args[@]}" ;;
+    acls) tool AclCommand "${tool_args[@]}" ;;
+    configs) tool ConfigCommand "${tool_args[@]}" ;;
     "up --nodes") cluster_up ;;
     "down --nodes") cluster_down ;;
     "destroy --nodes") cluster_destroy ;;

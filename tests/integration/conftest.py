@@ -184,12 +184,19 @@ class SecureBroker:
     env: dict[str, str]  # what kafka.sh needs to act on this broker (and no other)
     started_in_s: float  # how long `kafka.sh up --secure` took
 
+    def configs(self, *args: str) -> str:
+        """Kafka's config command (kafka-configs) with `args` as a super user."""
+        return self._tool("configs", *args)
+
     def acls(self, *args: str) -> str:
         """Kafka's ACL command (kafka-acls) with `args` as a super user, e.g. `"--add",
         "--allow-principal", "User:gateway", "--operation", "Write", "--topic", name`;
         returns what it printed. Fails the test if it fails."""
+        return self._tool("acls", *args)
+
+    def _tool(self, command: str, *args: str) -> str:
         done = subprocess.run(
-            [str(KAFKA_SH), "acls", "--", *args],
+            [str(KAFKA_SH), command, "--", *args],
             env=self.env,
             capture_output=True,
             text=True,
@@ -197,7 +204,9 @@ class SecureBroker:
             check=False,
         )
         if done.returncode != 0:
-            pytest.fail(f"kafka.sh acls -- {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
+            pytest.fail(
+                f"kafka.sh {command} -- {' '.join(args)} failed:\n{done.stdout}{done.stderr}"
+            )
         return done.stdout
 
 

@@ -2,7 +2,7 @@
 from CAFE_* variables: each way in (SCRAM and PLAIN over SASL_SSL, mutual TLS,
 OAUTHBEARER), the reasons it cannot connect told once and fixed without a restart, and a
 principal with the least rights: a topic it may not create, or whose Write is revoked,
-stops only its own record type."""
+stops only its own record type; a password rotated while it runs is taken from its file."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import asyncio
 import base64
 import json
 import logging
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -28,6 +29,7 @@ from gateway.app import create_app
 from gateway.config import Settings
 from tests.conftest import AiohttpClient
 from tests.integration.conftest import (
+    KAFKA_SH,
     TOPIC_PARTITIONS,
     SecureBroker,
     consume_all,
@@ -350,3 +352,54 @@ async def test_a_topic_the_gateway_may_not_create_stops_only_its_type(
         status, body = await _post(client, key_file, "log")
         assert (status, body["code"]) == (503, "kafka_topic_missing")
         assert (await _post(client, key_file, "activity"))[0] == 200
+
+
+def _set_password(broker: SecureBroker, password: str) -> None:
+    broker.configs(
+        "--alter", "--entity-type", "users", "--entity-name", "gateway",
+        "--add-config", f"SCRAM-SHA-512=[password={password}]",
+    )  # fmt: skip
+
+
+def _restart(broker: SecureBroker) -> None:
+    """Every connection dropped: the broker stopped and started again, on its ports."""
+    for command in (["down"], ["up", "--secure"]):
+        subprocess.run(
+            [str(KAFKA_SH), *command], env=broker.env, check=True, capture_output=True, timeout=300
+        )
+
+
+async def test_a_password_rotated_while_running_is_taken_from_the_file_without_a_restart(
+    aiohttp_client: AiohttpClient,
+    key_file: KeyFile,
+    secure_broker: SecureBroker,
+    topics: Topics,
+    tmp_path: Path,
+) -> None:
+    kafka = _ways(secure_broker, tmp_path)["scram-sha-512"]
+    password = Path(kafka["CAFE_KAFKA_SASL_PASSWORD_FILE"])
+    async with _gateway(aiohttp_client, key_file, topics, kafka) as client:
+        await eventually(lambda: _ready(client))
+        assert (await _post(client, key_file, "activity"))[0] == 200
+        try:
+            # The password changes on the cluster; the producer's connections, made with
+            # the old one, go on until they drop.
+            _set_password(secure_broker, "rotated-" + secure_broker.gateway_password)
+            await asyncio.to_thread(_restart, secure_broker)
+
+            async def told() -> bool:
+                answer = await client.get("/readyz")
+                detail = (await answer.json()).get("detail", "")
+                return answer.status == 503 and "refused the gateway's SCRAM-SHA-512" in detail
+
+            await eventually(told, within=60)
+            # The Secret is updated: the new password reaches the file.
+            await asyncio.to_thread(
+                password.write_text, "rotated-" + secure_broker.gateway_password
+            )
+            await eventually(lambda: _ready(client), within=60)
+            assert (await _post(client, key_file, "activity"))[0] == 200
+            samples = Samples(await (await client.get("/metrics")).text())
+            assert samples.value("cafe_kafka_producer_renewals_total", error="stale_credentials")
+        finally:
+            _set_password(secure_broker, secure_broker.gateway_password)
