@@ -372,9 +372,13 @@ class KafkaSettings:
     linger_ms: int = _var(
         "CAFE_KAFKA_LINGER_MS", 2, _integer(0, 1000), "extra wait for records to share a batch"
     )
+    # zstd: measured by `make bench` (loadtest/codecbench.py), the gateway's CPU per
+    # record at W500 and W20 is that of none (fewer bytes for aiokafka to copy pay for
+    # compressing), the broker's a third, the log's bytes a few percent; W1 requests/s,
+    # whose batches are too small to pay back, are 7-10% fewer. README: Compression.
     compression: str = _var(
         "CAFE_KAFKA_COMPRESSION",
-        "none",
+        "zstd",
         _choice("none", "gzip", "snappy", "lz4", "zstd"),
         "how batches are compressed: none, gzip, snappy, lz4 or zstd",
     )

@@ -55,6 +55,7 @@ from loadtest.topics import read_to_end
 from tests.spec_samples import curl_bodies
 
 if TYPE_CHECKING:
+    from loadtest.codecbench import Codecs
     from loadtest.limitbench import Limits
     from loadtest.spoolbench import Spool
 
@@ -566,6 +567,7 @@ class Outcome:
     workers: int  # gateway processes
     spool: Spool | None = None  # loadtest/spoolbench.py's run, unless --no-spool
     limits: Limits | None = None  # loadtest/limitbench.py's run, unless --no-limits
+    codecs: Codecs | None = None  # loadtest/codecbench.py's run, unless --no-codecs
 
     def goals(self) -> str:
         """The goals' verdicts; none with several workers: the goals are for one process."""
@@ -588,14 +590,19 @@ def main() -> None:
     costs = validation_costs()
     results, books = run_targets(args, targets)
     # Imported here: they import this module's helpers.
-    from loadtest import limitbench, spoolbench
+    from loadtest import codecbench, limitbench, spoolbench
 
     spool = spoolbench.run(args, results) if args.spool else None
+    codecs = codecbench.run(args) if args.codecs else None
     limits = limitbench.run(args) if args.limits else None
-    outcome = Outcome(results, books, versions, costs, args.workers, spool, limits)
+    outcome = Outcome(results, books, versions, costs, args.workers, spool, limits, codecs)
     print_summary(outcome)
     write_report(args, outcome)
-    if not all(b.ok for b in books.values()) or (spool and not spool.ok):
+    if (
+        not all(b.ok for b in books.values())
+        or (spool and not spool.ok)
+        or (codecs and not codecs.ok)
+    ):
         raise SystemExit(1)
 
 
@@ -622,6 +629,18 @@ def parse_args() -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="then the spool with Kafka down, and its replay (loadtest/spoolbench.py)",
+    )
+    parser.add_argument(
+        "--codecs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="then each CAFE_KAFKA_COMPRESSION at W500 and W20 (loadtest/codecbench.py)",
+    )
+    parser.add_argument(
+        "--codec-seconds",
+        type=int,
+        default=6,
+        help="the codecs run's wrk time per codec and batch size (in 3 interleaved rounds)",
     )
     parser.add_argument(
         "--limits",
@@ -744,6 +763,9 @@ def print_summary(outcome: Outcome) -> None:
     if outcome.spool:
         print()
         print(outcome.spool.markdown())
+    if outcome.codecs:
+        print()
+        print(outcome.codecs.markdown())
     if outcome.limits:
         print()
         print(outcome.limits.markdown())
@@ -788,6 +810,9 @@ def write_report(args: argparse.Namespace, outcome: Outcome) -> None:
     if outcome.spool:
         report["spool"] = outcome.spool.as_report()
         markdown += "\n## Spool\n\n" + outcome.spool.markdown() + "\n"
+    if outcome.codecs:
+        report["codecs"] = outcome.codecs.as_report()
+        markdown += "\n## Kafka compression\n\n" + outcome.codecs.markdown() + "\n"
     if outcome.limits:
         report["limits"] = outcome.limits.as_report()
         markdown += "\n## Rate limits\n\n" + outcome.limits.markdown() + "\n"
