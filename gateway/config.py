@@ -291,14 +291,25 @@ class KafkaSecurity:
             if given:
                 raise ConfigError(f"{p}{given[0]} is set, but {protocol} uses no SASL")
         if self.protocol not in _TLS_PROTOCOLS:
-            given = self._given("SSL_CA_FILE", "SSL_CERT_FILE", "SSL_KEY_FILE")
+            given = self._given(
+                "SSL_CA_FILE", "SSL_CERT_FILE", "SSL_KEY_FILE", "SSL_KEY_PASSWORD_FILE"
+            )
             if given or not self.check_hostname:
                 what = given[0] if given else "SSL_CHECK_HOSTNAME"
                 raise ConfigError(f"{p}{what} is set, but {protocol} uses no TLS")
-        if self.key_file is not None and self.cert_file is None:
-            raise ConfigError(f"{p}SSL_KEY_FILE is set without {p}SSL_CERT_FILE")
+        for name in self._given("SSL_KEY_FILE", "SSL_KEY_PASSWORD_FILE"):
+            if self.cert_file is None:
+                raise ConfigError(f"{p}{name} is set without {p}SSL_CERT_FILE")
+        mechanism = f"{p}SASL_MECHANISM={self.sasl_mechanism}"
+        # A setting of the other kind of login would be ignored: say so.
+        unused = (
+            self._given("OAUTH_TOKEN_FILE", "OAUTH_TOKEN_COMMAND", "MSK_IAM_REGION")
+            if self.sasl_mechanism != "OAUTHBEARER"
+            else self._given("SASL_USERNAME", "SASL_PASSWORD", "SASL_PASSWORD_FILE")
+        )
+        if sasl and unused:
+            raise ConfigError(f"{p}{unused[0]} is set, but {mechanism} does not use it")
         if self.sasl_mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
-            mechanism = f"{p}SASL_MECHANISM={self.sasl_mechanism}"
             if self.sasl_username is None:
                 raise ConfigError(f"{mechanism} needs {p}SASL_USERNAME")
             if (self.sasl_password is None) == (self.sasl_password_file is None):

@@ -94,6 +94,17 @@ SASL_SSL = {"SECURITY_PROTOCOL": "SASL_SSL"}
         ),
         ({"SECURITY_PROTOCOL": "SSL", "SSL_CA_FILE": "/nonexistent.pem"}, "/nonexistent.pem"),
         ({"SECURITY_PROTOCOL": "SSL", "SSL_KEY_FILE": "/etc/hostname"}, "SSL_CERT_FILE"),
+        ({"SSL_KEY_PASSWORD_FILE": "/etc/hostname"}, "CAFE_KAFKA_SSL_KEY_PASSWORD_FILE"),
+        (
+            {**SASL_SSL, "SASL_MECHANISM": "OAUTHBEARER", "OAUTH_TOKEN_COMMAND": "true"}
+            | {"SASL_USERNAME": "gw"},
+            "CAFE_KAFKA_SASL_USERNAME is set, but",
+        ),
+        (
+            {**SASL_SSL, "SASL_MECHANISM": "PLAIN", "SASL_USERNAME": "u", "SASL_PASSWORD": "p"}
+            | {"OAUTH_TOKEN_FILE": "/etc/hostname"},
+            "CAFE_KAFKA_OAUTH_TOKEN_FILE is set, but",
+        ),
         ({"SECURITY_PROTOCOL": "SSL", "SSL_CA_FILE": "/etc/hostname"}, "SSL_CA_FILE"),
     ],
 )
