@@ -14,6 +14,8 @@ import ipaddress
 import logging
 import os
 import re
+import shlex
+import shutil
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -330,6 +332,13 @@ class KafkaSecurity:
             path = getattr(self, _FIELD_OF[name])
             if path is not None and not os.access(path, os.R_OK):
                 raise ConfigError(f"{p}{name}={path}: no file this process may read")
+        if self.oauth_token_command is not None:
+            try:
+                argv = shlex.split(self.oauth_token_command)
+            except ValueError as exc:
+                raise ConfigError(f"{p}OAUTH_TOKEN_COMMAND cannot be split: {exc}") from None
+            if not argv or shutil.which(argv[0]) is None:
+                raise ConfigError(f"{p}OAUTH_TOKEN_COMMAND: no program {argv[:1]} to run")
         if self.msk_iam_region is not None and not importlib.util.find_spec(
             "aws_msk_iam_sasl_signer"
         ):

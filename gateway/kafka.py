@@ -629,7 +629,9 @@ class KafkaSink:
             self._set_problem(problem)
             return
         self._stale_rounds += 1
-        if self._stale_rounds < _STALE_ROUNDS or producer is not self._producer:
+        # A renewal may have begun while the new client was connecting.
+        replaced = producer is not self._producer or self._renewing is not None
+        if self._stale_rounds < _STALE_ROUNDS or replaced:
             return
         self._stale_rounds = 0
         log.warning(
@@ -660,6 +662,11 @@ class KafkaSink:
             )
             if messages
         ]
+        if self._missing or self._forbidden:
+            # Both before either is produced: records stored while their dead letters are
+            # refused would be stored again at each retry of the request.
+            for topic, messages in sends:
+                self._refuse_unwritable(topic, len(messages))
         if len(sends) == 1:
             await self.produce(*sends[0], patient=patient)
             return False
@@ -683,8 +690,6 @@ class KafkaSink:
         if producer is None:
             self._count_error("not_connected")
             raise KafkaUnavailable(f"not connected to Kafka at {self._settings.bootstrap}")
-        if self._missing or self._forbidden:
-            self._refuse_unwritable(topic, len(messages))
         for message in messages:
             if len(message.value) > _WEIGH_ABOVE:
                 _check_size(topic, message)
@@ -1011,8 +1016,8 @@ class KafkaSink:
         """Log each topic that went missing, or came to exist, once."""
         for topic in sorted(set(missing) - self._missing):
             log.error(
-                "topic %s does not exist, and CAFE_KAFKA_CREATE_TOPICS=%s%s: its records get "
-                "503 kafka_topic_missing until it is created; the other types are served",
+                "topic %s does not exist, and CAFE_KAFKA_CREATE_TOPICS=%s%s: requests that write "
+                "to it get 503 kafka_topic_missing until it is created; the others are served",
                 topic,
                 self._settings.topics.create,
                 ""
@@ -1035,8 +1040,8 @@ class KafkaSink:
         if topic not in self._forbidden:
             log.error(
                 "Kafka refuses the gateway the right to write to topic %s "
-                "(TOPIC_AUTHORIZATION_FAILED): its records get 503 kafka_forbidden until "
-                "the principal is granted Write and Describe on it; the other types are served",
+                "(TOPIC_AUTHORIZATION_FAILED): requests that write to it get 503 kafka_forbidden "
+                "until the principal is granted Write and Describe on it; the others are served",
                 topic,
             )
         self._forbidden[topic] = asyncio.get_running_loop().time() + _FORBIDDEN_PROBE_S

@@ -67,22 +67,30 @@ class KafkaAuth:
         return options
 
     async def diagnose(self) -> Problem | None:
-        """Connect to each bootstrap server as the producer would; what stops the first
-        that fails, or None if every one took the connection."""
+        """Connect to every bootstrap server at once, as the producer would: None if one
+        takes the connection, else why not; a cause to fix (credentials, TLS) before a
+        server that is merely away."""
+        servers = [server.strip() for server in self._settings.bootstrap.split(",")]
+        problems = await asyncio.gather(*(self._try(server) for server in servers))
+        if any(problem is None for problem in problems):
+            return None
+        found = [problem for problem in problems if problem is not None]
+        return next((p for p in found if p.cause != "unreachable"), found[0])
+
+    async def _try(self, server: str) -> Problem | None:
         settings = self._settings
-        for server in settings.bootstrap.split(","):
-            host, _, port = server.strip().rpartition(":")
-            try:
-                conn = await create_conn(
-                    host.strip("[]"),
-                    int(port),
-                    client_id=settings.client_id,
-                    request_timeout_ms=settings.request_timeout_ms,
-                    **self.options(),
-                )
-            except (OSError, TimeoutError, errors.KafkaError) as exc:
-                return explain(exc, server.strip(), settings.security)
-            conn.close()
+        host, _, port = server.rpartition(":")
+        try:
+            conn = await create_conn(
+                host.strip("[]"),
+                int(port),
+                client_id=settings.client_id,
+                request_timeout_ms=settings.request_timeout_ms,
+                **self.options(),
+            )
+        except (OSError, TimeoutError, errors.KafkaError) as exc:
+            return explain(exc, server, settings.security)
+        conn.close()
         return None
 
 
@@ -126,7 +134,13 @@ def explain_refusal(exc: BaseException, server: str, security: KafkaSecurity) ->
 def _explain(exc: BaseException, at: str, security: KafkaSecurity) -> Problem | None:
     if isinstance(exc, SecretUnavailable):
         return Problem("secret_unavailable", str(exc))
-    if isinstance(exc, errors.SaslAuthenticationFailed | errors.IllegalSaslStateError):
+    if isinstance(exc, errors.IllegalSaslStateError):
+        return Problem(
+            "sasl_mechanism",
+            f"{at} did not take a SASL login on this listener ({exc}): does it take "
+            f"CAFE_KAFKA_SECURITY_PROTOCOL={security.protocol}?",
+        )
+    if isinstance(exc, errors.SaslAuthenticationFailed):
         who = security.sasl_username or "the token's subject"
         return Problem(
             "sasl_authentication",
@@ -283,25 +297,35 @@ class CommandToken(AbstractTokenProvider):  # type: ignore[misc]
         return self._token
 
     async def _run(self) -> str:
-        process = await asyncio.create_subprocess_exec(
-            *self._argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-        )
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *self._argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+            )
+        except OSError as exc:
+            raise SecretUnavailable(
+                f"CAFE_KAFKA_OAUTH_TOKEN_COMMAND could not be run: {exc.strerror or exc}"
+            ) from exc
         try:
             async with asyncio.timeout(_COMMAND_TIMEOUT_S):
-                out, err = await process.communicate()
+                out, _ = await process.communicate()
         except TimeoutError:
             process.kill()
             await process.wait()
             raise SecretUnavailable(
                 f"CAFE_KAFKA_OAUTH_TOKEN_COMMAND did not finish in {_COMMAND_TIMEOUT_S:g}s"
             ) from None
+        # What it says on stderr is not repeated: a token endpoint's error may quote a
+        # client secret, and /readyz is answered to anyone. Run it by hand to see.
         if process.returncode != 0:
-            said = err.decode(errors="replace").strip().splitlines()[:1]
             raise SecretUnavailable(
                 f"CAFE_KAFKA_OAUTH_TOKEN_COMMAND exited with status {process.returncode}"
-                + (f": {said[0]}" if said else "")
             )
-        return out.decode().strip()
+        try:
+            return out.decode("ascii").strip()
+        except UnicodeDecodeError:
+            raise SecretUnavailable(
+                "CAFE_KAFKA_OAUTH_TOKEN_COMMAND printed something that is not a token"
+            ) from None
 
 
 def _renew_at(token: str) -> float:
@@ -339,10 +363,15 @@ class MskIamToken(AbstractTokenProvider):  # type: ignore[misc]
 
     async def token(self) -> str:
         if time.time() >= self._renew_at:
-            # It resolves credentials with botocore, which may do blocking I/O.
-            token, expiry_ms = await asyncio.get_running_loop().run_in_executor(
-                None, self._signer.generate_auth_token, self._region
-            )
+            try:
+                # It resolves credentials with botocore, which may do blocking I/O.
+                token, expiry_ms = await asyncio.get_running_loop().run_in_executor(
+                    None, self._signer.generate_auth_token, self._region
+                )
+            except Exception as exc:  # botocore's errors (no credentials, ...) are its own
+                raise SecretUnavailable(
+                    f"no Amazon MSK IAM token for {self._region}: {type(exc).__name__}"
+                ) from exc
             now = time.time()
             self._token = token
             self._renew_at = now + (expiry_ms / 1000 - now) * _REFRESH_AT

@@ -125,3 +125,24 @@ async def test_a_missing_topic_stops_only_its_type_until_it_exists(
         assert "503 kafka_topic_missing" in said[0] and "exists now" in said[1]
     finally:
         await sink.close()
+
+
+async def test_a_forbidden_dead_letter_topic_refuses_the_request_before_any_record_is_stored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    kafka = FakeKafka(list(TOPICS.all()))
+    sink = await _connected(kafka, CollectorRegistry())
+    try:
+        kafka.modes["t.dl"] = Mode.REFUSING
+        with pytest.raises(KafkaForbidden):
+            await sink.send("activity", _messages(), _messages(1))
+        stored = _stored(kafka, "t.activity")  # the request that found out
+        # Its retries store nothing more while the dead-letter topic is refused.
+        for _ in range(5):
+            with pytest.raises(KafkaForbidden, match=r"t\.dl"):
+                await sink.send("activity", _messages(), _messages(1))
+        assert _stored(kafka, "t.activity") == stored
+        # A request without rejected records is served.
+        assert await sink.send("activity", _messages()) is False
+    finally:
+        await sink.close()

@@ -93,6 +93,14 @@ SASL_SSL = {"SECURITY_PROTOCOL": "SASL_SSL"}
             "cafe-gateway[msk]",
         ),
         ({"SECURITY_PROTOCOL": "SSL", "SSL_CA_FILE": "/nonexistent.pem"}, "/nonexistent.pem"),
+        (
+            {**SASL_SSL, "SASL_MECHANISM": "OAUTHBEARER", "OAUTH_TOKEN_COMMAND": "get 'token"},
+            "CAFE_KAFKA_OAUTH_TOKEN_COMMAND cannot be split",
+        ),
+        (
+            {**SASL_SSL, "SASL_MECHANISM": "OAUTHBEARER", "OAUTH_TOKEN_COMMAND": "no-such-tool x"},
+            "CAFE_KAFKA_OAUTH_TOKEN_COMMAND: no program",
+        ),
         ({"SECURITY_PROTOCOL": "SSL", "SSL_KEY_FILE": "/etc/hostname"}, "SSL_CERT_FILE"),
         ({"SSL_KEY_PASSWORD_FILE": "/etc/hostname"}, "CAFE_KAFKA_SSL_KEY_PASSWORD_FILE"),
         (
@@ -222,10 +230,24 @@ async def test_a_token_command_runs_again_once_most_of_the_lifetime_has_passed(
     assert runs.read_text() == "xx"
 
 
-async def test_a_failing_token_command_names_itself_and_its_first_line_of_error() -> None:
-    tokens = CommandToken(f"{sys.executable} -c \"import sys; sys.exit('no credentials')\"")
-    with pytest.raises(SecretUnavailable, match="status 1: no credentials"):
+async def test_a_failing_token_command_is_named_but_what_it_said_is_not_repeated() -> None:
+    # A token endpoint's error may quote the client secret, and /readyz answers anyone.
+    said = "401 from https://idp/token?client_secret=hunter2"
+    tokens = CommandToken(f"{sys.executable} -c \"import sys; sys.exit('{said}')\"")
+    with pytest.raises(SecretUnavailable, match=r"status 1$") as refused:
         await tokens.token()
+    assert "hunter2" not in str(refused.value)
+
+
+async def test_a_token_command_that_is_gone_or_prints_no_token_is_a_secret_unavailable(
+    tmp_path: Path,
+) -> None:
+    gone = CommandToken(str(tmp_path / "no-such-program"))
+    with pytest.raises(SecretUnavailable, match="could not be run"):
+        await gone.token()
+    binary = CommandToken(f"{sys.executable} -c \"import sys; sys.stdout.buffer.write(b'\\xff')\"")
+    with pytest.raises(SecretUnavailable, match="not a token"):
+        await binary.token()
 
 
 async def test_msk_iam_tokens_come_from_the_signer_and_are_kept_until_near_expiry(
@@ -256,6 +278,8 @@ SECURITY = Settings.from_env(
     [
         (errors.SaslAuthenticationFailed("Authentication failed"), "sasl_authentication"),
         (errors.UnsupportedSaslMechanismError("not enabled"), "sasl_mechanism"),
+        (errors.IllegalSaslStateError("not a SASL listener"), "sasl_mechanism"),
+        (errors.ClusterAuthorizationFailedError(), "not_authorized"),
         (ConnectionRefusedError(111, "Connection refused"), "unreachable"),
         (TimeoutError(), "unreachable"),
         (ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number"), "tls"),
@@ -353,3 +377,15 @@ async def test_a_trusted_broker_that_is_not_kafka_is_not_a_tls_problem(
         problem = await KafkaAuth(_ssl_settings(bootstrap, trusted)).diagnose()
     assert problem is not None
     assert problem.cause == "refused"
+
+
+async def test_a_cause_to_fix_is_told_before_a_server_that_is_merely_away(
+    tmp_path: Path, server_context: ssl.SSLContext
+) -> None:
+    other = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other))
+    async with _tls_server(server_context) as listening:
+        # The first bootstrap server is not there; the second's certificate is untrusted.
+        problem = await KafkaAuth(_ssl_settings(f"127.0.0.1:1,{listening}", other)).diagnose()
+    assert problem is not None
+    assert problem.cause == "tls_untrusted"
