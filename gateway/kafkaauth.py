@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 _REFRESH_AT = 0.8
 _UNKNOWN_LIFETIME_S = 300.0
 _COMMAND_TIMEOUT_S = 30.0
+# How long one diagnosing connection may take (the sink waits at least 2 s for them all).
+_TRY_S = 1.5
 
 
 class KafkaAuth:
@@ -81,13 +83,16 @@ class KafkaAuth:
         settings = self._settings
         host, _, port = server.rpartition(":")
         try:
-            conn = await create_conn(
-                host.strip("[]"),
-                int(port),
-                client_id=settings.client_id,
-                request_timeout_ms=settings.request_timeout_ms,
-                **self.options(),
-            )
+            # Bounded on its own: a server that drops packets must not keep the others'
+            # answers from being told.
+            async with asyncio.timeout(_TRY_S):
+                conn = await create_conn(
+                    host.strip("[]"),
+                    int(port),
+                    client_id=settings.client_id,
+                    request_timeout_ms=settings.request_timeout_ms,
+                    **self.options(),
+                )
         except (OSError, TimeoutError, errors.KafkaError) as exc:
             return explain(exc, server, settings.security)
         conn.close()
