@@ -362,6 +362,18 @@ def kafka_cluster(pytestconfig: pytest.Config) -> Iterator[Cluster]:
         cluster.kafka_sh("destroy")
 
 
+async def create_topics(
+    bootstrap: str, names: list[str], partitions: int = TOPIC_PARTITIONS
+) -> None:
+    """Make topics of one replica each, as a super user would (PLAINTEXT)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, partitions, 1) for name in names])
+    finally:
+        await admin.close()
+
+
 async def delete_topics(bootstrap: str, wanted: Callable[[str], bool]) -> None:
     """Delete the topics that exist and for whose names `wanted` is true (test clean-up)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)

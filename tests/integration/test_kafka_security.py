@@ -22,7 +22,6 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from gateway import kafka as kafka_module
 from gateway.app import create_app
@@ -30,9 +29,9 @@ from gateway.config import Settings
 from tests.conftest import AiohttpClient
 from tests.integration.conftest import (
     KAFKA_SH,
-    TOPIC_PARTITIONS,
     SecureBroker,
     consume_all,
+    create_topics,
     eventually,
     java_consume,
 )
@@ -67,15 +66,6 @@ class Topics:
         return {f"CAFE_TOPIC_{name.upper()}": self.of(name) for name in (*NAMES, "deadletter")}
 
 
-async def _create_topics(bootstrap: str, names: list[str]) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(n, TOPIC_PARTITIONS, 1) for n in names])
-    finally:
-        await admin.close()
-
-
 def _grant(broker: SecureBroker, topics: list[str], *operations: str) -> None:
     args = ["--allow-principal", "User:gateway"]
     for operation in operations:
@@ -97,7 +87,7 @@ def topics(secure_broker: SecureBroker) -> Iterator[Topics]:
     """Four topics of the test's own, made by a super user; `gateway` may Write and
     Describe them (and create none)."""
     made = Topics(f"sec.{uuid.uuid4().hex[:10]}")
-    asyncio.run(_create_topics(secure_broker.plaintext, made.all()))
+    asyncio.run(create_topics(secure_broker.plaintext, made.all()))
     _grant(secure_broker, made.all(), "Write", "Describe")
     yield made
 
@@ -340,7 +330,7 @@ async def test_a_topic_the_gateway_may_not_create_stops_only_its_type(
 ) -> None:
     made = Topics(f"sec.{uuid.uuid4().hex[:10]}")
     # Every topic but the log one exists; the gateway may write all four, create none.
-    await _create_topics(secure_broker.plaintext, [t for t in made.all() if t != made.of("log")])
+    await create_topics(secure_broker.plaintext, [t for t in made.all() if t != made.of("log")])
     _grant(secure_broker, made.all(), "Write", "Describe")
     kafka = _ways(secure_broker, tmp_path)["scram-sha-512"]
     async with _gateway(aiohttp_client, key_file, made, kafka) as client:

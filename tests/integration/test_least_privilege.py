@@ -6,27 +6,17 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from gateway import kafka as kafka_module
 from gateway.app import create_app
 from gateway.config import KafkaSettings, Settings
 from tests.conftest import AiohttpClient
-from tests.integration.conftest import TOPIC_PARTITIONS, Broker, delete_topics, eventually
+from tests.integration.conftest import Broker, create_topics, delete_topics, eventually
 from tests.integration.test_api import unique_topics
 from tests.keys import KeyFile
 from tests.spec_samples import curl_bodies
 
 pytestmark = pytest.mark.integration
-
-
-async def _create(bootstrap: str, names: list[str]) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(name, TOPIC_PARTITIONS, 1) for name in names])
-    finally:
-        await admin.close()
 
 
 async def test_with_create_topics_never_a_missing_topic_stops_only_its_type(
@@ -37,7 +27,7 @@ async def test_with_create_topics_never_a_missing_topic_stops_only_its_type(
 ) -> None:
     monkeypatch.setattr(kafka_module, "_TOPICS_EVERY_S", 0.5)
     topics = dataclasses.replace(unique_topics(), create="never")
-    await _create(kafka.bootstrap, [t for t in topics.all() if t != topics.log])
+    await create_topics(kafka.bootstrap, [t for t in topics.all() if t != topics.log])
     settings = Settings(
         keys_file=key_file.path, kafka=KafkaSettings(bootstrap=kafka.bootstrap, topics=topics)
     )
@@ -61,7 +51,7 @@ async def test_with_create_topics_never_a_missing_topic_stops_only_its_type(
         assert (await refused.json())["code"] == "kafka_topic_missing"
 
         # Made by an admin: found within the gateway's next look, and produced to.
-        await _create(kafka.bootstrap, [topics.log])
+        await create_topics(kafka.bootstrap, [topics.log])
 
         async def log_served() -> bool:
             answer = await client.post("/v1/log", data=curl_bodies()["log"], headers=headers)

@@ -48,13 +48,13 @@ import brotli
 import orjson
 import pytest
 from aiokafka import ConsumerRecord
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from backports import zstd
 
 from tests.integration.conftest import (
     Broker,
     SecureBroker,
     consume,
+    create_topics,
     delete_topics,
     eventually,
     summarise,
@@ -771,12 +771,7 @@ async def secured(broker: SecureBroker, prefix: str, directory: Path) -> dict[st
     """The gateway's topics made on the secure broker, with only the rights it needs, and
     the settings of a SCRAM login over SASL_SSL with zstd compression."""
     names = [f"{prefix}.{name}" for name in (*TYPES, "deadletter")]
-    admin = AIOKafkaAdminClient(bootstrap_servers=broker.plaintext)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(name, GATEWAY_PARTITIONS, 1) for name in names])
-    finally:
-        await admin.close()
+    await create_topics(broker.plaintext, names, GATEWAY_PARTITIONS)
     topics = [arg for name in names for arg in ("--topic", name)]
     broker.acls(
         "--add", "--allow-principal", "User:gateway",

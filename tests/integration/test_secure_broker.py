@@ -24,7 +24,6 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.abc import AbstractTokenProvider
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.conn import create_conn
 from aiokafka.errors import (
     ClusterAuthorizationFailedError,
@@ -33,7 +32,7 @@ from aiokafka.errors import (
     TopicAuthorizationFailedError,
 )
 
-from tests.integration.conftest import SecureBroker
+from tests.integration.conftest import SecureBroker, create_topics
 
 pytestmark = pytest.mark.integration
 
@@ -62,17 +61,6 @@ class Topics:
     hidden: str  # no ACL at all
 
 
-async def _create_topics(bootstrap: str, names: list[str]) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics(
-            [NewTopic(n, num_partitions=1, replication_factor=1) for n in names]
-        )
-    finally:
-        await admin.close()
-
-
 @pytest.fixture(scope="module")
 def topics(secure_broker: SecureBroker) -> Topics:
     """Three topics made by a super user over PLAINTEXT, with the ACLs their names say."""
@@ -81,7 +69,9 @@ def topics(secure_broker: SecureBroker) -> Topics:
         f"secure.writable.{suffix}", f"secure.describable.{suffix}", f"secure.hidden.{suffix}"
     )
     asyncio.run(
-        _create_topics(secure_broker.plaintext, [made.writable, made.describable, made.hidden])
+        create_topics(
+            secure_broker.plaintext, [made.writable, made.describable, made.hidden], partitions=1
+        )
     )
     # `nobody` (an OAUTHBEARER subject) only may Describe: it has Write on no topic at all.
     secure_broker.acls(
