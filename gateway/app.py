@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator
 from importlib.metadata import version
 from pathlib import Path
@@ -12,26 +13,36 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from gateway import health
-from gateway.access import access_middleware
-from gateway.admission import Admission, admission_middleware
-from gateway.auth import api_key_middleware
-from gateway.clientip import get_ip
 from gateway.config import Settings
-from gateway.cors import cors_middleware
-from gateway.errors import problem_middleware
-from gateway.fleetlimit import FleetBuckets
-from gateway.ingest import ingest_handler
-from gateway.kafka import KafkaSink
-from gateway.keys import KeyStore
+from gateway.http import health
+from gateway.http.access import access_middleware
+from gateway.http.admission import Admission, admission_middleware
+from gateway.http.auth import api_key_middleware
+from gateway.http.clientip import get_ip
+from gateway.http.cors import cors_middleware
+from gateway.http.ingest import ingest_handler
+from gateway.http.openapi import build_openapi, get_openapi, get_schema
+from gateway.http.problems import problem_middleware
+from gateway.http.ratelimit import rate_limit_middleware
+from gateway.http.requestid import RequestIds
+from gateway.http.state import (
+    DRAINING,
+    KEYS,
+    LIMITER,
+    METRICS,
+    OPENAPI,
+    RECORD_TYPES,
+    SETTINGS,
+    SINK,
+)
+from gateway.kafka.sink import KafkaSink
+from gateway.keys.store import KeyStore
+from gateway.limits.fleet import FleetBuckets
+from gateway.limits.local import BucketTable, RateLimiter
 from gateway.metrics import Metrics
-from gateway.openapi import build_openapi, get_openapi, get_schema
-from gateway.ratelimit import BucketTable, RateLimiter, rate_limit_middleware
-from gateway.requestid import RequestIds
 from gateway.schemas import load_record_types
 from gateway.sink import Sink
-from gateway.spool import SpoolingSink
-from gateway.state import DRAINING, KEYS, LIMITER, METRICS, OPENAPI, RECORD_TYPES, SETTINGS, SINK
+from gateway.spool.sink import SpoolingSink
 
 
 def create_app(
@@ -102,7 +113,8 @@ def create_app(
     app[DRAINING] = asyncio.Event()
     app.cleanup_ctx.append(_keys_lifetime)
     app.cleanup_ctx.append(_sink_lifetime)
-    app.cleanup_ctx.append(_fleet_lifetime)
+    if fleet is not None:
+        app.cleanup_ctx.append(functools.partial(_fleet_lifetime, fleet))
 
     types = "|".join(record_types)
     app.router.add_get("/healthz", health.healthz)
@@ -137,15 +149,12 @@ async def _keys_lifetime(app: web.Application) -> AsyncIterator[None]:
         await watcher
 
 
-async def _fleet_lifetime(app: web.Application) -> AsyncIterator[None]:
+async def _fleet_lifetime(fleet: FleetBuckets, app: web.Application) -> AsyncIterator[None]:
     """With CAFE_RATELIMIT_STORAGE a Redis URL, reach it (or start on local limits until
     it answers); close it at shutdown."""
-    fleet = app[LIMITER].fleet
-    if fleet is not None:
-        await fleet.start()
+    await fleet.start()
     yield
-    if fleet is not None:
-        await fleet.close()
+    await fleet.close()
 
 
 async def _sink_lifetime(app: web.Application) -> AsyncIterator[None]:

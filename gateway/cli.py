@@ -15,25 +15,23 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import ConfigError, Settings, _duration
-from gateway.keys import (
+from gateway.keys.file import read_keys_file, read_last_used, update_keys_file
+from gateway.keys.model import (
     ApiKey,
     InvalidKey,
     KeysFileError,
-    KeyStore,
     NoSuchKey,
     change_key,
     check_origin,
     check_platform,
     import_key,
     mint_key,
-    read_keys_file,
-    read_last_used,
     rotate_key,
-    update_keys_file,
 )
-from gateway.keystrength import MAX_KEY_LENGTH
+from gateway.keys.store import KeyStore
+from gateway.keys.strength import MAX_KEY_LENGTH
+from gateway.limits.local import BucketTable
 from gateway.logs import setup_logging
-from gateway.ratelimit import BucketTable
 from gateway.schemas import load_record_types
 from gateway.server import serve
 from gateway.workers import run_workers

@@ -4,7 +4,7 @@ Each setting is declared once, on its field, as a row of
 `_var(variable, default, parser, meaning)`; the parser holds the bounds. `Settings.from_env`
 reads every declared variable in one walk over the fields, nested settings included, then
 applies the rules that tie settings together. `declared_variables()` lists the declarations,
-and tests/test_config.py checks the README's configuration table against them.
+and tests/test_config.py checks the configuration table of docs/configuration.md against them.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import os
 import re
 import shlex
 import shutil
+import ssl
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -215,7 +216,7 @@ class KafkaSecurity:
 
     Secrets are best given as files (as a Kubernetes Secret mounts them): they are read
     again at each new connection, so a rotated password or token needs no restart.
-    gateway/kafkaauth.py turns these into the client's options.
+    gateway/kafka/auth.py turns these into the client's options.
     """
 
     protocol: str = _var(
@@ -347,18 +348,40 @@ class KafkaSecurity:
                 "pip install 'cafe-gateway[msk]'"
             )
         if self.protocol in _TLS_PROTOCOLS:
-            # The files are read as a connection would read them (this module is
-            # imported by that one, hence the late import).
-            from gateway.kafkaauth import SecretUnavailable, ssl_context
+            self.tls_context()  # the files are read as a connection would read them
 
+    def tls_context(self) -> ssl.SSLContext:
+        """A client TLS context: the CA bundle given or the system's, the client certificate
+        for mutual TLS if given, and hostname checking unless turned off. The files are
+        read now (each new Kafka client reads them again); ConfigError, naming the
+        variable, if one cannot be used."""
+        ca = self.ca_file
+        try:
+            context = ssl.create_default_context(cafile=str(ca) if ca is not None else None)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ConfigError(f"CAFE_KAFKA_SSL_CA_FILE={ca} cannot be used: {exc}") from exc
+        if self.cert_file is not None:
             try:
-                ssl_context(self)
-            except SecretUnavailable as exc:
-                raise ConfigError(str(exc)) from None
+                passphrase = None
+                if self.key_password_file is not None:
+                    passphrase = first_line(self.key_password_file)
+                context.load_cert_chain(self.cert_file, self.key_file, password=passphrase)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(
+                    f"CAFE_KAFKA_SSL_CERT_FILE={self.cert_file} (with CAFE_KAFKA_SSL_KEY_FILE "
+                    f"and its password file, if set) cannot be used: {exc}"
+                ) from exc
+        context.check_hostname = self.check_hostname
+        return context
 
     def _given(self, *names: str) -> list[str]:
         """Which of the variables (without CAFE_KAFKA_) are set."""
         return [name for name in names if getattr(self, _FIELD_OF[name]) is not None]
+
+
+def first_line(path: Path) -> str:
+    """A secret in a file: its first line, without the line end an editor adds."""
+    return (path.read_text().splitlines() or [""])[0]
 
 
 # Each security variable's field, by the variable's name without CAFE_KAFKA_.
@@ -395,7 +418,8 @@ class KafkaSettings:
     # zstd: measured by `make bench` (loadtest/codecbench.py), the gateway's CPU per
     # record at W500 and W20 is that of none (fewer bytes for aiokafka to copy pay for
     # compressing), the broker's a third, the log's bytes a few percent; W1 requests/s,
-    # whose batches are too small to pay back, are 7-10% fewer. README: Compression.
+    # whose batches are too small to pay back, are 7-10% fewer (docs/configuration.md,
+    # Compression).
     compression: str = _var(
         "CAFE_KAFKA_COMPRESSION",
         "zstd",
@@ -503,7 +527,7 @@ class Settings:
     body_timeout_seconds: float = _var(
         "CAFE_BODY_TIMEOUT_SECONDS", 10.0, _seconds, "time for a request body to arrive, else 408"
     )
-    # Each costs a file descriptor and some memory; gateway/listener.py answers one past
+    # Each costs a file descriptor and some memory; gateway/http/listener.py answers one past
     # the limit with 503 and closes it.
     max_connections: int = _var(
         "CAFE_MAX_CONNECTIONS", 4096, _integer(1, 1_000_000), "open connections per process"
@@ -548,8 +572,8 @@ class Settings:
         _choice("fastjsonschema", "jsonschema-rs"),
         "what validates records; jsonschema-rs is faster (install cafe-gateway[fast])",
     )
-    # local: one host's workers share a key's buckets (gateway/ratelimit.py); a Redis URL:
-    # every gateway that names it does (gateway/fleetlimit.py).
+    # local: one host's workers share a key's buckets (gateway/limits/local.py); a Redis URL:
+    # every gateway that names it does (gateway/limits/fleet.py).
     ratelimit_storage: str = _var(
         "CAFE_RATELIMIT_STORAGE",
         "local",
@@ -564,12 +588,12 @@ class Settings:
         """Read every declared `CAFE_*` variable; unset or blank ones keep their defaults."""
         settings = _read(cls(), env)
         # One request queues up to max_body_bytes of records (the body is cut there once
-        # decoded, whatever its Content-Encoding, and gateway/ingest.py refuses records
+        # decoded, whatever its Content-Encoding, and gateway/http/ingest.py refuses records
         # that come to more as stored), and the queue, unlike admission, has no room for
         # a request alone: a smaller bound would refuse such a request on every try, or,
         # with the spool on, spool it and then fail to replay it (and all behind it) until
         # CAFE_SPOOL_MAX_AGE. The in-flight cap needs no such rule: a request alone in
-        # progress is always admitted (gateway/admission.py).
+        # progress is always admitted (gateway/http/admission.py).
         if not env.get("CAFE_MAX_QUEUED_BYTES", "").strip():
             queued = max(
                 _QUEUED_PER_INFLIGHT * settings.max_inflight_bytes, settings.max_body_bytes

@@ -72,7 +72,7 @@ class MalformedRequests(logging.Filter):
 
     aiohttp logs those at ERROR with a traceback whose message quotes the offending
     line, which may hold an x-api-key. Like every client error here it becomes one
-    DEBUG line naming only the kind of error. (On the API port gateway/listener.py
+    DEBUG line naming only the kind of error. (On the API port gateway/http/listener.py
     answers and logs parser refusals itself; this covers the rest: the metrics port,
     and bodies aiohttp drains after the answer.)
     """
@@ -94,7 +94,7 @@ class MalformedRequests(logging.Filter):
 class BootstrapFailures(logging.Filter):
     """Demotes aiokafka's ERROR for each bootstrap server it could not connect to, at
     every try, to DEBUG: the Kafka sink says why itself, once per cause
-    (gateway/kafka.py, `_cannot_connect`)."""
+    (gateway/kafka/sink.py, `_cannot_connect`)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         # Its bootstrap's line (a known broker's, "Unable connect to node ...", stays).

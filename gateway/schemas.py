@@ -32,7 +32,7 @@ SCHEMA_VERSION = 1
 MAX_RECORDS = 500
 SCHEMA_BASE = "https://cafe.example.com/v1/schema/"
 # The longest sessionId, and so Kafka key, a schema may allow: the partition cache in
-# gateway/kafka.py is sized for keys of at most this many characters (512 bytes).
+# gateway/kafka/sink.py is sized for keys of at most this many characters (512 bytes).
 MAX_KEY_LENGTH = 128
 
 # The first schema violation of a record as a JSON pointer and a message; None if valid.

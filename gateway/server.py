@@ -21,9 +21,9 @@ from aiohttp import web
 
 from gateway.app import create_app, create_metrics_app
 from gateway.config import Settings
-from gateway.listener import GatewayRunner
-from gateway.ratelimit import BucketTable
-from gateway.state import DRAINING
+from gateway.http.listener import GatewayRunner
+from gateway.http.state import DRAINING
+from gateway.limits.local import BucketTable
 
 log = logging.getLogger(__name__)
 

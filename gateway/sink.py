@@ -57,7 +57,7 @@ class Sink(Protocol):
         `dead_letters` with the rejected records. Raise a `SinkUnavailable` otherwise.
 
         Within one key, messages are stored in the order given. True if they are stored
-        in the local spool (gateway/spool.py), to reach Kafka later; False if in Kafka.
+        in the local spool (gateway/spool/sink.py), to reach Kafka later; False if in Kafka.
         `patient`: wait for the store's verdict however long it takes, rather than give
         up at the produce timeout (the spool's replay, which must not send twice).
         """

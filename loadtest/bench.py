@@ -49,7 +49,8 @@ import orjson
 import psutil
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from gateway.keys import mint_key, write_keys_file
+from gateway.keys.file import write_keys_file
+from gateway.keys.model import mint_key
 from gateway.schemas import load_record_types
 from loadtest.topics import read_to_end
 from tests.spec_samples import curl_bodies

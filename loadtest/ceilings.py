@@ -19,7 +19,7 @@ from aiohttp import web
 from gateway.app import create_app
 from gateway.cli import new_event_loop
 from gateway.config import Settings
-from gateway.listener import GatewayRunner
+from gateway.http.listener import GatewayRunner
 from gateway.server import tune_gc
 from gateway.sink import DiscardSink
 

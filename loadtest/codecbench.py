@@ -36,7 +36,8 @@ from typing import Any, TypeVar
 import psutil
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from gateway.keys import mint_key, write_keys_file
+from gateway.keys.file import write_keys_file
+from gateway.keys.model import mint_key
 from loadtest.bench import (
     RS,
     TOPIC_PARTITIONS,

@@ -9,7 +9,7 @@ ratios within a run mean anything on a noisy machine.
 
 Then the limit checks alone, in-process, by kind of key: the figure the W1 runs blur on a
 noisy machine. Then one call to each candidate store, over the same Redis: the Lua token
-bucket of gateway/fleetlimit.py (redis-py with hiredis) and the `limits` package's
+bucket of gateway/limits/fleet.py (redis-py with hiredis) and the `limits` package's
 strategies over redis-py, the CPU each call costs this process.
 """
 
@@ -28,9 +28,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.fleetlimit import _BUCKET_SCRIPT, LEASE_SECONDS, FleetBuckets
-from gateway.keys import ApiKey, mint_key, write_keys_file
-from gateway.ratelimit import RateLimiter
+from gateway.keys.file import write_keys_file
+from gateway.keys.model import ApiKey, mint_key
+from gateway.limits.fleet import _BUCKET_SCRIPT, LEASE_SECONDS, FleetBuckets
+from gateway.limits.local import RateLimiter
 from loadtest.bench import RS, Result, delete_topics, parse_args, run_wrk, server, server_env
 
 TARGET = "gateway" + RS
@@ -98,7 +99,7 @@ class Limits:
         return asdict(self)
 
     def write(self, out: Path) -> None:
-        """docs/bench/limits.md, which the README points to."""
+        """docs/bench/limits.md, which docs/keys-and-limits.md points to."""
         when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         out.mkdir(parents=True, exist_ok=True)
         (out / "limits.md").write_text(f"# Rate limits, {when}\n\n{self.markdown()}\n")
@@ -191,7 +192,7 @@ async def store_costs(url: str) -> dict[str, float]:
     costs = {}
     client = redis.asyncio.Redis.from_url(url)
     script = client.register_script(_BUCKET_SCRIPT)
-    costs["Lua token bucket (gateway/fleetlimit.py), redis-py"] = await cpu_per_call(
+    costs["Lua token bucket (gateway/limits/fleet.py), redis-py"] = await cpu_per_call(
         lambda: script(keys=[f"bench:{tag}:lua"], args=[1e9, 1e9, 10, 10])
     )
     await client.delete(f"bench:{tag}:lua")

@@ -31,7 +31,8 @@ from typing import Any
 import orjson
 import psutil
 
-from gateway.keys import mint_key, write_keys_file
+from gateway.keys.file import write_keys_file
+from gateway.keys.model import mint_key
 from loadtest.bench import (
     BATCHES,
     RS,

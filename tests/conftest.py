@@ -13,8 +13,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.config import Settings
-from gateway.listener import GatewayRunner
-from gateway.state import SETTINGS
+from gateway.http.listener import GatewayRunner
+from gateway.http.state import SETTINGS
 from tests.keys import KeyFile, make_key_file
 
 # The type of pytest-aiohttp's `aiohttp_client` fixture, for every test's annotations.

@@ -1,6 +1,6 @@
-"""A fake Kafka cluster, and a fake aiokafka producer for gateway/kafka.py to drive.
+"""A fake Kafka cluster, and a fake aiokafka producer for gateway/kafka/sink.py to drive.
 
-The producer implements just what gateway/kafka.py uses of AIOKafkaProducer, and as
+The producer implements just what gateway/kafka/sink.py uses of AIOKafkaProducer, and as
 aiokafka 0.14 does it (aiokafka/producer/{producer,message_accumulator,sender}.py):
 
 - `send_batch` queues a closed batch for its partition; a partition holds one batch
@@ -282,7 +282,7 @@ class FakeSender:
 
 
 class FakeProducer:
-    """What gateway/kafka.py uses of AIOKafkaProducer."""
+    """What gateway/kafka/sink.py uses of AIOKafkaProducer."""
 
     _numbers = itertools.count()
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.keys import ApiKey, disable_key, mint_key, update_keys_file, write_keys_file
+from gateway.keys.file import update_keys_file, write_keys_file
+from gateway.keys.model import ApiKey, disable_key, mint_key
 
 
 @dataclass

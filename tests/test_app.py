@@ -7,9 +7,9 @@ from aiohttp import web
 
 from gateway.app import create_app
 from gateway.config import KafkaSettings, Settings
-from gateway.responses import SECURITY_HEADERS
+from gateway.http.responses import SECURITY_HEADERS
+from gateway.http.state import DRAINING
 from gateway.sink import MemorySink
-from gateway.state import DRAINING
 from tests.conftest import AiohttpClient
 
 SETTINGS = Settings(kafka=KafkaSettings(bootstrap="kafka.invalid:9092"))

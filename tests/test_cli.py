@@ -13,15 +13,8 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import main
-from gateway.keys import (
-    ApiKey,
-    change_key,
-    hash_key,
-    merge_last_used,
-    read_keys_file,
-    update_keys_file,
-    utc_text,
-)
+from gateway.keys.file import merge_last_used, read_keys_file, update_keys_file
+from gateway.keys.model import ApiKey, change_key, hash_key, utc_text
 from tests.keys import KeyFile, make_key_file
 from tests.spec_samples import sample_api_key
 
@@ -144,7 +137,8 @@ def test_no_keys_file_anywhere_is_a_clear_error(
 _RACER = """
 import sys, time
 from pathlib import Path
-from gateway import cli, keys
+from gateway import cli
+from gateway.keys import file as keys
 
 ready, go, delay, argv = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3]), sys.argv[4:]
 read = keys.read_keys_file

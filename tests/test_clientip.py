@@ -11,8 +11,8 @@ from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
 from gateway.app import create_app
-from gateway.clientip import client_ip
 from gateway.config import Settings
+from gateway.http.clientip import client_ip
 from gateway.sink import MemorySink
 from tests.conftest import AiohttpClient
 from tests.keys import KeyFile

@@ -1,5 +1,5 @@
 """Settings from the environment: defaults, parsing, refusals that name the variable, and
-the README's configuration table checked against the declared variables."""
+the configuration table (docs/configuration.md) checked against the declared variables."""
 
 from __future__ import annotations
 
@@ -213,55 +213,56 @@ def test_each_variable_is_declared_once() -> None:
     assert all(name.startswith("CAFE_") for name in names)
 
 
-# The README's configuration table and the declared variables list the same settings.
+# The configuration table and the declared variables list the same settings.
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 DECLARED = {variable.name: (variable, default) for variable, default in declared_variables()}
 
 
-def _readme_rows() -> list[tuple[str, str, str]]:
-    """(variable, default, meaning) of each row of the table under "## Configuration"."""
-    text = README.read_text(encoding="utf-8")
-    section = text.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+def _table_rows() -> list[tuple[str, str, str]]:
+    """(variable, default, meaning) of each row of the table under "# Configuration", the
+    page's title, before its first "## " section."""
+    text = PAGE.read_text(encoding="utf-8")
+    section = text.split("# Configuration\n", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"^\| `(CAFE_\w+)` \| (.+?) \| (.*) \|$", section, flags=re.MULTILINE)
 
 
-ROWS = _readme_rows()
+ROWS = _table_rows()
 
 
-def test_the_readme_lists_each_declared_variable_once_and_no_other() -> None:
+def test_the_table_lists_each_declared_variable_once_and_no_other() -> None:
     listed = [name for name, _, _ in ROWS]
     repeated = sorted({name for name in listed if listed.count(name) > 1})
-    assert not repeated, f"the README lists these more than once: {repeated}"
+    assert not repeated, f"the table lists these more than once: {repeated}"
     missing = sorted(DECLARED.keys() - set(listed))
-    assert not missing, f"declared in gateway/config.py but not in the README: {missing}"
+    assert not missing, f"declared in gateway/config.py but not in the table: {missing}"
     unknown = sorted(set(listed) - DECLARED.keys())
-    assert not unknown, f"in the README but not declared in gateway/config.py: {unknown}"
+    assert not unknown, f"in the table but not declared in gateway/config.py: {unknown}"
 
 
 @pytest.mark.parametrize(("name", "default", "meaning"), ROWS, ids=[row[0] for row in ROWS])
-def test_the_readme_gives_the_declared_default(name: str, default: str, meaning: str) -> None:
-    assert name in DECLARED, f"{name} is in the README but not declared"
+def test_the_table_gives_the_declared_default(name: str, default: str, meaning: str) -> None:
+    assert name in DECLARED, f"{name} is in the table but not declared"
     variable, declared = DECLARED[name]
-    assert meaning.strip(), f"{name}: the README gives no meaning"
+    assert meaning.strip(), f"{name}: the table gives no meaning"
     size = re.search(r"\((\d+) MiB\)", default)
     if size:
-        assert declared == int(size[1]) * 1024 * 1024, f"{name}: README {size[0]}, {declared=}"
+        assert declared == int(size[1]) * 1024 * 1024, f"{name}: table {size[0]}, {declared=}"
     if default.startswith("(none"):
-        assert declared in (None, ()), f"{name}: README says no default, {declared=}"
+        assert declared in (None, ()), f"{name}: the table says no default, {declared=}"
         return
     # A default given as a rule, "N times `CAFE_OTHER`": the declared default is what the rule
     # gives for the other's default (from_env applying it is tested above).
     rule = re.match(r"(\d+) \u00d7 `(CAFE_\w+)`", default)
     if rule:
         other = DECLARED[rule[2]][1]
-        assert declared == int(rule[1]) * other, f"{name}: README {rule[0]}, {declared=}"
+        assert declared == int(rule[1]) * other, f"{name}: table {rule[0]}, {declared=}"
         return
     # Otherwise the first `value` in the cell, read as the gateway reads the variable.
     value = re.search(r"`([^`]+)`", default)
-    assert value, f"{name}: the README default {default!r} has no `value`"
+    assert value, f"{name}: the table's default {default!r} has no `value`"
     read = variable.parse(name, value[1])
-    assert read == declared, f"{name}: README {value[1]!r} reads as {read!r}, {declared=}"
+    assert read == declared, f"{name}: table {value[1]!r} reads as {read!r}, {declared=}"
     # A range the meaning gives, "(low-high)", is the one the variable accepts.
     bounds = re.search(r"\((\d+)-(\d+)\)", meaning)
     if bounds:

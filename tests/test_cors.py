@@ -17,7 +17,8 @@ from aiohttp.test_utils import TestClient
 from gateway.app import create_app
 from gateway.cli import main
 from gateway.config import Settings
-from gateway.keys import KeysFileError, mint_key, read_keys_file, write_keys_file
+from gateway.keys.file import read_keys_file, write_keys_file
+from gateway.keys.model import KeysFileError, mint_key
 from gateway.sink import MemorySink
 from tests.conftest import AiohttpClient
 from tests.spec_samples import curl_bodies

@@ -200,7 +200,7 @@ def check_kafka_example(
     from gateway.config import Settings
 
     # The files made here are placeholders, not PEM: the TLS context is not built.
-    monkeypatch.setattr("gateway.kafkaauth.ssl_context", lambda security: None)
+    monkeypatch.setattr("gateway.config.KafkaSecurity.tls_context", lambda security: None)
     local = dict(env)
     for name, path in kafka_secret_files(env).items():
         file = tmp_path / path.relative_to(KAFKA_SECRETS_DIR)

@@ -1,8 +1,8 @@
 """Every error a client may be answered with is documented, from the one list of them.
 
 The list is gateway/errors.py: each `GatewayError` class that sets its own `code`, and
-the codes given to aiohttp's own HTTP errors (`HTTP_CODES`). The README's error table
-and the OpenAPI document must agree with it.
+the codes given to aiohttp's own HTTP errors (`HTTP_CODES`). The error table of
+docs/api.md and the OpenAPI document must agree with it.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from typing import Any
 
 from gateway import errors
 from gateway.config import TopicSettings
-from gateway.openapi import build_openapi
+from gateway.http.openapi import build_openapi
+from gateway.http.problems import HTTP_CODES
 from gateway.schemas import load_record_types
 from tests.conftest import VALIDATOR
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 
 
 def _kinds(cls: type[errors.GatewayError]) -> Iterator[type[errors.GatewayError]]:
@@ -30,22 +31,22 @@ def _kinds(cls: type[errors.GatewayError]) -> Iterator[type[errors.GatewayError]
 def answerable() -> set[tuple[int, str]]:
     """(status, code) of every error a client may get."""
     own = {(c.status, c.code) for c in _kinds(errors.GatewayError) if "code" in vars(c)}
-    return own | set(errors.HTTP_CODES.items())
+    return own | set(HTTP_CODES.items())
 
 
-def readme_errors() -> set[tuple[int, str]]:
-    """The (status, code) rows of the README's error table."""
-    text = README.read_text()
-    section = text[text.index("### Errors") :]
+def documented_errors() -> set[tuple[int, str]]:
+    """The (status, code) rows of the error table in docs/api.md."""
+    text = PAGE.read_text()
+    section = text[text.index("\n## Errors\n") + 1 :]
     section = section[: section.index("\n#")]
     rows = re.findall(r"^\| (\d{3}) \| `([a-z0-9_]+)` \|", section, re.MULTILINE)
     return {(int(status), code) for status, code in rows}
 
 
-def test_the_readme_lists_every_error_and_no_other() -> None:
-    documented, known = readme_errors(), answerable()
-    assert documented - known == set(), "in the README's error table, but no error has them"
-    assert known - documented == set(), "errors missing from the README's error table"
+def test_the_docs_list_every_error_and_no_other() -> None:
+    documented, known = documented_errors(), answerable()
+    assert documented - known == set(), "in the error table of docs/api.md, but no error has them"
+    assert known - documented == set(), "errors missing from the error table of docs/api.md"
 
 
 def problems(operation: dict[str, Any]) -> set[int]:

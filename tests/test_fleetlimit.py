@@ -12,8 +12,9 @@ import pytest
 
 from gateway.app import create_app
 from gateway.config import ConfigError, Settings
-from gateway.fleetlimit import _without_password
-from gateway.keys import mint_key, write_keys_file
+from gateway.keys.file import write_keys_file
+from gateway.keys.model import mint_key
+from gateway.limits.fleet import _without_password
 from gateway.sink import MemorySink
 from tests.conftest import AiohttpClient
 from tests.integration.tcp_proxy import free_port
@@ -29,7 +30,7 @@ async def test_without_redis_limits_are_local_and_readyz_metrics_and_log_say_so(
     write_keys_file(keys_file, [record])
     where = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     settings = Settings(keys_file=keys_file, ratelimit_storage=where)
-    with caplog.at_level(logging.ERROR, logger="gateway.fleetlimit"):
+    with caplog.at_level(logging.ERROR, logger="gateway.limits.fleet"):
         client = await aiohttp_client(create_app(settings, sink=MemorySink()))
     assert f"rate limits fall back to this host's own: Redis at {where}" in caplog.text
 

@@ -607,7 +607,7 @@ def _get(target: bytes, *lines: bytes, version: bytes = b"HTTP/1.1") -> bytes:
 
 MALFORMED = "malformed_request"
 RAW_CASES = [
-    # aiohttp's parser refuses these before any middleware runs; gateway/listener.py
+    # aiohttp's parser refuses these before any middleware runs; gateway/http/listener.py
     # answers them.
     RawCase(
         "one-1mb-header",

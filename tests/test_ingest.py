@@ -14,8 +14,8 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from gateway.app import create_app
 from gateway.config import Settings
 from gateway.errors import KafkaUnavailable
-from gateway.ingest import DEAD_LETTER_MAX_BYTES, DEAD_LETTER_MAX_ERROR_CHARS, _dead_letter
-from gateway.kafka import _MAX_MESSAGE_BYTES
+from gateway.http.ingest import DEAD_LETTER_MAX_BYTES, DEAD_LETTER_MAX_ERROR_CHARS, _dead_letter
+from gateway.kafka.sink import _MAX_MESSAGE_BYTES
 from gateway.schemas import load_record_types
 from gateway.sink import MemorySink, Message
 from tests.conftest import AiohttpClient
@@ -304,7 +304,7 @@ async def test_a_client_leaving_mid_body_is_counted_as_an_abort_not_a_server_err
 
 
 def _kafka_size(message: Message) -> int:
-    """What `message` weighs as Kafka counts it against its limit (as gateway/kafka.py does)."""
+    """What `message` weighs as Kafka counts it against its limit (as the Kafka sink does)."""
     size: int = DefaultRecordBatchBuilder.estimate_size_in_bytes(
         message.key, message.value, message.headers or []
     )

@@ -20,7 +20,7 @@ from schemathesis import GenerationMode
 
 from gateway.app import create_app
 from gateway.config import Settings, TopicSettings
-from gateway.openapi import build_openapi
+from gateway.http.openapi import build_openapi
 from gateway.schemas import load_record_types, schema_dir
 from gateway.sink import MemorySink
 from tests.conftest import VALIDATOR, AiohttpClient

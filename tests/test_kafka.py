@@ -11,7 +11,8 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from gateway.config import KafkaSettings
 from gateway.errors import KafkaUnavailable
-from gateway.kafka import KafkaSink, murmur2_cached
+from gateway.kafka.partitioner import murmur2_cached
+from gateway.kafka.sink import KafkaSink
 from gateway.sink import Message
 
 # The vectors of Kafka's own test of Utils.murmur2 (signed 32-bit results).

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gateway import kafka as kafka_module
 from gateway.config import KafkaSettings, TopicSettings
 from gateway.errors import KafkaForbidden, KafkaTopicMissing
-from gateway.kafka import KafkaSink
+from gateway.kafka import sink as kafka_sink
+from gateway.kafka.sink import KafkaSink
 from gateway.metrics import Metrics
 from gateway.sink import Message
 from tests.fake_kafka import FakeKafka, Mode
@@ -57,7 +57,7 @@ def _stored(kafka: FakeKafka, topic: str) -> int:
 async def test_a_topic_kafka_refuses_writes_to_stops_only_its_type_until_allowed(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(kafka_module, "_FORBIDDEN_PROBE_S", 0.3)
+    monkeypatch.setattr(kafka_sink, "_FORBIDDEN_PROBE_S", 0.3)
     caplog.set_level(logging.INFO)
     kafka = FakeKafka(list(TOPICS.all()))
     registry = CollectorRegistry()

@@ -22,8 +22,7 @@ from aiokafka import errors
 from prometheus_client import CollectorRegistry
 
 from gateway.config import ConfigError, KafkaSettings, Settings
-from gateway.kafka import KafkaSink
-from gateway.kafkaauth import (
+from gateway.kafka.auth import (
     CommandToken,
     FileToken,
     KafkaAuth,
@@ -31,6 +30,7 @@ from gateway.kafkaauth import (
     SecretUnavailable,
     explain,
 )
+from gateway.kafka.sink import KafkaSink
 from gateway.logs import BootstrapFailures
 from gateway.metrics import Metrics
 

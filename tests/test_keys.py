@@ -22,26 +22,28 @@ import pytest
 
 from gateway.app import create_app
 from gateway.config import Settings
-from gateway.keys import (
+from gateway.http.state import KEYS
+from gateway.keys.file import (
+    _keys_file_lock,
+    read_keys_file,
+    read_last_used,
+    update_keys_file,
+    write_keys_file,
+)
+from gateway.keys.model import (
     InvalidKey,
     KeysFileError,
-    KeyStore,
     NoSuchKey,
-    _keys_file_lock,
     change_key,
     hash_key,
     import_key,
     mint_key,
-    read_keys_file,
-    read_last_used,
     rotate_key,
-    update_keys_file,
     utc_text,
-    write_keys_file,
 )
-from gateway.keystrength import WeakKey, check_key_strength
+from gateway.keys.store import KeyStore
+from gateway.keys.strength import WeakKey, check_key_strength
 from gateway.sink import MemorySink
-from gateway.state import KEYS
 from tests.conftest import AiohttpClient
 from tests.keys import KeyFile
 from tests.scrape import Samples
@@ -330,7 +332,7 @@ async def test_a_key_is_refused_from_its_expiry_on_without_a_reload(
         lambda keys: change_key(keys, dated.id, lambda k: replace(k, expires_at=utc_text(5000))),
     )
     clock = _Clock(4999.0)
-    monkeypatch.setattr("gateway.auth.time", clock)
+    monkeypatch.setattr("gateway.http.auth.time", clock)
     app = create_app(Settings(keys_file=key_file.path), sink=MemorySink())
     client = await aiohttp_client(app)
     for key, status in ((dated_key, 200), (key_file.key, 200)):

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from gateway import access, listener
 from gateway.app import create_app
 from gateway.config import Settings
-from gateway.responses import SECURITY_HEADERS
+from gateway.http import access, listener
+from gateway.http.responses import SECURITY_HEADERS
 from gateway.sink import MemorySink
 from tests.conftest import AiohttpClient
 from tests.keys import KeyFile
@@ -93,7 +93,7 @@ async def test_a_refused_request_line_is_a_problem_with_the_usual_headers_and_co
 ) -> None:
     port = await serve(aiohttp_client, key_file)
     header = f"x-api-key: {key_file.key}\x01\r\n"
-    with caplog.at_level(logging.DEBUG, logger="gateway.listener"):
+    with caplog.at_level(logging.DEBUG, logger="gateway.http.listener"):
         async with connection(port) as conn:
             answer = await conn.ask(
                 b"GET /v1/ip HTTP/1.1\r\nHost: t\r\n" + header.encode() + b"\r\n"
@@ -105,7 +105,7 @@ async def test_a_refused_request_line_is_a_problem_with_the_usual_headers_and_co
     assert problem["code"] == "malformed_request"
     assert answer.headers["x-request-id"] == problem["requestId"]
     assert {k.lower(): v for k, v in SECURITY_HEADERS.items()}.items() <= answer.headers.items()
-    (line,) = [r for r in caplog.records if r.name == "gateway.listener"]
+    (line,) = [r for r in caplog.records if r.name == "gateway.http.listener"]
     assert line.levelno == logging.DEBUG
     assert line.getMessage() == "refused a malformed request: BadHttpMessage"
     assert line.fields["request_id"] == problem["requestId"]  # type: ignore[attr-defined]
@@ -128,12 +128,12 @@ async def test_an_error_escaping_every_middleware_is_a_500_problem_and_logged(
     # The access middleware is outermost: what it raises, no middleware answers.
     monkeypatch.setattr(access, "_route", broken)
     port = await serve(aiohttp_client, key_file)
-    with caplog.at_level(logging.ERROR, logger="gateway.listener"):
+    with caplog.at_level(logging.ERROR, logger="gateway.http.listener"):
         async with connection(port) as conn:
             answer = await conn.ask(GET_HEALTHZ)
     assert answer.status == 500
     problem = answer.json()
     assert problem["code"] == "internal_error"
     assert "access" not in answer.body.decode()  # no internals to the client
-    (line,) = [r for r in caplog.records if r.name == "gateway.listener"]
+    (line,) = [r for r in caplog.records if r.name == "gateway.http.listener"]
     assert line.exc_info is not None and "a bug in the access middleware" in str(line.exc_info[1])

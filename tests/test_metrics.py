@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, values
 from gateway.app import create_app, create_metrics_app
 from gateway.config import Settings
 from gateway.errors import KafkaUnavailable
-from gateway.keys import KeyStore
+from gateway.keys.store import KeyStore
 from gateway.metrics import MULTIPROC_ENV, Metrics
 from gateway.sink import MemorySink, Message
 from tests.conftest import AiohttpClient

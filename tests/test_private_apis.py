@@ -22,8 +22,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from prometheus_client import Counter, values
 
-LISTENER = "gateway/listener.py"
-KAFKA = "gateway/kafka.py"
+LISTENER = "gateway/http/listener.py"
+KAFKA = "gateway/kafka/sink.py"
 
 
 def changed(library: str, part: str, user: str, purpose: str) -> str:

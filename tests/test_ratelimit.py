@@ -20,15 +20,9 @@ from gateway.app import create_app
 from gateway.cli import main
 from gateway.config import Settings
 from gateway.errors import RateLimited
-from gateway.keys import (
-    ApiKey,
-    KeysFileError,
-    mint_key,
-    read_keys_file,
-    rotate_key,
-    write_keys_file,
-)
-from gateway.ratelimit import BucketTable, RateLimiter, TokenBucket
+from gateway.keys.file import read_keys_file, write_keys_file
+from gateway.keys.model import ApiKey, KeysFileError, mint_key, rotate_key
+from gateway.limits.local import BucketTable, RateLimiter, TokenBucket
 from gateway.sink import MemorySink
 from tests.conftest import AiohttpClient
 from tests.keys import KeyFile
@@ -151,7 +145,7 @@ def test_past_a_full_table_buckets_fall_back_to_each_worker_s_share(
 ) -> None:
     limiter = RateLimiter(workers=2, buckets=BucketTable(slots=1))
     first, second, third = (limited_key(requests_per_second=4) for _ in range(3))
-    with caplog.at_level(logging.WARNING, logger="gateway.ratelimit"):
+    with caplog.at_level(logging.WARNING, logger="gateway.limits.local"):
         asyncio.run(limiter.check_request(first))  # takes the one slot
         for _ in range(2):  # no room: this worker's half of 4/s, burst 2
             asyncio.run(limiter.check_request(second))

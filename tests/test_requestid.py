@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from gateway.requestid import RequestIds
+from gateway.http.requestid import RequestIds
 
 
 def test_ids_are_32_hex_digits_and_never_repeat() -> None:

@@ -19,11 +19,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from gateway.app import create_app
 from gateway.config import Settings, SpoolSettings
 from gateway.errors import KafkaUnavailable, RecordTooLarge, SpoolFull, SpoolUnavailable
-from gateway.ingest import SPOOLED_HEADER
+from gateway.http.ingest import SPOOLED_HEADER
 from gateway.metrics import Metrics
 from gateway.sink import MemorySink, Message
-from gateway.spool import SpoolingSink
-from gateway.spoolfile import decode
+from gateway.spool.file import decode
+from gateway.spool.sink import SpoolingSink
 from tests.conftest import AiohttpClient
 from tests.keys import KeyFile
 from tests.scrape import Samples
@@ -250,7 +250,7 @@ async def test_records_older_than_the_max_age_are_dropped_counted_and_logged(
     up = StallingSink()
     metrics = Metrics(CollectorRegistry(), "test")
     second = SpoolingSink(up, SpoolSettings(max_age_seconds=3600), tmp_path, metrics=metrics)
-    with caplog.at_level(logging.ERROR, logger="gateway.spool"):
+    with caplog.at_level(logging.ERROR, logger="gateway.spool.sink"):
         await second.start()
         try:
             await until(lambda: chunks_in(tmp_path) == 0)
@@ -273,7 +273,7 @@ async def test_a_spool_that_cannot_write_makes_the_gateway_not_ready(
     blocked.write_text("a file where the spool directory should be")
     inner = StallingSink()
     sink = SpoolingSink(inner, SETTINGS, blocked)
-    with caplog.at_level(logging.ERROR, logger="gateway.spool"):
+    with caplog.at_level(logging.ERROR, logger="gateway.spool.sink"):
         await sink.start()
     try:
         assert "cannot be written" in caplog.text
@@ -372,7 +372,7 @@ async def test_records_kafka_refuses_for_good_on_replay_are_dropped_and_the_rest
         return await send(record_type, accepted, dead, patient=patient)
 
     inner.send = refuse_poison  # type: ignore[method-assign,assignment]
-    with caplog.at_level(logging.ERROR, logger="gateway.spool"):
+    with caplog.at_level(logging.ERROR, logger="gateway.spool.sink"):
         inner.is_ready = True
         try:
             await until(lambda: chunks_in(tmp_path) == 0)
@@ -631,7 +631,7 @@ async def test_a_chunk_that_does_not_decode_is_dropped_and_the_replay_goes_on(
     inner = PartialSink()
     metrics = Metrics(CollectorRegistry(), "test")
     sink = SpoolingSink(inner, SETTINGS, tmp_path, metrics=metrics)
-    with caplog.at_level(logging.ERROR, logger="gateway.spool"):
+    with caplog.at_level(logging.ERROR, logger="gateway.spool.sink"):
         await sink.start()
         try:
             await until(lambda: chunks_in(tmp_path) == 0)

@@ -1,4 +1,4 @@
-"""A model-based test of the spool (gateway/spool.py) over the Kafka sink (gateway/kafka.py).
+"""A model-based test of the spool (gateway/spool/) over the Kafka sink (gateway/kafka/).
 
 Hypothesis drives a real `SpoolingSink(KafkaSink(...))` whose aiokafka producer is a
 fake (tests/fake_kafka.py), on an event loop with a virtual clock (tests/virtual_time.py),
@@ -55,11 +55,11 @@ from prometheus_client import CollectorRegistry
 
 from gateway.config import KafkaSettings, SpoolSettings, TopicSettings
 from gateway.errors import GatewayError
-from gateway.kafka import KafkaSink
+from gateway.kafka.sink import KafkaSink
 from gateway.metrics import Metrics
 from gateway.sink import Message
-from gateway.spool import SpoolingSink
-from gateway.spoolfile import SpoolFile, decode
+from gateway.spool.file import SpoolFile, decode
+from gateway.spool.sink import SpoolingSink
 from tests.fake_kafka import Copy, FakeKafka, Mode
 from tests.virtual_time import Deadlock, VirtualTimeLoop
 
@@ -82,7 +82,7 @@ TOPIC_NAMES = TOPICS.all()
 SESSIONS = ("s0", "s1", "s2")
 HEADERS = [("cafe-schema", b"model")]
 
-# A request is answered within its bound (gateway/spool.py: up to CAFE_SPOOL_AFTER_MS
+# A request is answered within its bound (gateway/spool/sink.py: up to CAFE_SPOOL_AFTER_MS
 # waiting for a replay to catch up, then up to CAFE_PRODUCE_TIMEOUT_MS for Kafka or the
 # spool's disk); this much more is allowed for a last write on a disk that is not slow.
 BOUND_S = AFTER_S + PRODUCE_TIMEOUT_S + 0.05
@@ -580,7 +580,7 @@ class SpoolModel(RuleBasedStateMachine):
     def no_503_for_records_kafka_stored_in_time(self) -> None:
         """A request answered 503 does not have all its records stored and acknowledged
         by Kafka, from its own send, within its produce timeout: it would have been
-        answered stored, had it waited as long as the README says it does."""
+        answered stored, had it waited as long as docs/reliability.md says it does."""
         copies = self._copies()
         problems = []
         for request in self.requests:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.sink import Message
-from gateway.spoolfile import Chunk, SpoolFile, decode, encode
+from gateway.spool.file import Chunk, SpoolFile, decode, encode
 
 HEADERS = [("cafe-key-id", b"k1"), ("cafe-schema", b"activity")]
 
@@ -68,7 +68,7 @@ async def test_files_left_by_workers_beyond_the_count_are_named_in_an_error(
 ) -> None:
     (tmp_path / "spool-3.sqlite3").write_bytes(b"")
     file = SpoolFile(tmp_path, workers=2)
-    with caplog.at_level(logging.ERROR, logger="gateway.spoolfile"):
+    with caplog.at_level(logging.ERROR, logger="gateway.spool.file"):
         try:
             await file.probe()
         finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.topics import is_single_copy
+from gateway.kafka.topics import is_single_copy
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway.app import create_app
 from gateway.config import KafkaSettings, Settings, TopicSettings
-from gateway.ingest import DEAD_LETTER_MAX_BYTES
+from gateway.http.ingest import DEAD_LETTER_MAX_BYTES
 from tests.conftest import AiohttpClient
 from tests.integration.conftest import (
     KAFKA_SH,

@@ -30,7 +30,8 @@ from aiohttp import web
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from playwright.async_api import Browser, Page, Request, async_playwright
 
-from gateway.keys import mint_key, write_keys_file
+from gateway.keys.file import write_keys_file
+from gateway.keys.model import mint_key
 from tests.integration.conftest import Broker, consume_all, delete_topics, eventually
 from tests.integration.tcp_proxy import free_ports
 from tests.integration.test_serve import gateway_env, ready_in_a_row, running

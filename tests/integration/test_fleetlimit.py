@@ -1,6 +1,6 @@
 """Fleet-wide limits against a real Redis: leases, their bound, and Redis going away.
 
-The bound tested is the one gateway/fleetlimit.py states: over T seconds a key not used
+The bound tested is the one gateway/limits/fleet.py states: over T seconds a key not used
 before gets at most burst + rate * T, however many processes serve it; a process holds
 fewer than ceil(rate * LEASE_SECONDS) tokens between requests.
 """
@@ -21,8 +21,9 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gateway.fleetlimit import LEASE_SECONDS, FleetBuckets
-from gateway.keys import mint_key, update_keys_file
+from gateway.keys.file import update_keys_file
+from gateway.keys.model import mint_key
+from gateway.limits.fleet import LEASE_SECONDS, FleetBuckets
 from gateway.metrics import Metrics
 from tests.integration.conftest import Broker, summarise
 from tests.integration.tcp_proxy import free_port, free_ports

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from gateway.app import create_app
 from gateway.config import KafkaSettings, Settings, TopicSettings
 from gateway.errors import KafkaUnavailable, RecordTooLarge
-from gateway.kafka import KafkaSink
+from gateway.kafka.sink import KafkaSink
 from gateway.metrics import Metrics
 from gateway.sink import Message
 from tests.conftest import AiohttpClient

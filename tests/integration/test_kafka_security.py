@@ -23,9 +23,9 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from gateway import kafka as kafka_module
 from gateway.app import create_app
 from gateway.config import Settings
+from gateway.kafka import sink as kafka_sink
 from tests.conftest import AiohttpClient
 from tests.integration.conftest import (
     KAFKA_SH,
@@ -263,7 +263,7 @@ async def test_a_refused_connection_is_told_once_and_mended_without_a_restart(
         errors = [
             r.getMessage()
             for r in caplog.records
-            if r.levelno >= logging.ERROR and r.name == "gateway.kafka"
+            if r.levelno >= logging.ERROR and r.name.startswith("gateway.kafka.")
         ]
         assert len(errors) == 1, errors
         assert words in errors[0]
@@ -284,7 +284,7 @@ async def test_write_revoked_on_one_topic_stops_only_its_type_until_granted_agai
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(kafka_module, "_FORBIDDEN_PROBE_S", 1.0)
+    monkeypatch.setattr(kafka_sink, "_FORBIDDEN_PROBE_S", 1.0)
     kafka = _ways(secure_broker, tmp_path)["scram-sha-512"]
     async with _gateway(aiohttp_client, key_file, topics, kafka) as client:
         await eventually(lambda: _ready(client))

@@ -14,7 +14,8 @@ import time
 import aiohttp
 import pytest
 
-from gateway.keys import read_keys_file, read_last_used, utc_text
+from gateway.keys.file import read_keys_file, read_last_used
+from gateway.keys.model import utc_text
 from tests.integration.conftest import Broker
 from tests.integration.tcp_proxy import free_port
 from tests.integration.test_serve import gateway_env, prefix, serving  # noqa: F401

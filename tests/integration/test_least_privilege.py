@@ -7,9 +7,9 @@ import dataclasses
 
 import pytest
 
-from gateway import kafka as kafka_module
 from gateway.app import create_app
 from gateway.config import KafkaSettings, Settings
+from gateway.kafka import sink as kafka_sink
 from tests.conftest import AiohttpClient
 from tests.integration.conftest import Broker, create_topics, delete_topics, eventually
 from tests.integration.test_api import unique_topics
@@ -25,7 +25,7 @@ async def test_with_create_topics_never_a_missing_topic_stops_only_its_type(
     key_file: KeyFile,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(kafka_module, "_TOPICS_EVERY_S", 0.5)
+    monkeypatch.setattr(kafka_sink, "_TOPICS_EVERY_S", 0.5)
     topics = dataclasses.replace(unique_topics(), create="never")
     await create_topics(kafka.bootstrap, [t for t in topics.all() if t != topics.log])
     settings = Settings(

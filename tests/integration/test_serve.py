@@ -17,7 +17,8 @@ import orjson
 import psutil
 import pytest
 
-from gateway.keys import mint_key, update_keys_file
+from gateway.keys.file import update_keys_file
+from gateway.keys.model import mint_key
 from tests.integration.conftest import Broker, consume_all, delete_topics
 from tests.integration.tcp_proxy import free_port, free_ports
 from tests.keys import KeyFile

@@ -9,13 +9,13 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from gateway.clientip import client_ip
 from gateway.config import Settings
-from gateway.listener import over_capacity
+from gateway.http.clientip import client_ip
+from gateway.http.listener import over_capacity
+from gateway.http.requestid import RequestIds
+from gateway.http.responses import SECURITY_HEADERS
+from gateway.http.state import API_KEY, DRAINING, PROBLEM_CODE, RECORD_COUNTS, REQUEST_ID
 from gateway.metrics import Metrics
-from gateway.requestid import RequestIds
-from gateway.responses import SECURITY_HEADERS
-from gateway.state import API_KEY, DRAINING, PROBLEM_CODE, RECORD_COUNTS, REQUEST_ID
 
 access_log = logging.getLogger("gateway.access")
 

@@ -22,7 +22,7 @@ from aiokafka.errors import (
 )
 
 from gateway.config import KafkaSettings
-from gateway.kafkaauth import KafkaAuth
+from gateway.kafka.auth import KafkaAuth
 from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ burst is spent. So over any T seconds a key is granted at most
 and a key not used before those T seconds at most burst + rate * T, one host's bound.
 
 When Redis fails (refused, timed out, any error), the process falls back at once to the
-host's own buckets (`gateway.ratelimit`), at the key's full rate: while Redis is away each
+host's own buckets (`gateway.limits.local`), at the key's full rate: while Redis is away each
 host enforces the limit on its own, as with CAFE_RATELIMIT_STORAGE=local. It says so in
 an ERROR line, in `cafe_ratelimit_redis_down`, and in /readyz's answer, drops its leases,
 and asks Redis once a second until it answers.
@@ -49,8 +49,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from gateway.limits.local import Bucket
 from gateway.metrics import Metrics
-from gateway.ratelimit import Bucket
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ queue to empty (live traffic then leaves the replayer the CPU and the disk). A r
 per type sends the oldest chunks to Kafka and deletes them only once Kafka has
 acknowledged them; when its queue is empty, that type's requests go to Kafka first again.
 
-The store, SQLite written from a thread of its own, is gateway/spoolfile.py.
+The store, SQLite written from a thread of its own, is gateway/spool/file.py.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from gateway.config import SpoolSettings
 from gateway.errors import GatewayError, SinkUnavailable, SpoolFull, SpoolUnavailable
 from gateway.metrics import Metrics
 from gateway.sink import Message, Sink
-from gateway.spoolfile import DISK_ERRORS, Chunk, SpoolFile, Stored, encode
+from gateway.spool.file import DISK_ERRORS, Chunk, SpoolFile, Stored, encode
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from gateway.keys import KeyStore
-from gateway.state import API_KEY
+from gateway.http.state import API_KEY
+from gateway.keys.store import KeyStore
 
 # Browsers may cache a preflight answer this long (seconds), sparing one per request.
 PREFLIGHT_MAX_AGE_S = 600

@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from gateway.admission import Reservation
     from gateway.config import Settings
-    from gateway.keys import ApiKey, KeyStore
+    from gateway.keys.model import ApiKey
+    from gateway.keys.store import KeyStore
+    from gateway.limits.local import RateLimiter
     from gateway.metrics import Metrics
-    from gateway.ratelimit import RateLimiter
     from gateway.schemas import RecordType
     from gateway.sink import Sink
 
@@ -35,13 +35,11 @@ OPENAPI: web.AppKey[bytes] = web.AppKey("openapi")
 DRAINING: web.AppKey[asyncio.Event] = web.AppKey("draining")
 
 # Per request, each set by one middleware (or the handler) for those inside it to read.
-# The request's id, also its X-Request-Id (gateway/access.py).
+# The request's id, also its X-Request-Id (gateway/http/access.py).
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id")
-# The key the request was admitted with (gateway/auth.py).
+# The key the request was admitted with (gateway/http/auth.py).
 API_KEY: web.RequestKey[ApiKey] = web.RequestKey("api_key")
-# The body bytes admission holds for the request (gateway/admission.py).
-BODY_RESERVATION: web.RequestKey[Reservation] = web.RequestKey("body_reservation")
-# Records accepted and rejected, for the access log (gateway/ingest.py).
+# Records accepted and rejected, for the access log (gateway/http/ingest.py).
 RECORD_COUNTS: web.RequestKey[tuple[int, int]] = web.RequestKey("record_counts")
 # The code of the problem the request was answered with, for the access log
 # (gateway/errors.py).

@@ -1,11 +1,9 @@
-"""The Kafka sink: everything in the gateway that knows aiokafka lives here."""
+"""The Kafka sink: its producers, their lifecycle and renewal, backpressure and sending."""
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
@@ -14,13 +12,10 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
     KafkaError,
-    KafkaTimeoutError,
     MessageSizeTooLargeError,
     RecordListTooLargeError,
     TopicAuthorizationFailedError,
-    UnknownTopicOrPartitionError,
 )
-from aiokafka.partitioner import murmur2
 
 # aiokafka's internal record module (see _check_size); pyproject.toml keeps aiokafka below
 # its next minor version for it and the other internals used here (producer._sender and
@@ -29,10 +24,12 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from gateway.config import KafkaSettings
 from gateway.errors import KafkaForbidden, KafkaTopicMissing, KafkaUnavailable, RecordTooLarge
-from gateway.kafkaauth import KafkaAuth, Problem, explain_refusal
+from gateway.kafka.auth import KafkaAuth, Problem, explain_refusal
+from gateway.kafka.batcher import Batcher, failed
+from gateway.kafka.partitioner import murmur2_cached
+from gateway.kafka.topics import missing_topics, prepare_topics
 from gateway.metrics import Metrics
 from gateway.sink import Message
-from gateway.topics import missing_topics, prepare_topics
 
 log = logging.getLogger(__name__)
 
@@ -70,288 +67,6 @@ _SENDER_CLOSE_S = 1.0
 _HEALTH_EVERY_S = 5.0
 
 
-# Keys are sessionIds of at most 128 characters (schemas.MAX_KEY_LENGTH, which every
-# schema is held to; ingest leaves longer ones off dead letters), so the cache holds at
-# most 16,384 x 512 bytes of keys, 8 MiB, however clients choose them.
-@functools.lru_cache(maxsize=16384)
-def murmur2_cached(key: bytes) -> int:
-    """aiokafka's pure-Python murmur2 costs microseconds; session keys repeat a lot."""
-    result: int = murmur2(key)
-    return result
-
-
-async def _send_batch(
-    producer: AIOKafkaProducer, batch: Any, topic: str, partition: int
-) -> asyncio.Future[Any] | None:
-    """Queue a built batch; returns the future of its ack, or None if the partition is gone.
-
-    aiokafka queues one batch per partition and makes the next wait for a free slot,
-    but counts the time already waited again on every wake-up, so under load it gives
-    up with KafkaTimeoutError long before its timeout. The batch is untouched then, so
-    queue it again. Requests waiting on the batch stop at their own produce timeout.
-
-    The partition is looked up each time: the topic may have been made again with fewer
-    partitions meanwhile, and aiokafka refuses a batch for one it does not know.
-    """
-    while True:
-        # A producer that has just replaced another may not know the topic yet. The
-        # undocumented client's metadata answers without an await; partitions_for() is
-        # the public way, and the fallback.
-        partitions = producer.client.cluster.partitions_for_topic(
-            topic
-        ) or await producer.partitions_for(topic)
-        if partition not in partitions:
-            return None
-        try:
-            future: asyncio.Future[Any] = await producer.send_batch(
-                batch, topic, partition=partition
-            )
-        except KafkaTimeoutError:
-            continue
-        return future
-
-
-class _Batch:
-    """One record batch of a partition, and the future its requests wait on."""
-
-    __slots__ = ("ack", "acked", "builder", "failures_seen", "producer", "records", "size")
-
-    def __init__(self, builder: Any, acked: asyncio.Future[None]) -> None:
-        self.builder = builder
-        self.acked = acked
-        self.records = 0
-        self.size = 0  # bytes of record values, as the sink counts what it holds
-        self.producer: AIOKafkaProducer | None = None  # the one it was handed to
-        self.ack: asyncio.Future[Any] | None = None  # that producer's verdict on it
-        self.failures_seen = 0  # its partition's failed batches when it was made
-
-
-class _Batcher:
-    """Builds one partition's record batches from the messages of many requests.
-
-    aiokafka's `send()` costs a future and some Python per record; here records go
-    into an open batch shared by every request writing to the partition, and a request
-    waits on the one future of each batch that holds its records. One task per
-    partition hands the batches to the sink's producer in order: while one waits for
-    its slot (aiokafka queues a single batch per partition), records gather in the next.
-
-    A partition is *down* from the moment a request's records for it were not
-    acknowledged within the produce timeout (or no broker answered the sink at all),
-    until Kafka acknowledges one of its batches again. While it is down the sink queues
-    nothing new for it: the batches it already holds are the probe. Should those fail
-    instead, one request may go through to probe again (`admits`).
-    """
-
-    def __init__(self, sink: KafkaSink, topic: str, partition: int) -> None:
-        self._sink = sink
-        self.topic = topic
-        self.partition = partition
-        metrics = sink.metrics
-        self._produce_seconds = metrics.produce_seconds.labels(topic) if metrics else None
-        self._open: _Batch | None = None
-        self._ready: collections.deque[_Batch] = collections.deque()
-        # Batches made and not yet settled: being filled, waiting, or with aiokafka.
-        self.unsettled: set[_Batch] = set()
-        self.down = False
-        # The batch handed to a producer last, and how many handed batches have failed.
-        self._last_handed: _Batch | None = None
-        self._failures = 0
-        self._wake = asyncio.Event()
-        self._idle = asyncio.Event()  # nothing is waiting to be handed over
-        self._idle.set()
-        self._task = asyncio.create_task(self._hand_over(), name=f"batches-{topic}-{partition}")
-
-    def append(self, producer: AIOKafkaProducer, message: Message) -> asyncio.Future[None]:
-        """Add a message to the open batch; returns that batch's ack future. The caller
-        wakes the batcher once it has added what it sends (a replayed window holds
-        thousands of messages for a few partitions)."""
-        batch = self._open
-        if batch is None or not _add(batch.builder, message):
-            if batch is not None:
-                self._ready.append(batch)  # full: it goes as it is
-            batch = self._open = self._new_batch(producer)
-            _add(batch.builder, message)  # an empty batch always takes a record
-        batch.records += 1
-        batch.size += len(message.value)
-        return batch.acked
-
-    def wake(self) -> None:
-        """Messages were appended: hand over what is ready."""
-        self._idle.clear()
-        self._wake.set()
-
-    def admits(self, renewing: bool) -> bool:
-        """Whether records for this partition may be queued now."""
-        if not self.down:
-            return True
-        # Down, and holding nothing that could show Kafka is back: a probe may go, once
-        # a producer is there to take it.
-        return not self.unsettled and not renewing
-
-    def mark_down(self) -> None:
-        if not self.down:
-            self.down = True
-            self._sink.partition_down(self)
-
-    def fail_handed_to(self, producer: AIOKafkaProducer) -> None:
-        """`producer` was closed without answering for its batches: fail those it holds,
-        so their requests and the bytes they hold are let go."""
-        for batch in self.unsettled:
-            # One whose verdict came as it closed is settled by that verdict (_settle).
-            answered = batch.ack is not None and batch.ack.done()
-            if batch.producer is producer and not answered:
-                _fail(batch, KafkaError("the producer closed without an answer"))
-
-    async def flush(self) -> None:
-        """Return once every batch made so far has been handed to the producer."""
-        self._wake.set()
-        await self._idle.wait()
-
-    async def close(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-
-    def _new_batch(self, producer: AIOKafkaProducer) -> _Batch:
-        # A built batch belongs to no producer until it is handed over, so one made
-        # here may go out through a producer that replaces this one.
-        batch = _Batch(producer.create_batch(), asyncio.get_running_loop().create_future())
-        batch.failures_seen = self._failures
-        self.unsettled.add(batch)
-        batch.acked.add_done_callback(functools.partial(self._settled, batch))
-        return batch
-
-    def _settled(self, batch: _Batch, acked: asyncio.Future[None]) -> None:
-        self.unsettled.discard(batch)
-        self._sink.release(batch.size)
-        if batch.producer is not None and _failed(acked):
-            self._failures += 1
-        if batch is self._last_handed:
-            self._wake.set()  # the next batch's turn
-        # Also marks a failure as seen, even if every request waiting on it timed out.
-        if acked.cancelled():
-            return
-        failure = acked.exception()
-        if isinstance(failure, TopicAuthorizationFailedError):
-            self._sink.forbid(self.topic)
-        elif failure is None:
-            self._sink.allow(self.topic)
-            if self.down:
-                self.down = False
-                self._sink.partition_up(self)
-
-    async def _hand_over(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while True:
-                # One batch of the partition with Kafka at a time, as aiokafka sends them
-                # anyway: were the next one queued behind it, aiokafka could store it after
-                # this one failed (a batch that expires unsent leaves the next its turn),
-                # and the records sent again would come after it. Records meanwhile fill
-                # the open batch. (_settled wakes this loop.)
-                last = self._last_handed
-                if last is not None and not last.acked.done():
-                    break
-                if self._ready:
-                    batch = self._ready.popleft()
-                elif self._open is not None:
-                    batch, self._open = self._open, None
-                else:
-                    break
-                batch.builder.close()
-                try:
-                    if not await self._send(batch):
-                        self._end(batch)
-                        return
-                except KafkaError as exc:
-                    # E.g. the topic is gone; fail this batch's requests (503), and keep
-                    # serving the partition.
-                    log.warning(
-                        "could not queue a batch for %s-%d: %r", self.topic, self.partition, exc
-                    )
-                    _fail(batch, exc)
-                except Exception as exc:
-                    log.exception("could not queue a batch for %s-%d", self.topic, self.partition)
-                    _fail(batch, exc)
-            if not self._ready and self._open is None:
-                self._idle.set()
-
-    async def _send(self, batch: _Batch) -> bool:
-        """Hand one closed batch to the sink's producer; False if the partition is gone.
-
-        The one handed before it has its verdict (_hand_over). If that one failed after
-        this one was made, this one fails too: stored, it would be ahead of the failed
-        one's records, sent again. So of one key's records, what Kafka stores of a send is
-        the first ones, and what a client or the spool sends again keeps their order."""
-        producer = await self._sink.producer_for_batches()
-        last = self._last_handed
-        if last is not None and _failed(last.acked) and self._failures > batch.failures_seen:
-            raise KafkaError(f"an earlier batch for {self.topic}-{self.partition} failed")
-        handed_at = time.perf_counter()
-        batch.producer = producer
-        ack = await _send_batch(producer, batch.builder, self.topic, self.partition)
-        if ack is None:
-            return False
-        self._last_handed = batch
-        batch.ack = ack
-        ack.add_done_callback(functools.partial(self._settle, producer, batch.acked))
-        if self._produce_seconds is not None:
-            ack.add_done_callback(functools.partial(_observe, self._produce_seconds, handed_at))
-        return True
-
-    def _end(self, batch: _Batch) -> None:
-        """The topic is gone, or was made again with fewer partitions: fail what is held
-        (503) and leave the sink, whose next send to the topic goes by its partitions now."""
-        self._sink.forget(self)
-        gone = UnknownTopicOrPartitionError(f"{self.topic} has no partition {self.partition}")
-        held = [batch, *self._ready]
-        if self._open is not None:
-            held.append(self._open)
-        for waiting in held:
-            _fail(waiting, gone)
-        self._idle.set()
-        log.info("%s has no partition %d now; stopped batching for it", self.topic, self.partition)
-
-    def _settle(
-        self, producer: AIOKafkaProducer, acked: asyncio.Future[None], ack: asyncio.Future[Any]
-    ) -> None:
-        """Pass aiokafka's verdict on a batch to the future its requests wait on."""
-        self._sink.answered(producer)
-        if acked.done():
-            return
-        if ack.cancelled():
-            acked.set_exception(KafkaError("the batch was cancelled"))
-            return
-        failure = ack.exception()
-        if failure is None:
-            acked.set_result(None)
-            return
-        acked.set_exception(failure)
-        # With idempotence aiokafka retries what can be retried, so a batch that fails
-        # was refused for good, and the sequence numbers it was given are spent.
-        self._sink.renew(producer, f"{self.topic}-{self.partition}", failure)
-
-
-def _failed(future: asyncio.Future[Any]) -> bool:
-    return future.done() and (future.cancelled() or future.exception() is not None)
-
-
-def _fail(batch: _Batch, error: BaseException) -> None:
-    """Fail a batch's requests, unless it has failed already (a producer closed while
-    the batch was being handed to it, see fail_handed_to)."""
-    if not batch.acked.done():
-        batch.acked.set_exception(error)
-
-
-def _add(batch: Any, message: Message) -> bool:
-    """Append a message to an aiokafka batch; False if the batch is full."""
-    metadata = batch.append(
-        key=message.key, value=message.value, timestamp=None, headers=message.headers
-    )
-    return metadata is not None
-
-
 async def _wait_all(futures: Collection[asyncio.Future[Any]], deadline: float | None) -> None:
     """Return once every one of `futures` is done; raise TimeoutError if the loop's clock
     reaches `deadline` (if any) first. Cancels none of them, as other requests' records share
@@ -387,12 +102,6 @@ def _enough(answering: int, known: int) -> bool:
     """Ready takes most of the brokers: with the usual 3 replicas and
     min.insync.replicas=2, one broker left answers but is too few to write to."""
     return answering > 0 and answering > known // 2
-
-
-def _observe(histogram: Any, since: float, ack: asyncio.Future[Any]) -> None:
-    """Time a batch from its hand-over to its successful acknowledgement."""
-    if not ack.cancelled() and ack.exception() is None:
-        histogram.observe(time.perf_counter() - since)
 
 
 def _check_size(topic: str, message: Message) -> None:
@@ -450,9 +159,9 @@ class KafkaSink:
         self._answered_at: dict[AIOKafkaProducer, float] = {}
         self._request_timeout_s = settings.request_timeout_ms / 1000
         self._unkeyed = 0  # round-robin position for messages without a key
-        self._batchers: dict[tuple[str, int], _Batcher] = {}
+        self._batchers: dict[tuple[str, int], Batcher] = {}
         self._held_bytes = 0  # record values in unsettled batches (see _admit)
-        self._down: set[_Batcher] = set()
+        self._down: set[Batcher] = set()
         self._down_since = 0.0  # when the first of them went down
         self._refused_while_down = 0
 
@@ -695,10 +404,10 @@ class KafkaSink:
                 _check_size(topic, message)
         timeout_s = self._settings.produce_timeout_ms / 1000
         deadline = None if patient else asyncio.get_running_loop().time() + timeout_s
-        acks: dict[asyncio.Future[None], _Batcher] = {}
+        acks: dict[asyncio.Future[None], Batcher] = {}
         appended: list[asyncio.Future[None]] = []  # each message's batch's future
         try:
-            # As in _send_batch: known metadata without an await, else the public way.
+            # As in send_batch: known metadata without an await, else the public way.
             partitions = producer.client.cluster.partitions_for_topic(topic)
             if not partitions:
                 async with asyncio.timeout_at(deadline):
@@ -744,20 +453,20 @@ class KafkaSink:
                 error = KafkaUnavailable(f"Kafka did not acknowledge the records: {exc}")
             if patient and appended:
                 # All settled: which messages Kafka took. Batches of one partition after
-                # one that failed fail too (_Batcher._send), so those are a prefix of
+                # one that failed fail too (Batcher._send), so those are a prefix of
                 # each key's messages, and the others can be sent again in order.
-                error.stored = tuple(not _failed(ack) for ack in appended)
+                error.stored = tuple(not failed(ack) for ack in appended)
             raise error from exc
 
     def _batchers_for(
         self, topic: str, messages: Sequence[Message], partitions: int
-    ) -> tuple[list[_Batcher], set[_Batcher]]:
+    ) -> tuple[list[Batcher], set[Batcher]]:
         """Each message's batcher, and the distinct ones. A request's records mostly share
         one session's key, and a replayed window is a run of such requests: a key like
         the one before it is not looked up again."""
-        batchers: list[_Batcher] = []
-        distinct: set[_Batcher] = set()
-        batcher: _Batcher | None = None
+        batchers: list[Batcher] = []
+        distinct: set[Batcher] = set()
+        batcher: Batcher | None = None
         last: bytes | None = None
         for message in messages:
             key = message.key
@@ -768,7 +477,7 @@ class KafkaSink:
             batchers.append(batcher)
         return batchers, distinct
 
-    def _admit(self, topic: str, messages: Sequence[Message], batchers: set[_Batcher]) -> None:
+    def _admit(self, topic: str, messages: Sequence[Message], batchers: set[Batcher]) -> None:
         """Refuse the request (503) before anything of it is queued, if the sink holds
         too much already or a partition it writes to is down; else count its bytes held.
 
@@ -814,7 +523,7 @@ class KafkaSink:
         """A batch is settled: its records are no longer held."""
         self._held_bytes -= size
 
-    def partition_down(self, batcher: _Batcher) -> None:
+    def partition_down(self, batcher: Batcher) -> None:
         if not self._down:
             log.warning(
                 "Kafka has not acknowledged %s-%d in time; requests for partitions in this "
@@ -828,7 +537,7 @@ class KafkaSink:
         if self.metrics is not None:
             self.metrics.kafka_partitions_down.set(len(self._down))
 
-    def partition_up(self, batcher: _Batcher) -> None:
+    def partition_up(self, batcher: Batcher) -> None:
         self._down.discard(batcher)
         if self.metrics is not None:
             self.metrics.kafka_partitions_down.set(len(self._down))
@@ -851,14 +560,15 @@ class KafkaSink:
             return self._unkeyed
         return (murmur2_cached(key) & 0x7FFFFFFF) % partitions
 
-    def _batcher(self, topic: str, partition: int) -> _Batcher:
+    def _batcher(self, topic: str, partition: int) -> Batcher:
         batcher = self._batchers.get((topic, partition))
         if batcher is None:
-            batcher = _Batcher(self, topic, partition)
+            histogram = self.metrics.produce_seconds.labels(topic) if self.metrics else None
+            batcher = Batcher(self, topic, partition, histogram)
             self._batchers[(topic, partition)] = batcher
         return batcher
 
-    def forget(self, batcher: _Batcher) -> None:
+    def forget(self, batcher: Batcher) -> None:
         """Drop the batcher of a partition that no longer exists."""
         del self._batchers[(batcher.topic, batcher.partition)]
         self._down.discard(batcher)

@@ -39,12 +39,12 @@ from gateway.errors import (
     MalformedRequest,
     TooManyHeaders,
     UriTooLong,
-    render,
 )
+from gateway.http.problems import render
+from gateway.http.requestid import RequestIds
+from gateway.http.responses import SECURITY_HEADERS
+from gateway.http.state import METRICS, SETTINGS
 from gateway.metrics import Metrics
-from gateway.requestid import RequestIds
-from gateway.responses import SECURITY_HEADERS
-from gateway.state import METRICS, SETTINGS
 
 log = logging.getLogger(__name__)
 

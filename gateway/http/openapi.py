@@ -12,9 +12,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.listener import URI_LIMIT
+from gateway.http.listener import URI_LIMIT
+from gateway.http.state import OPENAPI, RECORD_TYPES
 from gateway.schemas import MAX_RECORDS, RecordType, envelope_schema
-from gateway.state import OPENAPI, RECORD_TYPES
 
 
 def _ref(component: str) -> dict[str, str]:

@@ -9,7 +9,7 @@ so a refused request costs a few microseconds; the record check runs once the bo
 parsed and before any record is validated.
 
 These buckets are per host: behind a load balancer, N gateways give a key up to N times
-its limit. With CAFE_RATELIMIT_STORAGE set to a Redis URL, `gateway.fleetlimit` keeps
+its limit. With CAFE_RATELIMIT_STORAGE set to a Redis URL, `gateway.limits.fleet` keeps
 the buckets in Redis for the whole fleet, and these stand in while Redis does not answer.
 """
 
@@ -24,18 +24,11 @@ import os
 import struct
 import time
 import weakref
-from typing import TYPE_CHECKING
-
-from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
+from typing import Protocol
 
 from gateway.errors import RateLimited
-from gateway.keys import ApiKey
+from gateway.keys.model import ApiKey
 from gateway.schemas import MAX_RECORDS
-from gateway.state import API_KEY
-
-if TYPE_CHECKING:
-    from gateway.fleetlimit import FleetBuckets
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +41,16 @@ Bucket = tuple[str, str, float]
 _DIGEST = struct.Struct("=Q")
 _STATE = struct.Struct("=dd")
 _SLOT_SIZE = _DIGEST.size + _STATE.size
+
+
+class SharedBuckets(Protocol):
+    """Buckets kept for the whole fleet (`gateway.limits.fleet.FleetBuckets`)."""
+
+    # Why the shared buckets cannot be used now; None while they can.
+    down: str | None
+
+    async def take(self, bucket: Bucket, burst: float, count: int) -> float | None:
+        """0.0 if taken, else the seconds until they would be; None if not asked now."""
 
 
 def _refill_and_take(
@@ -150,7 +153,7 @@ class RateLimiter:
     """
 
     def __init__(
-        self, workers: int, buckets: BucketTable | None = None, fleet: FleetBuckets | None = None
+        self, workers: int, buckets: BucketTable | None = None, fleet: SharedBuckets | None = None
     ) -> None:
         self._workers = workers
         self._table = buckets if buckets is not None else BucketTable()
@@ -212,16 +215,3 @@ class RateLimiter:
         share = rate / self._workers
         fallback = self._fallback[bucket] = TokenBucket(share, max(share, min_burst))
         return fallback
-
-
-def rate_limit_middleware(limiter: RateLimiter) -> Middleware:
-    """A middleware that refuses a keyed request over its key's request rate, unread."""
-
-    @web.middleware
-    async def limit(request: web.Request, handler: Handler) -> web.StreamResponse:
-        key = request.get(API_KEY)
-        if key is not None:
-            await limiter.check_request(key)
-        return await handler(request)
-
-    return limit

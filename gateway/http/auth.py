@@ -23,9 +23,10 @@ from gateway.errors import (
     OriginNotAllowed,
     WriteOnlyKey,
 )
-from gateway.keys import ApiKey, KeyStore
+from gateway.http.state import API_KEY
+from gateway.keys.model import ApiKey
+from gateway.keys.store import KeyStore
 from gateway.metrics import Metrics
-from gateway.state import API_KEY
 
 
 def platform_refusal(key: ApiKey, platform: str) -> dict[str, str] | None:

@@ -24,7 +24,7 @@ from aiokafka import errors
 from aiokafka.abc import AbstractTokenProvider
 from aiokafka.conn import create_conn
 
-from gateway.config import KafkaSecurity, KafkaSettings
+from gateway.config import ConfigError, KafkaSecurity, KafkaSettings, first_line
 
 log = logging.getLogger(__name__)
 
@@ -212,27 +212,12 @@ _CLIENT_CERT_REFUSED = (
 
 
 def ssl_context(security: KafkaSecurity) -> ssl.SSLContext:
-    """A client TLS context: the CA bundle given or the system's, the client certificate
-    for mutual TLS if given, and hostname checking unless turned off. SecretUnavailable,
-    naming the variable, if a file cannot be used."""
-    ca = security.ca_file
+    """The client TLS context of `security` (`KafkaSecurity.tls_context`), its files read
+    now; SecretUnavailable, naming the variable, if one cannot be used."""
     try:
-        context = ssl.create_default_context(cafile=str(ca) if ca is not None else None)
-    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-        raise SecretUnavailable(f"CAFE_KAFKA_SSL_CA_FILE={ca} cannot be used: {exc}") from exc
-    if security.cert_file is not None:
-        try:
-            passphrase = None
-            if security.key_password_file is not None:
-                passphrase = _first_line(security.key_password_file)
-            context.load_cert_chain(security.cert_file, security.key_file, password=passphrase)
-        except (OSError, ValueError) as exc:
-            raise SecretUnavailable(
-                f"CAFE_KAFKA_SSL_CERT_FILE={security.cert_file} (with CAFE_KAFKA_SSL_KEY_FILE "
-                f"and its password file, if set) cannot be used: {exc}"
-            ) from exc
-    context.check_hostname = security.check_hostname
-    return context
+        return security.tls_context()
+    except ConfigError as exc:
+        raise SecretUnavailable(str(exc)) from exc
 
 
 def _password(security: KafkaSecurity) -> str | None:
@@ -240,16 +225,11 @@ def _password(security: KafkaSecurity) -> str | None:
     if path is None:
         return security.sasl_password.value if security.sasl_password is not None else None
     try:
-        return _first_line(path)
+        return first_line(path)
     except (OSError, UnicodeDecodeError) as exc:
         raise SecretUnavailable(
             f"CAFE_KAFKA_SASL_PASSWORD_FILE={path} cannot be read now: {exc}"
         ) from exc
-
-
-def _first_line(path: Path) -> str:
-    """A secret in a file: its first line, without the line end an editor adds."""
-    return (path.read_text().splitlines() or [""])[0]
 
 
 def token_provider(security: KafkaSecurity) -> AbstractTokenProvider:

@@ -3,8 +3,8 @@
 from aiohttp import web
 
 from gateway.errors import NotReady
-from gateway.responses import json_response
-from gateway.state import DRAINING, LIMITER, SINK
+from gateway.http.responses import json_response
+from gateway.http.state import DRAINING, LIMITER, SINK
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -3,7 +3,7 @@
 One row (a chunk) per spooled request, its messages encoded by `encode`. SQLite runs in
 WAL mode with an fsync at every commit, and many chunks share one commit (a group
 commit, `SpoolFile.insert`). Every call runs on the file's own thread, so no disk I/O
-runs on the event loop; gateway/spool.py decides what is spooled and when it is replayed.
+runs on the event loop; gateway/spool/sink.py decides what is spooled and when it is replayed.
 """
 
 from __future__ import annotations
@@ -227,7 +227,7 @@ class SpoolFile:
             "spooled_at REAL NOT NULL, record_type TEXT NOT NULL, records INTEGER NOT NULL, "
             "payload BLOB NOT NULL)"
         )
-        # Each record type is replayed on its own, oldest first (gateway/spool.py).
+        # Each record type is replayed on its own, oldest first (gateway/spool/sink.py).
         db.execute("CREATE INDEX IF NOT EXISTS chunks_by_type ON chunks (record_type, id)")
         return db
 

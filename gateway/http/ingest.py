@@ -12,8 +12,6 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from gateway.auth import platform_refusal
-from gateway.clientip import client_ip
 from gateway.config import Settings
 from gateway.errors import (
     BadRequest,
@@ -27,14 +25,12 @@ from gateway.errors import (
     SinkUnavailable,
     UnsupportedMediaType,
 )
-from gateway.keys import ApiKey
-from gateway.logs import utc_timestamp
-from gateway.responses import json_response
-from gateway.schemas import SCHEMA_VERSION, RecordType, records_of
-from gateway.sink import Message
-from gateway.state import (
+from gateway.http.admission import read_body
+from gateway.http.auth import platform_refusal
+from gateway.http.clientip import client_ip
+from gateway.http.responses import json_response
+from gateway.http.state import (
     API_KEY,
-    BODY_RESERVATION,
     LIMITER,
     METRICS,
     RECORD_COUNTS,
@@ -42,6 +38,10 @@ from gateway.state import (
     SETTINGS,
     SINK,
 )
+from gateway.keys.model import ApiKey
+from gateway.logs import utc_timestamp
+from gateway.schemas import SCHEMA_VERSION, RecordType, records_of
+from gateway.sink import Message
 
 # A dead letter keeps at most this much of its record (and says so in its headers):
 # a rejected record may be as large as the body, past what Kafka takes in one message
@@ -54,7 +54,7 @@ DEAD_LETTER_MAX_BYTES = 512 * 1024
 # as large as the body). So a dead letter weighs at most its value, a key of 128
 # characters (512 bytes), headers of under 1 KiB besides and an error's two texts of at
 # most 1,060 characters, 6 bytes each as JSON escapes: under 530 KiB, within the 1 MiB
-# Kafka takes in one message (gateway/kafka.py), whatever the client sent.
+# Kafka takes in one message (gateway/kafka/sink.py), whatever the client sent.
 DEAD_LETTER_MAX_ERROR_CHARS = 1024
 # An eventId longer than any schema allows is not echoed back: the index names the record.
 _MAX_ECHOED_ID = 128
@@ -148,7 +148,7 @@ async def ingest(request: web.Request, record_type: RecordType) -> web.Response:
         body = {"accepted": len(accepted), "rejected": len(rejections), "rejections": rejections}
         response = json_response(body, status=207 if accepted else 422)
     if spooled:
-        # On this gateway's disk, fsynced; in Kafka later (gateway/spool.py).
+        # On this gateway's disk, fsynced; in Kafka later (gateway/spool/sink.py).
         response.headers[SPOOLED_HEADER] = "true"
     return response
 
@@ -199,7 +199,7 @@ async def _receive(request: web.Request, settings: Settings) -> bytearray:
     )
     try:
         async with timer:
-            body = await _read_body(request, limit)
+            body = await read_body(request, limit)
     except TimeoutError:
         raise BodyTimeout(
             f"the body did not arrive within {settings.body_timeout_seconds:g}s"
@@ -221,23 +221,6 @@ async def _receive(request: web.Request, settings: Settings) -> bytearray:
                 f"the body decompresses {ratio:.0f} times its size; the limit is "
                 f"{settings.max_compression_ratio}"
             )
-    return body
-
-
-async def _read_body(request: web.Request, limit: int) -> bytearray:
-    """The body, decoded (Content-Encoding) and counted against admission as it arrives.
-
-    aiohttp decodes a compressed body a piece at a time as it is read, so a body is cut
-    at `limit` and shed past the in-flight cap without ever being decoded whole.
-    """
-    reservation = request[BODY_RESERVATION]
-    body = bytearray()
-    stream = request.content
-    while chunk := await stream.readany():
-        if len(body) + len(chunk) > limit:
-            raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes")
-        reservation.take(len(chunk))
-        body += chunk
     return body
 
 

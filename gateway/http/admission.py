@@ -8,7 +8,7 @@ the cap is answered 503 `overloaded` with Retry-After at once, so under a flood 
 gateway keeps a bounded amount of work and memory in hand, serves what it can at full
 speed, and is back to normal the moment the load drops. A request alone in progress is
 never shed, so a body up to the body limit is served even when that is more than the
-cap. A POST on a connection opened past the connection cap (gateway/listener.py) is
+cap. A POST on a connection opened past the connection cap (gateway/http/listener.py) is
 shed the same way.
 """
 
@@ -17,9 +17,11 @@ from __future__ import annotations
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from gateway.errors import Overloaded, TooManyConnections
-from gateway.listener import over_capacity
-from gateway.state import BODY_RESERVATION
+from gateway.errors import Overloaded, PayloadTooLarge, TooManyConnections
+from gateway.http.listener import over_capacity
+
+# The body bytes admission holds for the request, which `read_body` draws on.
+_RESERVATION: web.RequestKey[Reservation] = web.RequestKey("body_reservation")
 
 
 class Admission:
@@ -79,10 +81,27 @@ def admission_middleware(admission: Admission) -> Middleware:
         reservation = Reservation(admission)
         if declared is not None and not request.headers.get("Content-Encoding"):
             reservation.reserve(declared)
-        request[BODY_RESERVATION] = reservation
+        request[_RESERVATION] = reservation
         try:
             return await handler(request)
         finally:
             admission.in_flight_bytes -= reservation.held
 
     return admit
+
+
+async def read_body(request: web.Request, limit: int) -> bytearray:
+    """The body, decoded (Content-Encoding) and counted against admission as it arrives.
+
+    aiohttp decodes a compressed body a piece at a time as it is read, so a body is cut
+    at `limit` and shed past the in-flight cap without ever being decoded whole.
+    """
+    reservation = request[_RESERVATION]
+    body = bytearray()
+    stream = request.content
+    while chunk := await stream.readany():
+        if len(body) + len(chunk) > limit:
+            raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes")
+        reservation.take(len(chunk))
+        body += chunk
+    return body

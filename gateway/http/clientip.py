@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from gateway.config import IPNetwork, Settings
-from gateway.responses import json_response
-from gateway.state import SETTINGS
+from gateway.http.responses import json_response
+from gateway.http.state import SETTINGS
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

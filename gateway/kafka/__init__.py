@@ -1,0 +1,8 @@
+"""The Kafka sink: everything in the gateway that knows aiokafka.
+
+Owns: the producers and their renewal (sink), one partition's record batches (batcher),
+the partitioner, the topics (looked for, created, checked), and the connection's TLS and
+SASL with the words for a refused one (auth).
+
+May import: the base modules only.
+"""
