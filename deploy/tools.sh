@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the tools that tests/test_deploy.py checks deploy/ with, pinned to exact
+# Installs the tools that tests/test_deploy_*.py check deploy/ with, pinned to exact
 # versions, and prints one line per tool: NAME PATH.
 #
 #   deploycheck           deploy/tools/deploycheck, built with Go from the module proxy

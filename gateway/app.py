@@ -21,12 +21,14 @@ from gateway.http.auth import api_key_middleware
 from gateway.http.clientip import get_ip
 from gateway.http.cors import cors_middleware
 from gateway.http.ingest import ingest_handler
+from gateway.http.metrics import HttpMetrics
 from gateway.http.openapi import build_openapi, get_openapi, get_schema
 from gateway.http.problems import problem_middleware
 from gateway.http.ratelimit import rate_limit_middleware
 from gateway.http.requestid import RequestIds
 from gateway.http.state import (
     DRAINING,
+    EXPOSITION,
     KEYS,
     LIMITER,
     METRICS,
@@ -62,15 +64,17 @@ def create_app(
     values in files in `metrics_dir`, which every worker's scrape adds up.
     """
     gateway_version = version("cafe-gateway")
-    metrics = Metrics(
+    exposition = Metrics(
         registry if registry is not None else CollectorRegistry(), gateway_version, metrics_dir
     )
-    keys = KeyStore(settings.keys_file, metrics)
+    # Each package makes its own metrics on the registry: these are the HTTP side's.
+    metrics = HttpMetrics(exposition.registry)
+    keys = KeyStore(settings.keys_file, exposition)
     record_types = load_record_types(settings.kafka.topics.by_record_type(), settings.validator)
     admission = Admission(settings.max_inflight_bytes, settings.max_body_bytes)
     fleet = None
     if settings.ratelimit_storage != "local":
-        fleet = FleetBuckets(settings.ratelimit_storage, metrics)
+        fleet = FleetBuckets(settings.ratelimit_storage, exposition)
     limiter = RateLimiter(settings.workers, buckets, fleet)
     # The order matters. Outermost, every request gets its id, timing and log line,
     # whatever happens below. CORS answers preflights, and marks the answers a page may
@@ -91,9 +95,10 @@ def create_app(
     )
     app[SETTINGS] = settings
     app[METRICS] = metrics
+    app[EXPOSITION] = exposition
     app[LIMITER] = limiter
     if sink is None:
-        sink = KafkaSink(settings.kafka, metrics)
+        sink = KafkaSink(settings.kafka, exposition)
     if settings.spool.dir is not None:
         sink = SpoolingSink(
             sink,
@@ -104,7 +109,7 @@ def create_app(
             # may hold unacknowledged, or it would be refused every time.
             max_window_bytes=settings.kafka.max_queued_bytes // 2,
             produce_timeout_s=settings.kafka.produce_timeout_ms / 1000,
-            metrics=metrics,
+            metrics=exposition,
         )
     app[SINK] = sink
     app[KEYS] = keys
@@ -120,11 +125,13 @@ def create_app(
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
     if settings.metrics_port is None:
-        app.router.add_get("/metrics", metrics.handle)
+        app.router.add_get("/metrics", exposition.handle)
     for record_type in record_types.values():
         # A plain path per type: aiohttp finds one with a dict lookup, where a pattern
         # such as /v1/{record_type} costs a regex match per request (1.8 us more).
-        app.router.add_post(f"/v1/{record_type.name}", ingest_handler(record_type))
+        app.router.add_post(
+            f"/v1/{record_type.name}", ingest_handler(record_type, settings, sink, metrics)
+        )
     app.router.add_get("/v1/ip", get_ip)
     app.router.add_get(f"/v1/schema/{{record_type:{types}}}", get_schema)
     app.router.add_get("/v1/openapi.json", get_openapi)
@@ -134,7 +141,7 @@ def create_app(
 def create_metrics_app(app: web.Application) -> web.Application:
     """A second app serving only `app`'s /metrics, for CAFE_METRICS_PORT."""
     metrics_app = web.Application()
-    metrics_app.router.add_get("/metrics", app[METRICS].handle)
+    metrics_app.router.add_get("/metrics", app[EXPOSITION].handle)
     return metrics_app
 
 

@@ -279,14 +279,14 @@ def _keys_list(args: argparse.Namespace, settings: Settings) -> int:
     """One line per key: id, state, created, expires, last used, platforms, limits.
 
     "Last used" is approximate: gateways write it once a minute, per host (see
-    `gateway.keys.read_last_used`); a key used less than a minute ago may show older.
+    `gateway.keys.file.read_last_used`); a key used less than a minute ago may show older.
     """
     path = _keys_path(args, settings)
     keys = read_keys_file(path)
     last_used = read_last_used(path)
     now = time.time()
     for key in keys:
-        state = "disabled" if not key.enabled else "expired" if key.expired(now) else "enabled"
+        state = key.state(now)
         limits = [
             f"{rate:g} {what}/s"
             for rate, what in (

@@ -30,6 +30,8 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # CAFE_MAX_BODY_BYTES): room for the records of requests answered 503 that the sink still
 # delivers, beside those in flight.
 _QUEUED_PER_INFLIGHT = 4
+_MAX_BODY_BYTES = 10 * 1024 * 1024
+_MAX_INFLIGHT_BYTES = 8 * 1024 * 1024
 _T = TypeVar("_T")
 _N = TypeVar("_N", int, float)
 _D = TypeVar("_D", bound="DataclassInstance")
@@ -400,6 +402,17 @@ _FIELD_OF = {
 }
 
 
+class _Derived(int):
+    """A max_queued_bytes nobody set: each Settings works it out again from its own limits
+    (so a Settings made with `replace` gets it from its new ones)."""
+
+
+def queued_bytes(max_inflight_bytes: int, max_body_bytes: int) -> int:
+    """CAFE_MAX_QUEUED_BYTES when unset: room for the requests admitted at once, several
+    times over, and for one request of the largest body."""
+    return _Derived(max(_QUEUED_PER_INFLIGHT * max_inflight_bytes, max_body_bytes))
+
+
 @dataclass(frozen=True)
 class KafkaSettings:
     """How the gateway reaches Kafka."""
@@ -437,12 +450,12 @@ class KafkaSettings:
     )
     # Includes records of requests already answered 503 that the sink still delivers.
     # Healthy traffic holds about what the requests in flight carry, so it must be at least
-    # max_inflight_bytes, and at least max_body_bytes (see from_env). Unset, from_env makes
-    # it _QUEUED_PER_INFLIGHT times max_inflight_bytes, or max_body_bytes if that is more;
-    # the default here is what that gives for the defaults.
+    # max_inflight_bytes, and at least max_body_bytes (see Settings.__post_init__). Unset,
+    # it is worked out from those two by `queued_bytes`, here from their defaults, and again
+    # by each Settings from its own.
     max_queued_bytes: int = _var(
         "CAFE_MAX_QUEUED_BYTES",
-        32 * 1024 * 1024,
+        queued_bytes(_MAX_INFLIGHT_BYTES, _MAX_BODY_BYTES),
         _integer(1024, 1 << 36),
         "record bytes awaiting acknowledgement, past which requests get 503 at once",
     )
@@ -547,12 +560,12 @@ class Settings:
         "the header trusted proxies write the caller's address in",
     )
     max_body_bytes: int = _var(
-        "CAFE_MAX_BODY_BYTES", 10 * 1024 * 1024, _integer(1024, 1 << 30), "largest request body"
+        "CAFE_MAX_BODY_BYTES", _MAX_BODY_BYTES, _integer(1024, 1 << 30), "largest request body"
     )
     # Parsed records take several times their JSON size, so this bounds memory too.
     max_inflight_bytes: int = _var(
         "CAFE_MAX_INFLIGHT_BYTES",
-        8 * 1024 * 1024,
+        _MAX_INFLIGHT_BYTES,
         _integer(1024, 1 << 34),
         "body bytes in progress at once, past which requests are shed with 503",
     )
@@ -583,10 +596,14 @@ class Settings:
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     spool: SpoolSettings = field(default_factory=SpoolSettings)
 
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> Settings:
-        """Read every declared `CAFE_*` variable; unset or blank ones keep their defaults."""
-        settings = _read(cls(), env)
+    def __post_init__(self) -> None:
+        """Work out what is derived, and check the rules that tie settings together, so a
+        Settings built in code holds to them as one read from the environment does."""
+        if isinstance(self.kafka.max_queued_bytes, _Derived):
+            queued = queued_bytes(self.max_inflight_bytes, self.max_body_bytes)
+            object.__setattr__(self, "kafka", replace(self.kafka, max_queued_bytes=queued))
+        if self.workers > 1 and self.port == 0:
+            raise ConfigError(f"CAFE_WORKERS={self.workers} needs a fixed CAFE_PORT, not 0")
         # One request queues up to max_body_bytes of records (the body is cut there once
         # decoded, whatever its Content-Encoding, and gateway/http/ingest.py refuses records
         # that come to more as stored), and the queue, unlike admission, has no room for
@@ -594,38 +611,38 @@ class Settings:
         # with the spool on, spool it and then fail to replay it (and all behind it) until
         # CAFE_SPOOL_MAX_AGE. The in-flight cap needs no such rule: a request alone in
         # progress is always admitted (gateway/http/admission.py).
-        if not env.get("CAFE_MAX_QUEUED_BYTES", "").strip():
-            queued = max(
-                _QUEUED_PER_INFLIGHT * settings.max_inflight_bytes, settings.max_body_bytes
-            )
-            settings = replace(settings, kafka=replace(settings.kafka, max_queued_bytes=queued))
-        if settings.workers > 1 and settings.port == 0:
-            raise ConfigError(f"CAFE_WORKERS={settings.workers} needs a fixed CAFE_PORT, not 0")
-        if settings.kafka.max_queued_bytes < settings.max_inflight_bytes:
+        queued = self.kafka.max_queued_bytes
+        if queued < self.max_inflight_bytes:
             raise ConfigError(
-                f"CAFE_MAX_QUEUED_BYTES={settings.kafka.max_queued_bytes} is below "
-                f"CAFE_MAX_INFLIGHT_BYTES={settings.max_inflight_bytes}: the requests "
+                f"CAFE_MAX_QUEUED_BYTES={queued} is below "
+                f"CAFE_MAX_INFLIGHT_BYTES={self.max_inflight_bytes}: the requests "
                 "admitted at once could not all be queued"
             )
-        if settings.kafka.max_queued_bytes < settings.max_body_bytes:
+        if queued < self.max_body_bytes:
             raise ConfigError(
-                f"CAFE_MAX_QUEUED_BYTES={settings.kafka.max_queued_bytes} is below "
-                f"CAFE_MAX_BODY_BYTES={settings.max_body_bytes}: a request of the largest "
+                f"CAFE_MAX_QUEUED_BYTES={queued} is below "
+                f"CAFE_MAX_BODY_BYTES={self.max_body_bytes}: a request of the largest "
                 "body would be refused on every try"
             )
-        spool = settings.spool
-        if spool.dir is not None and spool.after_ms >= settings.kafka.produce_timeout_ms:
+        spool = self.spool
+        if spool.dir is not None and spool.after_ms >= self.kafka.produce_timeout_ms:
             raise ConfigError(
                 f"CAFE_SPOOL_AFTER_MS={spool.after_ms} is not below "
-                f"CAFE_PRODUCE_TIMEOUT_MS={settings.kafka.produce_timeout_ms}: records would "
+                f"CAFE_PRODUCE_TIMEOUT_MS={self.kafka.produce_timeout_ms}: records would "
                 "never be spooled before Kafka's wait ends"
             )
-        settings.kafka.security.check()
-        if settings.metrics_port is not None and settings.metrics_port == settings.port:
+        if self.metrics_port is not None and self.metrics_port == self.port:
             raise ConfigError(
-                f"CAFE_METRICS_PORT={settings.metrics_port} is CAFE_PORT; unset it to serve "
+                f"CAFE_METRICS_PORT={self.metrics_port} is CAFE_PORT; unset it to serve "
                 "/metrics on the main port"
             )
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """Read every declared `CAFE_*` variable; unset or blank ones keep their defaults.
+        Also checks the files and programs the Kafka security settings name."""
+        settings = _read(cls(), env)
+        settings.kafka.security.check()
         return settings
 
 

@@ -24,6 +24,7 @@ from gateway.config import Settings
 from gateway.http.listener import GatewayRunner
 from gateway.http.state import DRAINING
 from gateway.limits.local import BucketTable
+from gateway.metrics import share_values
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ async def serve(
 ) -> None:
     """Serve until SIGTERM or SIGINT, then drain and return. `metrics_dir`: where the
     workers' metrics meet, with several."""
+    if metrics_dir is not None:
+        share_values(metrics_dir)  # before the app makes a metric
     app = create_app(settings, buckets=buckets, metrics_dir=metrics_dir)
     _raise_file_limit(settings.max_connections)
     # With several workers each binds the port itself; the kernel shares connections.

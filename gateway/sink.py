@@ -1,6 +1,6 @@
 """Where accepted records go: the `Sink` interface, and an in-memory sink for tests.
 
-The production sink is `gateway.kafka.KafkaSink`. `MemorySink` is a seam for unit tests
+The production sink is `gateway.kafka.sink.KafkaSink`. `MemorySink` is a seam for unit tests
 and for measuring the gateway's ceiling without a broker; it is never a default.
 """
 

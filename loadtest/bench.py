@@ -28,295 +28,48 @@ import functools
 import json
 import os
 import platform
-import re
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 import timeit
-import urllib.request
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 import psutil
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from devkit.samples import curl_bodies
 from gateway.keys.file import write_keys_file
 from gateway.keys.model import mint_key
 from gateway.schemas import load_record_types
-from loadtest.topics import read_to_end
-from tests.spec_samples import curl_bodies
+from loadtest import codecbench, limitbench, spoolbench
+from loadtest.benchlib import (
+    BATCHES,
+    CONNECTIONS,
+    PEERS,
+    RS,
+    TARGETS,
+    VALIDATORS,
+    Balance,
+    Result,
+    count_event_ids,
+    create_topic,
+    delete_topics,
+    kind,
+    parse_args,
+    run_wrk,
+    server,
+    server_env,
+)
+from loadtest.codecbench import Codecs
+from loadtest.limitbench import Limits
+from loadtest.spoolbench import Spool
 
-if TYPE_CHECKING:
-    from loadtest.codecbench import Codecs
-    from loadtest.limitbench import Limits
-    from loadtest.spoolbench import Spool
-
-HERE = Path(__file__).resolve().parent
-BATCHES = (500, 20, 1)
-# Enough connections to keep the server busy at each batch size, few enough that
-# requests do not queue for long inside the server.
-CONNECTIONS = {500: 8, 20: 32, 1: 64}
-# "gateway-rs" and "no-sink-rs" are "gateway" and "no-sink" validating with jsonschema-rs
-# (CAFE_VALIDATOR); the others validate with the default, fastjsonschema.
-RS = "-rs"
-TARGETS = ("gateway", "gateway" + RS, "no-sink", "no-sink" + RS, "bare")
-VALIDATORS = ("fastjsonschema", "jsonschema-rs")
-
-
-@dataclass(frozen=True)
-class Peer:
-    """Another HTTP-to-Kafka bridge, run by its script in deploy/peer/."""
-
-    name: str  # the target's name, and its script's: deploy/peer/<name>.sh
-    product: str
-    config: str  # the file that sets it up as a bridge, for the report
-    # Seconds of W500 traffic before its first measured run: until then a cold JIT (the
-    # broker's, and a Java peer's own) measures its warm-up, not its speed.
-    warm_up_s: int
-    # Its shortest measured run. wrk opens its connections anew for each run; a peer
-    # that makes a Kafka producer per connection pays for making them within the run,
-    # which a longer run spreads as long-lived connections would.
-    min_run_s: int = 0
-
-    @property
-    def script(self) -> str:
-        return str(HERE.parent / "deploy" / "peer" / f"{self.name}.sh")
-
-
-PEERS = {
-    "bento": Peer("bento", "Bento", "deploy/peer/bento.yaml", 10),
-    # Its own README: the JIT needs about a minute of traffic. A producer per connection:
-    # in 10 s runs it served W20 at 4.4-4.7k records/s and W1 at 0.89-1.0k requests/s,
-    # in 30 s runs at 7.0k and 1.35k.
-    "strimzi": Peer("strimzi", "Strimzi Kafka Bridge", "deploy/peer/strimzi.properties", 60, 30),
-}
 # 16 times the connections that keep the gateway busy at W500.
 OVERLOAD_CONNECTIONS = 128
-TOPIC_PARTITIONS = 6
-
-
-@dataclass
-class Result:
-    """One wrk run against one server at one batch size."""
-
-    target: str
-    batch: int
-    load: str  # "peak" or "half"
-    requests: int
-    ok: int
-    seconds: float
-    records_per_s: float
-    requests_per_s: float
-    p50_ms: float
-    p99_ms: float
-    p999_ms: float
-    cpu_percent: float
-    statuses: dict[str, int]
-    errors: int
-    connections: int
-    rss_max_mb: float
-
-
-def kind(target: str) -> str:
-    """The server a target runs, whichever validator it has: gateway, no-sink, bare, or
-    a peer's name."""
-    return target.removesuffix(RS)
-
-
-def validator(target: str) -> str:
-    """The CAFE_VALIDATOR a target runs with."""
-    return "jsonschema-rs" if target.endswith(RS) else "fastjsonschema"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def wait_healthy(port: int, proc: subprocess.Popen[bytes], path: str = "/healthz") -> None:
-    """Wait for 10 good answers in a row (each a new connection, so every worker is asked)."""
-    deadline = time.monotonic() + 60
-    good = 0
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
-                good = good + 1 if 200 <= r.status < 300 else 0  # the Strimzi bridge: 204
-        except OSError:
-            good = 0
-        if good == 10:
-            return
-        time.sleep(0.1)
-    raise SystemExit(f"server on {port} not healthy within 60s")
-
-
-@contextmanager
-def server(target: str, env: dict[str, str]) -> Iterator[tuple[int, psutil.Process]]:
-    """Start one target (pinned to CPU 0 if it is one process); yield its port and process."""
-    port = free_port()
-    python = sys.executable
-    health = "/healthz"
-    if kind(target) == "gateway":
-        cmd = [python, "-m", "gateway", "serve"]
-        health = "/readyz"
-    elif target in PEERS:
-        # The script execs the peer, so the process measured is the peer itself.
-        cmd = [PEERS[target].script, "run"]
-        health = "/ready"
-    else:
-        cmd = [python, "-m", "loadtest.ceilings", kind(target), str(port)]
-    env = {**env, "CAFE_PORT": str(port), "CAFE_PEER_PORT": str(port), "CAFE_LOG_LEVEL": "WARNING"}
-    env["CAFE_VALIDATOR"] = validator(target)
-    if kind(target) != "gateway":
-        env["CAFE_WORKERS"] = "1"  # the ceilings and the peer are one process each
-    pin = ["taskset", "-c", "0"] if env.get("CAFE_WORKERS", "1") == "1" else []
-    proc = subprocess.Popen([*pin, *cmd], env=env, cwd=HERE.parent)
-    try:
-        wait_healthy(port, proc, health)
-        yield port, psutil.Process(proc.pid)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def tree_cpu_seconds(proc: psutil.Process) -> float:
-    """CPU time of a server and its workers."""
-    return sum(p.cpu_times().user + p.cpu_times().system for p in (proc, *proc.children()))
-
-
-def tree_rss(proc: psutil.Process) -> int:
-    """Resident memory of a server and its workers."""
-    return sum(p.memory_info().rss for p in (proc, *proc.children()))
-
-
-class RssSampler:
-    """The largest resident set size of a server and its workers, sampled 5 times a second."""
-
-    def __init__(self, proc: psutil.Process) -> None:
-        self.proc = proc
-        self.max_bytes = tree_rss(proc)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.2):
-            self.max_bytes = max(self.max_bytes, tree_rss(self.proc))
-
-
-def run_wrk(
-    port: int,
-    proc: psutil.Process,
-    *,
-    target: str,
-    batch: int,
-    seconds: int,
-    key: str,
-    run_id: str,
-    load: str = "peak",
-    delay_ms: float = 0,
-    connections: int | None = None,
-    path: str = "/v1/activity",
-) -> Result:
-    env = {
-        **os.environ,
-        "BENCH_BATCH": str(batch),
-        "BENCH_KEY": key,
-        # wrk numbers requests from 1 in every run: the run's own tag keeps eventIds unique.
-        "BENCH_RUN": f"{run_id}-{target}-{load}{batch}",
-        "BENCH_DELAY_MS": str(delay_ms),
-        # The same records; the peer takes them wrapped in its JSON embedded format.
-        "BENCH_FORMAT": "bridge" if target in PEERS else "cafe",
-    }
-    conns = connections or CONNECTIONS[batch]
-    # With one server process, wrk has CPU 1 to itself; with more, everything shares.
-    pin = ["taskset", "-c", "1"] if not proc.children() else []
-    cmd = [
-        *pin, "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--timeout", "10s",
-        "-s", str(HERE / "activity.lua"), f"http://127.0.0.1:{port}{path}",
-    ]  # fmt: skip
-    cpu_before = tree_cpu_seconds(proc)
-    wall_before = time.monotonic()
-    with RssSampler(proc) as rss:
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-    wall = time.monotonic() - wall_before
-    cpu_after = tree_cpu_seconds(proc)
-    line = next(x for x in out.splitlines() if x.startswith("BENCH "))
-    data = json.loads(line.removeprefix("BENCH "))
-    secs = data["duration_us"] / 1e6
-    ok = sum(n for status, n in data["statuses"].items() if status.startswith("2"))
-    cpu = (cpu_after - cpu_before) / wall
-    return Result(
-        target=target,
-        batch=batch,
-        load=load,
-        requests=data["requests"],
-        ok=ok,
-        seconds=round(secs, 2),
-        records_per_s=round(ok * batch / secs),
-        requests_per_s=round(ok / secs),
-        p50_ms=data["p50_us"] / 1000,
-        p99_ms=data["p99_us"] / 1000,
-        p999_ms=data["p999_us"] / 1000,
-        cpu_percent=round(cpu * 100),
-        statuses=data["statuses"],
-        errors=data["errors"],
-        connections=conns,
-        rss_max_mb=round(rss.max_bytes / 2**20, 1),
-    )
-
-
-async def count_event_ids(bootstrap: str, topic: str, run_id: str) -> int:
-    """Distinct eventIds of this run on the topic, read to its end offsets."""
-    pattern = re.compile(rb'"eventId":"(' + re.escape(run_id.encode()) + rb'-[^"]+)"')
-    seen: set[bytes] = set()
-    async for message in read_to_end(bootstrap, topic, TOPIC_PARTITIONS):
-        match = pattern.search(message.value)
-        if match:
-            seen.add(match.group(1))
-    return len(seen)
-
-
-async def create_topic(bootstrap: str, topic: str) -> None:
-    """A peer's topic, partitioned like the gateway's (the broker creates none by itself)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, TOPIC_PARTITIONS, 1)])
-    finally:
-        await admin.close()
-
-
-async def delete_topics(bootstrap: str, topics: list[str]) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.delete_topics(topics)
-    finally:
-        await admin.close()
 
 
 def cpu_model() -> str:
@@ -538,31 +291,12 @@ def measure(
 
 
 @dataclass
-class Books:
-    """Records acknowledged with a 2xx, against this run's eventIds found on the topic."""
-
-    acknowledged: int = 0
-    on_topic: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return self.on_topic >= self.acknowledged
-
-    @property
-    def verdict(self) -> str:
-        return "OK" if self.ok else "MISSING RECORDS"
-
-    def as_report(self) -> dict[str, Any]:
-        return {"acknowledged": self.acknowledged, "on_topic": self.on_topic, "ok": self.ok}
-
-
-@dataclass
 class Outcome:
     """What a bench run found."""
 
     results: list[Result]
     # By server: "gateway" (either validator) and each peer measured.
-    books: dict[str, Books]
+    books: dict[str, Balance]
     peer_versions: dict[str, str]  # by peer name
     costs: dict[str, float]  # validation, us per record, by validator
     workers: int  # gateway processes
@@ -590,9 +324,6 @@ def main() -> None:
     # Measured first, while the machine is otherwise idle.
     costs = validation_costs()
     results, books = run_targets(args, targets)
-    # Imported here: they import this module's helpers.
-    from loadtest import codecbench, limitbench, spoolbench
-
     spool = spoolbench.run(args, results) if args.spool else None
     codecs = codecbench.run(args) if args.codecs else None
     limits = limitbench.run(args) if args.limits else None
@@ -605,56 +336,6 @@ def main() -> None:
         or (codecs and not codecs.ok)
     ):
         raise SystemExit(1)
-
-
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=int, default=10, help="each run's length")
-    parser.add_argument(
-        "--bootstrap", default=os.environ.get("CAFE_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
-    )
-    parser.add_argument("--out", type=Path, default=HERE.parent / "docs" / "bench")
-    parser.add_argument(
-        "--targets",
-        default=",".join(TARGETS),
-        help=f"which servers, comma-separated: of {', '.join((*TARGETS, *PEERS))}",
-    )
-    parser.add_argument("--workers", type=int, default=1, help="gateway processes (CAFE_WORKERS)")
-    parser.add_argument(
-        "--peer",
-        action="store_true",
-        help="also measure the peers, HTTP-to-Kafka bridges (deploy/peer/), at each batch size",
-    )
-    parser.add_argument(
-        "--spool",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="then the spool with Kafka down, and its replay (loadtest/spoolbench.py)",
-    )
-    parser.add_argument(
-        "--codecs",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="then each CAFE_KAFKA_COMPRESSION at W500 and W20 (loadtest/codecbench.py)",
-    )
-    parser.add_argument(
-        "--codec-seconds",
-        type=int,
-        default=6,
-        help="the codecs run's wrk time per codec and batch size (in 3 interleaved rounds)",
-    )
-    parser.add_argument(
-        "--limits",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="then a rate-limited key at W1, local and in Redis (loadtest/limitbench.py)",
-    )
-    parser.add_argument(
-        "--redis",
-        default=os.environ.get("CAFE_BENCH_REDIS_URL", "redis://127.0.0.1:6390/0"),
-        help="the Redis of the limits run (make bench starts deploy/redis/redis.sh)",
-    )
-    return parser.parse_args()
 
 
 def install_peer(name: str) -> str:
@@ -688,7 +369,7 @@ def costs_line(costs: dict[str, float]) -> str:
 
 def run_targets(
     args: argparse.Namespace, targets: list[str]
-) -> tuple[list[Result], dict[str, Books]]:
+) -> tuple[list[Result], dict[str, Balance]]:
     """Measure every target on topics of this run's own, then count the books of the
     gateway and of each peer that ran. The topics and the keys file are removed whatever
     happens."""
@@ -705,7 +386,7 @@ def run_targets(
     topics |= {name: f"bench.{run_id}.{name}" for name in peers}
 
     results: list[Result] = []
-    books: dict[str, Books] = {}
+    books: dict[str, Balance] = {}
     try:
         for name in peers:
             asyncio.run(create_topic(args.bootstrap, topics[name]))
@@ -723,25 +404,13 @@ def run_targets(
     return results, books
 
 
-def server_env(args: argparse.Namespace, keys_file: Path, topics: dict[str, str]) -> dict[str, str]:
-    """The environment every target starts with: one key, the broker, this run's topics."""
-    return {
-        **os.environ,
-        "CAFE_KEYS_FILE": str(keys_file),
-        "CAFE_KAFKA_BOOTSTRAP": args.bootstrap,
-        "CAFE_TOPIC_PARTITIONS": str(TOPIC_PARTITIONS),
-        "CAFE_WORKERS": str(args.workers),
-        **{f"CAFE_TOPIC_{name.upper()}": topic for name, topic in topics.items()},
-    }
-
-
 def count_books(
     bootstrap: str, topic: str, run_id: str, results: list[Result], target: str
-) -> Books:
+) -> Balance:
     """The records `target` acknowledged with a 2xx (with either validator), and how many
     of them are on `topic`."""
     acknowledged = sum(r.ok * r.batch for r in results if kind(r.target) == target)
-    return Books(acknowledged, asyncio.run(count_event_ids(bootstrap, topic, run_id)))
+    return Balance(acknowledged, asyncio.run(count_event_ids(bootstrap, topic, run_id)))
 
 
 def print_summary(outcome: Outcome) -> None:

@@ -38,10 +38,10 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from gateway.keys.file import write_keys_file
 from gateway.keys.model import mint_key
-from loadtest.bench import (
+from loadtest.benchlib import (
     RS,
     TOPIC_PARTITIONS,
-    Books,
+    Balance,
     Result,
     count_event_ids,
     delete_topics,
@@ -117,7 +117,7 @@ class Codecs:
     """What the compression run found."""
 
     runs: list[CodecRun]
-    books: dict[str, Books]  # by codec
+    books: dict[str, Balance]  # by codec
     seconds: int  # each round's runs' length
     log_dir: str | None  # the broker's data directory the bytes were read in
     broker_pid: int | None  # the broker process whose CPU time was measured
@@ -236,7 +236,7 @@ def run(args: argparse.Namespace) -> Codecs:
 
 
 @dataclass(frozen=True)
-class Gateway:
+class CodecGateway:
     """One codec's gateway, running."""
 
     codec: str
@@ -251,7 +251,7 @@ def start(
     keys: Path,
     codec: str,
     topics: dict[str, str],
-) -> Gateway:
+) -> CodecGateway:
     """A gateway with `codec` on `topics`, stopped when `stack` closes."""
     env = {
         **server_env(args, keys, topics),
@@ -259,17 +259,17 @@ def start(
         "CAFE_KAFKA_COMPRESSION": codec,
     }
     port, proc = stack.enter_context(server(TARGET, env))
-    return Gateway(codec, port, proc, topics["activity"])
+    return CodecGateway(codec, port, proc, topics["activity"])
 
 
 def measure(
-    gateways: dict[str, Gateway], broker: Broker, seconds: int, key: str, run_id: str
+    gateways: dict[str, CodecGateway], broker: Broker, seconds: int, key: str, run_id: str
 ) -> list[CodecRun]:
     """At each batch size: every gateway warmed up, then ROUNDS runs of `seconds` each,
     the codecs taking turns, in reverse order every other round (warm-ups' eventIds are
     outside the books). A slow change in the machine's load falls on every codec alike."""
 
-    def wrk(gateway: Gateway, batch: int, run_seconds: int, load: str, tag: str) -> Result:
+    def wrk(gateway: CodecGateway, batch: int, run_seconds: int, load: str, tag: str) -> Result:
         return run_wrk(gateway.port, gateway.proc, target=TARGET, batch=batch,
                        seconds=run_seconds, key=key, run_id=tag, load=load)  # fmt: skip
 
@@ -344,10 +344,12 @@ def combine(results: list[Result]) -> Result:
     )
 
 
-def count_books(bootstrap: str, topic: str, run_id: str, runs: list[CodecRun], codec: str) -> Books:
+def count_books(
+    bootstrap: str, topic: str, run_id: str, runs: list[CodecRun], codec: str
+) -> Balance:
     """The records `codec`'s gateway answered 2xx in `runs`, and how many of their eventIds
     are on its `topic`."""
-    books = Books(sum(run.records for run in runs if run.codec == codec))
+    books = Balance(sum(run.records for run in runs if run.codec == codec))
     books.on_topic = asyncio.run(count_event_ids(bootstrap, topic, run_id))
     print(f"{'books':10} {codec}: {books.on_topic:,} of {books.acknowledged:,} records "
           f"answered 2xx on the topic: {books.verdict}", flush=True)  # fmt: skip

@@ -32,7 +32,7 @@ from gateway.keys.file import write_keys_file
 from gateway.keys.model import ApiKey, mint_key
 from gateway.limits.fleet import _BUCKET_SCRIPT, LEASE_SECONDS, FleetBuckets
 from gateway.limits.local import RateLimiter
-from loadtest.bench import RS, Result, delete_topics, parse_args, run_wrk, server, server_env
+from loadtest.benchlib import RS, Result, delete_topics, parse_args, run_wrk, server, server_env
 
 TARGET = "gateway" + RS
 TOPICS = ("activity", "log", "profile", "deadletter")

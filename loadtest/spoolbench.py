@@ -31,22 +31,22 @@ from typing import Any
 import orjson
 import psutil
 
+from devkit.net import free_port
+from devkit.samples import curl_bodies
 from gateway.keys.file import write_keys_file
 from gateway.keys.model import mint_key
-from loadtest.bench import (
+from loadtest.benchlib import (
     BATCHES,
     RS,
-    Books,
+    Balance,
     Result,
     count_event_ids,
     delete_topics,
-    free_port,
     parse_args,
     run_wrk,
     server,
     server_env,
 )
-from tests.spec_samples import curl_bodies
 
 TARGET = "gateway" + RS
 TOPICS = ("activity", "log", "profile", "deadletter")  # as bench's run_targets names them
@@ -96,7 +96,7 @@ class Spool:
 
     runs: list[SpoolRun]
     replay: Replay
-    books: Books  # records spooled (the metric, warm-ups included); their eventIds on the topic
+    books: Balance  # records spooled (the metric, warm-ups included); their eventIds on the topic
     header: bool  # a probe request was answered 200 with X-Cafe-Spooled: true
     filesystem: str  # the spool's (on tmpfs an fsync costs nothing)
 
@@ -183,7 +183,7 @@ def run(args: argparse.Namespace, results: list[Result]) -> Spool:
     finally:
         asyncio.run(delete_topics(args.bootstrap, list(topics.values())))
         shutil.rmtree(workdir, ignore_errors=True)
-    return Spool(runs, replay, Books(spooled, on_topic), header, filesystem)
+    return Spool(runs, replay, Balance(spooled, on_topic), header, filesystem)
 
 
 def measure_direct(
@@ -259,7 +259,7 @@ def watch_replay(port: int, spooled: int, found: list[Replay]) -> None:
     while time.monotonic() < deadline:
         time.sleep(POLL_S)
         try:
-            metrics = scrape(port)
+            metrics = unlabelled_metrics(port)
         except OSError:
             continue  # not listening yet
         now = time.monotonic()
@@ -292,7 +292,7 @@ def probe(port: int, key: str, tag: str) -> bool:
         return False
 
 
-def scrape(port: int) -> dict[str, float]:
+def unlabelled_metrics(port: int) -> dict[str, float]:
     """The gateway's metrics without labels, by name."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
         text = answer.read().decode()
@@ -303,7 +303,7 @@ def scrape(port: int) -> dict[str, float]:
 def settled_metrics(port: int) -> dict[str, float]:
     """The metrics once the requests wrk left in flight at its end are written."""
     time.sleep(0.5)
-    return scrape(port)
+    return unlabelled_metrics(port)
 
 
 def delta(before: dict[str, float], after: dict[str, float], name: str) -> float:

@@ -1,31 +1,20 @@
-"""Fixtures shared by unit and integration tests."""
+"""Fixtures shared by unit and integration tests, and the run's header and summary."""
 
 from __future__ import annotations
 
-import functools
-import os
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
+from gateway.app import create_app
 from gateway.config import Settings
-from gateway.http.listener import GatewayRunner
 from gateway.http.state import SETTINGS
-from tests.keys import KeyFile, make_key_file
-
-# The type of pytest-aiohttp's `aiohttp_client` fixture, for every test's annotations.
-AiohttpClient = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
-
-# The record validator the suite runs with: CAFE_VALIDATOR, read and checked as `serve`
-# reads it (.ci/run runs the suite with each). Gateways the integration tests start as
-# processes inherit the variable; Settings a test builds get it as their default (a test
-# that names a validator keeps its own), and so does every gateway made from them.
-VALIDATOR = Settings.from_env({"CAFE_VALIDATOR": os.environ.get("CAFE_VALIDATOR", "")}).validator
-Settings.__init__ = functools.partialmethod(Settings.__init__, validator=VALIDATOR)  # type: ignore[method-assign,assignment]
+from tests.support.app import VALIDATOR, AiohttpClient, GatewayClient, GatewayTestServer
+from tests.support.deploy import DOCKERFILE, ROOT, Tools, deploycheck, install_tools
+from tests.support.keys import KeyFile, make_key_file
 
 
 def pytest_report_header() -> str:
@@ -59,24 +48,45 @@ def key_file(tmp_path: Path) -> KeyFile:
     return make_key_file(tmp_path)
 
 
-class GatewayTestServer(TestServer):
-    """A test server that serves a gateway app as `cafe-gateway serve` does: through
-    GatewayRunner, so the connection cap and the answers to unparsable requests hold."""
-
-    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
-        # aiohttp's test server cancels a handler whose client has gone; `serve` does not
-        # (aiohttp's default), so a request keeps running to its answer, as in production.
-        kwargs.pop("handler_cancellation", None)
-        return GatewayRunner(self.app, **kwargs)
-
-
 @pytest.fixture
 def aiohttp_client(aiohttp_client: AiohttpClient) -> AiohttpClient:
-    """pytest-aiohttp's fixture, serving every gateway app through GatewayTestServer."""
+    """pytest-aiohttp's fixture, serving every gateway app through GatewayTestServer, and
+    only one that validates records with the suite's VALIDATOR."""
 
     async def client(app: Any, **kwargs: Any) -> TestClient:  # type: ignore[type-arg]
         if isinstance(app, web.Application) and SETTINGS in app:
+            validator = app[SETTINGS].validator
+            assert validator == VALIDATOR, (
+                f"a gateway validating with {validator}, not the suite's {VALIDATOR}: "
+                "build its Settings with tests.support.app.gateway_settings"
+            )
             app = GatewayTestServer(app, **kwargs.pop("server_kwargs", {}))
         return await aiohttp_client(app, **kwargs)
 
     return client
+
+
+@pytest.fixture
+def gateway_client(aiohttp_client: AiohttpClient) -> GatewayClient:
+    """Makes a gateway app of Settings and create_app's keyword arguments (sink,
+    registry...), and returns a test client of it; `server_kwargs` go to its server."""
+
+    async def client(settings: Settings, **kwargs: Any) -> TestClient:  # type: ignore[type-arg]
+        server_kwargs = kwargs.pop("server_kwargs", {})
+        return await aiohttp_client(create_app(settings, **kwargs), server_kwargs=server_kwargs)
+
+    return client
+
+
+@pytest.fixture(scope="session")
+def tools() -> Tools:
+    """The pinned tools deploy/ is checked with (deploy/tools.sh), installed or from the
+    cache in ~/.cache/cafe-gateway/tools (CAFE_TOOLS_DIR)."""
+    return install_tools()
+
+
+@pytest.fixture(scope="session")
+def dockerfile(tools: Tools) -> dict[str, Any]:
+    """deploy/docker/Dockerfile as BuildKit's parser reads it, with its lint warnings."""
+    report: dict[str, Any] = deploycheck(tools, "dockerfile", str(DOCKERFILE), str(ROOT))
+    return report

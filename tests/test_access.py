@@ -3,31 +3,19 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
-import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from gateway.app import create_app
-from gateway.config import Settings
-from gateway.logs import JsonFormatter
+from devkit.samples import curl_bodies
 from gateway.sink import MemorySink
-from tests.conftest import AiohttpClient
-from tests.keys import KeyFile
-from tests.spec_samples import curl_bodies
+from tests.support.app import GatewayClient, access_lines, gateway_settings
+from tests.support.keys import KeyFile, json_headers
 
 
 @pytest.fixture
-async def client(aiohttp_client: AiohttpClient, key_file: KeyFile) -> TestClient:  # type: ignore[type-arg]
-    app = create_app(Settings(keys_file=key_file.path), sink=MemorySink())
-    return await aiohttp_client(app)
-
-
-def access_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
-    """The access-log lines captured, as the JSON formatter writes them."""
-    formatter = JsonFormatter()
-    return [orjson.loads(formatter.format(r)) for r in caplog.records if r.name == "gateway.access"]
+async def client(gateway_client: GatewayClient, key_file: KeyFile) -> TestClient:  # type: ignore[type-arg]
+    return await gateway_client(gateway_settings(keys_file=key_file.path), sink=MemorySink())
 
 
 @pytest.mark.parametrize("path", ["/healthz", "/nowhere", "/v1/ip"])
@@ -67,7 +55,7 @@ async def test_one_json_line_per_request_without_the_key(
 ) -> None:
     caplog.set_level(logging.INFO, logger="gateway.access")
     body = curl_bodies()["log"]
-    headers = {"x-api-key": key_file.key, "Content-Type": "application/json"}
+    headers = json_headers(key_file.key)
     resp = await client.post("/v1/log", data=body, headers=headers)
     assert resp.status == 200
     resp_401 = await client.post("/v1/log", data=body, headers={"x-api-key": "wrong"})
@@ -91,10 +79,10 @@ async def test_one_json_line_per_request_without_the_key(
 
 
 async def test_the_access_log_can_be_switched_off(
-    aiohttp_client: AiohttpClient, key_file: KeyFile, caplog: pytest.LogCaptureFixture
+    gateway_client: GatewayClient, key_file: KeyFile, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="gateway.access")
-    settings = Settings(keys_file=key_file.path, access_log=False)
-    client = await aiohttp_client(create_app(settings, sink=MemorySink()))
+    settings = gateway_settings(keys_file=key_file.path, access_log=False)
+    client = await gateway_client(settings, sink=MemorySink())
     assert (await client.get("/healthz")).status == 200
     assert access_lines(caplog) == []

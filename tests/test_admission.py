@@ -15,12 +15,10 @@ import pytest
 from aiohttp.test_utils import TestClient
 from backports import zstd
 
-from gateway.app import create_app
-from gateway.config import Settings
+from devkit.samples import curl_bodies
 from gateway.sink import MemorySink, Message
-from tests.conftest import AiohttpClient
-from tests.keys import KeyFile
-from tests.spec_samples import curl_bodies
+from tests.support.app import GatewayClient, gateway_settings
+from tests.support.keys import KeyFile, json_headers
 
 
 class GatedSink(MemorySink):
@@ -61,14 +59,14 @@ def batch(records: int) -> bytes:
 
 
 async def test_requests_past_the_cap_are_shed_and_the_rest_still_served(
-    aiohttp_client: AiohttpClient, key_file: KeyFile
+    gateway_client: GatewayClient, key_file: KeyFile
 ) -> None:
     small, large = batch(1), batch(20)
     cap = len(small) * 2 + len(large) // 2  # room for two small ones, not a large one more
     sink = GatedSink()
-    settings = Settings(keys_file=key_file.path, max_inflight_bytes=cap)
-    client = await aiohttp_client(create_app(settings, sink=sink))
-    headers = {"Content-Type": "application/json", "x-api-key": key_file.key}
+    settings = gateway_settings(keys_file=key_file.path, max_inflight_bytes=cap)
+    client = await gateway_client(settings, sink=sink)
+    headers = json_headers(key_file.key)
 
     async def post(body: bytes) -> Any:
         return await client.post("/v1/log", data=body, headers=headers)
@@ -92,13 +90,13 @@ async def test_requests_past_the_cap_are_shed_and_the_rest_still_served(
 
 
 async def test_as_many_requests_as_the_cap_holds_are_served_at_once(
-    aiohttp_client: AiohttpClient, key_file: KeyFile
+    gateway_client: GatewayClient, key_file: KeyFile
 ) -> None:
     body = batch(20)
     sink = GatedSink()
-    settings = Settings(keys_file=key_file.path, max_inflight_bytes=4 * len(body))
-    client = await aiohttp_client(create_app(settings, sink=sink))
-    headers = {"Content-Type": "application/json", "x-api-key": key_file.key}
+    settings = gateway_settings(keys_file=key_file.path, max_inflight_bytes=4 * len(body))
+    client = await gateway_client(settings, sink=sink)
+    headers = json_headers(key_file.key)
     posts = [asyncio.create_task(sink.post(client, body, headers)) for _ in range(4)]
     for _ in posts:
         await sink.arrived.get()
@@ -108,22 +106,24 @@ async def test_as_many_requests_as_the_cap_holds_are_served_at_once(
 
 
 async def test_a_single_request_larger_than_the_cap_is_still_served(
-    aiohttp_client: AiohttpClient, key_file: KeyFile
+    gateway_client: GatewayClient, key_file: KeyFile
 ) -> None:
-    settings = Settings(keys_file=key_file.path, max_inflight_bytes=1024)
-    client = await aiohttp_client(create_app(settings, sink=MemorySink()))
-    headers = {"Content-Type": "application/json", "x-api-key": key_file.key}
+    settings = gateway_settings(keys_file=key_file.path, max_inflight_bytes=1024)
+    client = await gateway_client(settings, sink=MemorySink())
+    headers = json_headers(key_file.key)
     resp = await client.post("/v1/log", data=batch(20), headers=headers)
     assert resp.status == 200
 
 
 async def test_a_body_over_the_limit_is_413_even_when_busy(
-    aiohttp_client: AiohttpClient, key_file: KeyFile
+    gateway_client: GatewayClient, key_file: KeyFile
 ) -> None:
     sink = GatedSink()
-    settings = Settings(keys_file=key_file.path, max_body_bytes=4096, max_inflight_bytes=8192)
-    client = await aiohttp_client(create_app(settings, sink=sink))
-    headers = {"Content-Type": "application/json", "x-api-key": key_file.key}
+    settings = gateway_settings(
+        keys_file=key_file.path, max_body_bytes=4096, max_inflight_bytes=8192
+    )
+    client = await gateway_client(settings, sink=sink)
+    headers = json_headers(key_file.key)
     busy = asyncio.create_task(client.post("/v1/log", data=batch(1), headers=headers))
     await sink.arrived.get()
     resp = await client.post("/v1/log", data=b" " * 5000, headers=headers)
@@ -144,12 +144,12 @@ def compress(body: bytes, encoding: str) -> bytes:
 
 @pytest.mark.parametrize("encoding", ["gzip", "br", "zstd"])
 async def test_concurrent_compressed_requests_are_all_served(
-    aiohttp_client: AiohttpClient, key_file: KeyFile, encoding: str
+    gateway_client: GatewayClient, key_file: KeyFile, encoding: str
 ) -> None:
     # Sixteen compressed batches of 20, all in progress at once under the default cap:
     # each holds what it decodes to (about 7 KB), not the whole body limit.
     sink = GatedSink()
-    client = await aiohttp_client(create_app(Settings(keys_file=key_file.path), sink=sink))
+    client = await gateway_client(gateway_settings(keys_file=key_file.path), sink=sink)
     headers = {
         "Content-Type": "application/json",
         "Content-Encoding": encoding,
@@ -167,13 +167,13 @@ async def test_concurrent_compressed_requests_are_all_served(
 
 
 async def test_compressed_bodies_count_what_they_decode_to(
-    aiohttp_client: AiohttpClient, key_file: KeyFile
+    gateway_client: GatewayClient, key_file: KeyFile
 ) -> None:
     # The cap fits one decoded batch of 100 but not two, though both are small on the wire.
     large, small = batch(100), batch(1)
     sink = GatedSink()
-    settings = Settings(keys_file=key_file.path, max_inflight_bytes=len(large) * 3 // 2)
-    client = await aiohttp_client(create_app(settings, sink=sink))
+    settings = gateway_settings(keys_file=key_file.path, max_inflight_bytes=len(large) * 3 // 2)
+    client = await gateway_client(settings, sink=sink)
     headers = {
         "Content-Type": "application/json",
         "Content-Encoding": "gzip",
@@ -195,12 +195,11 @@ async def test_compressed_bodies_count_what_they_decode_to(
 
 
 async def test_a_gzip_bomb_is_413_and_takes_no_memory_beyond_the_limit(
-    aiohttp_client: AiohttpClient, key_file: KeyFile
+    gateway_client: GatewayClient, key_file: KeyFile
 ) -> None:
     limit = 4 * 1024 * 1024
-    settings = Settings(keys_file=key_file.path, max_body_bytes=limit)
-    app = create_app(settings, sink=MemorySink())
-    client = await aiohttp_client(app)
+    settings = gateway_settings(keys_file=key_file.path, max_body_bytes=limit)
+    client = await gateway_client(settings, sink=MemorySink())
     headers = {
         "Content-Type": "application/json",
         "Content-Encoding": "gzip",

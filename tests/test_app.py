@@ -2,31 +2,54 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
 import pytest
 from aiohttp import web
 
 from gateway.app import create_app
 from gateway.config import KafkaSettings, Settings
+from gateway.http import state
 from gateway.http.responses import SECURITY_HEADERS
 from gateway.http.state import DRAINING
 from gateway.sink import MemorySink
-from tests.conftest import AiohttpClient
+from tests.support.app import VALIDATOR, AiohttpClient, GatewayClient, gateway_settings
 
-SETTINGS = Settings(kafka=KafkaSettings(bootstrap="kafka.invalid:9092"))
+SETTINGS = gateway_settings(kafka=KafkaSettings(bootstrap="kafka.invalid:9092"))
+
+
+async def test_the_gateways_the_suite_serves_validate_with_cafe_validator(
+    gateway_client: GatewayClient,
+) -> None:
+    """.ci/run runs the suite once per validator: CAFE_VALIDATOR must reach the apps."""
+    assert (os.environ.get("CAFE_VALIDATOR") or Settings().validator) == VALIDATOR
+    client = await gateway_client(SETTINGS, sink=MemorySink())
+    assert client.app is not None
+    assert client.app[state.SETTINGS].validator == VALIDATOR
+
+
+async def test_a_gateway_validating_with_another_validator_is_not_served(
+    aiohttp_client: AiohttpClient,
+) -> None:
+    other = "jsonschema-rs" if VALIDATOR == "fastjsonschema" else "fastjsonschema"
+    app = create_app(dataclasses.replace(SETTINGS, validator=other), sink=MemorySink())
+    with pytest.raises(AssertionError, match="not the suite's"):
+        await aiohttp_client(app)
 
 
 async def test_healthz_answers_even_when_the_sink_is_not_ready(
-    aiohttp_client: AiohttpClient,
+    gateway_client: GatewayClient,
 ) -> None:
-    client = await aiohttp_client(create_app(SETTINGS, sink=MemorySink(ready=False)))
+    client = await gateway_client(SETTINGS, sink=MemorySink(ready=False))
     resp = await client.get("/healthz")
     assert resp.status == 200
     assert await resp.json() == {"status": "ok"}
 
 
-async def test_readyz_follows_the_sink(aiohttp_client: AiohttpClient) -> None:
+async def test_readyz_follows_the_sink(gateway_client: GatewayClient) -> None:
     sink = MemorySink(ready=False)
-    client = await aiohttp_client(create_app(SETTINGS, sink=sink))
+    client = await gateway_client(SETTINGS, sink=sink)
 
     resp = await client.get("/readyz")
     assert resp.status == 503
@@ -64,8 +87,8 @@ async def test_readyz_is_503_once_draining_begins(aiohttp_client: AiohttpClient)
     assert resp.headers["Connection"] == "close"
 
 
-async def test_unknown_route_is_a_404_problem(aiohttp_client: AiohttpClient) -> None:
-    client = await aiohttp_client(create_app(SETTINGS, sink=MemorySink()))
+async def test_unknown_route_is_a_404_problem(gateway_client: GatewayClient) -> None:
+    client = await gateway_client(SETTINGS, sink=MemorySink())
     resp = await client.get("/nothing-here")
     assert resp.status == 404
     assert resp.content_type == "application/problem+json"
@@ -74,9 +97,9 @@ async def test_unknown_route_is_a_404_problem(aiohttp_client: AiohttpClient) -> 
 
 
 async def test_wrong_method_is_a_405_problem_that_keeps_allow(
-    aiohttp_client: AiohttpClient,
+    gateway_client: GatewayClient,
 ) -> None:
-    client = await aiohttp_client(create_app(SETTINGS, sink=MemorySink()))
+    client = await gateway_client(SETTINGS, sink=MemorySink())
     resp = await client.post("/healthz")
     assert resp.status == 405
     assert resp.headers["Allow"] == "GET,HEAD"
@@ -100,17 +123,17 @@ async def test_an_unexpected_error_is_a_500_problem_without_internals(
     assert "secret" not in body["detail"]
 
 
-async def test_the_sink_is_started_and_closed_with_the_app(aiohttp_client: AiohttpClient) -> None:
+async def test_the_sink_is_started_and_closed_with_the_app(gateway_client: GatewayClient) -> None:
     sink = MemorySink()
-    client = await aiohttp_client(create_app(SETTINGS, sink=sink))
+    client = await gateway_client(SETTINGS, sink=sink)
     assert sink.started and not sink.closed
     await client.close()
     assert sink.closed
 
 
-async def test_unknown_v1_routes_need_a_key_too(aiohttp_client: AiohttpClient) -> None:
+async def test_unknown_v1_routes_need_a_key_too(gateway_client: GatewayClient) -> None:
     # Without a key, the caller learns nothing about which /v1 routes exist.
-    client = await aiohttp_client(create_app(SETTINGS, sink=MemorySink()))
+    client = await gateway_client(SETTINGS, sink=MemorySink())
     resp = await client.get("/v1/nothing-here")
     assert resp.status == 401
     assert (await resp.json(content_type=None))["code"] == "missing_api_key"
@@ -118,8 +141,8 @@ async def test_unknown_v1_routes_need_a_key_too(aiohttp_client: AiohttpClient) -
 
 @pytest.mark.parametrize("path", ["/healthz", "/nothing-here", "/v1/ip"])
 async def test_every_answer_carries_the_security_headers(
-    aiohttp_client: AiohttpClient, path: str
+    gateway_client: GatewayClient, path: str
 ) -> None:
-    client = await aiohttp_client(create_app(SETTINGS, sink=MemorySink()))
+    client = await gateway_client(SETTINGS, sink=MemorySink())
     resp = await client.get(path)
     assert {k: resp.headers.get(k) for k in SECURITY_HEADERS} == SECURITY_HEADERS

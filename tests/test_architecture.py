@@ -132,3 +132,58 @@ def test_each_package_says_what_it_owns_and_may_import(package: str) -> None:
     doc = ast.get_docstring(ast.parse(init.read_text(encoding="utf-8")))
     assert doc, f"gateway/{package}/__init__.py has no docstring"
     assert "May import" in doc, f"gateway/{package}/__init__.py does not say what it may import"
+
+
+# The tests, the benchmarks and what they share (tests/support/, devkit/).
+REPO = ROOT.parent
+
+
+def _imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module is not None:
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
+
+
+def _test_files() -> list[Path]:
+    return sorted(
+        p
+        for p in (REPO / "tests").rglob("*.py")
+        if p.name.startswith("test_") or p.name == "conftest.py"
+    )
+
+
+@pytest.mark.parametrize("path", _test_files(), ids=lambda p: str(p.relative_to(REPO)))
+def test_a_test_file_imports_no_other_test_file(path: Path) -> None:
+    wrong = sorted(
+        name
+        for name in _imported_modules(path)
+        if name.startswith("tests.")
+        and (name.rsplit(".", 1)[-1].startswith("test_") or name.endswith("conftest"))
+    )
+    assert not wrong, f"{path.name} imports test files: {wrong} (shared helpers: tests/support/)"
+
+
+@pytest.mark.parametrize(
+    ("folder", "other"),
+    [
+        ("loadtest", "tests"),
+        ("tests", "loadtest"),
+        ("devkit", "tests"),
+        ("devkit", "loadtest"),
+        ("gateway", "tests"),
+        ("gateway", "loadtest"),
+        ("gateway", "devkit"),
+    ],
+)
+def test_the_benchmarks_the_tests_and_the_gateway_keep_apart(folder: str, other: str) -> None:
+    wrong = [
+        f"{path.relative_to(REPO)}: {name}"
+        for path in sorted((REPO / folder).rglob("*.py"))
+        for name in _imported_modules(path)
+        if name == other or name.startswith(f"{other}.")
+    ]
+    assert not wrong, f"{folder}/ imports {other}/ (shared code goes in devkit/): {wrong}"

@@ -10,14 +10,12 @@ import pytest
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
-from gateway.app import create_app
+from devkit.samples import curl_bodies
 from gateway.config import Settings
 from gateway.http.clientip import client_ip
 from gateway.sink import MemorySink
-from tests.conftest import AiohttpClient
-from tests.keys import KeyFile
-from tests.spec_samples import curl_bodies
-from tests.test_access import access_lines
+from tests.support.app import GatewayClient, access_lines, gateway_settings
+from tests.support.keys import KeyFile
 
 PROXIES = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8"))
 
@@ -112,10 +110,10 @@ def test_with_no_trusted_proxies_headers_never_count() -> None:
 
 @pytest.mark.parametrize(("host", "expected"), [("127.0.0.1", "127.0.0.1"), ("::1", "::1")])
 async def test_get_ip_over_a_real_socket(
-    aiohttp_client: AiohttpClient, key_file: KeyFile, host: str, expected: str
+    gateway_client: GatewayClient, key_file: KeyFile, host: str, expected: str
 ) -> None:
-    app = create_app(Settings(keys_file=key_file.path), sink=MemorySink())
-    client = await aiohttp_client(app, server_kwargs={"host": host})
+    settings = gateway_settings(keys_file=key_file.path)
+    client = await gateway_client(settings, sink=MemorySink(), server_kwargs={"host": host})
     headers = {"x-api-key": key_file.key}
     # The peer is not trusted, so a forged header changes nothing.
     resp = await client.get("/v1/ip", headers={**headers, "X-Forwarded-For": "6.6.6.6"})
@@ -135,17 +133,17 @@ LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")
     ],
 )
 async def test_get_ip_behind_a_trusted_proxy(
-    aiohttp_client: AiohttpClient,
+    gateway_client: GatewayClient,
     key_file: KeyFile,
     host: str,
     header: str,
     written: str,
     forged: str,
 ) -> None:
-    settings = Settings(keys_file=key_file.path, trusted_proxies=LOOPBACK, forwarded_header=header)
-    client = await aiohttp_client(
-        create_app(settings, sink=MemorySink()), server_kwargs={"host": host}
+    settings = gateway_settings(
+        keys_file=key_file.path, trusted_proxies=LOOPBACK, forwarded_header=header
     )
+    client = await gateway_client(settings, sink=MemorySink(), server_kwargs={"host": host})
     key = {"x-api-key": key_file.key}
 
     def hops(*addresses: str) -> str:
@@ -168,15 +166,17 @@ async def test_get_ip_behind_a_trusted_proxy(
 
 @pytest.mark.parametrize("header", ["x-forwarded-for", "forwarded"])
 async def test_the_kafka_header_and_the_access_log_name_the_same_caller(
-    aiohttp_client: AiohttpClient,
+    gateway_client: GatewayClient,
     key_file: KeyFile,
     caplog: pytest.LogCaptureFixture,
     header: str,
 ) -> None:
     caplog.set_level(logging.INFO, logger="gateway.access")
     sink = MemorySink()
-    settings = Settings(keys_file=key_file.path, trusted_proxies=LOOPBACK, forwarded_header=header)
-    client = await aiohttp_client(create_app(settings, sink=sink))
+    settings = gateway_settings(
+        keys_file=key_file.path, trusted_proxies=LOOPBACK, forwarded_header=header
+    )
+    client = await gateway_client(settings, sink=sink)
     resp = await client.post(
         "/v1/log",
         data=curl_bodies()["log"],
@@ -195,7 +195,7 @@ async def test_the_kafka_header_and_the_access_log_name_the_same_caller(
     assert line["client_ip"] == "198.51.100.7"
 
 
-async def test_get_ip_needs_a_key(aiohttp_client: AiohttpClient, key_file: KeyFile) -> None:
-    client = await aiohttp_client(create_app(Settings(keys_file=key_file.path), sink=MemorySink()))
+async def test_get_ip_needs_a_key(gateway_client: GatewayClient, key_file: KeyFile) -> None:
+    client = await gateway_client(gateway_settings(keys_file=key_file.path), sink=MemorySink())
     resp = await client.get("/v1/ip")
     assert resp.status == 401

@@ -14,14 +14,12 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from gateway.app import create_app
+from devkit.samples import curl_bodies
 from gateway.cli import main
-from gateway.config import Settings
 from gateway.keys.file import read_keys_file, write_keys_file
 from gateway.keys.model import KeysFileError, mint_key
 from gateway.sink import MemorySink
-from tests.conftest import AiohttpClient
-from tests.spec_samples import curl_bodies
+from tests.support.app import GatewayClient, gateway_settings
 
 PAGE = "http://127.0.0.1:8123"
 OTHER_PAGE = "http://127.0.0.1:9999"
@@ -47,13 +45,13 @@ class Browsers:
 
 
 @pytest.fixture
-async def gw(aiohttp_client: AiohttpClient, tmp_path: Path) -> Browsers:
+async def gw(gateway_client: GatewayClient, tmp_path: Path) -> Browsers:
     browser, browser_record = mint_key(("analytics-portal",), origins=(PAGE,), browser=True)
     backend, backend_record = mint_key(("analytics-portal",))
     path = tmp_path / "keys.json"
     write_keys_file(path, [browser_record, backend_record])
     sink = MemorySink()
-    client = await aiohttp_client(create_app(Settings(keys_file=path), sink=sink))
+    client = await gateway_client(gateway_settings(keys_file=path), sink=sink)
     return Browsers(client, sink, browser, backend)
 
 

@@ -17,7 +17,7 @@ from gateway.config import TopicSettings
 from gateway.http.openapi import build_openapi
 from gateway.http.problems import HTTP_CODES
 from gateway.schemas import load_record_types
-from tests.conftest import VALIDATOR
+from tests.support.app import VALIDATOR
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 

@@ -10,31 +10,31 @@ from pathlib import Path
 
 import pytest
 
-from gateway.app import create_app
+from devkit.net import free_port
+from devkit.samples import curl_bodies
 from gateway.config import ConfigError, Settings
 from gateway.keys.file import write_keys_file
 from gateway.keys.model import mint_key
 from gateway.limits.fleet import _without_password
 from gateway.sink import MemorySink
-from tests.conftest import AiohttpClient
-from tests.integration.tcp_proxy import free_port
-from tests.scrape import Samples
-from tests.spec_samples import curl_bodies
+from tests.support.app import GatewayClient, gateway_settings
+from tests.support.keys import json_headers
+from tests.support.scrape import scrape
 
 
 async def test_without_redis_limits_are_local_and_readyz_metrics_and_log_say_so(
-    aiohttp_client: AiohttpClient, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    gateway_client: GatewayClient, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     plaintext, record = mint_key(("analytics-portal",), requests_per_second=2)
     keys_file = tmp_path / "keys.json"
     write_keys_file(keys_file, [record])
     where = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
-    settings = Settings(keys_file=keys_file, ratelimit_storage=where)
+    settings = gateway_settings(keys_file=keys_file, ratelimit_storage=where)
     with caplog.at_level(logging.ERROR, logger="gateway.limits.fleet"):
-        client = await aiohttp_client(create_app(settings, sink=MemorySink()))
+        client = await gateway_client(settings, sink=MemorySink())
     assert f"rate limits fall back to this host's own: Redis at {where}" in caplog.text
 
-    headers = {"x-api-key": plaintext, "Content-Type": "application/json"}
+    headers = json_headers(plaintext)
     statuses = []
     for _ in range(3):
         resp = await client.post("/v1/log", data=curl_bodies()["log"], headers=headers)
@@ -47,18 +47,18 @@ async def test_without_redis_limits_are_local_and_readyz_metrics_and_log_say_so(
     assert body["status"] == "ready"
     (degraded,) = body["degraded"]
     assert degraded.startswith(f"rate limits are per host: Redis at {where} does not answer (")
-    metrics = Samples(await (await client.get("/metrics")).text())
+    metrics = await scrape(client)
     assert metrics.value("cafe_ratelimit_redis_down") == 1
 
 
 async def test_with_local_limits_readyz_names_nothing_degraded(
-    aiohttp_client: AiohttpClient, tmp_path: Path
+    gateway_client: GatewayClient, tmp_path: Path
 ) -> None:
     keys_file = tmp_path / "keys.json"
     write_keys_file(keys_file, [mint_key(("analytics-portal",))[1]])
-    client = await aiohttp_client(create_app(Settings(keys_file=keys_file), sink=MemorySink()))
+    client = await gateway_client(gateway_settings(keys_file=keys_file), sink=MemorySink())
     assert await (await client.get("/readyz")).json() == {"status": "ready"}
-    metrics = Samples(await (await client.get("/metrics")).text())
+    metrics = await scrape(client)
     assert metrics.value("cafe_ratelimit_redis_down") == 0
 
 

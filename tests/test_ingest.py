@@ -8,65 +8,38 @@ from typing import Any
 
 import orjson
 import pytest
-from aiohttp.test_utils import TestClient
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-from gateway.app import create_app
+from devkit.samples import curl_bodies
 from gateway.config import Settings
 from gateway.errors import KafkaUnavailable
 from gateway.http.ingest import DEAD_LETTER_MAX_BYTES, DEAD_LETTER_MAX_ERROR_CHARS, _dead_letter
 from gateway.kafka.sink import _MAX_MESSAGE_BYTES
 from gateway.schemas import load_record_types
 from gateway.sink import MemorySink, Message
-from tests.conftest import AiohttpClient
-from tests.keys import KeyFile
-from tests.rawhttp import connection
-from tests.scrape import Samples
-from tests.spec_samples import curl_bodies
+from tests.support.app import Gateway, GatewayClient, gateway_settings
+from tests.support.keys import KeyFile, json_headers
+from tests.support.rawhttp import connection
+from tests.support.records import sample
 
 LIMIT = 256 * 1024
 UNSUPPORTED = "unsupported_media_type"
 
 
-class Gateway:
-    """A test client, its sink, and the key it sends."""
-
-    def __init__(self, client: TestClient, sink: MemorySink, key_file: KeyFile) -> None:  # type: ignore[type-arg]
-        self.client = client
-        self.sink = sink
-        self.key_file = key_file
-
-    async def post(
-        self, path: str, body: bytes | Any, *, key: str | None = None, **headers: str
-    ) -> tuple[int, Any, Any]:
-        data = body if isinstance(body, bytes) else orjson.dumps(body)
-        sent = {"Content-Type": "application/json", "x-api-key": key or self.key_file.key}
-        sent.update({k.replace("_", "-"): v for k, v in headers.items()})
-        resp = await self.client.post(path, data=data, headers=sent)
-        return resp.status, await resp.json(content_type=None), resp
-
-    def produced(self, topic: str) -> list[Message]:
-        return self.sink.topics.get(topic, [])
-
-
 @pytest.fixture
-async def gw(aiohttp_client: AiohttpClient, key_file: KeyFile) -> Gateway:
+async def gw(gateway_client: GatewayClient, key_file: KeyFile) -> Gateway:
     sink = MemorySink()
-    settings = Settings(keys_file=key_file.path, max_body_bytes=LIMIT)
-    client = await aiohttp_client(create_app(settings, sink=sink))
-    return Gateway(client, sink, key_file)
-
-
-def record(name: str, **changes: Any) -> dict[str, Any]:
-    base: dict[str, Any] = orjson.loads(curl_bodies()[name])["records"][0]
-    return {**base, **changes}
+    client = await gateway_client(
+        gateway_settings(keys_file=key_file.path, max_body_bytes=LIMIT), sink=sink
+    )
+    return Gateway(client, key_file, sink=sink)
 
 
 @pytest.mark.parametrize("name", ["activity", "log", "profile"])
 async def test_a_valid_batch_is_200_and_produced_with_headers(gw: Gateway, name: str) -> None:
     status, body, resp = await gw.post(f"/v1/{name}", curl_bodies()[name])
     assert (status, body) == (200, {"accepted": 1})
-    (message,) = gw.produced(f"cafe.{name}")
+    (message,) = gw.produced().get(f"cafe.{name}", [])
     sent = orjson.loads(curl_bodies()[name])["records"][0]
     assert message.key == sent["sessionId"].encode()
     assert orjson.loads(message.value) == sent
@@ -81,20 +54,20 @@ async def test_a_valid_batch_is_200_and_produced_with_headers(gw: Gateway, name:
 
 
 async def test_order_within_a_batch_is_kept(gw: Gateway) -> None:
-    batch = [record("log", logMessage=f"line {i}") for i in range(500)]
+    batch = [sample("log", logMessage=f"line {i}") for i in range(500)]
     status, body, _ = await gw.post("/v1/log", {"records": batch})
     assert (status, body) == (200, {"accepted": 500})
-    assert [orjson.loads(m.value)["logMessage"] for m in gw.produced("cafe.log")] == [
+    assert [orjson.loads(m.value)["logMessage"] for m in gw.produced().get("cafe.log", [])] == [
         f"line {i}" for i in range(500)
     ]
 
 
 async def test_a_mixed_batch_is_207_and_rejects_go_to_the_dead_letter_topic(gw: Gateway) -> None:
     batch: list[Any] = [
-        record("activity", eventId="good-1"),
-        record("activity", eventId="bad-time", eventTime="yesterday"),
-        record("activity", eventId="good-2"),
-        record("activity", eventId="other-platform", productPlatform="billing"),
+        sample("activity", eventId="good-1"),
+        sample("activity", eventId="bad-time", eventTime="yesterday"),
+        sample("activity", eventId="good-2"),
+        sample("activity", eventId="other-platform", productPlatform="billing"),
         "not a record",
     ]
     status, body, _ = await gw.post("/v1/activity", {"records": batch})
@@ -129,11 +102,11 @@ async def test_a_mixed_batch_is_207_and_rejects_go_to_the_dead_letter_topic(gw: 
             },
         ],
     }
-    assert [orjson.loads(m.value)["eventId"] for m in gw.produced("cafe.activity")] == [
+    assert [orjson.loads(m.value)["eventId"] for m in gw.produced().get("cafe.activity", [])] == [
         "good-1",
         "good-2",
     ]
-    dead = gw.produced("cafe.deadletter")
+    dead = gw.produced().get("cafe.deadletter", [])
     assert [orjson.loads(m.value) for m in dead] == [batch[1], batch[3], batch[4]]
     assert [dict(m.headers or ())["cafe-reject-reason"] for m in dead] == [
         b"invalid",
@@ -148,12 +121,12 @@ async def test_a_mixed_batch_is_207_and_rejects_go_to_the_dead_letter_topic(gw: 
 
 
 async def test_nothing_accepted_is_422_with_the_same_body(gw: Gateway) -> None:
-    status, body, _ = await gw.post("/v1/log", {"records": [record("log", logLevel="LOUD")]})
+    status, body, _ = await gw.post("/v1/log", {"records": [sample("log", logLevel="LOUD")]})
     assert status == 422
     assert body["accepted"] == 0 and body["rejected"] == 1
     assert body["rejections"][0]["errors"][0]["pointer"] == "/logLevel"
-    assert gw.produced("cafe.log") == []
-    assert len(gw.produced("cafe.deadletter")) == 1
+    assert gw.produced().get("cafe.log", []) == []
+    assert len(gw.produced().get("cafe.deadletter", [])) == 1
 
 
 async def test_a_record_of_another_type_is_rejected(gw: Gateway) -> None:
@@ -202,7 +175,7 @@ async def test_a_chunked_body_over_the_limit_is_413(gw: Gateway) -> None:
     resp = await gw.client.post(
         "/v1/log",
         data=chunks(),
-        headers={"Content-Type": "application/json", "x-api-key": gw.key_file.key},
+        headers=json_headers(gw.key),
     )
     assert resp.status == 413
     assert (await resp.json(content_type=None))["code"] == "payload_too_large"
@@ -282,15 +255,12 @@ async def test_a_client_leaving_mid_body_is_counted_as_an_abort_not_a_server_err
             conn.writer.write(head + body)  # then the socket is closed, short of the length
             await conn.writer.drain()
 
-    async def scrape() -> Samples:
-        return Samples(await (await gw.client.get("/metrics")).text())
-
     # Wait (a deadline, not a timing) until all five have been answered, to no one.
     deadline = asyncio.get_running_loop().time() + 10
-    while (await scrape()).value("cafe_http_requests_total", route="/v1/log") < 5:
+    while (await gw.metrics()).value("cafe_http_requests_total", route="/v1/log") < 5:
         assert asyncio.get_running_loop().time() < deadline, "the aborted requests never ended"
         await asyncio.sleep(0.05)
-    samples = await scrape()
+    samples = await gw.metrics()
     assert samples.value("cafe_http_errors_total", code="client_aborted") == 5
     assert samples.value("cafe_http_errors_total", code="internal_error") == 0
     assert samples.value("cafe_http_requests_total", route="/v1/log", status="499") == 5
@@ -317,7 +287,7 @@ def test_the_largest_dead_letter_a_client_can_make_fits_in_a_kafka_message() -> 
     # escapes. The request's headers as _kafka_headers writes them, at their longest.
     (activity,) = load_record_types({"activity": "cafe.activity"}, "fastjsonschema").values()
     session = "\U0010ffff" * activity.max_key_length
-    rec = record("activity", sessionId=session, eventId="\x01" * (DEAD_LETTER_MAX_BYTES // 3))
+    rec = sample("activity", sessionId=session, eventId="\x01" * (DEAD_LETTER_MAX_BYTES // 3))
     headers = [
         ("cafe-key-id", b"k_0123456789ab"),
         ("cafe-client-ip", b"ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"),
@@ -341,24 +311,24 @@ def test_the_largest_dead_letter_a_client_can_make_fits_in_a_kafka_message() -> 
 
 
 async def test_a_dead_letter_fits_in_a_kafka_message_whatever_property_names_it_has(
-    aiohttp_client: AiohttpClient, key_file: KeyFile
+    gateway_client: GatewayClient, key_file: KeyFile
 ) -> None:
     # The schema's error quotes an unknown property's name: 900 KB, once in the value and
     # once in the errors header, made a 1,424,691-byte message, which Kafka refused.
     sink = MemorySink()
     gw = Gateway(
-        await aiohttp_client(create_app(Settings(keys_file=key_file.path), sink=sink)),
-        sink,
+        await gateway_client(gateway_settings(keys_file=key_file.path), sink=sink),
         key_file,
+        sink=sink,
     )
-    batch = [record("activity", eventId="good"), {**record("activity"), "p" * 900_000: 1}]
+    batch = [sample("activity", eventId="good"), {**sample("activity"), "p" * 900_000: 1}]
     status, body, _ = await gw.post("/v1/activity", {"records": batch})
 
     assert (status, body["accepted"], body["rejected"]) == (207, 1, 1)
     (rejection,) = body["rejections"]
     assert (rejection["index"], rejection["reason"]) == (1, "invalid")
-    assert len(gw.produced("cafe.activity")) == 1
-    (dead,) = gw.produced("cafe.deadletter")
+    assert len(gw.produced().get("cafe.activity", [])) == 1
+    (dead,) = gw.produced().get("cafe.deadletter", [])
     assert _kafka_size(dead) <= _MAX_MESSAGE_BYTES
     (error,) = orjson.loads(dict(dead.headers or ())["cafe-errors"])
     whole = rejection["errors"][0]["message"]  # the answer keeps it whole: the client's own

@@ -13,22 +13,15 @@ from typing import Any
 import jsonschema  # type: ignore[import-untyped]
 import orjson
 import pytest
-import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from schemathesis import GenerationMode
 
-from gateway.app import create_app
-from gateway.config import Settings, TopicSettings
-from gateway.http.openapi import build_openapi
-from gateway.schemas import load_record_types, schema_dir
 from gateway.sink import MemorySink
-from tests.conftest import VALIDATOR, AiohttpClient
-from tests.keys import KeyFile
-from tests.spec_samples import curl_bodies
-from tests.test_hostile import DEAD, LIMIT, NAMES, Gateway
-
-PLATFORM = "analytics-portal"
+from tests.support.app import Gateway, GatewayClient, gateway_settings
+from tests.support.corpora import LIMIT
+from tests.support.keys import KeyFile
+from tests.support.records import DEAD, NAMES, sample, schema
+from tests.support.strategies import JSON, PLATFORM, VALID_BATCHES, changed_records
 
 
 def bounded(examples: int) -> settings:
@@ -45,22 +38,18 @@ def bounded(examples: int) -> settings:
 
 
 @pytest.fixture
-async def gw(aiohttp_client: AiohttpClient, key_file: KeyFile) -> Gateway:
+async def gw(gateway_client: GatewayClient, key_file: KeyFile) -> Gateway:
     sink = MemorySink()
-    settings_ = Settings(keys_file=key_file.path, max_body_bytes=LIMIT)
-    client = await aiohttp_client(create_app(settings_, sink=sink))
-    return Gateway(client, sink, key_file.key)
-
-
-def _schema(name: str) -> dict[str, Any]:
-    schema: dict[str, Any] = orjson.loads((schema_dir() / f"{name}.json").read_bytes())
-    return schema
+    client = await gateway_client(
+        gateway_settings(keys_file=key_file.path, max_body_bytes=LIMIT), sink=sink
+    )
+    return Gateway(client, key_file, sink=sink)
 
 
 # An independent judge of what reaches a record topic: the jsonschema package, not the
 # fastjsonschema code the gateway validates with.
 JUDGES = {
-    name: jsonschema.Draft7Validator(_schema(name), format_checker=jsonschema.FormatChecker())
+    name: jsonschema.Draft7Validator(schema(name), format_checker=jsonschema.FormatChecker())
     for name in NAMES
 }
 
@@ -68,19 +57,19 @@ JUDGES = {
 async def post_and_check(gw: Gateway, name: str, body: bytes) -> int:
     """POST `body`, check the answer and what was produced agree; return the status."""
     gw.sink.topics.clear()
-    status, content_type, answer = await gw.post(f"/v1/{name}", body)
+    status, answer, resp = await gw.post(f"/v1/{name}", body)
     assert status < 500, answer
     produced = gw.produced()
     accepted = produced.pop(f"cafe.{name}", [])
     dead = produced.pop(DEAD, [])
     assert produced == {}, "only this route's topic and the dead letters"
     if status in (200, 207, 422):
-        assert content_type == "application/json"
+        assert resp.content_type == "application/json"
         assert len(accepted) == answer["accepted"]
         assert len(dead) == answer.get("rejected", 0)
         assert (status == 200) == (not dead) and (status == 422) == (not accepted)
     else:
-        assert content_type == "application/problem+json"
+        assert resp.content_type == "application/problem+json"
         assert (accepted, dead) == ([], [])
     for message in accepted:
         record = orjson.loads(message.value)
@@ -90,33 +79,8 @@ async def post_and_check(gw: Gateway, name: str, body: bytes) -> int:
     return status
 
 
-# Any JSON value, with integers past 64 bits and NaN/Infinity (the standard library
-# writes them as the non-JSON literals NaN and Infinity, which the gateway must refuse).
-JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
-    ),
-    max_leaves=12,
-)
-
-
-def _changed_records(name: str) -> st.SearchStrategy[dict[str, Any]]:
-    """The spec sample of `name` with a few fields replaced by any JSON, or removed."""
-    record: dict[str, Any] = orjson.loads(curl_bodies()[name])["records"][0]
-    fields = [*record, "extra"]
-    replaced = st.dictionaries(st.sampled_from(fields), JSON, max_size=2)
-    removed = st.sets(st.sampled_from(fields), max_size=1)
-    return st.builds(
-        lambda new, gone: {k: v for k, v in {**record, **new}.items() if k not in gone},
-        replaced,
-        removed,
-    )
-
-
 def _bodies(name: str) -> st.SearchStrategy[Any]:
-    record = orjson.loads(curl_bodies()[name])["records"][0]
-    records = st.lists(st.just(record) | _changed_records(name) | JSON, min_size=0, max_size=4)
+    records = st.lists(st.just(sample(name)) | changed_records(name) | JSON, min_size=0, max_size=4)
     return st.one_of(
         JSON,
         st.builds(lambda rs: {"records": rs}, records),
@@ -152,26 +116,6 @@ async def test_any_bytes_are_answered_below_500_and_produce_no_record(
 ) -> None:
     status = await post_and_check(gw, name, body)
     assert status != 200 and gw.produced().get(f"cafe.{name}", []) == []
-
-
-# Valid bodies come from schemathesis, generated from the gateway's own OpenAPI document
-# (hypothesis-jsonschema 0.23.1 fails on this Hypothesis: 'many' object has no attribute
-# 'more').
-RECORD_TYPES = load_record_types(TopicSettings().by_record_type(), VALIDATOR)
-OPENAPI = schemathesis.openapi.from_dict(build_openapi(RECORD_TYPES, "test"))
-
-
-def _valid_batches(name: str) -> st.SearchStrategy[tuple[str, list[dict[str, Any]]]]:
-    """Bodies the OpenAPI document calls valid, their records written by the key's platform."""
-    cases = OPENAPI[f"/v1/{name}"]["POST"].as_strategy(generation_mode=GenerationMode.POSITIVE)
-    return cases.map(lambda case: (name, _own_platform(case.body)))
-
-
-def _own_platform(body: Any) -> list[dict[str, Any]]:
-    return [{**record, "productPlatform": PLATFORM} for record in body["records"]]
-
-
-VALID_BATCHES = st.one_of(*(_valid_batches(name) for name in NAMES))
 
 
 @bounded(examples=150)

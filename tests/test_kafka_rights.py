@@ -16,7 +16,7 @@ from gateway.kafka import sink as kafka_sink
 from gateway.kafka.sink import KafkaSink
 from gateway.metrics import Metrics
 from gateway.sink import Message
-from tests.fake_kafka import FakeKafka, Mode
+from tests.support.fake_kafka import FakeKafka, Mode
 
 TOPICS = TopicSettings(activity="t.activity", log="t.log", profile="t.profile", deadletter="t.dl")
 

@@ -20,8 +20,7 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.app import create_app
-from gateway.config import Settings
+from devkit.samples import sample_api_key
 from gateway.http.state import KEYS
 from gateway.keys.file import (
     _keys_file_lock,
@@ -44,10 +43,9 @@ from gateway.keys.model import (
 from gateway.keys.store import KeyStore
 from gateway.keys.strength import WeakKey, check_key_strength
 from gateway.sink import MemorySink
-from tests.conftest import AiohttpClient
-from tests.keys import KeyFile
-from tests.scrape import Samples
-from tests.spec_samples import sample_api_key
+from tests.support.app import GatewayClient, gateway_settings
+from tests.support.keys import KeyFile
+from tests.support.scrape import scrape
 
 
 def test_a_minted_key_is_stored_as_its_hash_only(tmp_path: Path) -> None:
@@ -208,7 +206,8 @@ def test_expires_at_is_checked_and_kept_as_an_epoch(tmp_path: Path) -> None:
     assert record.expires_at is None and record.expires_epoch is None
     dated = replace(record, expires_at="2026-12-01T00:00:10Z")
     assert dated.expires_epoch == 1796083210.0
-    assert not dated.expired(1796083209.9) and dated.expired(1796083210.0)
+    assert dated.state(1796083209.9) == "enabled" and dated.state(1796083210.0) == "expired"
+    assert replace(dated, enabled=False).state(1796083209.9) == "disabled"
     write_keys_file(tmp_path / "keys.json", [dated])
     assert read_keys_file(tmp_path / "keys.json") == [dated]
     bad: Any
@@ -314,7 +313,8 @@ async def test_the_watcher_saves_last_used_when_cancelled(key_file: KeyFile) -> 
 
 
 class _Clock:
-    """Stands in for the `time` module in gateway.auth: the time the middleware sees."""
+    """Stands in for the `time` module in gateway.keys.model: the time a key's state is
+    asked at; the module's other uses of `time` (parsing an expiry) are the real one's."""
 
     def __init__(self, now: float) -> None:
         self.now = now
@@ -322,9 +322,12 @@ class _Clock:
     def time(self) -> float:
         return self.now
 
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
 
 async def test_a_key_is_refused_from_its_expiry_on_without_a_reload(
-    aiohttp_client: AiohttpClient, key_file: KeyFile, monkeypatch: pytest.MonkeyPatch
+    gateway_client: GatewayClient, key_file: KeyFile, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     dated_key, dated = key_file.add("analytics-portal")
     update_keys_file(
@@ -332,9 +335,10 @@ async def test_a_key_is_refused_from_its_expiry_on_without_a_reload(
         lambda keys: change_key(keys, dated.id, lambda k: replace(k, expires_at=utc_text(5000))),
     )
     clock = _Clock(4999.0)
-    monkeypatch.setattr("gateway.http.auth.time", clock)
-    app = create_app(Settings(keys_file=key_file.path), sink=MemorySink())
-    client = await aiohttp_client(app)
+    monkeypatch.setattr("gateway.keys.model.time", clock)
+    client = await gateway_client(gateway_settings(keys_file=key_file.path), sink=MemorySink())
+    app = client.app
+    assert app is not None
     for key, status in ((dated_key, 200), (key_file.key, 200)):
         resp = await client.get("/v1/ip", headers={"x-api-key": key})
         assert resp.status == status
@@ -349,7 +353,7 @@ async def test_a_key_is_refused_from_its_expiry_on_without_a_reload(
     assert app[KEYS].used == set()
     resp = await client.get("/v1/ip", headers={"x-api-key": key_file.key})
     assert resp.status == 200
-    samples = Samples(await (await client.get("/metrics")).text())
+    samples = await scrape(client)
     assert samples.value("cafe_auth_failures_total", reason="expired") == 1
 
 

@@ -11,16 +11,14 @@ from typing import Any
 
 import pytest
 
-from gateway.app import create_app
-from gateway.config import Settings
+from devkit.samples import curl_bodies
 from gateway.http import access, listener
 from gateway.http.responses import SECURITY_HEADERS
 from gateway.sink import MemorySink
-from tests.conftest import AiohttpClient
-from tests.keys import KeyFile
-from tests.rawhttp import connection
-from tests.scrape import Samples
-from tests.spec_samples import curl_bodies
+from tests.support.app import GatewayClient, gateway_settings
+from tests.support.keys import KeyFile
+from tests.support.rawhttp import connection
+from tests.support.scrape import Samples
 
 
 def post_log(key: str) -> bytes:
@@ -36,17 +34,17 @@ GET_HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
 GET_METRICS = b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n"
 
 
-async def serve(aiohttp_client: AiohttpClient, key_file: KeyFile, **settings: Any) -> int:
-    app = create_app(Settings(keys_file=key_file.path, **settings), sink=MemorySink())
-    client = await aiohttp_client(app)
+async def serve(gateway_client: GatewayClient, key_file: KeyFile, **settings: Any) -> int:
+    settings_ = gateway_settings(keys_file=key_file.path, **settings)
+    client = await gateway_client(settings_, sink=MemorySink())
     assert client.port is not None
     return client.port
 
 
 async def test_connections_past_the_cap_are_refused_and_closed_the_rest_served(
-    aiohttp_client: AiohttpClient, key_file: KeyFile
+    gateway_client: GatewayClient, key_file: KeyFile
 ) -> None:
-    port = await serve(aiohttp_client, key_file, max_connections=2)
+    port = await serve(gateway_client, key_file, max_connections=2)
     async with connection(port) as first, connection(port) as second:
         for conn in (first, second):
             assert (await conn.ask(post_log(key_file.key))).status == 200
@@ -77,10 +75,10 @@ async def test_connections_past_the_cap_are_refused_and_closed_the_rest_served(
 
 
 async def test_an_idle_connection_past_the_cap_is_closed_within_a_grace_period(
-    aiohttp_client: AiohttpClient, key_file: KeyFile
+    gateway_client: GatewayClient, key_file: KeyFile
 ) -> None:
     # The idle timeout (15 s) would keep it open long past the 5 s wait below.
-    port = await serve(aiohttp_client, key_file, max_connections=1)
+    port = await serve(gateway_client, key_file, max_connections=1)
     async with connection(port) as first, connection(port) as idle:
         assert await idle.closed_by_server()
         await asyncio.sleep(listener.OVER_CAP_GRACE_SECONDS)
@@ -89,9 +87,9 @@ async def test_an_idle_connection_past_the_cap_is_closed_within_a_grace_period(
 
 
 async def test_a_refused_request_line_is_a_problem_with_the_usual_headers_and_counts(
-    aiohttp_client: AiohttpClient, key_file: KeyFile, caplog: pytest.LogCaptureFixture
+    gateway_client: GatewayClient, key_file: KeyFile, caplog: pytest.LogCaptureFixture
 ) -> None:
-    port = await serve(aiohttp_client, key_file)
+    port = await serve(gateway_client, key_file)
     header = f"x-api-key: {key_file.key}\x01\r\n"
     with caplog.at_level(logging.DEBUG, logger="gateway.http.listener"):
         async with connection(port) as conn:
@@ -117,7 +115,7 @@ async def test_a_refused_request_line_is_a_problem_with_the_usual_headers_and_co
 
 
 async def test_an_error_escaping_every_middleware_is_a_500_problem_and_logged(
-    aiohttp_client: AiohttpClient,
+    gateway_client: GatewayClient,
     key_file: KeyFile,
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
@@ -127,7 +125,7 @@ async def test_an_error_escaping_every_middleware_is_a_500_problem_and_logged(
 
     # The access middleware is outermost: what it raises, no middleware answers.
     monkeypatch.setattr(access, "_route", broken)
-    port = await serve(aiohttp_client, key_file)
+    port = await serve(gateway_client, key_file)
     with caplog.at_level(logging.ERROR, logger="gateway.http.listener"):
         async with connection(port) as conn:
             answer = await conn.ask(GET_HEALTHZ)

@@ -9,19 +9,19 @@ from pathlib import Path
 
 import orjson
 import pytest
-from aiohttp.test_utils import TestClient, make_mocked_request
+from aiohttp.test_utils import make_mocked_request
 from prometheus_client import CollectorRegistry, values
 
+from devkit.samples import curl_bodies
 from gateway.app import create_app, create_metrics_app
-from gateway.config import Settings
 from gateway.errors import KafkaUnavailable
+from gateway.http.metrics import HttpMetrics
 from gateway.keys.store import KeyStore
-from gateway.metrics import MULTIPROC_ENV, Metrics
+from gateway.metrics import MULTIPROC_ENV, Metrics, share_values
 from gateway.sink import MemorySink, Message
-from tests.conftest import AiohttpClient
-from tests.keys import KeyFile
-from tests.scrape import Samples
-from tests.spec_samples import curl_bodies
+from tests.support.app import AiohttpClient, GatewayClient, gateway_settings
+from tests.support.keys import KeyFile, json_headers
+from tests.support.scrape import Samples, scrape
 
 
 class SwitchableSink(MemorySink):
@@ -42,24 +42,17 @@ class SwitchableSink(MemorySink):
         return await super().send(record_type, accepted, dead_letters)
 
 
-async def scrape(client: TestClient) -> Samples:  # type: ignore[type-arg]
-    resp = await client.get("/metrics")
-    assert resp.status == 200
-    assert resp.content_type == "text/plain"
-    return Samples(await resp.text())
-
-
 def log_batch(*changes: dict[str, object]) -> bytes:
     base = orjson.loads(curl_bodies()["log"])["records"][0]
     return orjson.dumps({"records": [{**base, **c} for c in changes]})
 
 
 async def test_each_request_outcome_moves_its_counters(
-    aiohttp_client: AiohttpClient, key_file: KeyFile
+    gateway_client: GatewayClient, key_file: KeyFile
 ) -> None:
     sink = SwitchableSink()
-    client = await aiohttp_client(create_app(Settings(keys_file=key_file.path), sink=sink))
-    headers = {"x-api-key": key_file.key, "Content-Type": "application/json"}
+    client = await gateway_client(gateway_settings(keys_file=key_file.path), sink=sink)
+    headers = json_headers(key_file.key)
     before = await scrape(client)
     assert before.value("cafe_records_total") == 0
     assert before.value("cafe_api_keys_loaded") == 1
@@ -119,9 +112,9 @@ async def test_each_request_outcome_moves_its_counters(
 
 
 async def test_unknown_paths_and_methods_share_bounded_labels(
-    aiohttp_client: AiohttpClient, key_file: KeyFile
+    gateway_client: GatewayClient, key_file: KeyFile
 ) -> None:
-    client = await aiohttp_client(create_app(Settings(keys_file=key_file.path), sink=MemorySink()))
+    client = await gateway_client(gateway_settings(keys_file=key_file.path), sink=MemorySink())
     for path in ("/a", "/b", "/c/d"):
         assert (await client.get(path)).status == 404
     assert (await client.request("PROPFIND", "/healthz")).status == 405
@@ -137,7 +130,8 @@ async def test_unknown_paths_and_methods_share_bounded_labels(
 async def test_metrics_can_move_to_their_own_port(
     aiohttp_client: AiohttpClient, key_file: KeyFile
 ) -> None:
-    app = create_app(Settings(keys_file=key_file.path, metrics_port=9100), sink=MemorySink())
+    settings = gateway_settings(keys_file=key_file.path, metrics_port=9100)
+    app = create_app(settings, sink=MemorySink())
     client = await aiohttp_client(app)
     assert (await client.get("/metrics")).status == 404
     assert (await client.get("/healthz")).status == 200
@@ -165,24 +159,26 @@ def test_key_reloads_are_counted_by_result(key_file: KeyFile) -> None:
 
 def test_two_apps_in_one_process_count_apart(key_file: KeyFile) -> None:
     first, second = CollectorRegistry(), CollectorRegistry()
-    settings = Settings(keys_file=key_file.path)
+    settings = gateway_settings(keys_file=key_file.path)
     create_app(settings, sink=MemorySink(), registry=first)
     create_app(settings, sink=MemorySink(), registry=second)
-    assert first.get_sample_value("cafe_kafka_ready") == 0
-    assert second.get_sample_value("cafe_kafka_ready") == 0
+    for registry in (first, second):
+        assert registry.get_sample_value("cafe_http_requests_in_flight") == 0
+        assert registry.get_sample_value("cafe_api_keys_loaded") == 0
 
 
 async def test_metrics_given_a_shared_dir_keep_their_values_there_whenever_imported(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     # prometheus_client was imported long ago by this process, with no directory set:
-    # the one given to Metrics decides where values live all the same. (What it sets is
-    # process-wide: monkeypatch takes both back after the test, so that neither the
-    # other tests nor the gateways they start inherit it.)
+    # the one given to share_values decides where values live all the same. (What it
+    # sets is process-wide: monkeypatch takes both back after the test, so that neither
+    # the other tests nor the gateways they start inherit it.)
     monkeypatch.setattr(values, "ValueClass", values.ValueClass)
     monkeypatch.setenv(MULTIPROC_ENV, "")
+    share_values(tmp_path)
     metrics = Metrics(CollectorRegistry(), "test", tmp_path)
-    metrics.records.labels("log", "accepted").inc(3)
+    HttpMetrics(metrics.registry).records.labels("log", "accepted").inc(3)
     assert any(name.startswith("counter_") for name in os.listdir(tmp_path)), "no value file"
     # A scrape adds up the files of every worker: here, this process's.
     response = await metrics.handle(make_mocked_request("GET", "/metrics"))
@@ -192,11 +188,11 @@ async def test_metrics_given_a_shared_dir_keep_their_values_there_whenever_impor
 
 
 async def test_refused_keys_are_counted_by_reason_never_by_key(
-    aiohttp_client: AiohttpClient, key_file: KeyFile
+    gateway_client: GatewayClient, key_file: KeyFile
 ) -> None:
     disabled_key, disabled = key_file.add("analytics-portal")
     key_file.disable(disabled.id)
-    client = await aiohttp_client(create_app(Settings(keys_file=key_file.path), sink=MemorySink()))
+    client = await gateway_client(gateway_settings(keys_file=key_file.path), sink=MemorySink())
     json_type = {"Content-Type": "application/json"}
     for key in (None, "cafe_not-a-key", disabled_key):
         headers = json_type if key is None else {**json_type, "x-api-key": key}

@@ -7,17 +7,15 @@ import pytest
 from aiohttp.test_utils import TestClient
 from openapi_spec_validator import validate
 
-from gateway.app import create_app
-from gateway.config import Settings
 from gateway.schemas import schema_dir
 from gateway.sink import MemorySink
-from tests.conftest import AiohttpClient
-from tests.keys import KeyFile
+from tests.support.app import GatewayClient, gateway_settings
+from tests.support.keys import KeyFile
 
 
 @pytest.fixture
-async def client(aiohttp_client: AiohttpClient, key_file: KeyFile) -> TestClient:  # type: ignore[type-arg]
-    return await aiohttp_client(create_app(Settings(keys_file=key_file.path), sink=MemorySink()))
+async def client(gateway_client: GatewayClient, key_file: KeyFile) -> TestClient:  # type: ignore[type-arg]
+    return await gateway_client(gateway_settings(keys_file=key_file.path), sink=MemorySink())
 
 
 @pytest.mark.parametrize("name", ["activity", "log", "profile"])

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable
 from importlib.metadata import version
 from typing import Any
 
@@ -21,6 +20,8 @@ from aiohttp.test_utils import RawTestServer, TestServer
 from aiokafka import AIOKafkaProducer
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from prometheus_client import Counter, values
+
+from tests.support.wait import holds_within
 
 LISTENER = "gateway/http/listener.py"
 KAFKA = "gateway/kafka/sink.py"
@@ -40,15 +41,6 @@ def is_coroutine_taking(function: Any, *names: str) -> bool:
     if not inspect.iscoroutinefunction(function):
         return False
     return list(inspect.signature(function).parameters)[: len(names)] == list(names)
-
-
-async def eventually(condition: Callable[[], bool]) -> bool:
-    """Whether `condition` holds within a second of letting the event loop run."""
-    for _ in range(100):
-        if condition():
-            return True
-        await asyncio.sleep(0.01)
-    return False
 
 
 async def answer(request: web.BaseRequest) -> web.StreamResponse:
@@ -108,9 +100,11 @@ async def test_a_connection_awaits_its_next_request_on_waiter() -> None:
 
         _, writer = await asyncio.open_connection("127.0.0.1", server.port)
         try:
-            assert await eventually(lambda: len(web_server.connections) == 1)
+            assert await holds_within(lambda: len(web_server.connections) == 1, 1, every=0.01)
             # Idle: a future, pending until a request arrives.
-            assert await eventually(lambda: isinstance(waiter(), asyncio.Future)), why
+            assert await holds_within(
+                lambda: isinstance(waiter(), asyncio.Future), 1, every=0.01
+            ), why
             assert not waiter().done(), why
             writer.write(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
             await answering.wait()

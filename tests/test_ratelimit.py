@@ -16,17 +16,15 @@ from pathlib import Path
 import orjson
 import pytest
 
-from gateway.app import create_app
+from devkit.samples import curl_bodies
 from gateway.cli import main
-from gateway.config import Settings
 from gateway.errors import RateLimited
 from gateway.keys.file import read_keys_file, write_keys_file
 from gateway.keys.model import ApiKey, KeysFileError, mint_key, rotate_key
 from gateway.limits.local import BucketTable, RateLimiter, TokenBucket
 from gateway.sink import MemorySink
-from tests.conftest import AiohttpClient
-from tests.keys import KeyFile
-from tests.spec_samples import curl_bodies
+from tests.support.app import GatewayClient, gateway_settings
+from tests.support.keys import KeyFile, json_headers
 
 
 def test_a_bucket_refills_at_its_rate_up_to_its_burst() -> None:
@@ -191,11 +189,11 @@ def limited_key_file(tmp_path: Path) -> KeyFile:
 
 
 async def test_over_the_request_rate_is_429_with_retry_after_and_unread(
-    aiohttp_client: AiohttpClient, limited_key_file: KeyFile
+    gateway_client: GatewayClient, limited_key_file: KeyFile
 ) -> None:
     sink = MemorySink()
-    client = await aiohttp_client(create_app(Settings(keys_file=limited_key_file.path), sink=sink))
-    headers = {"x-api-key": limited_key_file.key, "Content-Type": "application/json"}
+    client = await gateway_client(gateway_settings(keys_file=limited_key_file.path), sink=sink)
+    headers = json_headers(limited_key_file.key)
     statuses = []
     for _ in range(3):
         resp = await client.post("/v1/log", data=curl_bodies()["log"], headers=headers)
@@ -209,13 +207,13 @@ async def test_over_the_request_rate_is_429_with_retry_after_and_unread(
 
 
 async def test_over_the_record_rate_is_429_and_nothing_is_produced(
-    aiohttp_client: AiohttpClient, limited_key_file: KeyFile
+    gateway_client: GatewayClient, limited_key_file: KeyFile
 ) -> None:
     sink = MemorySink()
-    client = await aiohttp_client(create_app(Settings(keys_file=limited_key_file.path), sink=sink))
+    client = await gateway_client(gateway_settings(keys_file=limited_key_file.path), sink=sink)
     record = orjson.loads(curl_bodies()["log"])["records"][0]
     batch = orjson.dumps({"records": [record] * 500})
-    headers = {"x-api-key": limited_key_file.key, "Content-Type": "application/json"}
+    headers = json_headers(limited_key_file.key)
     first = await client.post("/v1/log", data=batch, headers=headers)
     assert first.status == 200
     second = await client.post("/v1/log", data=batch, headers=headers)

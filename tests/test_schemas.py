@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import re
 import sys
 from collections.abc import Callable
@@ -12,6 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
+from devkit.samples import sample_requests
 from gateway.cli import main
 from gateway.config import ConfigError, TopicSettings
 from gateway.errors import InvalidEnvelope
@@ -24,21 +24,17 @@ from gateway.schemas import (
     records_of,
     schema_dir,
 )
-from tests.conftest import VALIDATOR
-from tests.keys import make_key_file
-from tests.spec_samples import curl_bodies, sample_requests
+from tests.support.app import VALIDATOR
+from tests.support.corpora import BAD_FIELDS, DATE_TIMES, NOT_OBJECTS, OPTIONAL, REQUIRED
+from tests.support.keys import make_key_file
+from tests.support.records import sample, set_at
 
 TYPES = load_record_types(TopicSettings().by_record_type(), VALIDATOR)
 
 
-def curl_record(name: str) -> dict[str, Any]:
-    record: dict[str, Any] = orjson.loads(curl_bodies()[name])["records"][0]
-    return record
-
-
 @pytest.mark.parametrize("name", ["activity", "log", "profile"])
 def test_the_spec_curl_samples_are_valid(name: str) -> None:
-    assert TYPES[name].check(curl_record(name)) is None
+    assert TYPES[name].check(sample(name)) is None
 
 
 @pytest.mark.parametrize("name", ["activity", "log"])
@@ -56,101 +52,37 @@ def test_the_profile_sample_request_with_spaces_in_its_time_is_rejected() -> Non
     }
 
 
-REQUIRED = {
-    "activity": [
-        "messageFormatVersion", "messageType", "eventTime", "productEnvironment",
-        "productPlatform", "sessionId", "eventId", "eventCategory", "eventAction",
-    ],
-    "log": [
-        "messageFormatVersion", "messageType", "logTime", "productEnvironment",
-        "productPlatform", "sessionId", "logLevel", "logMessage",
-    ],
-    "profile": [
-        "messageFormatVersion", "messageType", "productEnvironment", "productPlatform",
-        "sessionId", "eventTime", "platform",
-    ],
-}  # fmt: skip
-
-
 @pytest.mark.parametrize(
     ("name", "field"), [(name, field) for name, fields in REQUIRED.items() for field in fields]
 )
 def test_each_required_field_is_required(name: str, field: str) -> None:
-    record = curl_record(name)
+    record = sample(name)
     del record[field]
     error = TYPES[name].check(record)
     assert error is not None
     assert field in error["message"]
 
 
-OPTIONAL = [
-    ("activity", "userSSOGUID"), ("activity", "eventUri"), ("activity", "tags"),
-    ("log", "eventUri"), ("profile", "location"),
-]  # fmt: skip
-
-
 @pytest.mark.parametrize(("name", "field"), OPTIONAL)
 def test_optional_fields_may_be_left_out(name: str, field: str) -> None:
-    record = curl_record(name)
+    record = sample(name)
     del record[field]
     assert TYPES[name].check(record) is None
-
-
-def _set(record: dict[str, Any], pointer: str, value: Any) -> dict[str, Any]:
-    record = copy.deepcopy(record)
-    *parents, last = pointer.strip("/").split("/")
-    target: Any = record
-    for part in parents:
-        target = target[int(part)] if isinstance(target, list) else target[part]
-    target[int(last) if isinstance(target, list) else last] = value
-    return record
-
-
-# (record type, where to put a bad value, the value, where the error must point)
-BAD_FIELDS = [
-    ("activity", "/messageType", "ClientEventingLog", "/messageType"),
-    ("activity", "/messageFormatVersion", 2, "/messageFormatVersion"),
-    ("activity", "/messageFormatVersion", True, "/messageFormatVersion"),
-    ("activity", "/messageFormatVersion", "1", "/messageFormatVersion"),
-    ("activity", "/extra", "field", ""),
-    ("activity", "/eventTime", "2019-01-21 13:09:07", "/eventTime"),
-    ("activity", "/eventTime", "2019-02-30T13:09:07Z", "/eventTime"),
-    ("activity", "/eventTime", "2019-01-21T13:09:07+0530", "/eventTime"),
-    ("activity", "/sessionId", "", "/sessionId"),
-    ("activity", "/sessionId", "s" * 129, "/sessionId"),
-    ("activity", "/eventId", 42, "/eventId"),
-    ("activity", "/productPlatform", "has space", "/productPlatform"),
-    ("activity", "/eventUri", "not a uri", "/eventUri"),
-    ("activity", "/tags/0/extra", 1, "/tags/0"),
-    ("activity", "/tags/0/value", "v" * 1025, "/tags/0/value"),
-    ("activity", "/tags", [{"key": "k", "value": "v"}] * 51, "/tags"),
-    ("log", "/logLevel", "LOUD", "/logLevel"),
-    ("log", "/logMessage", "m" * 32769, "/logMessage"),
-    ("log", "/logTime", "yesterday", "/logTime"),
-    ("profile", "/platform", {}, "/platform"),
-    ("profile", "/platform/screenResolution/width", 0, "/platform/screenResolution/width"),
-    ("profile", "/platform/language", "en_US", "/platform/language"),
-    ("profile", "/location/ipAddress", "300.1.1.1", "/location/ipAddress"),
-    ("profile", "/location/timeZone", "../etc", "/location/timeZone"),
-]
 
 
 @pytest.mark.parametrize(("name", "pointer", "value", "error_pointer"), BAD_FIELDS)
 def test_a_bad_field_is_rejected_with_a_pointer_to_it(
     name: str, pointer: str, value: Any, error_pointer: str
 ) -> None:
-    error = TYPES[name].check(_set(curl_record(name), pointer, value))
+    error = TYPES[name].check(set_at(sample(name), pointer, value))
     assert error is not None
     assert error["pointer"] == error_pointer
     assert error["message"].startswith("record")
 
 
 def test_an_ipv6_profile_address_is_valid() -> None:
-    record = _set(curl_record("profile"), "/location/ipAddress", "2001:db8::7")
+    record = set_at(sample("profile"), "/location/ipAddress", "2001:db8::7")
     assert TYPES["profile"].check(record) is None
-
-
-NOT_OBJECTS: list[Any] = [None, 1, "text", [], [{}]]
 
 
 @pytest.mark.parametrize("record", NOT_OBJECTS)
@@ -159,26 +91,6 @@ def test_a_record_that_is_not_an_object_is_rejected(record: Any) -> None:
         "pointer": "",
         "message": "record must be object",
     }
-
-
-DATE_TIMES = [
-    ("2019-01-21T13:09:07.049+05:30", True),
-    ("2019-01-21T13:09:07Z", True),
-    ("2019-01-21t13:09:07z", True),
-    ("2016-12-31T23:59:60Z", True),
-    ("2019-01-21T13:09:07.123456789-08:00", True),
-    ("2019-01-21T11: 54: 37.805-08: 00", False),
-    ("2019-01-21T13:09:07", False),
-    ("2019-01-21T13:09Z", False),
-    ("2019-13-01T00:00:00Z", False),
-    ("2019-02-29T00:00:00Z", False),
-    ("2019-01-21T24:00:00Z", False),
-    ("2019-01-21T13:09:07+24:00", False),
-    ("2019-01-21T13:09:07+05:60", False),  # an offset's minutes are 00 to 59
-    ("2019-01-21T13:09:07-00:99", False),
-    ("2019-01-21T13:09:07.Z", False),
-    ("\uff12\uff10\uff11\uff19-01-21T13:09:07Z", False),  # full-width digits
-]
 
 
 @pytest.mark.parametrize(("value", "valid"), DATE_TIMES)

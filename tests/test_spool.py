@@ -16,18 +16,17 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from gateway.app import create_app
-from gateway.config import Settings, SpoolSettings
+from devkit.samples import curl_bodies
+from gateway.config import SpoolSettings
 from gateway.errors import KafkaUnavailable, RecordTooLarge, SpoolFull, SpoolUnavailable
-from gateway.http.ingest import SPOOLED_HEADER
+from gateway.http.responses import SPOOLED_HEADER
 from gateway.metrics import Metrics
 from gateway.sink import MemorySink, Message
 from gateway.spool.file import decode
 from gateway.spool.sink import SpoolingSink
-from tests.conftest import AiohttpClient
-from tests.keys import KeyFile
-from tests.scrape import Samples
-from tests.spec_samples import curl_bodies
+from tests.support.app import GatewayClient, gateway_settings
+from tests.support.keys import KeyFile, json_headers
+from tests.support.scrape import Samples
 
 SETTINGS = SpoolSettings(after_ms=50)
 TOPIC = "cafe.activity"
@@ -310,12 +309,12 @@ async def test_each_worker_takes_a_spool_file_of_its_own(tmp_path: Path) -> None
 
 
 async def test_a_spooled_answer_says_so_in_a_header_and_keeps_its_body(
-    aiohttp_client: AiohttpClient, key_file: KeyFile, tmp_path: Path
+    gateway_client: GatewayClient, key_file: KeyFile, tmp_path: Path
 ) -> None:
     inner = StallingSink()
-    settings = Settings(keys_file=key_file.path, spool=SpoolSettings(dir=tmp_path))
-    client = await aiohttp_client(create_app(settings, sink=inner))
-    headers = {"x-api-key": key_file.key, "Content-Type": "application/json"}
+    settings = gateway_settings(keys_file=key_file.path, spool=SpoolSettings(dir=tmp_path))
+    client = await gateway_client(settings, sink=inner)
+    headers = json_headers(key_file.key)
     body = curl_bodies()["activity"]
 
     resp = await client.post("/v1/activity", data=body, headers=headers)

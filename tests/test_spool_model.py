@@ -1,10 +1,11 @@
 """A model-based test of the spool (gateway/spool/) over the Kafka sink (gateway/kafka/).
 
 Hypothesis drives a real `SpoolingSink(KafkaSink(...))` whose aiokafka producer is a
-fake (tests/fake_kafka.py), on an event loop with a virtual clock (tests/virtual_time.py),
-with steps of these kinds: send a request (a task of its own, not awaited), set a topic
-up, slow, down or refusing, make the spool's disk full, failing, slow or well again, ask
-for readiness, let time pass, and kill the process and start another on the same spool.
+fake (tests/support/fake_kafka.py), on an event loop with a virtual clock
+(tests/support/virtual_time.py), with steps of these kinds: send a request (a task of its
+own, not awaited), set a topic up, slow, down or refusing, make the spool's disk full,
+failing, slow or well again, ask for readiness, let time pass, and kill the process and
+start another on the same spool.
 
 After every step the records are checked against what the requests were answered
 (`SpoolModel`'s invariants, each saying what it checks); at the end every topic comes
@@ -17,8 +18,8 @@ More, and other random choices each run:
     CAFE_MODEL_EXAMPLES=5000 CAFE_MODEL_STEPS=50 CAFE_MODEL_RANDOM=1 \
         .venv/bin/pytest tests/test_spool_model.py
 
-Time is virtual (tests/virtual_time.py): a step "wait 3 s" takes milliseconds. To see
-what one failing example does, call the steps Hypothesis printed on a `SpoolModel()`
+Time is virtual (tests/support/virtual_time.py): a step "wait 3 s" takes milliseconds. To
+see what one failing example does, call the steps Hypothesis printed on a `SpoolModel()`
 (with SpoolFile._call patched as the test does) and read `state.kafka.log`.
 """
 
@@ -60,8 +61,8 @@ from gateway.metrics import Metrics
 from gateway.sink import Message
 from gateway.spool.file import SpoolFile, decode
 from gateway.spool.sink import SpoolingSink
-from tests.fake_kafka import Copy, FakeKafka, Mode
-from tests.virtual_time import Deadlock, VirtualTimeLoop
+from tests.support.fake_kafka import Copy, FakeKafka, Mode
+from tests.support.virtual_time import Deadlock, VirtualTimeLoop
 
 # -- configuration -------------------------------------------------------------------
 

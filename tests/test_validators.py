@@ -4,9 +4,10 @@ or refused by both for the same violation (pointer) in the same words (message).
 CAFE_VALIDATOR picks fastjsonschema, the design's, or jsonschema-rs. gateway/schemas.py
 gives both the same format rules, picks of jsonschema-rs's errors the one fastjsonschema
 stops at, and words it as fastjsonschema does. The corpora: the spec's samples, the tables
-of tests/test_schemas.py and tests/test_hostile.py, records breaking several rules at
-once, format values the two libraries' own checks judge differently, nesting at
-jsonschema-rs's limit, and the hypothesis strategies of tests/test_ingest_properties.py.
+tests/test_schemas.py and tests/test_hostile.py send (tests/support/corpora.py), records
+breaking several rules at once, format values the two libraries' own checks judge
+differently, nesting at jsonschema-rs's limit, and the hypothesis strategies
+tests/test_ingest_properties.py sends (tests/support/strategies.py).
 Every record is also tried with the keys of each object reversed: jsonschema-rs reports
 properties in the record's order, fastjsonschema in the schema's. Last, each pattern that
 jsonschema-rs's first pass uses in place of a format is held to accepting only what the
@@ -26,6 +27,7 @@ from fastjsonschema.draft07 import CodeGeneratorDraft07
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from devkit.samples import sample_requests
 from gateway.errors import InvalidEnvelope
 from gateway.schemas import (
     _KEYWORD_ORDER,
@@ -34,12 +36,10 @@ from gateway.schemas import (
     load_record_types,
     records_of,
 )
-from tests import test_hostile as hostile
-from tests import test_schemas as tables
-from tests.spec_samples import sample_requests
-from tests.test_ingest_properties import JSON, VALID_BATCHES, _changed_records
+from tests.support import corpora
+from tests.support.records import NAMES, envelope, nested, properties, sample, schema, set_at
+from tests.support.strategies import JSON, VALID_BATCHES, changed_records
 
-NAMES = hostile.NAMES
 FAST = load_record_types(NAMES, "fastjsonschema")
 RUST = load_record_types(NAMES, "jsonschema-rs")
 TIME_FIELD = {"activity": "/eventTime", "log": "/logTime", "profile": "/eventTime"}
@@ -64,7 +64,7 @@ def disagreement(name: str, record: Any) -> str | None:
 
 def parsed(name: str, record: Any) -> Case:
     """The record as ingest gets it: sent as JSON, parsed by orjson."""
-    return Case(name, orjson.loads(hostile.envelope(record))["records"][0])
+    return Case(name, orjson.loads(envelope(record))["records"][0])
 
 
 def records_in(body: bytes) -> list[Any]:
@@ -91,25 +91,25 @@ def keys_reversed(value: Any, depth: int = 0) -> Any:
 
 def spec_samples() -> Iterator[Case]:
     for name in NAMES:
-        yield parsed(name, hostile.sample(name))
+        yield parsed(name, sample(name))
         for record in sample_requests()[name]["records"]:
             yield parsed(name, record)
 
 
 def schema_tables() -> Iterator[Case]:
     """The cases of tests/test_schemas.py."""
-    for name, fields in tables.REQUIRED.items():
+    for name, fields in corpora.REQUIRED.items():
         for field in fields:
-            yield parsed(name, _without(tables.curl_record(name), field))
-    for name, field in tables.OPTIONAL:
-        yield parsed(name, _without(tables.curl_record(name), field))
-    for name, pointer, value, _ in tables.BAD_FIELDS:
-        yield parsed(name, tables._set(tables.curl_record(name), pointer, value))
-    for name, record in itertools.product(NAMES, tables.NOT_OBJECTS):
+            yield parsed(name, _without(sample(name), field))
+    for name, field in corpora.OPTIONAL:
+        yield parsed(name, _without(sample(name), field))
+    for name, pointer, value, _ in corpora.BAD_FIELDS:
+        yield parsed(name, set_at(sample(name), pointer, value))
+    for name, record in itertools.product(NAMES, corpora.NOT_OBJECTS):
         yield parsed(name, record)
-    for name, (value, _) in itertools.product(NAMES, tables.DATE_TIMES):
-        yield parsed(name, tables._set(hostile.sample(name), TIME_FIELD[name], value))
-    address = tables._set(hostile.sample("profile"), "/location/ipAddress", "2001:db8::7")
+    for name, (value, _) in itertools.product(NAMES, corpora.DATE_TIMES):
+        yield parsed(name, set_at(sample(name), TIME_FIELD[name], value))
+    address = set_at(sample("profile"), "/location/ipAddress", "2001:db8::7")
     yield parsed("profile", address)
 
 
@@ -120,22 +120,22 @@ def _without(record: dict[str, Any], field: str) -> dict[str, Any]:
 def hostile_tables() -> Iterator[Case]:
     """The records of tests/test_hostile.py: its refused batches, strings at and past each
     maxLength, a value of each wrong type in each field, and the records of its bodies."""
-    for batch in hostile.REJECTED:
+    for batch in corpora.REJECTED:
         for record in batch.records:
             yield parsed(batch.name, record)
-    for name, pointer, max_length, over in hostile.BOUNDS:
-        sub = dict(hostile._properties(hostile._schema(name)))[pointer]
-        value = hostile._string_of(max_length + over, pointer, sub)
-        yield parsed(name, hostile._set(hostile.sample(name), pointer, value))
-    for name, pointer, types in hostile.WRONG_TYPES:
+    for name, pointer, max_length, over in corpora.BOUNDS:
+        sub = dict(properties(schema(name)))[pointer]
+        value = corpora.string_of(max_length + over, pointer, sub)
+        yield parsed(name, set_at(sample(name), pointer, value))
+    for name, pointer, types in corpora.WRONG_TYPES:
         for json_type in types:
-            value = hostile.JSON_TYPES[json_type]
-            yield parsed(name, hostile._set(hostile.sample(name), pointer, value))
-    for name, bad in hostile.BAD_CASES:
+            value = corpora.JSON_TYPES[json_type]
+            yield parsed(name, set_at(sample(name), pointer, value))
+    for name, bad in corpora.BAD_CASES:
         for record in records_in(bad.body):
             yield Case(name, record)
     for name, field in itertools.product(NAMES, ("productPlatform", "sessionId")):
-        for record in records_in(hostile._with_duplicate(hostile.sample(name), field, "x y")):
+        for record in records_in(corpora.with_duplicate(sample(name), field, "x y")):
             yield Case(name, record)
 
 
@@ -143,7 +143,7 @@ def several_violations() -> Iterator[Case]:
     """Records that break two rules or more, where the order each library walks a schema
     in decides which violation is reported."""
     for name in NAMES:
-        record = hostile.sample(name)
+        record = sample(name)
         for first, second in itertools.combinations(record, 2):
             yield parsed(name, {**record, first: None, second: None})
             yield parsed(name, {**_without(record, first), second: [], "extra": 1})
@@ -151,13 +151,13 @@ def several_violations() -> Iterator[Case]:
         yield parsed(name, {"extra": 1, **{key: 1.5 for key in record}})
         yield parsed(name, {**record, "messageFormatVersion": "1", "x": None})
     tags = [{"key": ""}, {"value": 1}, {"key": "k", "value": "v", "x": 1}, {}]
-    yield parsed("activity", {**hostile.sample("activity"), "tags": tags})
+    yield parsed("activity", {**sample("activity"), "tags": tags})
     for count in range(1, 4):
-        yield parsed("activity", {**hostile.sample("activity"), "tags": tags[-count:]})
+        yield parsed("activity", {**sample("activity"), "tags": tags[-count:]})
     platform = {"language": "x_y", "screenResolution": {"width": 0}, "osName": "", "z": 1}
-    yield parsed("profile", {**hostile.sample("profile"), "platform": platform})
+    yield parsed("profile", {**sample("profile"), "platform": platform})
     location = {"ipAddress": "x" * 46, "timeZone": "/", "y": 2}
-    yield parsed("profile", {**hostile.sample("profile"), "location": location})
+    yield parsed("profile", {**sample("profile"), "location": location})
 
 
 # Where the libraries' own format checks differ (jsonschema-rs's uri is stricter, for one):
@@ -178,9 +178,9 @@ FORMAT_VALUES = {
 
 def format_values() -> Iterator[Case]:
     for name, (pointer, values) in itertools.product(NAMES, FORMAT_VALUES.items()):
-        if pointer in dict(hostile._properties(hostile._schema(name))):
+        if pointer in dict(properties(schema(name))):
             for value in values:
-                yield parsed(name, hostile._set(hostile.sample(name), pointer, value))
+                yield parsed(name, set_at(sample(name), pointer, value))
 
 
 def nesting() -> Iterator[Case]:
@@ -188,8 +188,8 @@ def nesting() -> Iterator[Case]:
     for name, depth, brackets in itertools.product(
         NAMES, (100, 253, 254, 255, 256, 300, 1000), ((b"[", b"]"), (b'{"a":', b"}"))
     ):
-        value = hostile.nested(depth, *brackets, leaf=b'"leaf"')
-        good = orjson.dumps(hostile.sample(name))[:-1]
+        value = nested(depth, *brackets, leaf=b'"leaf"')
+        good = orjson.dumps(sample(name))[:-1]
         for record in (
             value,
             good + b',"sessionId":' + value + b"}",
@@ -236,7 +236,7 @@ def test_both_validators_answer_generated_records_alike(data: st.DataObject) -> 
     """tests/test_ingest_properties.py's records: the spec's samples with fields replaced by
     any JSON or removed, and any JSON at all."""
     name = data.draw(st.sampled_from(NAMES))
-    record = data.draw(_changed_records(name) | JSON)
+    record = data.draw(changed_records(name) | JSON)
     try:
         case = parsed(name, record)
     except orjson.JSONDecodeError:

@@ -11,11 +11,12 @@ from aiohttp.typedefs import Handler, Middleware
 
 from gateway.config import Settings
 from gateway.http.clientip import client_ip
+from gateway.http.context import RequestContext
 from gateway.http.listener import over_capacity
+from gateway.http.metrics import HttpMetrics
 from gateway.http.requestid import RequestIds
 from gateway.http.responses import SECURITY_HEADERS
-from gateway.http.state import API_KEY, DRAINING, PROBLEM_CODE, RECORD_COUNTS, REQUEST_ID
-from gateway.metrics import Metrics
+from gateway.http.state import CONTEXT, DRAINING
 
 access_log = logging.getLogger("gateway.access")
 
@@ -23,7 +24,9 @@ access_log = logging.getLogger("gateway.access")
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
-def access_middleware(settings: Settings, metrics: Metrics, request_ids: RequestIds) -> Middleware:
+def access_middleware(
+    settings: Settings, metrics: HttpMetrics, request_ids: RequestIds
+) -> Middleware:
     """A middleware that names, times, counts and logs every request."""
     log_requests = settings.access_log
     # The labelled series of each (route, method, status) seen, looked up once: asking
@@ -33,15 +36,15 @@ def access_middleware(settings: Settings, metrics: Metrics, request_ids: Request
     @web.middleware
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
-        request_id = request_ids.adopt(request.headers.get("X-Request-Id"))
-        request[REQUEST_ID] = request_id
+        context = RequestContext(request_ids.adopt(request.headers.get("X-Request-Id")))
+        request[CONTEXT] = context
         metrics.in_flight.inc()
         try:
             response = await handler(request)
         finally:
             metrics.in_flight.dec()
         seconds = time.perf_counter() - started
-        response.headers["X-Request-Id"] = request_id
+        response.headers["X-Request-Id"] = context.id
         response.headers.update(SECURITY_HEADERS)
         if request.app[DRAINING].is_set() or over_capacity(request):
             # Shutting down, or a connection past the cap: the client's next request
@@ -63,7 +66,7 @@ def access_middleware(settings: Settings, metrics: Metrics, request_ids: Request
         if request.content_length is not None:
             body_bytes.observe(request.content_length)
         if log_requests and access_log.isEnabledFor(logging.INFO):
-            _log(request, response, route, request_id, seconds, settings)
+            _log(request, response, route, context, seconds, settings)
         return response
 
     return observe
@@ -86,13 +89,13 @@ def _log(
     request: web.Request,
     response: web.StreamResponse,
     route: str,
-    request_id: str,
+    context: RequestContext,
     seconds: float,
     settings: Settings,
 ) -> None:
-    key = request.get(API_KEY)
+    key = context.key
     fields: dict[str, object] = {
-        "request_id": request_id,
+        "request_id": context.id,
         "method": request.method,
         "route": route,
         "status": response.status,
@@ -105,8 +108,8 @@ def _log(
     }
     if route == "unmatched":
         fields["path"] = request.path[:256]
-    if PROBLEM_CODE in request:
-        fields["code"] = request[PROBLEM_CODE]
-    if RECORD_COUNTS in request:
-        fields["accepted"], fields["rejected"] = request[RECORD_COUNTS]
+    if context.problem_code is not None:
+        fields["code"] = context.problem_code
+    if context.record_counts is not None:
+        fields["accepted"], fields["rejected"] = context.record_counts
     access_log.info("%s %s %d", request.method, route, response.status, extra={"fields": fields})

@@ -2,26 +2,24 @@
 
 A POST with a plain body reserves its declared size before a byte of it is read; a
 compressed or chunked body, whose size is known only once decoded, reserves as it is
-decoded (the body reader calls `Reservation.take` with every piece it reads). Either
-way the bytes are given back when the request is answered. A request that would pass
-the cap is answered 503 `overloaded` with Retry-After at once, so under a flood the
-gateway keeps a bounded amount of work and memory in hand, serves what it can at full
-speed, and is back to normal the moment the load drops. A request alone in progress is
-never shed, so a body up to the body limit is served even when that is more than the
-cap. A POST on a connection opened past the connection cap (gateway/http/listener.py) is
-shed the same way.
+decoded: the handler reads the body through its `Reservation` (`RequestContext.body`),
+which counts every piece it reads. Either way the bytes are given back when the request
+is answered. A request that would pass the cap is answered 503 `overloaded` with
+Retry-After at once, so under a flood the gateway keeps a bounded amount of work and
+memory in hand, serves what it can at full speed, and is back to normal the moment the
+load drops. A request alone in progress is never shed, so a body up to the body limit
+is served even when that is more than the cap. A POST on a connection opened past the
+connection cap (gateway/http/listener.py) is shed the same way.
 """
 
 from __future__ import annotations
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 from aiohttp.typedefs import Handler, Middleware
 
 from gateway.errors import Overloaded, PayloadTooLarge, TooManyConnections
 from gateway.http.listener import over_capacity
-
-# The body bytes admission holds for the request, which `read_body` draws on.
-_RESERVATION: web.RequestKey[Reservation] = web.RequestKey("body_reservation")
+from gateway.http.state import CONTEXT
 
 
 class Admission:
@@ -53,6 +51,20 @@ class Reservation:
         if self.used > self.held:
             self._grow(self.used - self.held)
 
+    async def read(self, stream: StreamReader, limit: int) -> bytearray:
+        """The body, decoded (Content-Encoding) and counted against the cap as it arrives.
+
+        aiohttp decodes a compressed body a piece at a time as it is read, so a body is
+        cut at `limit` and shed past the in-flight cap without ever being decoded whole.
+        """
+        body = bytearray()
+        while chunk := await stream.readany():
+            if len(body) + len(chunk) > limit:
+                raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes")
+            self.take(len(chunk))
+            body += chunk
+        return body
+
     def _grow(self, more: int) -> None:
         admission = self._admission
         others = admission.in_flight_bytes - self.held
@@ -81,27 +93,10 @@ def admission_middleware(admission: Admission) -> Middleware:
         reservation = Reservation(admission)
         if declared is not None and not request.headers.get("Content-Encoding"):
             reservation.reserve(declared)
-        request[_RESERVATION] = reservation
+        request[CONTEXT].body = reservation
         try:
             return await handler(request)
         finally:
             admission.in_flight_bytes -= reservation.held
 
     return admit
-
-
-async def read_body(request: web.Request, limit: int) -> bytearray:
-    """The body, decoded (Content-Encoding) and counted against admission as it arrives.
-
-    aiohttp decodes a compressed body a piece at a time as it is read, so a body is cut
-    at `limit` and shed past the in-flight cap without ever being decoded whole.
-    """
-    reservation = request[_RESERVATION]
-    body = bytearray()
-    stream = request.content
-    while chunk := await stream.readany():
-        if len(body) + len(chunk) > limit:
-            raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes")
-        reservation.take(len(chunk))
-        body += chunk
-    return body

@@ -12,14 +12,15 @@ from __future__ import annotations
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from gateway.http.state import API_KEY
+from gateway.http.responses import SPOOLED_HEADER
+from gateway.http.state import CONTEXT
 from gateway.keys.store import KeyStore
 
 # Browsers may cache a preflight answer this long (seconds), sparing one per request.
 PREFLIGHT_MAX_AGE_S = 600
 _ALLOW_HEADERS = "content-type, content-encoding, x-api-key"
 # Response headers a page's script may read besides the basic ones.
-_EXPOSE_HEADERS = "X-Request-Id, Retry-After, X-Cafe-Spooled"
+_EXPOSE_HEADERS = f"X-Request-Id, Retry-After, {SPOOLED_HEADER}"
 
 
 def cors_middleware(keys: KeyStore, ingest_paths: frozenset[str]) -> Middleware:
@@ -32,7 +33,7 @@ def cors_middleware(keys: KeyStore, ingest_paths: frozenset[str]) -> Middleware:
             return _preflight(origin, keys)
         response = await handler(request)
         if origin is not None:
-            key = request.get(API_KEY)
+            key = request[CONTEXT].key
             # Before a key is known (a 401, say), any origin some key lists may read why.
             allowed = key.origins if key is not None else keys.origins
             if origin in allowed:

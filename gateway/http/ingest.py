@@ -25,23 +25,15 @@ from gateway.errors import (
     SinkUnavailable,
     UnsupportedMediaType,
 )
-from gateway.http.admission import read_body
-from gateway.http.auth import platform_refusal
 from gateway.http.clientip import client_ip
-from gateway.http.responses import json_response
-from gateway.http.state import (
-    API_KEY,
-    LIMITER,
-    METRICS,
-    RECORD_COUNTS,
-    REQUEST_ID,
-    SETTINGS,
-    SINK,
-)
+from gateway.http.context import RequestContext
+from gateway.http.metrics import HttpMetrics
+from gateway.http.responses import SPOOLED_HEADER, json_response
+from gateway.http.state import CONTEXT
 from gateway.keys.model import ApiKey
 from gateway.logs import utc_timestamp
 from gateway.schemas import SCHEMA_VERSION, RecordType, records_of
-from gateway.sink import Message
+from gateway.sink import Message, Sink
 
 # A dead letter keeps at most this much of its record (and says so in its headers):
 # a rejected record may be as large as the body, past what Kafka takes in one message
@@ -59,43 +51,55 @@ DEAD_LETTER_MAX_ERROR_CHARS = 1024
 # An eventId longer than any schema allows is not echoed back: the index names the record.
 _MAX_ECHOED_ID = 128
 _TRUNCATED = ("cafe-truncated", b"true")
-# Says the answer's records are in the gateway's spool, not yet in Kafka.
-SPOOLED_HEADER = "X-Cafe-Spooled"
 
 
-def ingest_handler(record_type: RecordType) -> Handler:
+def ingest_handler(
+    record_type: RecordType, settings: Settings, sink: Sink, metrics: HttpMetrics
+) -> Handler:
     """The handler of POST /v1/<record_type>."""
 
     async def handle(request: web.Request) -> web.Response:
-        return await ingest(request, record_type)
+        return await ingest(request, record_type, settings, sink, metrics)
 
     return handle
 
 
-async def ingest(request: web.Request, record_type: RecordType) -> web.Response:
-    """Accept a batch of records of `record_type`."""
-    settings = request.app[SETTINGS]
-    key = request[API_KEY]
-    request_id = request[REQUEST_ID]
-    metrics = request.app[METRICS]
+async def ingest(
+    request: web.Request,
+    record_type: RecordType,
+    settings: Settings,
+    sink: Sink,
+    metrics: HttpMetrics,
+) -> web.Response:
+    """Accept a batch of records of `record_type`: what the middlewares decided about
+    the request (its key, its limits, its admitted body) is in its context."""
+    context = request[CONTEXT]
+    key = context.key
+    if key is None:  # the route is keyed: auth admits none of its requests without one
+        raise RuntimeError("an ingest request without a key")
 
-    records = records_of(await _read_json(request, settings))
-    await request.app[LIMITER].check_records(key, len(records))
+    records = records_of(await _read_json(request, context, settings))
+    if context.take_records is not None:
+        await context.take_records(len(records))
     metrics.records_per_request.labels(record_type.name).observe(len(records))
 
-    headers = _kafka_headers(request, record_type, key, request_id)
+    headers = _kafka_headers(request, record_type, key, context.id, settings)
     accepted: list[Message] = []
     dead: list[Message] = []
     rejections: list[dict[str, Any]] = []
     for index, record in enumerate(records):
         error = record_type.check(record)
         if error is None:
-            error = platform_refusal(key, record["productPlatform"])
-            if error is None:
+            platform = record["productPlatform"]
+            if key.may_write(platform):
                 accepted.append(
                     Message(record["sessionId"].encode(), orjson.dumps(record), headers)
                 )
                 continue
+            error = {
+                "pointer": "/productPlatform",
+                "message": f"this API key may not write platform {platform!r}",
+            }
             reason = "forbidden"
         else:
             reason = "invalid"
@@ -127,7 +131,7 @@ async def ingest(request: web.Request, record_type: RecordType) -> web.Response:
 
     try:
         # Valid records and dead letters go out together; the answer waits for both.
-        spooled = await request.app[SINK].send(record_type.name, accepted, dead)
+        spooled = await sink.send(record_type.name, accepted, dead)
     except SinkUnavailable:
         # Counted, and answered 503 by the error middleware.
         metrics.records.labels(record_type.name, "unavailable").inc(len(accepted))
@@ -140,7 +144,7 @@ async def ingest(request: web.Request, record_type: RecordType) -> web.Response:
         metrics.dead_letters_truncated.labels(record_type.name).inc(truncated)
     if any(rejection["reason"] == "forbidden" for rejection in rejections):
         metrics.auth_failures.labels("platform").inc()
-    request[RECORD_COUNTS] = (len(accepted), len(rejections))
+    context.record_counts = (len(accepted), len(rejections))
 
     if not rejections:
         response = json_response({"accepted": len(accepted)})
@@ -156,10 +160,10 @@ async def ingest(request: web.Request, record_type: RecordType) -> web.Response:
 _MEDIA_TYPES = frozenset({"application/json", "text/plain"})
 
 
-async def _read_json(request: web.Request, settings: Settings) -> Any:
+async def _read_json(request: web.Request, context: RequestContext, settings: Settings) -> Any:
     """The body parsed as JSON, once its headers say it may be read."""
     _check_body_headers(request, settings.max_body_bytes)
-    body = await _receive(request, settings)
+    body = await _receive(request, context, settings)
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -185,9 +189,12 @@ def _check_body_headers(request: web.Request, limit: int) -> None:
         raise PayloadTooLarge(f"the body is {request.content_length} bytes; the limit is {limit}")
 
 
-async def _receive(request: web.Request, settings: Settings) -> bytearray:
+async def _receive(request: web.Request, context: RequestContext, settings: Settings) -> bytearray:
     """The body, decoded, within the body timeout and the limits on size and ratio."""
     limit = settings.max_body_bytes
+    reader = context.body
+    if reader is None:  # admission admits every POST whose body may be read
+        raise RuntimeError("an ingest request's body was not admitted")
     encoding = request.headers.get("Content-Encoding", "").strip().lower()
     if encoding == "identity":
         encoding = ""
@@ -199,7 +206,7 @@ async def _receive(request: web.Request, settings: Settings) -> bytearray:
     )
     try:
         async with timer:
-            body = await read_body(request, limit)
+            body = await reader.read(request.content, limit)
     except TimeoutError:
         raise BodyTimeout(
             f"the body did not arrive within {settings.body_timeout_seconds:g}s"
@@ -225,10 +232,13 @@ async def _receive(request: web.Request, settings: Settings) -> bytearray:
 
 
 def _kafka_headers(
-    request: web.Request, record_type: RecordType, key: ApiKey, request_id: str
+    request: web.Request,
+    record_type: RecordType,
+    key: ApiKey,
+    request_id: str,
+    settings: Settings,
 ) -> list[tuple[str, bytes]]:
     """What every message of this request carries besides the record itself."""
-    settings = request.app[SETTINGS]
     received_at = utc_timestamp(time.time())
     return [
         ("cafe-key-id", key.id.encode()),

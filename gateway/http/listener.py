@@ -40,11 +40,11 @@ from gateway.errors import (
     TooManyHeaders,
     UriTooLong,
 )
+from gateway.http.metrics import HttpMetrics
 from gateway.http.problems import render
 from gateway.http.requestid import RequestIds
 from gateway.http.responses import SECURITY_HEADERS
 from gateway.http.state import METRICS, SETTINGS
-from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class _Server(web.Server):
     """Makes the connections, and counts the open ones against the cap."""
 
     def __init__(
-        self, handler: Any, *, max_connections: int, metrics: Metrics, **kwargs: Any
+        self, handler: Any, *, max_connections: int, metrics: HttpMetrics, **kwargs: Any
     ) -> None:
         super().__init__(handler, **kwargs)
         self.max_connections = max_connections

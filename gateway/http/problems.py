@@ -9,9 +9,10 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from gateway.errors import ClientAborted, GatewayError
+from gateway.http.context import RequestContext
+from gateway.http.metrics import HttpMetrics
 from gateway.http.responses import json_response
-from gateway.http.state import PROBLEM_CODE, REQUEST_ID
-from gateway.metrics import Metrics
+from gateway.http.state import CONTEXT
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +64,13 @@ def problem(
 _BODY_HEADERS = {"content-type", "content-length"}
 
 
-def problem_middleware(metrics: Metrics) -> Middleware:
+def problem_middleware(metrics: HttpMetrics) -> Middleware:
     """A middleware that turns every error below it into a problem+json response,
     a count by code and a log line."""
 
     @web.middleware
     async def render_problems(request: web.Request, handler: Handler) -> web.StreamResponse:
+        context = request[CONTEXT]  # made by the access middleware, outside this one
         try:
             return await handler(request)
         except GatewayError as exc:
@@ -83,9 +85,9 @@ def problem_middleware(metrics: Metrics) -> Middleware:
                 exc.status,
                 exc.code,
                 exc.detail,
-                extra={"fields": {"request_id": request.get(REQUEST_ID)}},
+                extra={"fields": {"request_id": context.id}},
             )
-            response = _answer(request, metrics, exc.status, exc.code, exc.detail, exc.headers())
+            response = _answer(context, metrics, exc.status, exc.code, exc.detail, exc.headers())
             if exc.close_connection:
                 response.force_close()
             return response
@@ -95,34 +97,34 @@ def problem_middleware(metrics: Metrics) -> Middleware:
             code = HTTP_CODES.get(exc.status, HTTPStatus(exc.status).name.lower())
             # Keep what the error says beside its body, e.g. the Allow header of a 405.
             kept = {k: v for k, v in exc.headers.items() if k.lower() not in _BODY_HEADERS}
-            return _answer(request, metrics, exc.status, code, exc.reason, kept)
+            return _answer(context, metrics, exc.status, code, exc.reason, kept)
         except Exception:
             log.exception(
                 "%s %s failed",
                 request.method,
                 request.path,
-                extra={"fields": {"request_id": request.get(REQUEST_ID)}},
+                extra={"fields": {"request_id": context.id}},
             )
             detail = "the gateway failed to handle this request"
-            return _answer(request, metrics, 500, GatewayError.code, detail, {})
+            return _answer(context, metrics, 500, GatewayError.code, detail, {})
 
     return render_problems
 
 
 def _answer(
-    request: web.Request,
-    metrics: Metrics,
+    context: RequestContext,
+    metrics: HttpMetrics,
     status: int,
     code: str,
     detail: str,
     headers: dict[str, str],
 ) -> web.Response:
-    request[PROBLEM_CODE] = code
-    return render(metrics, status, code, detail, request.get(REQUEST_ID), headers)
+    context.problem_code = code
+    return render(metrics, status, code, detail, context.id, headers)
 
 
 def render(
-    metrics: Metrics,
+    metrics: HttpMetrics,
     status: int,
     code: str,
     detail: str,

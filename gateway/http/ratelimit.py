@@ -1,22 +1,29 @@
-"""The request-rate check of a key, before its request's body is read."""
+"""A key's rate limits on the HTTP side: its requests before the body is read, and what
+the handler needs to take its records once they are counted."""
 
 from __future__ import annotations
+
+import functools
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from gateway.http.state import API_KEY
+from gateway.http.state import CONTEXT
 from gateway.limits.local import RateLimiter
 
 
 def rate_limit_middleware(limiter: RateLimiter) -> Middleware:
-    """A middleware that refuses a keyed request over its key's request rate, unread."""
+    """A middleware that refuses a keyed request over its key's request rate, unread, and
+    gives the handler the key's records limit (`RequestContext.take_records`)."""
 
     @web.middleware
     async def limit(request: web.Request, handler: Handler) -> web.StreamResponse:
-        key = request.get(API_KEY)
+        context = request[CONTEXT]
+        key = context.key
         if key is not None:
             await limiter.check_request(key)
+            if key.records_per_second is not None:
+                context.take_records = functools.partial(limiter.check_records, key)
         return await handler(request)
 
     return limit

@@ -17,6 +17,9 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 
+# Says the answer's records are in the gateway's spool, not yet in Kafka.
+SPOOLED_HEADER = "X-Cafe-Spooled"
+
 
 def json_response(
     data: object,

@@ -14,7 +14,8 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from gateway.config import Settings
-    from gateway.keys.model import ApiKey
+    from gateway.http.context import RequestContext
+    from gateway.http.metrics import HttpMetrics
     from gateway.keys.store import KeyStore
     from gateway.limits.local import RateLimiter
     from gateway.metrics import Metrics
@@ -25,7 +26,9 @@ if TYPE_CHECKING:
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
 SINK: web.AppKey[Sink] = web.AppKey("sink")
 KEYS: web.AppKey[KeyStore] = web.AppKey("keys")
-METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+METRICS: web.AppKey[HttpMetrics] = web.AppKey("metrics")
+# Where every metric lives, and the /metrics page.
+EXPOSITION: web.AppKey[Metrics] = web.AppKey("exposition")
 LIMITER: web.AppKey[RateLimiter] = web.AppKey("limiter")
 # By the name used in routes: activity, log, profile.
 RECORD_TYPES: web.AppKey[dict[str, RecordType]] = web.AppKey("record_types")
@@ -34,13 +37,5 @@ OPENAPI: web.AppKey[bytes] = web.AppKey("openapi")
 # Set on SIGTERM: /readyz answers 503 while the requests still arriving are served.
 DRAINING: web.AppKey[asyncio.Event] = web.AppKey("draining")
 
-# Per request, each set by one middleware (or the handler) for those inside it to read.
-# The request's id, also its X-Request-Id (gateway/http/access.py).
-REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id")
-# The key the request was admitted with (gateway/http/auth.py).
-API_KEY: web.RequestKey[ApiKey] = web.RequestKey("api_key")
-# Records accepted and rejected, for the access log (gateway/http/ingest.py).
-RECORD_COUNTS: web.RequestKey[tuple[int, int]] = web.RequestKey("record_counts")
-# The code of the problem the request was answered with, for the access log
-# (gateway/errors.py).
-PROBLEM_CODE: web.RequestKey[str] = web.RequestKey("problem_code")
+# Per request: what the middlewares decided, for those inside them and the handler.
+CONTEXT: web.RequestKey[RequestContext] = web.RequestKey("context")

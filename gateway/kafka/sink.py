@@ -22,10 +22,12 @@ from aiokafka.errors import (
 # the undocumented producer.client), and tests/test_private_apis.py checks each one.
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
+from gateway.backoff import Backoff
 from gateway.config import KafkaSettings
 from gateway.errors import KafkaForbidden, KafkaTopicMissing, KafkaUnavailable, RecordTooLarge
 from gateway.kafka.auth import KafkaAuth, Problem, explain_refusal
 from gateway.kafka.batcher import Batcher, failed
+from gateway.kafka.metrics import KafkaMetrics
 from gateway.kafka.partitioner import murmur2_cached
 from gateway.kafka.topics import missing_topics, prepare_topics
 from gateway.metrics import Metrics
@@ -136,7 +138,8 @@ class KafkaSink:
     def __init__(self, settings: KafkaSettings, metrics: Metrics | None = None) -> None:
         self._settings = settings
         self._topics = settings.topics.by_record_type()
-        self.metrics = metrics
+        # Its own group of metrics, on the registry of those it is given.
+        self.metrics = KafkaMetrics(metrics.registry) if metrics is not None else None
         self._auth = KafkaAuth(settings)
         # Why the last try to connect failed, while no producer could be made (or none of
         # its brokers answered it).
@@ -304,8 +307,8 @@ class KafkaSink:
         while True:
             answering, known = await self._brokers_answering()
             if self.metrics is not None:
-                self.metrics.kafka_ready.set(1 if _enough(answering, known) else 0)
-                self.metrics.kafka_queued_bytes.set(self._held_bytes)
+                self.metrics.ready.set(1 if _enough(answering, known) else 0)
+                self.metrics.queued_bytes.set(self._held_bytes)
             if not answering:
                 for batcher in list(self._batchers.values()):
                     batcher.mark_down()
@@ -517,7 +520,7 @@ class KafkaSink:
 
     def _refuse(self, topic: str, records: int, reason: str) -> None:
         if self.metrics is not None:
-            self.metrics.kafka_refused.labels(topic, reason).inc(records)
+            self.metrics.refused.labels(topic, reason).inc(records)
 
     def release(self, size: int) -> None:
         """A batch is settled: its records are no longer held."""
@@ -535,12 +538,12 @@ class KafkaSink:
             self._refused_while_down = 0
         self._down.add(batcher)
         if self.metrics is not None:
-            self.metrics.kafka_partitions_down.set(len(self._down))
+            self.metrics.partitions_down.set(len(self._down))
 
     def partition_up(self, batcher: Batcher) -> None:
         self._down.discard(batcher)
         if self.metrics is not None:
-            self.metrics.kafka_partitions_down.set(len(self._down))
+            self.metrics.partitions_down.set(len(self._down))
         if not self._down:
             log.info(
                 "Kafka acknowledges every partition again after %.1fs; %d records were "
@@ -551,7 +554,7 @@ class KafkaSink:
 
     def _count_error(self, kind: str) -> None:
         if self.metrics is not None:
-            self.metrics.kafka_errors.labels(kind).inc()
+            self.metrics.errors.labels(kind).inc()
 
     def _partition(self, key: bytes | None, partitions: int) -> int:
         """Kafka's default partitioner: murmur2 of the key, so Java clients agree."""
@@ -629,7 +632,7 @@ class KafkaSink:
         self, prepare: Callable[[AIOKafkaProducer], Awaitable[None]] | None = None
     ) -> AIOKafkaProducer:
         """A new producer, started (and `prepare`d), retrying until the cluster answers."""
-        delay = _FIRST_RETRY_S
+        backoff = Backoff(_FIRST_RETRY_S, _LAST_RETRY_S)
         while True:
             producer = None
             try:
@@ -641,8 +644,7 @@ class KafkaSink:
                 if producer is not None:
                     await producer.stop()
                 self._count_error("connect")
-                await self._cannot_connect(exc, delay)
-                delay = min(delay * 2, _LAST_RETRY_S)
+                await self._cannot_connect(exc, backoff.failed())
                 continue
             self._connected()
             return producer
@@ -693,7 +695,7 @@ class KafkaSink:
 
     def _set_problem(self, problem: Problem | None) -> None:
         if self.metrics is not None:
-            gauge = self.metrics.kafka_connection_problem
+            gauge = self.metrics.connection_problem
             if self.problem is not None:
                 gauge.labels(self.problem.cause).set(0)
             if problem is not None:

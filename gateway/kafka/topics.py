@@ -23,7 +23,7 @@ from aiokafka.errors import (
 
 from gateway.config import KafkaSettings
 from gateway.kafka.auth import KafkaAuth
-from gateway.metrics import Metrics
+from gateway.kafka.metrics import KafkaMetrics
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ _MIN_INSYNC_KEY = "min.insync.replicas"
 
 
 async def prepare_topics(
-    settings: KafkaSettings, auth: KafkaAuth, brokers: int, metrics: Metrics | None
+    settings: KafkaSettings, auth: KafkaAuth, brokers: int, metrics: KafkaMetrics | None
 ) -> list[str]:
     """Create the topics that are missing (unless CAFE_KAFKA_CREATE_TOPICS=never), then
     check the durability of every one; return those that still do not exist."""
@@ -109,7 +109,7 @@ async def _create(
 
 
 async def _check(
-    admin: AIOKafkaAdminClient, names: tuple[str, ...], metrics: Metrics | None
+    admin: AIOKafkaAdminClient, names: tuple[str, ...], metrics: KafkaMetrics | None
 ) -> None:
     """Warn of each topic where acks=all can succeed on one replica out of three or more."""
     replicas = {
@@ -132,7 +132,7 @@ async def _check(
             continue
         weak = is_single_copy(replicas[name], min_insync[name])
         if metrics is not None:
-            metrics.kafka_topic_single_copy.labels(name).set(int(weak))
+            metrics.topic_single_copy.labels(name).set(int(weak))
         if weak:
             log.warning(
                 "topic %s has %d replicas but min.insync.replicas=%d: a 2xx may rest on one "

@@ -116,9 +116,24 @@ class ApiKey:
         # allows, and is no field: not stored, compared or copied by `replace`.
         return None if self.expires_at is None else _epoch(self.expires_at)
 
-    def expired(self, now: float) -> bool:
-        """True if the key has an expiry and `now` (an epoch) is at or past it."""
-        return self.expires_epoch is not None and now >= self.expires_epoch
+    def may_write(self, platform: str) -> bool:
+        """Whether records of `platform` (their productPlatform) may be sent with the key."""
+        return platform in self.platforms
+
+    def state(self, now: float | None = None) -> str:
+        """What the key does at `now` (an epoch; the clock's time if None): "enabled"
+        (it admits requests), "disabled" or "expired". Every check of a key is this one.
+
+        A key without an expiry reads no clock; one with it a clock read and a float
+        compare, its expiry parsed once when the file was loaded: the gateway asks on
+        every request.
+        """
+        if not self.enabled:
+            return "disabled"
+        expires = self.expires_epoch
+        if expires is not None and (time.time() if now is None else now) >= expires:
+            return "expired"
+        return "enabled"
 
     def __post_init__(self) -> None:
         # The types are checked too: a key read from the file is whatever JSON held.

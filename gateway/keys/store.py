@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from gateway.keys.file import merge_last_used, parse_keys_file, read_keys_file
+from gateway.keys.metrics import KeyMetrics
 from gateway.keys.model import ApiKey, KeysFileError, hash_key, utc_text
 from gateway.metrics import Metrics
 
@@ -33,7 +34,7 @@ class KeyStore:
 
     def __init__(self, path: Path | None, metrics: Metrics | None = None) -> None:
         self.path = path
-        self._metrics = metrics
+        self._metrics = KeyMetrics(metrics.registry) if metrics is not None else None
         self._keys: list[ApiKey] = []
         self._by_hash: dict[str, ApiKey] = {}
         self._active = 0
@@ -129,18 +130,18 @@ class KeyStore:
         now = time.time() if now is None else now
         self._keys = keys
         self._by_hash = {k.sha256: k for k in keys}
-        active = [k for k in keys if k.enabled and not k.expired(now)]
+        active = [k for k in keys if k.state(now) == "enabled"]
         self._active = len(active)
         self.origins = frozenset(o for k in active for o in k.origins)
         expiries = [k.expires_epoch for k in active if k.expires_epoch is not None]
         self._next_expiry = min(expiries, default=None)
         log.info("%s %d enabled API keys from %s", verb, self._active, self.path)
         if self._metrics is not None:
-            self._metrics.keys_loaded.set(self._active)
+            self._metrics.loaded.set(self._active)
 
     def _count_reload(self, result: str) -> None:
         if self._metrics is not None:
-            self._metrics.key_reloads.labels(result).inc()
+            self._metrics.reloads.labels(result).inc()
 
     def save_last_used(self, now: float | None = None) -> None:
         """Merge the ids in `used`, stamped `now`, into the last-used file, and forget them.

@@ -50,6 +50,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from gateway.limits.local import Bucket
+from gateway.limits.metrics import LimitMetrics
 from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ class FleetBuckets:
 
     def __init__(self, url: str, metrics: Metrics | None = None) -> None:
         self.where = _without_password(url)
-        self._metrics = metrics
+        self._metrics = LimitMetrics(metrics.registry) if metrics is not None else None
         self._redis = redis.asyncio.Redis.from_url(
             url,
             socket_timeout=CALL_TIMEOUT_S,
@@ -210,11 +211,11 @@ class FleetBuckets:
 
     def _set_up(self, up: bool) -> None:
         if self._metrics is not None:
-            self._metrics.ratelimit_redis_down.set(0 if up else 1)
+            self._metrics.redis_down.set(0 if up else 1)
 
     def _count_call(self, result: str) -> None:
         if self._metrics is not None:
-            self._metrics.ratelimit_redis_calls.labels(result).inc()
+            self._metrics.redis_calls.labels(result).inc()
 
 
 def _redis_key(bucket: Bucket) -> str:

@@ -28,11 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.backoff import Backoff
 from gateway.config import SpoolSettings
 from gateway.errors import GatewayError, SinkUnavailable, SpoolFull, SpoolUnavailable
 from gateway.metrics import Metrics
 from gateway.sink import Message, Sink
 from gateway.spool.file import DISK_ERRORS, Chunk, SpoolFile, Stored, encode
+from gateway.spool.metrics import SpoolMetrics
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +156,7 @@ class SpoolingSink:
         # answered 503 too (a disk that hangs).
         self._bound_s = self._after_s + produce_timeout_s
         self._settings = settings
-        self._metrics = metrics
+        self._metrics = SpoolMetrics(metrics.registry) if metrics is not None else None
         self._file = SpoolFile(directory, workers)
         self._held = _Held()
         self._queues: dict[str, _Queue] = {}
@@ -407,8 +409,8 @@ class SpoolingSink:
                 continue
             records = sum(p.records for p in batch)
             if self._metrics is not None:
-                self._metrics.spool_write_seconds.observe(time.perf_counter() - started)
-                self._metrics.spool_records_spooled.inc(records)
+                self._metrics.write_seconds.observe(time.perf_counter() - started)
+                self._metrics.records_spooled.inc(records)
             for pending in batch:
                 if not pending.written.done():
                     pending.written.set_result(None)
@@ -458,17 +460,17 @@ class SpoolingSink:
     async def _replay(self, queue: _Queue) -> None:
         """Send a type's oldest chunks to Kafka, in order, deleting each window once
         acknowledged; a failure of any kind is logged, and the replayer goes on."""
-        delay = _FIRST_RETRY_S
+        backoff = Backoff(_FIRST_RETRY_S, _LAST_RETRY_S)
         while True:
             try:
-                delay = await self._replay_window(queue, delay)
+                await self._replay_window(queue, backoff)
             except Exception:
                 log.exception("could not replay the spool's %s; trying again", queue.record_type)
                 queue.catching_up = False
                 await asyncio.sleep(_DISK_RETRY_S)
 
-    async def _replay_window(self, queue: _Queue, delay: float) -> float:
-        """Replay one window of `queue`; return the delay before the next try on failure.
+    async def _replay_window(self, queue: _Queue, backoff: Backoff) -> None:
+        """Replay one window of `queue`; if Kafka does not take it, wait as `backoff` says.
 
         The file's thread reads the next window, and deletes the last, while this one is
         with Kafka: one after the other, a replay spent a third of its time on them."""
@@ -476,21 +478,21 @@ class SpoolingSink:
         window = await self._next_window(queue)
         if window is None:
             await asyncio.sleep(_DISK_RETRY_S)
-            return delay
+            return
         if not window:
             # Everything held is still being written: the writer sets the event again.
             queue.has_chunks.clear()
-            return delay
+            return
         corrupt = [stored for stored in window if stored.corrupt]
         if corrupt:
             await self._forget_or_wait(queue, corrupt, "corrupt")
-            return delay
+            return
         # Dropped whether Kafka is back or not, so the age bounds the spool in an
         # outage too. Chunks are in the order they were spooled: the expired lead.
         expired = _spooled_before(window, time.time() - self._settings.max_age_seconds)
         if expired:
             await self._forget_or_wait(queue, expired, "expired")
-            return delay
+            return
         queue.oldest_at = window[0].spooled_at
         started = time.perf_counter()
         queue.prefetched = asyncio.create_task(
@@ -503,8 +505,8 @@ class SpoolingSink:
             # Read and sent again, less the parts Kafka took.
             self._drop_prefetched(queue)
             queue.catching_up = False
-            await asyncio.sleep(delay)
-            return min(delay * 2, _LAST_RETRY_S)
+            await asyncio.sleep(backoff.failed())
+            return
         except BaseException:
             self._drop_prefetched(queue)
             raise
@@ -518,7 +520,7 @@ class SpoolingSink:
             queue.deleting = asyncio.create_task(
                 self._forget(queue, window, took=time.perf_counter() - started)
             )
-        return _FIRST_RETRY_S
+        backoff.succeeded()
 
     @staticmethod
     def _drop_prefetched(queue: _Queue) -> None:
@@ -695,11 +697,11 @@ class SpoolingSink:
             )
         if self._metrics is not None:
             if dropped is not None:
-                self._metrics.spool_records_dropped.labels(dropped).inc(records)
+                self._metrics.records_dropped.labels(dropped).inc(records)
             else:
-                self._metrics.spool_records_replayed.inc(records)
+                self._metrics.records_replayed.inc(records)
             if took is not None:
-                self._metrics.spool_replay_rate.set(records / max(took, 1e-6))
+                self._metrics.replay_rate.set(records / max(took, 1e-6))
         self._update_gauges()
         return True
 
@@ -713,10 +715,10 @@ class SpoolingSink:
         if metrics is None:
             return
         held = self._held
-        metrics.spool_records.set(held.records)
-        metrics.spool_bytes.set(held.bytes)
+        metrics.records.set(held.records)
+        metrics.bytes.set(held.bytes)
         oldest = min(
             (q.oldest_at for q in self._queues.values() if q.oldest_at is not None), default=None
         )
-        metrics.spool_oldest_age.set(0 if oldest is None else max(0.0, time.time() - oldest))
-        metrics.spool_unwritable.set(1 if self.broken else 0)
+        metrics.oldest_age.set(0 if oldest is None else max(0.0, time.time() - oldest))
+        metrics.unwritable.set(1 if self.broken else 0)

@@ -15,68 +15,32 @@ one from `deploy/redis/redis.sh`.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
-import re
-import signal
-import socket
+import shlex
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import psutil
 import pytest
-from aiokafka import ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from loadtest.topics import read_to_end
-from tests.integration.tcp_proxy import consecutive_free_ports, free_ports
-
-REPO = Path(__file__).resolve().parents[2]
-KAFKA_SH = REPO / "deploy" / "kafka" / "kafka.sh"
-REDIS_SH = REPO / "deploy" / "redis" / "redis.sh"
-TOPIC_PARTITIONS = 3
-
-
-@dataclass(frozen=True)
-class Broker:
-    """The Kafka the integration tests use, and where it came from."""
-
-    bootstrap: str
-    source: str
-
-
-BROKER_USED = pytest.StashKey[Broker]()
-SUMMARY_LINES = pytest.StashKey[list[str]]()
-
-
-def _docker_answers() -> bool:
-    """True if a Docker daemon answers `GET /_ping` at $DOCKER_HOST or the default socket.
-
-    Asked with the standard library: the docker package leaks its socket when the
-    daemon is absent, which `filterwarnings = error` would turn into a test error.
-    """
-    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
-    address: str | tuple[str, int]
-    if host.startswith("unix://"):
-        family, address = socket.AF_UNIX, host.removeprefix("unix://")
-    elif host.startswith("tcp://"):
-        name, _, port = host.removeprefix("tcp://").rpartition(":")
-        family, address = socket.AF_INET, (name, int(port))
-    else:
-        return False
-    try:
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
-            sock.settimeout(3)
-            sock.connect(address)
-            sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
-            return sock.recv(64).split(b" ")[1:2] == [b"200"]
-    except OSError:
-        return False
+from devkit.net import free_ports
+from tests.support.kafka import (
+    BROKER_USED,
+    KAFKA_SH,
+    REDIS_SH,
+    REPO,
+    TOPIC_PARTITIONS,
+    Broker,
+    Cluster,
+    SecureBroker,
+    delete_topics,
+    docker_answers,
+)
+from tests.support.net import consecutive_free_ports
+from tests.support.summary import SUMMARY_LINES, summarise
 
 
 @pytest.fixture(scope="session")
@@ -87,7 +51,7 @@ def kafka(pytestconfig: pytest.Config) -> Iterator[Broker]:
         broker = Broker(bootstrap, "CAFE_KAFKA_BOOTSTRAP")
         pytestconfig.stash[BROKER_USED] = broker
         yield broker
-    elif _docker_answers():
+    elif docker_answers():
         from testcontainers.community.kafka import KafkaContainer
 
         with KafkaContainer().with_kraft() as container:
@@ -160,62 +124,10 @@ def spare_broker() -> Iterator[tuple[str, dict[str, str]]]:
         subprocess.run([str(KAFKA_SH), "destroy"], env=env, check=True, capture_output=True)
 
 
-@dataclass(frozen=True)
-class SecureBroker:
-    """A broker of `kafka.sh up --secure`: PLAINTEXT as on any other broker (its clients
-    are super users), plus listeners that authenticate the users `admin` and `gateway`
-    (SASL_SSL and SASL_PLAINTEXT: PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, and OAUTHBEARER with
-    unsigned tokens whose `sub` names the user; SSL: client certificates of `ca_file`,
-    whose CN is the user), and ACLs. `gateway` may do nothing until a test grants it
-    something with `acls`."""
-
-    plaintext: str  # bootstrap addresses
-    sasl_ssl: str
-    ssl: str
-    sasl_plaintext: str
-    ca_file: Path  # the CA of the broker's certificate and of the client certificates it takes
-    client_cert_file: Path  # CN=gateway, of ca_file: User:gateway on the SSL listener
-    client_key_file: Path
-    other_ca_file: Path  # a CA the broker neither has a certificate of nor trusts
-    other_client_cert_file: Path  # CN=gateway, of other_ca_file: the broker refuses it
-    other_client_key_file: Path
-    admin_password: str
-    gateway_password: str
-    env: dict[str, str]  # what kafka.sh needs to act on this broker (and no other)
-    started_in_s: float  # how long `kafka.sh up --secure` took
-
-    def configs(self, *args: str) -> str:
-        """Kafka's config command (kafka-configs) with `args` as a super user."""
-        return self._tool("configs", *args)
-
-    def acls(self, *args: str) -> str:
-        """Kafka's ACL command (kafka-acls) with `args` as a super user, e.g. `"--add",
-        "--allow-principal", "User:gateway", "--operation", "Write", "--topic", name`;
-        returns what it printed. Fails the test if it fails."""
-        return self._tool("acls", *args)
-
-    def _tool(self, command: str, *args: str) -> str:
-        done = subprocess.run(
-            [str(KAFKA_SH), command, "--", *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        if done.returncode != 0:
-            pytest.fail(
-                f"kafka.sh {command} -- {' '.join(args)} failed:\n{done.stdout}{done.stderr}"
-            )
-        return done.stdout
-
-
 @pytest.fixture(scope="module")
 def secure_broker() -> Iterator[SecureBroker]:
     """A `kafka.sh up --secure` broker on free ports for the module's tests (starting one
     takes 10-20 s); deleted afterwards, certificates and passwords with it."""
-    import shlex
-
     port, controller_port, sasl_ssl_port, ssl_port, sasl_plaintext_port = consecutive_free_ports(5)
     env = {
         **os.environ,
@@ -267,70 +179,6 @@ def secure_broker() -> Iterator[SecureBroker]:
         subprocess.run([str(KAFKA_SH), "destroy"], env=env, check=True, capture_output=True)
 
 
-@dataclass
-class Cluster:
-    """A Kafka cluster of a test's own: `brokers` brokers and a KRaft controller, each a
-    JVM on loopback, run by `kafka.sh --nodes`."""
-
-    bootstrap: str  # every broker, comma-separated
-    env: dict[str, str]  # what kafka.sh needs to act on this cluster (and no other)
-    brokers: int
-    started_in_s: float = 0.0  # how long the first `up` took
-
-    def kafka_sh(self, command: str) -> subprocess.CompletedProcess[str]:
-        """`kafka.sh COMMAND --nodes N` on this cluster; fails the test if it fails."""
-        done = subprocess.run(
-            [str(KAFKA_SH), command, "--nodes", str(self.brokers)],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-        if done.returncode != 0:
-            pytest.fail(f"kafka.sh {command} --nodes {self.brokers} failed:\n{done.stderr}")
-        return done
-
-    def pids(self) -> dict[str, int | None]:
-        """Each node's pid (None if it is not running), keyed by name: controller,
-        broker-1 .. broker-N. kafka.sh reads them from the nodes' pidfiles, and names only
-        a live process that is that node."""
-        done = subprocess.run(
-            [str(KAFKA_SH), "status", "--nodes", str(self.brokers)],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-        nodes = {}
-        for line in done.stdout.splitlines():
-            name, _, pid = line.split()
-            nodes[name] = None if pid == "-" else int(pid)
-        return nodes
-
-    def kill_broker(self, number: int) -> None:
-        """SIGKILL broker `number` (1 .. brokers, also its node id); returns once it is gone."""
-        pid = self.pids()[f"broker-{number}"]
-        assert pid is not None, f"broker-{number} is not running"
-        process = psutil.Process(pid)
-        process.send_signal(signal.SIGKILL)
-        # Gone, or a zombie its new parent has yet to reap: either way its sockets are
-        # closed and its port is free.
-        deadline = time.monotonic() + 30
-        with contextlib.suppress(psutil.NoSuchProcess):
-            while process.status() != psutil.STATUS_ZOMBIE:
-                assert time.monotonic() < deadline, f"broker-{number} outlived SIGKILL"
-                time.sleep(0.05)
-
-    def up(self) -> float:
-        """Start the nodes that are not running; returns once every broker is in sync and
-        a record is acknowledged, with how long that took."""
-        started = time.monotonic()
-        self.kafka_sh("up")
-        return time.monotonic() - started
-
-
 @pytest.fixture(scope="module")
 def kafka_cluster(pytestconfig: pytest.Config) -> Iterator[Cluster]:
     """A 3-broker cluster on free ports, deleted after the module's tests (a few minutes
@@ -362,36 +210,6 @@ def kafka_cluster(pytestconfig: pytest.Config) -> Iterator[Cluster]:
         cluster.kafka_sh("destroy")
 
 
-async def create_topics(
-    bootstrap: str, names: list[str], partitions: int = TOPIC_PARTITIONS
-) -> None:
-    """Make topics of one replica each, as a super user would (PLAINTEXT)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(name, partitions, 1) for name in names])
-    finally:
-        await admin.close()
-
-
-async def delete_topics(bootstrap: str, wanted: Callable[[str], bool]) -> None:
-    """Delete the topics that exist and for whose names `wanted` is true (test clean-up)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        names = [t for t in await admin.list_topics() if wanted(t)]
-        if names:
-            await admin.delete_topics(names)
-    finally:
-        await admin.close()
-
-
-def summarise(config: pytest.Config, line: str) -> None:
-    """Have `line` printed at the end of the run, where `make test` shows it (pytest
-    captures what a test prints)."""
-    config.stash.setdefault(SUMMARY_LINES, []).append(line)
-
-
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Print the lines tests asked for, and say which real Kafka the integration tests
     talked to, if any ran."""
@@ -404,57 +222,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         )
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], *, within: float = 30.0) -> None:
-    """Poll `check` until it is true; fail after `within` seconds (a deadline, not a timing)."""
-    deadline = time.monotonic() + within
-    while not await check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {within}s")
-        await asyncio.sleep(0.1)
-
-
-async def consume(
-    bootstrap: str, topic: str, partitions: int = TOPIC_PARTITIONS
-) -> AsyncIterator[ConsumerRecord]:
-    """Every message on `topic`, read up to the end offsets it has now, as it arrives
-    (see `read_to_end`)."""
-    async for message in read_to_end(bootstrap, topic, partitions):
-        yield message
-
-
-async def consume_all(
-    bootstrap: str, topic: str, partitions: int = TOPIC_PARTITIONS
-) -> list[ConsumerRecord]:
-    """Every message on `topic`, read up to the end offsets it has now (see `consume`)."""
-    return [message async for message in consume(bootstrap, topic, partitions)]
-
-
-def kafka_libs() -> Path:
-    """The Kafka jars the local broker runs on (fetched if need be): the Java client."""
-    subprocess.run([str(KAFKA_SH), "fetch"], check=True, capture_output=True, timeout=300)
-    home = Path(
-        os.environ.get("CAFE_KAFKA_HOME", Path.home() / ".cache" / "cafe-gateway" / "kafka")
-    )
-    version = re.search(
-        r"<kafka.version>(.+)</kafka.version>", (KAFKA_SH.parent / "pom.xml").read_text()
-    )
-    assert version is not None
-    return home / version.group(1) / "libs"
-
-
-async def java_consume(
-    bootstrap: str, topic: str, count: int, client_properties: Path | None = None
-) -> list[str]:
-    """The first `count` records of `topic` as the Java client reads them ("KEY\\tVALUE"
-    lines; tests/integration/Consume.java), with `client_properties`' security settings."""
-    source = Path(__file__).with_name("Consume.java")
-    args = [bootstrap, topic, str(count)]
-    if client_properties is not None:
-        args.append(str(client_properties))
-    process = await asyncio.create_subprocess_exec(
-        "java", "-cp", f"{kafka_libs()}/*", str(source), *args,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await process.communicate()
-    assert process.returncode == 0, err.decode(errors="replace")[-2000:]
-    return out.decode().splitlines()
+@pytest.fixture
+async def prefix(kafka: Broker) -> AsyncIterator[str]:
+    """A topic prefix for one test's served gateway; its topics are deleted afterwards."""
+    prefix = f"serve.{uuid.uuid4().hex[:8]}"
+    yield prefix
+    await delete_topics(kafka.bootstrap, lambda t: t.startswith(prefix + "."))

@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
-import io
 import subprocess
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,30 +14,28 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from gateway.app import create_app
+from devkit.samples import curl_bodies
 from gateway.config import KafkaSettings, Settings, TopicSettings
 from gateway.http.ingest import DEAD_LETTER_MAX_BYTES
-from tests.conftest import AiohttpClient
-from tests.integration.conftest import (
+from tests.support.app import Answer, Gateway, GatewayClient, gateway_settings
+from tests.support.kafka import (
     KAFKA_SH,
-    TOPIC_PARTITIONS,
     Broker,
+    broker_pid,
     consume_all,
     delete_topics,
-    eventually,
+    frozen,
+    unique_topics,
 )
-from tests.integration.test_outage import broker_pid, frozen
-from tests.keys import KeyFile, make_key_file
-from tests.scrape import Samples
-from tests.spec_samples import curl_bodies
+from tests.support.keys import KeyFile, json_headers, make_key_file
+from tests.support.records import NAMES
+from tests.support.wait import eventually
 
 pytestmark = pytest.mark.integration
 
-NAMES = ("activity", "log", "profile")
 
-
-class Gateway:
-    """A running gateway on real Kafka, with its own topics and keys file."""
+class KafkaGateway(Gateway):
+    """A gateway on real Kafka, with topics and a keys file of its own."""
 
     def __init__(
         self,
@@ -48,31 +44,9 @@ class Gateway:
         topics: TopicSettings,
         key_file: KeyFile,
     ) -> None:
-        self.client = client
+        super().__init__(client, key_file)
         self.bootstrap = bootstrap
         self.topics = topics
-        self.key_file = key_file
-
-    async def post(
-        self,
-        name: str,
-        body: bytes,
-        *,
-        key: str | None = None,
-        content_type: str = "application/json",
-    ) -> tuple[int, Any]:
-        headers = {"Content-Type": content_type}
-        if key != "":
-            headers["x-api-key"] = key or self.key_file.key
-        # aiohttp warns that a large body given as bytes may block its loop.
-        data = io.BytesIO(body) if len(body) > 1024 * 1024 else body
-        resp = await self.client.post(f"/v1/{name}", data=data, headers=headers)
-        return resp.status, await resp.json(content_type=None)
-
-    async def metrics(self) -> Samples:
-        resp = await self.client.get("/metrics")
-        assert resp.status == 200
-        return Samples(await resp.text())
 
     async def on_topic(self, topic: str) -> list[Any]:
         return await consume_all(self.bootstrap, topic)
@@ -82,64 +56,54 @@ class Gateway:
         return {t: len(await self.on_topic(t)) for t in self.topics.all()}
 
 
-def unique_topics() -> TopicSettings:
-    prefix = f"it.{uuid.uuid4().hex[:10]}"
-    return TopicSettings(
-        activity=f"{prefix}.activity",
-        log=f"{prefix}.log",
-        profile=f"{prefix}.profile",
-        deadletter=f"{prefix}.deadletter",
-        partitions=TOPIC_PARTITIONS,
-    )
-
-
 async def start_gateway(
-    aiohttp_client: AiohttpClient,
+    gateway_client: GatewayClient,
     bootstrap: str,
     key_file: KeyFile,
     *,
     max_body_bytes: int = 256 * 1024,
     **kafka: Any,
-) -> Gateway:
+) -> KafkaGateway:
     topics = unique_topics()
-    settings = Settings(
-        keys_file=key_file.path,
-        max_body_bytes=max_body_bytes,
-        kafka=KafkaSettings(bootstrap=bootstrap, topics=topics, **kafka),
+    client = await gateway_client(
+        gateway_settings(
+            keys_file=key_file.path,
+            max_body_bytes=max_body_bytes,
+            kafka=KafkaSettings(bootstrap=bootstrap, topics=topics, **kafka),
+        )
     )
-    client = await aiohttp_client(create_app(settings))
 
     async def ready() -> bool:
         return (await client.get("/readyz")).status == 200
 
     await eventually(ready)
-    return Gateway(client, bootstrap, topics, key_file)
+    return KafkaGateway(client, bootstrap, topics, key_file)
 
 
 @pytest.fixture
 async def gateway(
-    aiohttp_client: AiohttpClient, kafka: Broker, key_file: KeyFile
-) -> AsyncIterator[Gateway]:
-    gw = await start_gateway(aiohttp_client, kafka.bootstrap, key_file)
+    gateway_client: GatewayClient, kafka: Broker, key_file: KeyFile
+) -> AsyncIterator[KafkaGateway]:
+    gw = await start_gateway(gateway_client, kafka.bootstrap, key_file)
     yield gw
     await delete_topics(kafka.bootstrap, lambda t: t in gw.topics.all())
 
 
 @pytest.fixture
 async def roomy_gateway(
-    aiohttp_client: AiohttpClient, kafka: Broker, key_file: KeyFile
-) -> AsyncIterator[Gateway]:
+    gateway_client: GatewayClient, kafka: Broker, key_file: KeyFile
+) -> AsyncIterator[KafkaGateway]:
     """A gateway with the default body limit (10 MiB), room for records of megabytes."""
     gw = await start_gateway(
-        aiohttp_client, kafka.bootstrap, key_file, max_body_bytes=Settings().max_body_bytes
+        gateway_client, kafka.bootstrap, key_file, max_body_bytes=Settings().max_body_bytes
     )
     yield gw
     await delete_topics(kafka.bootstrap, lambda t: t in gw.topics.all())
 
 
 @pytest.mark.parametrize("name", NAMES)
-async def test_the_spec_curl_sample_lands_on_its_topic(gateway: Gateway, name: str) -> None:
-    status, body = await gateway.post(name, curl_bodies()[name])
+async def test_the_spec_curl_sample_lands_on_its_topic(gateway: KafkaGateway, name: str) -> None:
+    status, body, _ = await gateway.post(f"/v1/{name}", curl_bodies()[name])
     assert (status, body) == (200, {"accepted": 1})
 
     (sent,) = orjson.loads(curl_bodies()[name])["records"]
@@ -166,7 +130,7 @@ async def test_the_spec_curl_sample_lands_on_its_topic(gateway: Gateway, name: s
 
 
 async def test_a_mixed_batch_puts_valid_records_on_the_topic_and_the_rest_in_dead_letters(
-    gateway: Gateway,
+    gateway: KafkaGateway,
 ) -> None:
     (good,) = orjson.loads(curl_bodies()["activity"])["records"]
     batch = [
@@ -175,7 +139,7 @@ async def test_a_mixed_batch_puts_valid_records_on_the_topic_and_the_rest_in_dea
         {**good, "eventId": "ok-2"},
         {**good, "eventId": "elsewhere", "productPlatform": "billing"},
     ]
-    status, body = await gateway.post("activity", orjson.dumps({"records": batch}))
+    status, body, _ = await gateway.post("/v1/activity", orjson.dumps({"records": batch}))
     assert status == 207
     assert (body["accepted"], body["rejected"]) == (2, 2)
     assert [(r["index"], r["eventId"], r["reason"]) for r in body["rejections"]] == [
@@ -193,61 +157,61 @@ async def test_a_mixed_batch_puts_valid_records_on_the_topic_and_the_rest_in_dea
     assert reasons["elsewhere"]["cafe-reject-reason"] == b"forbidden"
 
 
-async def test_request_errors_produce_nothing(gateway: Gateway) -> None:
+async def test_request_errors_produce_nothing(gateway: KafkaGateway) -> None:
     sample = curl_bodies()["log"]
     (record,) = orjson.loads(sample)["records"]
     disabled_key, disabled = gateway.key_file.add("analytics-portal")
     gateway.key_file.disable(disabled.id)
 
     async def key_disabled() -> bool:
-        return (await gateway.post("log", sample, key=disabled_key))[0] == 401
+        return (await gateway.post("/v1/log", sample, key=disabled_key))[0] == 401
 
     await eventually(key_disabled, within=10)
 
     cases = [
-        (await gateway.post("log", b'{"records": [{"messageType": '), 400, "invalid_json"),
-        (await gateway.post("log", b'{"records": []}'), 400, "invalid_envelope"),
+        (await gateway.post("/v1/log", b'{"records": [{"messageType": '), 400, "invalid_json"),
+        (await gateway.post("/v1/log", b'{"records": []}'), 400, "invalid_envelope"),
         (
-            await gateway.post("log", orjson.dumps({"records": [record] * 501})),
+            await gateway.post("/v1/log", orjson.dumps({"records": [record] * 501})),
             400,
             "invalid_envelope",
         ),
         (
-            await gateway.post("log", orjson.dumps({"records": [record], "batch": 1})),
+            await gateway.post("/v1/log", orjson.dumps({"records": [record], "batch": 1})),
             400,
             "invalid_envelope",
         ),
         (
-            await gateway.post("log", sample, content_type="text/html"),
+            await gateway.post("/v1/log", sample, Content_Type="text/html"),
             415,
             "unsupported_media_type",
         ),
         (
             await gateway.post(
-                "log", orjson.dumps({"records": [record] * 500, "pad": "x" * 300_000})
+                "/v1/log", orjson.dumps({"records": [record] * 500, "pad": "x" * 300_000})
             ),
             413,
             "payload_too_large",
         ),
-        (await gateway.post("log", sample, key=""), 401, "missing_api_key"),
-        (await gateway.post("log", sample, key="cafe_not_a_key"), 401, "invalid_api_key"),
-        (await gateway.post("log", sample, key=disabled_key), 401, "invalid_api_key"),
+        (await gateway.post("/v1/log", sample, key=""), 401, "missing_api_key"),
+        (await gateway.post("/v1/log", sample, key="cafe_not_a_key"), 401, "invalid_api_key"),
+        (await gateway.post("/v1/log", sample, key=disabled_key), 401, "invalid_api_key"),
     ]
-    for (status, body), want_status, want_code in cases:
+    for (status, body, _), want_status, want_code in cases:
         assert (status, body["code"]) == (want_status, want_code), body
     assert await gateway.counts() == dict.fromkeys(gateway.topics.all(), 0)
 
 
 async def test_a_platform_the_key_may_not_write_is_rejected_into_dead_letters(
-    gateway: Gateway,
+    gateway: KafkaGateway,
 ) -> None:
     web_key, _ = gateway.key_file.add("web-shop")
 
     async def key_loaded() -> bool:
-        return (await gateway.post("log", curl_bodies()["log"], key=web_key))[0] != 401
+        return (await gateway.post("/v1/log", curl_bodies()["log"], key=web_key))[0] != 401
 
     await eventually(key_loaded, within=5)
-    status, body = await gateway.post("log", curl_bodies()["log"], key=web_key)
+    status, body, _ = await gateway.post("/v1/log", curl_bodies()["log"], key=web_key)
     assert status == 422
     assert body["rejections"][0]["reason"] == "forbidden"
     counts = await gateway.counts()
@@ -256,41 +220,41 @@ async def test_a_platform_the_key_may_not_write_is_rejected_into_dead_letters(
     assert counts[gateway.topics.deadletter] == 2
 
 
-async def test_key_file_edits_apply_while_the_gateway_runs(gateway: Gateway) -> None:
+async def test_key_file_edits_apply_while_the_gateway_runs(gateway: KafkaGateway) -> None:
     sample = curl_bodies()["log"]
     new_key, new_record = gateway.key_file.add("analytics-portal")
 
     async def new_key_works() -> bool:
-        return (await gateway.post("log", sample, key=new_key))[0] == 200
+        return (await gateway.post("/v1/log", sample, key=new_key))[0] == 200
 
     await eventually(new_key_works, within=5)
 
     gateway.key_file.disable(new_record.id)
 
     async def new_key_refused() -> bool:
-        return (await gateway.post("log", sample, key=new_key))[0] == 401
+        return (await gateway.post("/v1/log", sample, key=new_key))[0] == 401
 
     await eventually(new_key_refused, within=5)
     # The original key kept working throughout.
-    assert (await gateway.post("log", sample))[0] == 200
+    assert (await gateway.post("/v1/log", sample))[0] == 200
 
 
 async def test_kafka_frozen_or_down_is_503_and_the_gateway_recovers_when_it_returns(
-    aiohttp_client: AiohttpClient, tmp_path: Path, spare_broker: tuple[str, dict[str, str]]
+    gateway_client: GatewayClient, tmp_path: Path, spare_broker: tuple[str, dict[str, str]]
 ) -> None:
     bootstrap, env = spare_broker
     gw = await start_gateway(
-        aiohttp_client, bootstrap, make_key_file(tmp_path), produce_timeout_ms=1500
+        gateway_client, bootstrap, make_key_file(tmp_path), produce_timeout_ms=1500
     )
     sample = curl_bodies()["log"]
-    assert await gw.post("log", sample) == (200, {"accepted": 1})
+    assert (await gw.post("/v1/log", sample))[:2] == (200, {"accepted": 1})
 
     # A broker that takes no requests (frozen) never acknowledges: 503, not a hang.
     with frozen(broker_pid(env["CAFE_KAFKA_PORT"])):
         resp = await gw.client.post(
             "/v1/log",
             data=sample,
-            headers={"Content-Type": "application/json", "x-api-key": gw.key_file.key},
+            headers=json_headers(gw.key),
         )
         assert resp.status == 503
         assert resp.headers["Retry-After"] == "1"
@@ -300,7 +264,7 @@ async def test_kafka_frozen_or_down_is_503_and_the_gateway_recovers_when_it_retu
     await asyncio.to_thread(
         subprocess.run, [str(KAFKA_SH), "down"], env=env, check=True, capture_output=True
     )
-    status, body = await gw.post("log", sample)
+    status, body, _ = await gw.post("/v1/log", sample)
     assert (status, body["code"]) == (503, "kafka_unavailable")
 
     async def not_ready() -> bool:
@@ -327,7 +291,7 @@ async def test_kafka_frozen_or_down_is_503_and_the_gateway_recovers_when_it_retu
         return (await gw.client.get("/readyz")).status == 200
 
     await eventually(ready)
-    assert await gw.post("log", sample) == (200, {"accepted": 1})
+    assert (await gw.post("/v1/log", sample))[:2] == (200, {"accepted": 1})
     await eventually(functools.partial(ready_gauge_is, 1), within=10)
     back = await gw.metrics()
     assert back.value("cafe_kafka_ready") == 1
@@ -339,18 +303,18 @@ def activity(event_id: str, **changes: Any) -> dict[str, Any]:
     return {**record, "eventId": event_id, **changes}
 
 
-async def send_activity(gw: Gateway, *records: dict[str, Any]) -> tuple[int, Any]:
-    """POST these activity records as one batch; the status and the answer."""
-    return await gw.post("activity", orjson.dumps({"records": records}))
+async def send_activity(gw: KafkaGateway, *records: dict[str, Any]) -> Answer:
+    """POST these activity records as one batch."""
+    return await gw.post("/v1/activity", orjson.dumps({"records": records}))
 
 
 async def test_a_record_of_megabytes_is_rejected_and_kept_truncated_without_wedging(
-    roomy_gateway: Gateway,
+    roomy_gateway: KafkaGateway,
 ) -> None:
     gw = roomy_gateway
     # 2 MB of a character that takes two bytes in UTF-8: the cut must not split one.
     huge = activity("huge", eventCategory="é" * 1_000_000)
-    status, body = await send_activity(gw, huge)
+    status, body, _ = await send_activity(gw, huge)
     assert status == 422, body
     assert [(r["index"], r["reason"]) for r in body["rejections"]] == [(0, "invalid")]
 
@@ -360,7 +324,7 @@ async def test_a_record_of_megabytes_is_rejected_and_kept_truncated_without_wedg
         assert (await send_activity(gw, small))[0] == 422
     # A valid record beside a huge invalid one: 207, and the valid one stored once.
     both = [activity("valid"), activity("huge-2", eventCategory="x" * 2_000_000)]
-    status, body = await send_activity(gw, *both)
+    status, body, _ = await send_activity(gw, *both)
     assert (status, body["accepted"], body["rejected"]) == (207, 1, 1)
 
     (valid,) = await gw.on_topic(gw.topics.activity)
@@ -397,11 +361,11 @@ def truncated_at(dead: list[Any], index: int) -> Any:
 
 
 async def test_a_session_id_too_long_for_a_key_leaves_its_dead_letter_keyless(
-    roomy_gateway: Gateway,
+    roomy_gateway: KafkaGateway,
 ) -> None:
     gw = roomy_gateway
     record = activity("long-session", sessionId="s" * 900_000)
-    status, body = await send_activity(gw, record)
+    status, body, _ = await send_activity(gw, record)
     assert status == 422, body
     assert body["rejections"][0]["errors"][0]["pointer"] == "/sessionId"
     (message,) = await gw.on_topic(gw.topics.deadletter)

@@ -30,14 +30,15 @@ from aiohttp import web
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from playwright.async_api import Browser, Page, Request, async_playwright
 
+from devkit.net import free_ports
+from devkit.samples import curl_bodies
 from gateway.keys.file import write_keys_file
 from gateway.keys.model import mint_key
-from tests.integration.conftest import Broker, consume_all, delete_topics, eventually
-from tests.integration.tcp_proxy import free_ports
-from tests.integration.test_serve import gateway_env, ready_in_a_row, running
-from tests.keys import KeyFile
-from tests.scrape import Samples
-from tests.spec_samples import curl_bodies
+from tests.support.kafka import Broker, consume_all, delete_topics
+from tests.support.keys import KeyFile
+from tests.support.scrape import Samples, scrape
+from tests.support.served import gateway_env, ready_in_a_row, running
+from tests.support.wait import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -375,17 +376,17 @@ async def test_a_page_of_an_origin_no_key_lists_sends_nothing(kafka: Broker, sta
     await page.evaluate(TRACK_ONLY, [options, pairs({"activity": list(activity(5))})])
     await page.goto("about:blank")
 
-    async def scrape() -> Samples:
-        async with aiohttp.ClientSession(stage.gateway) as http, http.get("/metrics") as resp:
-            return Samples(await resp.text())
+    async def metrics() -> Samples:
+        async with aiohttp.ClientSession(stage.gateway) as http:
+            return await scrape(http)
 
     async def refused() -> bool:
         activity_403 = {"route": "/v1/activity", "method": "POST", "status": "403"}
-        return (await scrape()).value("cafe_http_requests_total", **activity_403) == 1
+        return (await metrics()).value("cafe_http_requests_total", **activity_403) == 1
 
     # Once the gateway has answered the beacon (403), no topic has ever had a message.
     await eventually(refused, within=20)
-    samples = await scrape()
+    samples = await metrics()
     assert samples.value("cafe_http_errors_total", code="origin_not_allowed") == 1
     log_route = {"route": "/v1/log"}
     assert samples.value("cafe_http_requests_total", **log_route, method="OPTIONS") == 1

@@ -28,17 +28,19 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-import orjson
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
 
-from tests.integration.conftest import Broker, Cluster, consume_all, eventually, summarise
-from tests.integration.tcp_proxy import free_port
-from tests.integration.test_outage import BATCH, Tally, clients, readyz_is, scrape
-from tests.integration.test_serve import gateway_env, serving
-from tests.keys import KeyFile
+from devkit.net import free_port
+from tests.support.books import Books, clients, read_topic
+from tests.support.kafka import Broker, Cluster
+from tests.support.keys import KeyFile, json_headers
+from tests.support.scrape import scrape
+from tests.support.served import GATEWAY_PARTITIONS, gateway_env, readyz_is, serving
+from tests.support.summary import summarise
+from tests.support.wait import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 
@@ -62,7 +64,10 @@ REQUEST_TIMEOUT_MS = 5_000
 # without an answer by then is counted as a hang.
 CLIENT_TIMEOUT_S = 30.0
 SENDERS = 6
-GATEWAY_PARTITIONS = 6  # CAFE_TOPIC_PARTITIONS' default: the gateway creates the topics
+# Between one sender's batches: a steady load, not a flood to read back afterwards.
+PACE_S = 0.05
+# What a sender sends again: a batch answered 503 (after its Retry-After).
+RETRY = {503}
 REPLICAS = 3
 MIN_INSYNC_REPLICAS = 2
 # With one broker down, the clients are watched this long after the kill: fencing,
@@ -83,9 +88,9 @@ class Timeline:
     # (monotonic time, records acknowledged so far, 503s so far)
     samples: list[tuple[float, int, int]] = field(default_factory=list)
 
-    async def watch(self, tally: Tally, stop: asyncio.Event) -> None:
+    async def watch(self, books: Books, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            self.samples.append((time.monotonic(), len(tally.acknowledged), tally.statuses[503]))
+            self.samples.append((time.monotonic(), books.acknowledged, books.statuses[503]))
             await asyncio.sleep(0.05)
 
     def _grew_at(self, column: int) -> list[float]:
@@ -194,8 +199,8 @@ async def test_one_broker_killed_is_ridden_out_two_answer_503_and_no_acknowledge
         CAFE_PRODUCE_TIMEOUT_MS=str(PRODUCE_TIMEOUT_MS),
         CAFE_KAFKA_REQUEST_TIMEOUT_MS=str(REQUEST_TIMEOUT_MS),
     )
-    headers = {"x-api-key": key_file.key, "Content-Type": "application/json"}
-    tally = Tally()
+    headers = json_headers(key_file.key)
+    books = Books()
     timeline = Timeline()
     timings: dict[str, float | None] = {"cluster up": cluster.started_in_s}
     started = time.monotonic()
@@ -206,19 +211,23 @@ async def test_one_broker_killed_is_ridden_out_two_answer_503_and_no_acknowledge
 
     async with serving(env, CLIENT_TIMEOUT_S) as (gateway, http):
         layout = await topic_layout(cluster.bootstrap, topics)
-        watch = functools.partial(timeline.watch, tally)
-        async with clients(http, headers, tally, SENDERS, watchers=[watch]):
-            await eventually(lambda: tally.acknowledged_at_least(20 * BATCH), within=30)
+        watch = functools.partial(timeline.watch, books)
+        async with clients(
+            http, headers, books, SENDERS, retry=RETRY, pace_s=PACE_S, watchers=[watch]
+        ):
+            await eventually(lambda: books.acknowledged_at_least(20 * books.batch), within=30)
 
             # One broker down: still two in-sync replicas everywhere.
-            before = Counter(tally.statuses)
+            before = Counter(books.statuses)
             first_kill = await kill(1)
             await eventually(lambda: isr_is(cluster.bootstrap, activity, {2, 3}), within=30)
             timings["1st kill until out of every ISR"] = time.monotonic() - first_kill
-            after = len(tally.acknowledged)
-            await eventually(lambda: tally.acknowledged_at_least(after + 20 * BATCH), within=30)
+            after = books.acknowledged
+            await eventually(
+                lambda: books.acknowledged_at_least(after + 20 * books.batch), within=30
+            )
             await asyncio.sleep(max(0.0, first_kill + ONE_DOWN_S - time.monotonic()))
-            one_down = tally.statuses - before
+            one_down = books.statuses - before
             timings["longest without 2xx, one down"] = timeline.longest_without_2xx(
                 first_kill, time.monotonic()
             )
@@ -228,9 +237,9 @@ async def test_one_broker_killed_is_ridden_out_two_answer_503_and_no_acknowledge
             await eventually(lambda: isr_is(cluster.bootstrap, activity, {3}), within=30)
             timings["2nd kill until ISRs are {3}"] = time.monotonic() - second_kill
             await asyncio.sleep(max(0.0, second_kill + SETTLE_S - time.monotonic()))
-            before = Counter(tally.statuses)
+            before = Counter(books.statuses)
             await asyncio.sleep(WATCH_S)
-            two_down = tally.statuses - before
+            two_down = books.statuses - before
             timings["2nd kill until first 503"] = timeline.first_503_after(second_kill)
             ready_with_two_down = await readyz_is(http, 200)
 
@@ -244,26 +253,25 @@ async def test_one_broker_killed_is_ridden_out_two_answer_503_and_no_acknowledge
                 timings["up began until 2 in sync"] = await in_sync_again - up_began
             finally:
                 in_sync_again.cancel()
-            after = len(tally.acknowledged)
-            await eventually(lambda: tally.acknowledged_at_least(after + 20 * BATCH), within=60)
+            after = books.acknowledged
+            await eventually(
+                lambda: books.acknowledged_at_least(after + 20 * books.batch), within=60
+            )
             timings["up began until first 2xx"] = timeline.first_2xx_after(up_began)
         output = await gateway.stop()
 
-    records = await consume_all(cluster.bootstrap, activity, partitions=GATEWAY_PARTITIONS)
+    on_topic = await read_topic(cluster.bootstrap, activity, books, GATEWAY_PARTITIONS)
     timings["total, cluster up excluded"] = time.monotonic() - started
-    on_topic = Counter(orjson.loads(r.value)["eventId"] for r in records)
-    acknowledged = set(tally.acknowledged)
-    missing = acknowledged - on_topic.keys()
-    duplicated = [n for n in on_topic.values() if n > 1]
     not_enough_replicas = output.count("NotEnoughReplicas")
     line = (
-        f"3-broker cluster: {len(tally.sent)} records sent, {len(acknowledged)} acknowledged, "
-        f"{len(missing)} lost, {len(on_topic)} distinct on the topic ({len(records)} messages, "
-        f"{len(duplicated)} duplicated); answers with one broker down {dict(one_down)}, "
+        f"3-broker cluster: {books.sent} records sent, {books.acknowledged} acknowledged, "
+        f"{on_topic.lost} lost, {on_topic.distinct} distinct on the topic "
+        f"({on_topic.messages} messages, {on_topic.duplicated} duplicated); answers with one "
+        f"broker down {dict(one_down)}, "
         f"with two down {dict(two_down)} (in {WATCH_S:g}s from {SETTLE_S:g}s after the kill), "
-        f"overall {dict(tally.statuses)}, 503 codes {dict(tally.codes_503)}, "
-        f"slowest answer {tally.slowest_s:.1f}s, {tally.hangs} hangs, "
-        f"{tally.connection_errors} connection errors; NotEnoughReplicas in the gateway's "
+        f"overall {dict(books.statuses)}, codes {dict(books.codes)}, "
+        f"slowest answer {books.slowest_s:.1f}s, {books.hangs} hangs, "
+        f"{books.connection_errors} connection errors; NotEnoughReplicas in the gateway's "
         f"output {not_enough_replicas} times; /readyz with two down "
         f"{'200' if ready_with_two_down else 'not 200'}; topics {layout}; "
         + ", ".join(
@@ -279,18 +287,18 @@ async def test_one_broker_killed_is_ridden_out_two_answer_503_and_no_acknowledge
         topics, (GATEWAY_PARTITIONS, {REPLICAS}, str(MIN_INSYNC_REPLICAS))
     ), f"(partitions, replicas of each, min.insync.replicas) of the topics: {layout}"
     # A 2xx promises the records are on the topic: none may be missing.
-    assert not missing, f"{len(missing)} of {len(acknowledged)} acknowledged records lost"
+    assert not on_topic.lost, f"{on_topic.lost} of {books.acknowledged} acknowledged records lost"
     # Nothing reached the topic that the clients did not send.
-    assert on_topic.keys() <= tally.sent
-    assert set(tally.statuses) <= {200, 503}, tally.statuses
-    assert set(tally.codes_503) <= {"kafka_unavailable"}, tally.codes_503
+    assert not on_topic.unsent, f"{on_topic.unsent} messages nobody sent"
+    assert set(books.statuses) <= {200, 503}, books.statuses
+    assert set(books.codes) <= {"503 kafka_unavailable"}, books.codes
     # One broker lost: no client noticed.
     assert one_down[503] == 0, one_down
     # Two lost: every answer a 503, none a 2xx.
     assert two_down[503] >= SENDERS, two_down
     assert set(two_down) == {503}, two_down
     assert not_enough_replicas, "the gateway's output does not mention NotEnoughReplicas"
-    assert tally.hangs == 0
+    assert books.hangs == 0
 
 
 async def test_existing_topics_that_acknowledge_on_one_copy_are_warned_of(

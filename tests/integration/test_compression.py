@@ -9,19 +9,12 @@ import uuid
 import orjson
 import pytest
 
-from gateway.app import create_app
-from gateway.config import KafkaSettings, Settings
-from tests.conftest import AiohttpClient
-from tests.integration.conftest import (
-    Broker,
-    consume_all,
-    delete_topics,
-    eventually,
-    java_consume,
-)
-from tests.integration.test_api import unique_topics
-from tests.keys import KeyFile
-from tests.spec_samples import curl_bodies
+from devkit.samples import curl_bodies
+from gateway.config import KafkaSettings
+from tests.support.app import GatewayClient, gateway_settings
+from tests.support.kafka import Broker, consume_all, delete_topics, java_consume, unique_topics
+from tests.support.keys import KeyFile, json_headers
+from tests.support.wait import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -38,15 +31,16 @@ def _batches() -> list[bytes]:
 
 @pytest.mark.parametrize("codec", ["gzip", "snappy", "lz4", "zstd"])
 async def test_each_codec_is_read_back_by_python_and_java_consumers(
-    aiohttp_client: AiohttpClient, kafka: Broker, key_file: KeyFile, codec: str
+    gateway_client: GatewayClient, kafka: Broker, key_file: KeyFile, codec: str
 ) -> None:
     topics = unique_topics()
-    settings = Settings(
-        keys_file=key_file.path,
-        kafka=KafkaSettings(bootstrap=kafka.bootstrap, topics=topics, compression=codec),
+    client = await gateway_client(
+        gateway_settings(
+            keys_file=key_file.path,
+            kafka=KafkaSettings(bootstrap=kafka.bootstrap, topics=topics, compression=codec),
+        )
     )
-    client = await aiohttp_client(create_app(settings))
-    headers = {"x-api-key": key_file.key, "Content-Type": "application/json"}
+    headers = json_headers(key_file.key)
     try:
 
         async def ready() -> bool:

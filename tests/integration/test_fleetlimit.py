@@ -21,25 +21,31 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
+from devkit.net import free_port, free_ports
 from gateway.keys.file import update_keys_file
 from gateway.keys.model import mint_key
 from gateway.limits.fleet import LEASE_SECONDS, FleetBuckets
 from gateway.metrics import Metrics
-from tests.integration.conftest import Broker, summarise
-from tests.integration.tcp_proxy import free_port, free_ports
-from tests.integration.test_serve import gateway_env, ready_in_a_row, running
-from tests.keys import KeyFile
+from tests.support.kafka import Broker
+from tests.support.keys import KeyFile
+from tests.support.served import gateway_env, ready_in_a_row, running
+from tests.support.summary import summarise
 
 pytestmark = pytest.mark.integration
 
 
 @contextlib.asynccontextmanager
 async def fleet(
-    url: str, processes: int, metrics: Metrics | None = None
+    url: str, processes: int, registries: list[CollectorRegistry] | None = None
 ) -> AsyncIterator[list[FleetBuckets]]:
     """`processes` FleetBuckets on one Redis, as that many gateway processes hold them;
-    their calls are counted together in `metrics`."""
-    buckets = [FleetBuckets(url, metrics) for _ in range(processes)]
+    each counts its calls on a registry of its own, added to `registries`."""
+    buckets = []
+    for _ in range(processes):
+        registry = CollectorRegistry()
+        if registries is not None:
+            registries.append(registry)
+        buckets.append(FleetBuckets(url, Metrics(registry, "test")))
     for each in buckets:
         await each.start()
         assert each.down is None, each.down
@@ -75,14 +81,17 @@ async def test_processes_sharing_a_bucket_get_no_more_than_one_bucket_gives(
     rate, burst = 50.0, 50.0
     bucket = new_bucket(rate)
     answers: collections.Counter[bool] = collections.Counter()
-    metrics = Metrics(CollectorRegistry(), "test")
-    async with fleet(redis_url, 3, metrics) as processes:
+    registries: list[CollectorRegistry] = []
+    async with fleet(redis_url, 3, registries) as processes:
 
         async def client(limits: FleetBuckets) -> None:
             answers[await limits.take(bucket, burst, 1) == 0.0] += 1
 
         elapsed = await hammer(2, [functools.partial(client, p) for p in processes for _ in "abcd"])
-    calls = metrics.ratelimit_redis_calls.labels("ok")._value.get()
+    calls = sum(
+        registry.get_sample_value("cafe_ratelimit_redis_calls_total", {"result": "ok"}) or 0
+        for registry in registries
+    )
     bound = burst + rate * elapsed
     granted = answers[True]
     summarise(
@@ -138,6 +147,7 @@ async def test_redis_stopped_means_local_limits_until_it_answers_again() -> None
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     metrics = Metrics(CollectorRegistry(), "test")
+    down = functools.partial(metrics.registry.get_sample_value, "cafe_ratelimit_redis_down")
     bucket = new_bucket(1000.0)  # a lease of 100
     with stopped_at_exit(redis_server(port)) as server:
         limits = FleetBuckets(url, metrics)
@@ -153,12 +163,12 @@ async def test_redis_stopped_means_local_limits_until_it_answers_again() -> None
             assert answers[:99] == [0.0] * 99 and answers[99] is None
             assert limits.down is not None
             assert f"Redis at {url} does not answer" in limits.down
-            assert metrics.ratelimit_redis_down._value.get() == 1
+            assert down() == 1
             assert await limits.take(bucket, 1000.0, 1) is None  # not asked while down
 
             with stopped_at_exit(redis_server(port)):
                 await until(lambda: limits.down is None, "back on Redis")
-                assert metrics.ratelimit_redis_down._value.get() == 0
+                assert down() == 0
                 assert await limits.take(bucket, 1000.0, 1) == 0.0
         finally:
             await limits.close()

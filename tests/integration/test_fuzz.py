@@ -31,15 +31,15 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
+from devkit.net import free_port
 from gateway.app import create_app
 from gateway.config import KafkaSettings, Settings, TopicSettings
 from gateway.schemas import load_record_types
-from tests.conftest import VALIDATOR
-from tests.integration.conftest import Broker, consume_all, delete_topics
-from tests.integration.tcp_proxy import free_port
-from tests.integration.test_api import NAMES, unique_topics
-from tests.integration.test_serve import gateway_env, ready_in_a_row, running
-from tests.keys import KeyFile
+from tests.support.app import VALIDATOR, gateway_settings
+from tests.support.kafka import Broker, consume_all, delete_topics, unique_topics
+from tests.support.keys import KeyFile, json_headers
+from tests.support.records import NAMES
+from tests.support.served import gateway_env, ready_in_a_row, running
 
 pytestmark = pytest.mark.integration
 
@@ -63,7 +63,7 @@ RUNS = [
 
 
 @dataclass
-class Tally:
+class Answers:
     """What the answers said, to hold Kafka to afterwards."""
 
     statuses: dict[tuple[str, int], int] = field(default_factory=dict)
@@ -87,22 +87,22 @@ async def served(settings: Settings) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
-def _fuzz(base: str, doc: dict[str, Any], key: str) -> Tally:
+def _fuzz(base: str, doc: dict[str, Any], key: str) -> Answers:
     """Run every schemathesis run of RUNS against `base`; raise on the first failure."""
     schema = schemathesis.openapi.from_dict(doc)
-    tally = Tally()
+    answers = Answers()
     headers = {"x-api-key": key}
     for label, mode, examples in RUNS:
         operation = schema.find_operation_by_label(label)
         assert operation is not None, label
-        run = _one_run(base, headers, operation.as_strategy(generation_mode=mode), CHECKS, tally)
+        run = _one_run(base, headers, operation.as_strategy(generation_mode=mode), CHECKS, answers)
         settings(
             max_examples=examples,
             deadline=None,
             database=None,
             suppress_health_check=list(HealthCheck),
         )(run)()
-    return tally
+    return answers
 
 
 def _one_run(
@@ -110,7 +110,7 @@ def _one_run(
     headers: dict[str, str],
     cases: st.SearchStrategy[Case[Any]],
     checks: list[Any],
-    tally: Tally,
+    answers: Answers,
 ) -> Callable[[], None]:
     @given(case=cases)
     def run(case: Case[Any]) -> None:
@@ -124,14 +124,14 @@ def _one_run(
         response = case.call(base_url=base, headers=headers, timeout=30)
         case.validate_response(response, checks=checks, headers=headers)
         label = f"{case.method} {case.path}"
-        tally.statuses[(label, response.status_code)] = (
-            tally.statuses.get((label, response.status_code), 0) + 1
+        answers.statuses[(label, response.status_code)] = (
+            answers.statuses.get((label, response.status_code), 0) + 1
         )
         if case.method == "POST" and response.status_code in (200, 207, 422):
             body = response.json()
             name = case.path.rsplit("/", 1)[1]
-            tally.accepted[name] = tally.accepted.get(name, 0) + body["accepted"]
-            tally.rejected += body.get("rejected", 0)
+            answers.accepted[name] = answers.accepted.get(name, 0) + body["accepted"]
+            answers.rejected += body.get("rejected", 0)
 
     return run
 
@@ -146,7 +146,7 @@ async def topics(kafka: Broker) -> AsyncIterator[TopicSettings]:
 async def test_schemathesis_finds_no_5xx_and_every_answer_is_as_documented(
     kafka: Broker, key_file: KeyFile, topics: TopicSettings
 ) -> None:
-    settings_ = Settings(
+    settings_ = gateway_settings(
         keys_file=key_file.path,
         max_body_bytes=256 * 1024,
         kafka=KafkaSettings(bootstrap=kafka.bootstrap, topics=topics),
@@ -154,29 +154,29 @@ async def test_schemathesis_finds_no_5xx_and_every_answer_is_as_documented(
     async with served(settings_) as base, aiohttp.ClientSession(base) as http:
         async with http.get("/v1/openapi.json") as resp:
             doc = await resp.json()
-        tally = await asyncio.to_thread(_fuzz, base, doc, key_file.key)
+        answers = await asyncio.to_thread(_fuzz, base, doc, key_file.key)
 
-    assert not [s for (_, s) in tally.statuses if s >= 500], tally.statuses
+    assert not [s for (_, s) in answers.statuses if s >= 500], answers.statuses
     # The run reached every kind of answer the POSTs document, not only refusals.
-    post_statuses = {s for (label, s) in tally.statuses if label.startswith("POST")}
-    assert {200, 400, 422} <= post_statuses, tally.statuses
+    post_statuses = {s for (label, s) in answers.statuses if label.startswith("POST")}
+    assert {200, 400, 422} <= post_statuses, answers.statuses
 
     # Kafka holds exactly what the answers acknowledged, each record valid.
     record_types = load_record_types(topics.by_record_type(), VALIDATOR)
     for name in NAMES:
         messages = await consume_all(kafka.bootstrap, getattr(topics, name))
-        assert len(messages) == tally.accepted.get(name, 0), name
+        assert len(messages) == answers.accepted.get(name, 0), name
         for message in messages:
             record = orjson.loads(message.value)
             assert record_types[name].check(record) is None
             assert message.key == record["sessionId"].encode()
-    assert len(await consume_all(kafka.bootstrap, topics.deadletter)) == tally.rejected
+    assert len(await consume_all(kafka.bootstrap, topics.deadletter)) == answers.rejected
 
 
 async def test_the_schema_route_is_documented_with_the_type_it_serves(
     kafka: Broker, key_file: KeyFile, topics: TopicSettings
 ) -> None:
-    settings_ = Settings(
+    settings_ = gateway_settings(
         keys_file=key_file.path, kafka=KafkaSettings(bootstrap=kafka.bootstrap, topics=topics)
     )
     async with served(settings_) as base, aiohttp.ClientSession(base) as http:
@@ -218,7 +218,7 @@ async def test_rss_returns_to_baseline_after_100_hostile_5mb_bodies(
     env = gateway_env(
         port, kafka, key_file, prefix, CAFE_MAX_INFLIGHT_BYTES=str(4 * FIVE_MB + 1024)
     )
-    headers = {"Content-Type": "application/json", "x-api-key": key_file.key}
+    headers = json_headers(key_file.key)
     try:
         async with running(env) as proc, aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
             await ready_in_a_row(http, 1)

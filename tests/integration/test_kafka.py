@@ -18,25 +18,26 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from prometheus_client import CollectorRegistry
 
-from gateway.app import create_app
-from gateway.config import KafkaSettings, Settings, TopicSettings
+from devkit.net import free_port
+from devkit.samples import curl_bodies
+from gateway.config import KafkaSettings, TopicSettings
 from gateway.errors import KafkaUnavailable, RecordTooLarge
 from gateway.kafka.sink import KafkaSink
 from gateway.metrics import Metrics
 from gateway.sink import Message
-from tests.conftest import AiohttpClient
-from tests.integration.conftest import (
+from tests.support.app import GatewayClient, gateway_settings
+from tests.support.kafka import (
     TOPIC_PARTITIONS,
     Broker,
+    broker_pid,
     consume_all,
     delete_topics,
-    eventually,
+    frozen,
     kafka_libs,
 )
-from tests.integration.tcp_proxy import TcpProxy, free_port
-from tests.integration.test_outage import broker_pid, frozen
-from tests.keys import make_key_file
-from tests.spec_samples import curl_bodies
+from tests.support.keys import json_headers, make_key_file
+from tests.support.net import TcpProxy
+from tests.support.wait import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -105,11 +106,11 @@ async def test_every_sent_record_is_on_the_topic_in_key_order(
 
 
 async def test_readyz_is_503_until_kafka_is_reachable_then_200(
-    kafka: Broker, aiohttp_client: AiohttpClient
+    kafka: Broker, gateway_client: GatewayClient
 ) -> None:
     proxy = TcpProxy(kafka.bootstrap)
-    settings = Settings(kafka=KafkaSettings(bootstrap=f"127.0.0.1:{proxy.port}"))
-    client = await aiohttp_client(create_app(settings))
+    settings = gateway_settings(kafka=KafkaSettings(bootstrap=f"127.0.0.1:{proxy.port}"))
+    client = await gateway_client(settings)
 
     resp = await client.get("/readyz")
     assert resp.status == 503
@@ -132,9 +133,9 @@ async def test_readyz_is_503_until_kafka_is_reachable_then_200(
         await proxy.close()
 
 
-async def test_readyz_stays_503_while_the_port_is_closed(aiohttp_client: AiohttpClient) -> None:
-    settings = Settings(kafka=KafkaSettings(bootstrap=f"127.0.0.1:{free_port()}"))
-    client = await aiohttp_client(create_app(settings))
+async def test_readyz_stays_503_while_the_port_is_closed(gateway_client: GatewayClient) -> None:
+    settings = gateway_settings(kafka=KafkaSettings(bootstrap=f"127.0.0.1:{free_port()}"))
+    client = await gateway_client(settings)
     # Long enough for several reconnect attempts (0.25 s, 0.5 s, 1 s backoff).
     for _ in range(3):
         assert (await client.get("/readyz")).status == 503
@@ -207,7 +208,7 @@ async def test_a_batch_kafka_refuses_for_good_does_not_wedge_its_partition(
 
 
 async def test_a_topic_made_again_with_fewer_partitions_is_followed(
-    kafka: Broker, aiohttp_client: AiohttpClient, tmp_path: Path
+    kafka: Broker, gateway_client: GatewayClient, tmp_path: Path
 ) -> None:
     topics = TopicSettings(
         activity=f"test.shrink.{uuid.uuid4().hex[:8]}",
@@ -217,7 +218,7 @@ async def test_a_topic_made_again_with_fewer_partitions_is_followed(
         partitions=6,
     )
     key_file = make_key_file(tmp_path)
-    settings = Settings(
+    settings = gateway_settings(
         keys_file=key_file.path,
         # A short request timeout lets a batch held for a partition that has gone expire
         # within the test, as it does after 30 s by default.
@@ -228,8 +229,8 @@ async def test_a_topic_made_again_with_fewer_partitions_is_followed(
             request_timeout_ms=1000,
         ),
     )
-    client = await aiohttp_client(create_app(settings))
-    headers = {"Content-Type": "application/json", "x-api-key": key_file.key}
+    client = await gateway_client(settings)
+    headers = json_headers(key_file.key)
     (base,) = orjson.loads(curl_bodies()["activity"])["records"]
     sessions = [f"session-{n}" for n in range(24)]  # enough to reach all six partitions
     statuses: Counter[int] = Counter()

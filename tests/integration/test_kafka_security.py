@@ -23,25 +23,22 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from gateway.app import create_app
-from gateway.config import Settings
+from devkit.samples import curl_bodies
 from gateway.kafka import sink as kafka_sink
-from tests.conftest import AiohttpClient
-from tests.integration.conftest import (
+from tests.support.app import GatewayClient, gateway_settings
+from tests.support.kafka import (
     KAFKA_SH,
     SecureBroker,
     consume_all,
     create_topics,
-    eventually,
     java_consume,
 )
-from tests.keys import KeyFile
-from tests.scrape import Samples
-from tests.spec_samples import curl_bodies
+from tests.support.keys import KeyFile, json_headers
+from tests.support.records import NAMES
+from tests.support.scrape import scrape
+from tests.support.wait import eventually
 
 pytestmark = pytest.mark.integration
-
-NAMES = ("activity", "log", "profile")
 
 
 def _unsigned_jwt(subject: str) -> str:
@@ -124,14 +121,14 @@ def _ways(broker: SecureBroker, tmp_path: Path) -> dict[str, dict[str, str]]:
 
 @asynccontextmanager
 async def _gateway(
-    aiohttp_client: AiohttpClient, key_file: KeyFile, topics: Topics, kafka: dict[str, str]
+    gateway_client: GatewayClient, key_file: KeyFile, topics: Topics, kafka: dict[str, str]
 ) -> AsyncIterator[TestClient]:  # type: ignore[type-arg]
-    settings = Settings.from_env({"CAFE_KEYS_FILE": str(key_file.path), **topics.env(), **kafka})
-    yield await aiohttp_client(create_app(settings))
+    env = {"CAFE_KEYS_FILE": str(key_file.path), **topics.env(), **kafka}
+    yield await gateway_client(gateway_settings(env))
 
 
 async def _post(client: TestClient, key_file: KeyFile, name: str) -> tuple[int, Any]:  # type: ignore[type-arg]
-    headers = {"x-api-key": key_file.key, "Content-Type": "application/json"}
+    headers = json_headers(key_file.key)
     answer = await client.post(f"/v1/{name}", data=curl_bodies()[name], headers=headers)
     return answer.status, await answer.json()
 
@@ -142,7 +139,7 @@ async def _ready(client: TestClient) -> bool:  # type: ignore[type-arg]
 
 @pytest.mark.parametrize("way", ["scram-sha-512", "plain", "oauthbearer", "mtls"])
 async def test_each_way_in_produces_what_a_client_sent(
-    aiohttp_client: AiohttpClient,
+    gateway_client: GatewayClient,
     key_file: KeyFile,
     secure_broker: SecureBroker,
     topics: Topics,
@@ -150,7 +147,7 @@ async def test_each_way_in_produces_what_a_client_sent(
     way: str,
 ) -> None:
     kafka = _ways(secure_broker, tmp_path)[way]
-    async with _gateway(aiohttp_client, key_file, topics, kafka) as client:
+    async with _gateway(gateway_client, key_file, topics, kafka) as client:
         await eventually(lambda: _ready(client))
         for name in NAMES:
             assert await _post(client, key_file, name) == (200, {"accepted": 1})
@@ -161,14 +158,14 @@ async def test_each_way_in_produces_what_a_client_sent(
 
 
 async def test_the_java_client_reads_the_records_over_sasl_ssl(
-    aiohttp_client: AiohttpClient,
+    gateway_client: GatewayClient,
     key_file: KeyFile,
     secure_broker: SecureBroker,
     topics: Topics,
     tmp_path: Path,
 ) -> None:
     kafka = _ways(secure_broker, tmp_path)["scram-sha-512"]
-    async with _gateway(aiohttp_client, key_file, topics, kafka) as client:
+    async with _gateway(gateway_client, key_file, topics, kafka) as client:
         await eventually(lambda: _ready(client))
         assert await _post(client, key_file, "activity") == (200, {"accepted": 1})
     # A downstream team's consumer: its own login (admin), over SASL_SSL too.
@@ -233,7 +230,7 @@ class SecretFiles:
     ],
 )
 async def test_a_refused_connection_is_told_once_and_mended_without_a_restart(
-    aiohttp_client: AiohttpClient,
+    gateway_client: GatewayClient,
     key_file: KeyFile,
     secure_broker: SecureBroker,
     topics: Topics,
@@ -247,10 +244,10 @@ async def test_a_refused_connection_is_told_once_and_mended_without_a_restart(
     kafka = _ways(secure_broker, tmp_path)["mtls" if "certificate" in change else "scram-sha-512"]
     kafka = {**kafka, **files.env(mtls="certificate" in change)}
     files.spoil(change)
-    async with _gateway(aiohttp_client, key_file, topics, kafka) as client:
+    async with _gateway(gateway_client, key_file, topics, kafka) as client:
 
         async def told() -> bool:
-            samples = Samples(await (await client.get("/metrics")).text())
+            samples = await scrape(client)
             return samples.value("cafe_kafka_connection_problem", cause=cause) == 1
 
         await eventually(told)
@@ -272,12 +269,12 @@ async def test_a_refused_connection_is_told_once_and_mended_without_a_restart(
         files.mend()
         await eventually(lambda: _ready(client), within=30)
         assert await _post(client, key_file, "activity") == (200, {"accepted": 1})
-        samples = Samples(await (await client.get("/metrics")).text())
+        samples = await scrape(client)
         assert samples.value("cafe_kafka_connection_problem", cause=cause) == 0
 
 
 async def test_write_revoked_on_one_topic_stops_only_its_type_until_granted_again(
-    aiohttp_client: AiohttpClient,
+    gateway_client: GatewayClient,
     key_file: KeyFile,
     secure_broker: SecureBroker,
     topics: Topics,
@@ -286,7 +283,7 @@ async def test_write_revoked_on_one_topic_stops_only_its_type_until_granted_agai
 ) -> None:
     monkeypatch.setattr(kafka_sink, "_FORBIDDEN_PROBE_S", 1.0)
     kafka = _ways(secure_broker, tmp_path)["scram-sha-512"]
-    async with _gateway(aiohttp_client, key_file, topics, kafka) as client:
+    async with _gateway(gateway_client, key_file, topics, kafka) as client:
         await eventually(lambda: _ready(client))
         assert (await _post(client, key_file, "activity"))[0] == 200
         _revoke(secure_broker, topics.of("activity"), "Write")
@@ -308,7 +305,7 @@ async def test_write_revoked_on_one_topic_stops_only_its_type_until_granted_agai
             "status": "ready",
             "degraded": [f"Kafka refuses writes to topic {topics.of('activity')}"],
         }
-        samples = Samples(await (await client.get("/metrics")).text())
+        samples = await scrape(client)
         renewals = samples.value("cafe_kafka_producer_renewals_total")
         assert renewals <= 3  # one per probe at most, not one per request
 
@@ -323,7 +320,7 @@ async def test_write_revoked_on_one_topic_stops_only_its_type_until_granted_agai
 
 
 async def test_a_topic_the_gateway_may_not_create_stops_only_its_type(
-    aiohttp_client: AiohttpClient,
+    gateway_client: GatewayClient,
     key_file: KeyFile,
     secure_broker: SecureBroker,
     tmp_path: Path,
@@ -333,7 +330,7 @@ async def test_a_topic_the_gateway_may_not_create_stops_only_its_type(
     await create_topics(secure_broker.plaintext, [t for t in made.all() if t != made.of("log")])
     _grant(secure_broker, made.all(), "Write", "Describe")
     kafka = _ways(secure_broker, tmp_path)["scram-sha-512"]
-    async with _gateway(aiohttp_client, key_file, made, kafka) as client:
+    async with _gateway(gateway_client, key_file, made, kafka) as client:
         await eventually(lambda: _ready(client))
         assert await (await client.get("/readyz")).json() == {
             "status": "ready",
@@ -360,7 +357,7 @@ def _restart(broker: SecureBroker) -> None:
 
 
 async def test_a_password_rotated_while_running_is_taken_from_the_file_without_a_restart(
-    aiohttp_client: AiohttpClient,
+    gateway_client: GatewayClient,
     key_file: KeyFile,
     secure_broker: SecureBroker,
     topics: Topics,
@@ -368,7 +365,7 @@ async def test_a_password_rotated_while_running_is_taken_from_the_file_without_a
 ) -> None:
     kafka = _ways(secure_broker, tmp_path)["scram-sha-512"]
     password = Path(kafka["CAFE_KAFKA_SASL_PASSWORD_FILE"])
-    async with _gateway(aiohttp_client, key_file, topics, kafka) as client:
+    async with _gateway(gateway_client, key_file, topics, kafka) as client:
         await eventually(lambda: _ready(client))
         assert (await _post(client, key_file, "activity"))[0] == 200
         try:
@@ -389,7 +386,7 @@ async def test_a_password_rotated_while_running_is_taken_from_the_file_without_a
             )
             await eventually(lambda: _ready(client), within=60)
             assert (await _post(client, key_file, "activity"))[0] == 200
-            samples = Samples(await (await client.get("/metrics")).text())
+            samples = await scrape(client)
             assert samples.value("cafe_kafka_producer_renewals_total", error="stale_credentials")
         finally:
             _set_password(secure_broker, secure_broker.gateway_password)

@@ -14,14 +14,14 @@ import time
 import aiohttp
 import pytest
 
+from devkit.net import free_port
+from devkit.samples import sample_api_key
 from gateway.keys.file import read_keys_file, read_last_used
 from gateway.keys.model import utc_text
-from tests.integration.conftest import Broker
-from tests.integration.tcp_proxy import free_port
-from tests.integration.test_serve import gateway_env, prefix, serving  # noqa: F401
-from tests.keys import KeyFile
-from tests.scrape import Samples
-from tests.spec_samples import sample_api_key
+from tests.support.kafka import Broker
+from tests.support.keys import KeyFile
+from tests.support.scrape import scrape
+from tests.support.served import gateway_env, serving
 
 pytestmark = pytest.mark.integration
 
@@ -67,7 +67,7 @@ async def in_force(
 async def test_key_changes_are_in_force_within_2s_without_a_restart(
     kafka: Broker,
     key_file: KeyFile,
-    prefix: str,  # noqa: F811
+    prefix: str,
 ) -> None:
     async with serving(gateway_env(free_port(), kafka, key_file, prefix)) as (gateway, http):
         assert await status(http, SPEC_SAMPLE_KEY) == 401
@@ -103,8 +103,7 @@ async def test_key_changes_are_in_force_within_2s_without_a_restart(
         assert await status(http, SPEC_SAMPLE_KEY) == 401
         assert await status(http, successor) == 200
 
-        async with http.get("/metrics") as resp:
-            samples = Samples(await resp.text())
+        samples = await scrape(http)
         assert samples.value("cafe_auth_failures_total", reason="expired") == 1
         await gateway.stop()
 

@@ -7,20 +7,19 @@ import dataclasses
 
 import pytest
 
-from gateway.app import create_app
-from gateway.config import KafkaSettings, Settings
+from devkit.samples import curl_bodies
+from gateway.config import KafkaSettings
 from gateway.kafka import sink as kafka_sink
-from tests.conftest import AiohttpClient
-from tests.integration.conftest import Broker, create_topics, delete_topics, eventually
-from tests.integration.test_api import unique_topics
-from tests.keys import KeyFile
-from tests.spec_samples import curl_bodies
+from tests.support.app import GatewayClient, gateway_settings
+from tests.support.kafka import Broker, create_topics, delete_topics, unique_topics
+from tests.support.keys import KeyFile, json_headers
+from tests.support.wait import eventually
 
 pytestmark = pytest.mark.integration
 
 
 async def test_with_create_topics_never_a_missing_topic_stops_only_its_type(
-    aiohttp_client: AiohttpClient,
+    gateway_client: GatewayClient,
     kafka: Broker,
     key_file: KeyFile,
     monkeypatch: pytest.MonkeyPatch,
@@ -28,11 +27,12 @@ async def test_with_create_topics_never_a_missing_topic_stops_only_its_type(
     monkeypatch.setattr(kafka_sink, "_TOPICS_EVERY_S", 0.5)
     topics = dataclasses.replace(unique_topics(), create="never")
     await create_topics(kafka.bootstrap, [t for t in topics.all() if t != topics.log])
-    settings = Settings(
-        keys_file=key_file.path, kafka=KafkaSettings(bootstrap=kafka.bootstrap, topics=topics)
+    client = await gateway_client(
+        gateway_settings(
+            keys_file=key_file.path, kafka=KafkaSettings(bootstrap=kafka.bootstrap, topics=topics)
+        )
     )
-    client = await aiohttp_client(create_app(settings))
-    headers = {"x-api-key": key_file.key, "Content-Type": "application/json"}
+    headers = json_headers(key_file.key)
     try:
 
         async def ready() -> bool:

@@ -10,16 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import KAFKA_SH
-from tests.integration.tcp_proxy import free_ports
+from devkit.net import free_ports
+from tests.support.kafka import KAFKA_SH, kafka_sh
 
 pytestmark = pytest.mark.integration
-
-
-def kafka_sh(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(KAFKA_SH), *args], env=env, capture_output=True, text=True, timeout=180, check=False
-    )
 
 
 @pytest.fixture

@@ -50,21 +50,22 @@ import pytest
 from aiokafka import ConsumerRecord
 from backports import zstd
 
-from tests.integration.conftest import (
-    Broker,
-    SecureBroker,
-    consume,
-    create_topics,
-    delete_topics,
-    eventually,
-    summarise,
+from devkit.net import free_port
+from devkit.samples import curl_bodies
+from tests.support.kafka import Broker, SecureBroker, consume, create_topics, delete_topics
+from tests.support.keys import KeyFile, json_headers
+from tests.support.net import TcpProxy
+from tests.support.scrape import Samples, scrape
+from tests.support.served import (
+    GATEWAY_PARTITIONS,
+    Served,
+    gateway_env,
+    ready_in_a_row,
+    running,
+    watch_rss,
 )
-from tests.integration.tcp_proxy import TcpProxy, free_port
-from tests.integration.test_outage import GATEWAY_PARTITIONS, watch_rss
-from tests.integration.test_serve import gateway_env, ready_in_a_row, running
-from tests.keys import KeyFile
-from tests.scrape import Samples
-from tests.spec_samples import curl_bodies
+from tests.support.summary import summarise
+from tests.support.wait import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -342,7 +343,7 @@ def addressed(spec: Spec, request_id: str, keys: Keys) -> tuple[str, dict[str, s
         origin = FOREIGN_ORIGIN if spec.fault == "wrong_origin" else ORIGIN
         headers |= {"Content-Type": "text/plain;charset=UTF-8", "Origin": origin}
         return f"{path}?api_key={keys.beacon}", headers
-    headers |= {"x-api-key": keys.server, "Content-Type": "application/json"}
+    headers |= json_headers(keys.server)
     if spec.delivery != "identity":
         headers["Content-Encoding"] = "br" if spec.fault == "mislabelled" else spec.delivery
     return path, headers
@@ -437,8 +438,8 @@ async def vanish(port: int, path: str, headers: dict[str, str], body: bytes) -> 
             await writer.wait_closed()
 
 
-class Books:
-    """Discrepancies, by what is wrong, with the first few examples of each."""
+class Discrepancies:
+    """What is wrong with the books, by what it is, with the first few examples of each."""
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
@@ -472,7 +473,7 @@ def reason_for(kind: str) -> str | None:
     return None if kind == "valid" else "forbidden" if kind == "forbidden" else "invalid"
 
 
-def check_answer(sent: Sent, books: Books) -> None:
+def check_answer(sent: Sent, books: Discrepancies) -> None:
     """The status, and for a 2xx the counts and rejections, are what the plan implies."""
     status, code = expected_answer(sent.spec)
     if sent.status != status:
@@ -513,7 +514,7 @@ class Ledger:
     doubtful_requests: set[str] = field(default_factory=set)
 
 
-def ledger_of(traffic: Traffic, books: Books) -> Ledger:
+def ledger_of(traffic: Traffic, books: Discrepancies) -> Ledger:
     """A 2xx puts its valid records on their topic and its rejected ones on the
     dead-letter topic; a 4xx or a hang-up puts nothing anywhere; of a 5xx or no
     answer nothing is known (and the test fails)."""
@@ -537,7 +538,7 @@ def ledger_of(traffic: Traffic, books: Books) -> Ledger:
 
 
 async def check_record_topic(
-    record_type: str, messages: AsyncIterator[ConsumerRecord], ledger: Ledger, books: Books
+    record_type: str, messages: AsyncIterator[ConsumerRecord], ledger: Ledger, books: Discrepancies
 ) -> int:
     """Every accepted record of this type is here once, as sent, and nothing else is.
     Returns how many accepted records were found exactly once."""
@@ -567,7 +568,9 @@ async def check_record_topic(
     return sum(1 for n in seen.values() if n == 1)
 
 
-def check_dead_letter(message: ConsumerRecord, sent: Sent, index: int, books: Books) -> None:
+def check_dead_letter(
+    message: ConsumerRecord, sent: Sent, index: int, books: Discrepancies
+) -> None:
     """Headers, key and value of the dead letter of record `index` of `sent`."""
     record = sent.records[index]
     place = (sent.request_id, index)
@@ -607,7 +610,7 @@ def check_dead_letter(message: ConsumerRecord, sent: Sent, index: int, books: Bo
 
 
 async def check_dead_letters(
-    messages: AsyncIterator[ConsumerRecord], ledger: Ledger, books: Books
+    messages: AsyncIterator[ConsumerRecord], ledger: Ledger, books: Discrepancies
 ) -> int:
     """Every rejected record is here once, and nothing else is. Returns how many
     rejected records were found exactly once."""
@@ -637,8 +640,7 @@ async def scrape_once_aborts_counted(http: aiohttp.ClientSession, vanished: int)
     """/metrics, once it counts `vanished` client_aborted (or the deadline passes)."""
     deadline = time.monotonic() + ABORTS_COUNTED_WITHIN_S
     while True:
-        async with http.get("/metrics") as resp:
-            samples = Samples(await resp.text())
+        samples = await scrape(http)
         counted = samples.value("cafe_http_errors_total", code="client_aborted")
         if counted >= vanished or time.monotonic() > deadline:
             return samples
@@ -646,11 +648,11 @@ async def scrape_once_aborts_counted(http: aiohttp.ClientSession, vanished: int)
 
 
 @contextlib.asynccontextmanager
-async def rss_watched(pid: int) -> AsyncIterator[list[int]]:
-    """The peak RSS of process `pid` and its children while in the block, in `[0]`."""
+async def rss_watched(gateway: Served) -> AsyncIterator[list[int]]:
+    """The peak RSS of `gateway` and its workers while in the block, in `[0]`."""
     peak = [0]
     stop = asyncio.Event()
-    watching = asyncio.create_task(watch_rss(pid, peak, stop))
+    watching = asyncio.create_task(watch_rss([gateway], peak, stop))
     try:
         yield peak
     finally:
@@ -668,7 +670,7 @@ class Run:
     seconds: float
 
 
-async def drive(traffic: Traffic, gateway_pid: int, kafka_back: TcpProxy | None = None) -> Run:
+async def drive(traffic: Traffic, gateway: Served, kafka_back: TcpProxy | None = None) -> Run:
     """Every client's requests, all started at once and all waited for; then /metrics.
 
     With `kafka_back`, the gateway's only way to Kafka, the way is opened once half the
@@ -681,7 +683,7 @@ async def drive(traffic: Traffic, gateway_pid: int, kafka_back: TcpProxy | None 
     ) as http:
         await ready_in_a_row(http, 1)
         started = time.monotonic()
-        async with rss_watched(gateway_pid) as rss_peak:
+        async with rss_watched(gateway) as rss_peak:
             async with asyncio.TaskGroup() as clients:
                 for number in range(CLIENTS):
                     clients.create_task(traffic.client(http, number))
@@ -707,15 +709,14 @@ async def open_halfway(traffic: Traffic, proxy: TcpProxy) -> None:
 
 async def spool_emptied(http: aiohttp.ClientSession) -> bool:
     """The spool has held records, and holds none now."""
-    async with http.get("/metrics") as resp:
-        samples = Samples(await resp.text())
+    samples = await scrape(http)
     return (
         samples.value("cafe_spool_records_spooled_total") > 0
         and samples.value("cafe_spool_records") == 0
     )
 
 
-def check_gateway(traffic: Traffic, run: Run, books: Books) -> None:
+def check_gateway(traffic: Traffic, run: Run, books: Discrepancies) -> None:
     """The load was what this test claims, and the gateway stayed healthy under it."""
     if traffic.peak_in_flight < MIN_IN_FLIGHT:
         books.wrong(f"fewer than {MIN_IN_FLIGHT} requests in flight", traffic.peak_in_flight)
@@ -832,10 +833,10 @@ async def test_mixed_traffic_balances_the_books(
         if proxy is not None:
             stack.push_async_callback(proxy.close)
         gateway = await stack.enter_async_context(running(env))
-        run = await drive(traffic, gateway.pid, proxy)
+        run = await drive(traffic, gateway, proxy)
         if spool and not any(sent.spooled for sent in traffic.sent):
             pytest.fail("nothing was spooled: Kafka was not away")
-        books = Books()
+        books = Discrepancies()
         ledger = ledger_of(traffic, books)
         found = await asyncio.gather(
             *(check_record_topic(t, topic(t), ledger, books) for t in TYPES),

@@ -32,7 +32,7 @@ from aiokafka.errors import (
     TopicAuthorizationFailedError,
 )
 
-from tests.integration.conftest import SecureBroker, create_topics
+from tests.support.kafka import SecureBroker, create_topics
 
 pytestmark = pytest.mark.integration
 

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
-import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -17,138 +13,17 @@ import orjson
 import psutil
 import pytest
 
+from devkit.net import free_port, free_ports
+from devkit.samples import curl_bodies
 from gateway.keys.file import update_keys_file
 from gateway.keys.model import mint_key
-from tests.integration.conftest import Broker, consume_all, delete_topics
-from tests.integration.tcp_proxy import free_port, free_ports
-from tests.keys import KeyFile
-from tests.rawhttp import Connection, connection
-from tests.scrape import Samples
-from tests.spec_samples import curl_bodies
+from tests.support.kafka import Broker, consume_all
+from tests.support.keys import KeyFile, json_headers
+from tests.support.rawhttp import Connection, connection
+from tests.support.scrape import Samples
+from tests.support.served import gateway_env, ready_in_a_row, running, serve
 
 pytestmark = pytest.mark.integration
-
-
-class Served:
-    """A `cafe-gateway serve` process whose output is read as it comes.
-
-    Read all along, not only at exit: a gateway that fills its stderr pipe blocks on
-    its next log line.
-    """
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.pid = proc.pid
-        self._output = bytearray()
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self.proc.stdout is not None
-        while chunk := await self.proc.stdout.read(65536):
-            self._output.extend(chunk)
-
-    @property
-    def returncode(self) -> int | None:
-        return self.proc.returncode
-
-    def send_signal(self, signum: int) -> None:
-        self.proc.send_signal(signum)
-
-    async def finish(self) -> str:
-        """Wait (at most 30 s) for the process to exit; returns everything it wrote."""
-        await asyncio.wait_for(self.proc.wait(), timeout=30)
-        await self._reader
-        return self._output.decode(errors="replace")
-
-    async def stop(self) -> str:
-        """SIGTERM, then check that it exits 0; returns everything it wrote."""
-        self.send_signal(signal.SIGTERM)
-        output = await self.finish()
-        assert self.returncode == 0, output
-        return output
-
-    async def kill(self) -> None:
-        """Kill the process and its workers (which would otherwise keep the pipe open)."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pid, signal.SIGKILL)
-        await self.proc.wait()
-        await self._reader
-
-
-async def serve(env: dict[str, str]) -> Served:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway",
-        "serve",
-        env={**os.environ, **env},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        start_new_session=True,  # a process group of its own, for kill()
-    )
-    return Served(proc)
-
-
-@contextlib.asynccontextmanager
-async def running(env: dict[str, str]) -> AsyncIterator[Served]:
-    """`serve`, killed on the way out unless the test has stopped it."""
-    proc = await serve(env)
-    try:
-        yield proc
-    finally:
-        if proc.returncode is None:
-            await proc.kill()
-
-
-@contextlib.asynccontextmanager
-async def serving(
-    env: dict[str, str], client_timeout_s: float | None = None
-) -> AsyncIterator[tuple[Served, aiohttp.ClientSession]]:
-    """`running(env)`, and a client session to its port, once /readyz has said 200."""
-    timeout = aiohttp.ClientTimeout(total=client_timeout_s)
-    async with (
-        running(env) as gateway,
-        aiohttp.ClientSession(f"http://127.0.0.1:{env['CAFE_PORT']}", timeout=timeout) as http,
-    ):
-        await ready_in_a_row(http, 1)
-        yield gateway, http
-
-
-async def ready_in_a_row(http: aiohttp.ClientSession, times: int) -> None:
-    """Wait until /readyz answers 200 `times` times in a row, each on a new connection
-    (so that, with several workers, every one of them is asked); fail after 30 s."""
-    deadline = time.monotonic() + 30
-    good = 0
-    while good < times:
-        assert time.monotonic() < deadline, f"not ready {times} times in a row within 30s"
-        try:
-            async with http.get("/readyz", headers={"Connection": "close"}) as resp:
-                good = good + 1 if resp.status == 200 else 0
-        except aiohttp.ClientConnectionError:
-            good = 0
-        await asyncio.sleep(0.1)
-
-
-@pytest.fixture
-async def prefix(kafka: Broker) -> AsyncIterator[str]:
-    """A topic prefix for one test; its topics are deleted afterwards."""
-    prefix = f"serve.{uuid.uuid4().hex[:8]}"
-    yield prefix
-    await delete_topics(kafka.bootstrap, lambda t: t.startswith(prefix + "."))
-
-
-def gateway_env(
-    port: int, kafka: Broker, key_file: KeyFile, prefix: str, **more: str
-) -> dict[str, str]:
-    """A serve environment on `port` whose topics all start with `prefix`."""
-    return {
-        "CAFE_PORT": str(port),
-        "CAFE_KAFKA_BOOTSTRAP": kafka.bootstrap,
-        "CAFE_KEYS_FILE": str(key_file.path),
-        **{f"CAFE_TOPIC_{t.upper()}": f"{prefix}.{t}" for t in ("activity", "log", "profile")},
-        "CAFE_TOPIC_DEADLETTER": f"{prefix}.deadletter",
-        **more,
-    }
 
 
 async def test_serve_becomes_ready_over_http_and_exits_0_on_sigterm(
@@ -209,7 +84,7 @@ async def test_two_workers_share_one_port_and_stop_together(
             workers = parent.children()
             assert len(workers) == 2
             body = curl_bodies()["log"]
-            headers = {"x-api-key": key_file.key, "Content-Type": "application/json"}
+            headers = json_headers(key_file.key)
             for _ in range(10):
                 async with http.post("/v1/log", data=body, headers=headers) as resp:
                     assert resp.status == 200
@@ -270,12 +145,8 @@ async def test_two_workers_report_one_set_of_metrics_on_the_metrics_port(
         async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
             await ready_in_a_row(http, 10)
             body = curl_bodies()["log"]
-            headers = {
-                "x-api-key": key_file.key,
-                "Content-Type": "application/json",
-                # A new connection each time, so the kernel spreads them over both workers.
-                "Connection": "close",
-            }
+            # A new connection each time, so the kernel spreads them over both workers.
+            headers = {**json_headers(key_file.key), "Connection": "close"}
             served_by: set[str] = set()
             for _ in range(40):
                 async with http.post("/v1/log", data=body, headers=headers) as resp:
@@ -312,7 +183,7 @@ async def test_sigterm_under_load_loses_no_acknowledged_record(
     port = free_port()
     env = gateway_env(port, kafka, key_file, prefix, CAFE_DRAIN_SECONDS="1")
     base = orjson.loads(curl_bodies()["activity"])["records"][0]
-    headers = {"x-api-key": key_file.key, "Content-Type": "application/json"}
+    headers = json_headers(key_file.key)
     acknowledged: list[str] = []
     after_sigterm: list[int] = []
     answers: dict[int, int] = {}

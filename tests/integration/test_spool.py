@@ -15,23 +15,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
 import uuid
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
-import orjson
 import pytest
 
-from tests.integration.conftest import Broker, consume_all, eventually, summarise
-from tests.integration.tcp_proxy import free_port
-from tests.integration.test_outage import at_work, kafka_sh, scrape, watch_rss
-from tests.integration.test_serve import gateway_env, ready_in_a_row, running
-from tests.keys import KeyFile
-from tests.spec_samples import curl_bodies
+from devkit.net import free_port
+from tests.support.books import Books, OnTopic, clients, read_topic
+from tests.support.kafka import kafka_sh_took
+from tests.support.keys import KeyFile, json_headers
+from tests.support.scrape import scrape
+from tests.support.served import GATEWAY_PARTITIONS, ready_in_a_row, running, spool_env, watch_rss
+from tests.support.summary import summarise
+from tests.support.wait import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -51,119 +49,20 @@ EMPTY_WITHIN_S = 60.0
 # group commit, so the outage should cost little memory; the bound leaves room for a
 # slower machine, not for records piling up in memory.
 RSS_LIMIT_BYTES = 250 * 2**20
-GATEWAY_PARTITIONS = 6  # CAFE_TOPIC_PARTITIONS' default: the gateway creates the topic
-
-
-@dataclass
-class Books:
-    """What the clients sent and were told."""
-
-    # eventIds in the order each session's client sent them, by session.
-    sent: dict[str, list[str]] = field(default_factory=dict)
-    acknowledged: set[str] = field(default_factory=set)
-    statuses: Counter[int] = field(default_factory=Counter)
-    spooled_answers: int = 0
-    connection_errors: int = 0
-    hangs: int = 0
-
-    async def acknowledged_at_least(self, count: int) -> bool:
-        return len(self.acknowledged) >= count
-
-
-async def client(
-    http: aiohttp.ClientSession, headers: dict[str, str], books: Books, stop: asyncio.Event
-) -> None:
-    """One session: W20 batches of fresh eventIds, each POSTed until it gets an answer.
-
-    No answer at all (the gateway was killed) is retried; any answer is final, so a
-    non-2xx shows in the statuses rather than being retried away.
-    """
-    base = orjson.loads(curl_bodies()["activity"])["records"][0]
-    session = str(uuid.uuid4())
-    order = books.sent[session] = []
-    while not stop.is_set():
-        records = [
-            {**base, "sessionId": session, "eventId": f"{session}-{len(order) + n:06d}"}
-            for n in range(BATCH)
-        ]
-        order.extend(r["eventId"] for r in records)
-        body = orjson.dumps({"records": records})
-        while True:
-            try:
-                async with http.post("/v1/activity", data=body, headers=headers) as resp:
-                    await resp.read()
-                    books.statuses[resp.status] += 1
-                    if 200 <= resp.status < 300:
-                        books.acknowledged.update(r["eventId"] for r in records)
-                        books.spooled_answers += resp.headers.get("X-Cafe-Spooled") == "true"
-                    break
-            except TimeoutError:
-                books.hangs += 1
-            except aiohttp.ClientError:
-                books.connection_errors += 1
-            await asyncio.sleep(0.2)
-        await asyncio.sleep(PACE_S)
-
-
-def clients(
-    http: aiohttp.ClientSession, headers: dict[str, str], books: Books
-) -> contextlib.AbstractAsyncContextManager[None]:
-    """CLIENTS sessions at work for the block; each then finishes the batch in hand."""
-    return at_work([functools.partial(client, http, headers, books)] * CLIENTS)
-
-
-@dataclass
-class OnTopic:
-    copies: Counter[str]
-    messages: int
-    # Sessions whose first copies are not in the order their client sent them.
-    out_of_order: list[str]
-
-
-async def read_topic(bootstrap: str, topic: str, books: Books) -> OnTopic:
-    """Read the topic to its end; count copies and check each session's order."""
-    records = await consume_all(bootstrap, topic, partitions=GATEWAY_PARTITIONS)
-    records.sort(key=lambda r: (r.partition, r.offset))
-    copies: Counter[str] = Counter()
-    first_seen: dict[str, list[str]] = {}
-    for record in records:
-        value = orjson.loads(record.value)
-        event_id = value["eventId"]
-        copies[event_id] += 1
-        if copies[event_id] == 1:
-            first_seen.setdefault(value["sessionId"], []).append(event_id)
-    out_of_order = [
-        session
-        for session, seen in first_seen.items()
-        # What reached the topic, in the order the client sent it.
-        if seen != [e for e in books.sent.get(session, []) if e in copies]
-    ]
-    return OnTopic(copies, len(records), out_of_order)
 
 
 async def spool_records(http: aiohttp.ClientSession) -> float:
     return (await scrape(http)).value("cafe_spool_records")
 
 
-def spool_env(
-    port: int, bootstrap: str, key_file: KeyFile, prefix: str, spool: Path
-) -> dict[str, str]:
-    return gateway_env(
-        port, Broker(bootstrap, "spare broker"), key_file, prefix, CAFE_SPOOL_DIR=str(spool)
-    )
-
-
 def problems_with(books: Books, on_topic: OnTopic, rss_peak: int | None) -> list[str]:
     """Every broken promise of the spool, at once (the RSS one only if it was watched)."""
-    missing = books.acknowledged - on_topic.copies.keys()
-    sent = {e for order in books.sent.values() for e in order}
-    most = max(on_topic.copies.values(), default=0)
     return [
         problem
         for failed, problem in (
-            (bool(missing), f"{len(missing)} of {len(books.acknowledged)} 2xx records lost"),
-            (not on_topic.copies.keys() <= sent, "records on the topic nobody sent"),
-            (most > 2, f"a record is on the topic {most} times"),
+            (on_topic.lost > 0, f"{on_topic.lost} of {books.acknowledged} 2xx records lost"),
+            (on_topic.unsent > 0, f"{on_topic.unsent} messages on the topic nobody sent"),
+            (on_topic.max_copies > 2, f"a record is on the topic {on_topic.max_copies} times"),
             (bool(on_topic.out_of_order), f"{len(on_topic.out_of_order)} sessions out of order"),
             (set(books.statuses) != {200}, f"answers {dict(books.statuses)}"),
             (books.hangs > 0, f"{books.hangs} requests unanswered in {CLIENT_TIMEOUT_S:g}s"),
@@ -177,13 +76,13 @@ def problems_with(books: Books, on_topic: OnTopic, rss_peak: int | None) -> list
 
 
 def report(books: Books, on_topic: OnTopic, rss_peak: int | None, timings: dict[str, float]) -> str:
-    duplicated = sum(1 for n in on_topic.copies.values() if n > 1)
     rss = "" if rss_peak is None else f"peak RSS {rss_peak / 2**20:.0f} MiB; "
     return (
         f"{CLIENTS} clients, W{BATCH}, broker stopped {OUTAGE_S:.0f}s: "
-        f"{sum(map(len, books.sent.values()))} records sent, {len(books.acknowledged)} "
+        f"{books.sent} records sent, {books.acknowledged} "
         f"answered 2xx ({books.spooled_answers} answers spooled), {on_topic.messages} "
-        f"messages on the topic, {duplicated} records twice; answers {dict(books.statuses)}, "
+        f"messages on the topic, {on_topic.duplicated} records twice; "
+        f"answers {dict(books.statuses)}, "
         f"{books.connection_errors} connection errors; {rss}"
         + ", ".join(f"{name} {s:.1f}s" for name, s in timings.items())
     )
@@ -199,8 +98,8 @@ async def test_kafka_stopped_for_a_minute_costs_clients_nothing_with_the_spool_o
     port = free_port()
     prefix = f"spool.{uuid.uuid4().hex[:8]}"
     env = spool_env(port, bootstrap, key_file, prefix, tmp_path / "spool")
-    headers = {"x-api-key": key_file.key, "Content-Type": "application/json"}
-    books = Books()
+    headers = json_headers(key_file.key)
+    books = Books(batch=BATCH)
     rss_peak = [0]
     timings: dict[str, float] = {}
     timeout = aiohttp.ClientTimeout(total=CLIENT_TIMEOUT_S)
@@ -211,11 +110,11 @@ async def test_kafka_stopped_for_a_minute_costs_clients_nothing_with_the_spool_o
     ):
         await ready_in_a_row(http, 1)
         rss_stop = asyncio.Event()
-        rss = asyncio.create_task(watch_rss(gateway.pid, rss_peak, rss_stop))
-        async with clients(http, headers, books):
+        rss = asyncio.create_task(watch_rss([gateway], rss_peak, rss_stop))
+        async with clients(http, headers, books, CLIENTS, pace_s=PACE_S):
             await eventually(lambda: books.acknowledged_at_least(5 * CLIENTS * BATCH), within=60)
             down_at = time.monotonic()
-            timings["kafka.sh down"] = await kafka_sh("down", broker_env)
+            timings["kafka.sh down"] = await kafka_sh_took("down", broker_env)
             # Ready all along: the gateway takes records safely.
             await eventually(lambda: _spooling(http), within=15)
             assert (await http.get("/readyz")).status == 200
@@ -227,7 +126,7 @@ async def test_kafka_stopped_for_a_minute_costs_clients_nothing_with_the_spool_o
         await rss
         await gateway.stop()
 
-    on_topic = await read_topic(bootstrap, f"{prefix}.activity", books)
+    on_topic = await read_topic(bootstrap, f"{prefix}.activity", books, GATEWAY_PARTITIONS)
     line = report(books, on_topic, rss_peak[0], timings) + f"; {held:.0f} records spooled at up"
     print("\n" + line)
     summarise(request.config, "spool: " + line)
@@ -249,11 +148,11 @@ async def kafka_returns(
 ) -> None:
     """Start the broker; wait for the spool to empty, then for every client to have had
     a batch through."""
-    timings["kafka.sh up"] = await kafka_sh("up", broker_env)
+    timings["kafka.sh up"] = await kafka_sh_took("up", broker_env)
     up_at = time.monotonic()
     await eventually(lambda: _spool_is_empty(http), within=EMPTY_WITHIN_S + timings["kafka.sh up"])
     timings["spool empty after up"] = time.monotonic() - up_at
-    after = len(books.acknowledged)
+    after = books.acknowledged
     await eventually(lambda: books.acknowledged_at_least(after + CLIENTS * BATCH))
 
 
@@ -277,8 +176,8 @@ async def test_gateways_killed_while_spooling_and_while_replaying_lose_nothing_a
     port = free_port()
     prefix = f"spoolkill.{uuid.uuid4().hex[:8]}"
     env = spool_env(port, bootstrap, key_file, prefix, tmp_path / "spool")
-    headers = {"x-api-key": key_file.key, "Content-Type": "application/json"}
-    books = Books()
+    headers = json_headers(key_file.key)
+    books = Books(batch=BATCH)
     timings: dict[str, float] = {}
     timeout = aiohttp.ClientTimeout(total=CLIENT_TIMEOUT_S)
     held: dict[str, float] = {}  # records in the spool at each kill
@@ -289,10 +188,10 @@ async def test_gateways_killed_while_spooling_and_while_replaying_lose_nothing_a
         )
         first = await stack.enter_async_context(running(env))
         await ready_in_a_row(http, 1)
-        async with clients(http, headers, books):
+        async with clients(http, headers, books, CLIENTS, pace_s=PACE_S):
             await eventually(lambda: books.acknowledged_at_least(3 * CLIENTS * BATCH), within=60)
             down_at = time.monotonic()
-            timings["kafka.sh down"] = await kafka_sh("down", broker_env)
+            timings["kafka.sh down"] = await kafka_sh_took("down", broker_env)
             await eventually(lambda: _spooling(http), within=15)
             await asyncio.sleep(OUTAGE_S / 3)
             held["spooling"] = await spool_records(http)
@@ -304,7 +203,7 @@ async def test_gateways_killed_while_spooling_and_while_replaying_lose_nothing_a
             await ready_in_a_row(http, 1)
             timings["ready again after kill"] = time.monotonic() - killed_at
             await asyncio.sleep(max(0.0, OUTAGE_S - (time.monotonic() - down_at)))
-            timings["kafka.sh up"] = await kafka_sh("up", broker_env)
+            timings["kafka.sh up"] = await kafka_sh_took("up", broker_env)
             up_at = time.monotonic()
             await eventually(lambda: _replaying(http), within=EMPTY_WITHIN_S)
             held["replaying"] = await spool_records(http)
@@ -315,13 +214,13 @@ async def test_gateways_killed_while_spooling_and_while_replaying_lose_nothing_a
             await ready_in_a_row(http, 1)
             await eventually(lambda: _spool_is_empty(http), within=EMPTY_WITHIN_S)
             timings["spool empty after up"] = time.monotonic() - up_at
-            after = len(books.acknowledged)
+            after = books.acknowledged
             await eventually(lambda: books.acknowledged_at_least(after + CLIENTS * BATCH))
         metrics = await scrape(http)
         third_output = await third.stop()
     second_output = await second.finish()
 
-    on_topic = await read_topic(bootstrap, f"{prefix}.activity", books)
+    on_topic = await read_topic(bootstrap, f"{prefix}.activity", books, GATEWAY_PARTITIONS)
     line = (
         report(books, on_topic, None, timings)
         + f"; records in the spool at the kill while spooling {held['spooling']:.0f}, "

@@ -25,22 +25,21 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import orjson
-import psutil
 import pytest
 
-from tests.integration.conftest import consume, eventually, summarise
-from tests.integration.tcp_proxy import free_port
-from tests.integration.test_outage import at_work, broker_pid, frozen
-from tests.integration.test_serve import Served, running
-from tests.integration.test_spool import GATEWAY_PARTITIONS, spool_env
-from tests.keys import KeyFile
-from tests.scrape import Samples
-from tests.spec_samples import curl_bodies
+from devkit.net import free_port
+from tests.support.books import Books, clients, read_topic
+from tests.support.kafka import broker_pid, frozen
+from tests.support.keys import KeyFile, json_headers
+from tests.support.scrape import Samples, scrape
+from tests.support.served import GATEWAY_PARTITIONS, Served, running, spool_env, watch_rss
+from tests.support.summary import summarise
+from tests.support.wait import at_work, eventually, holds_within
 
 pytestmark = pytest.mark.integration
 
@@ -55,8 +54,8 @@ KILL_AT_S = 20.0  # into the freeze: the first gateway is SIGKILLed while it spo
 AFTER_EMPTY_S = 5.0  # traffic kept up once the spool is empty
 # Generous: a request unanswered this long counts as a hang (and is sent again).
 CLIENT_TIMEOUT_S = 30.0
-# Retry-After is honoured, within these bounds.
-RETRY_MIN_S, RETRY_MAX_S = 0.2, 1.0
+# What a client sends again (after its Retry-After): a batch answered 429 or 5xx.
+RETRY = {429, *range(500, 600)}
 # After a minute's outage under this load, the spool empties WHILE the clients keep
 # sending: the replay outruns the records that keep coming in behind it (the thawed
 # broker needs no restart: it still leads its partitions). Before the catch-up rule it
@@ -95,89 +94,6 @@ SPOOL_MAX_BYTES = 4 * 2**30
 # The spool has caught up when its oldest record is younger than this: what it holds
 # then came in behind the replay, not during the outage.
 CAUGHT_UP_AGE_S = 5.0
-
-
-@dataclass
-class Session:
-    """One client's session: eventIds `{id}-{n:07d}`, n counting from 0 in sending order."""
-
-    id: str
-    sent: int = 0  # records sent so far
-    acknowledged: bytearray = field(default_factory=bytearray)  # per batch: 1 if 2xx
-
-
-@dataclass
-class Books:
-    """What the clients sent and were told."""
-
-    sessions: dict[str, Session] = field(default_factory=dict)
-    statuses: Counter[int] = field(default_factory=Counter)
-    spooled_answers: int = 0
-    connection_errors: int = 0
-    hangs: int = 0
-    retries: int = 0
-    slowest_s: float = 0.0
-    codes: Counter[str] = field(default_factory=Counter)  # of answers not 2xx
-    # 2xx and other answers by whole second since the drill began: the traffic's shape.
-    ok_by_second: Counter[int] = field(default_factory=Counter)
-    other_by_second: Counter[int] = field(default_factory=Counter)
-    began: float = field(default_factory=time.monotonic)
-
-    @property
-    def acknowledged(self) -> int:
-        return sum(s.acknowledged.count(1) for s in self.sessions.values()) * BATCH
-
-    @property
-    def sent(self) -> int:
-        return sum(s.sent for s in self.sessions.values())
-
-    async def acknowledged_at_least(self, count: int) -> bool:
-        return self.acknowledged >= count
-
-
-async def client(
-    http: aiohttp.ClientSession, headers: dict[str, str], books: Books, stop: asyncio.Event
-) -> None:
-    """One session sending W20 batches back to back, each until it is answered 2xx, or
-    answered a status no retry would change (a 4xx but 429: the books show it)."""
-    base = orjson.loads(curl_bodies()["activity"])["records"][0]
-    session = Session(str(uuid.uuid4()))
-    books.sessions[session.id] = session
-    while not stop.is_set():
-        records = [
-            {**base, "sessionId": session.id, "eventId": f"{session.id}-{session.sent + n:07d}"}
-            for n in range(BATCH)
-        ]
-        session.sent += BATCH
-        session.acknowledged.append(0)
-        body = orjson.dumps({"records": records})
-        while True:
-            started = time.monotonic()
-            delay = RETRY_MIN_S
-            try:
-                async with http.post("/v1/activity", data=body, headers=headers) as resp:
-                    answer = await resp.read()
-                    books.statuses[resp.status] += 1
-                    books.slowest_s = max(books.slowest_s, time.monotonic() - started)
-                    second = int(time.monotonic() - books.began)
-                    if 200 <= resp.status < 300:
-                        session.acknowledged[-1] = 1
-                        books.spooled_answers += resp.headers.get("X-Cafe-Spooled") == "true"
-                        books.ok_by_second[second] += 1
-                        break
-                    books.other_by_second[second] += 1
-                    with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
-                        books.codes[f"{resp.status} {orjson.loads(answer).get('code')}"] += 1
-                    if resp.status < 500 and resp.status != 429:
-                        break
-                    retry_after = float(resp.headers.get("Retry-After", RETRY_MAX_S))
-                    delay = min(max(retry_after, RETRY_MIN_S), RETRY_MAX_S)
-            except TimeoutError:
-                books.hangs += 1
-            except aiohttp.ClientError:
-                books.connection_errors += 1
-            books.retries += 1
-            await asyncio.sleep(delay)
 
 
 @dataclass
@@ -241,72 +157,6 @@ def _spool_shape(samples: list[Sample], since: float, every_s: float = 10.0) -> 
     return " ".join(marks)
 
 
-async def watch_rss(gateways: list[Served], peaks: list[int], stop: asyncio.Event) -> None:
-    """Keep in `peaks[i]` the largest RSS seen of `gateways[i]` (and any workers), for
-    each gateway as it is started and until it is gone."""
-    while not stop.is_set():
-        peaks.extend([0] * (len(gateways) - len(peaks)))
-        for i, gateway in enumerate(gateways):
-            if gateway.returncode is not None:
-                continue
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process = psutil.Process(gateway.pid)
-                rss = 0
-                for proc in [process, *process.children(recursive=True)]:
-                    with contextlib.suppress(psutil.NoSuchProcess):
-                        rss += proc.memory_info().rss
-                peaks[i] = max(peaks[i], rss)
-        await asyncio.sleep(0.2)
-
-
-@dataclass
-class OnTopic:
-    messages: int = 0
-    lost: int = 0
-    max_copies: int = 0
-    duplicated: int = 0  # records on the topic more than once
-    unsent: int = 0  # messages carrying an eventId nobody sent
-    out_of_order: set[str] = field(default_factory=set)  # sessions
-    read_s: float = 0.0
-
-
-async def read_topic(bootstrap: str, topic: str, books: Books) -> OnTopic:
-    """Read the topic to its end, streaming (it holds millions of records): count each
-    record's copies, and check that each session's first copies come in sending order
-    (a session is one key, so one partition, read in offset order)."""
-    started = time.monotonic()
-    on_topic = OnTopic()
-    copies = {sid: bytearray(s.sent) for sid, s in books.sessions.items()}
-    last_first = dict.fromkeys(books.sessions, -1)
-    async for message in consume(bootstrap, topic, partitions=GATEWAY_PARTITIONS):
-        on_topic.messages += 1
-        value = orjson.loads(message.value)
-        event_id: str = value["eventId"]
-        session, _, n = event_id.rpartition("-")
-        counts = copies.get(session)
-        if counts is None or value["sessionId"] != session or not n.isdigit():
-            on_topic.unsent += 1
-            continue
-        seq = int(n)
-        if seq >= len(counts):
-            on_topic.unsent += 1
-            continue
-        if counts[seq] == 0:
-            if seq < last_first[session]:
-                on_topic.out_of_order.add(session)
-            last_first[session] = seq
-        counts[seq] = min(255, counts[seq] + 1)
-    for sid, sent in books.sessions.items():
-        counts = copies[sid]
-        on_topic.max_copies = max(on_topic.max_copies, max(counts, default=0))
-        on_topic.duplicated += sum(1 for c in counts if c > 1)
-        for batch, acknowledged in enumerate(sent.acknowledged):
-            if acknowledged:
-                on_topic.lost += counts[batch * BATCH : (batch + 1) * BATCH].count(0)
-    on_topic.read_s = time.monotonic() - started
-    return on_topic
-
-
 async def test_spool_drill_frozen_broker_killed_gateway_unpaced_clients(
     key_file: KeyFile,
     spare_broker: tuple[str, dict[str, str]],
@@ -321,8 +171,8 @@ async def test_spool_drill_frozen_broker_killed_gateway_unpaced_clients(
         **spool_env(port, bootstrap, key_file, prefix, tmp_path / "spool"),
         "CAFE_SPOOL_MAX_BYTES": str(SPOOL_MAX_BYTES),
     }
-    headers = {"x-api-key": key_file.key, "Content-Type": "application/json"}
-    books = Books()
+    headers = json_headers(key_file.key)
+    books = Books(batch=BATCH)
     samples: list[Sample] = []
     gateways: list[Served] = []
     rss_peaks: list[int] = []
@@ -347,7 +197,7 @@ async def test_spool_drill_frozen_broker_killed_gateway_unpaced_clients(
         await stack.enter_async_context(at_work(watchers))
         await eventually(lambda: _ready(samples), within=30)
         books.began = time.monotonic()
-        async with at_work([functools.partial(client, http, headers, books)] * CLIENTS):
+        async with clients(http, headers, books, CLIENTS, retry=RETRY):
             await eventually(lambda: books.acknowledged_at_least(CLIENTS * BATCH), within=30)
             await asyncio.sleep(max(0.0, HEALTHY_S - (time.monotonic() - books.began)))
             figures["rate before"] = books.acknowledged / (time.monotonic() - books.began)
@@ -368,7 +218,9 @@ async def test_spool_drill_frozen_broker_killed_gateway_unpaced_clients(
             timings["frozen"] = thawed_at - frozen_at
 
             # The clients keep sending while the spool empties (or until the cap).
-            if await within(lambda: first_sample(samples, thawed_at) is not None, EMPTY_WAIT_CAP_S):
+            if await holds_within(
+                lambda: first_sample(samples, thawed_at) is not None, EMPTY_WAIT_CAP_S
+            ):
                 empty = first_sample(samples, thawed_at)
                 assert empty is not None
                 empty_after_thaw = empty.at - thawed_at
@@ -381,16 +233,18 @@ async def test_spool_drill_frozen_broker_killed_gateway_unpaced_clients(
         timings["clients stopped after thaw"] = stopped_at - thawed_at
         # What the clients have stopped sending must still land before the books are
         # read; with no clients the spool only drains.
-        await within(lambda: first_sample(samples, stopped_at) is not None, DRAIN_AFTER_STOP_S)
+        await holds_within(
+            lambda: first_sample(samples, stopped_at) is not None, DRAIN_AFTER_STOP_S
+        )
         timings["spool empty after clients stopped"] = time.monotonic() - stopped_at
-        final = await _scrape(http)
+        final = await scrape(http)
         first_output = await gateways[0].finish()  # killed: its output is all read
         second = gateways[1]
         second.send_signal(signal.SIGTERM)
         second_output = await second.finish()
     timings["traffic"] = stopping_at - books.began
 
-    on_topic = await read_topic(bootstrap, f"{prefix}.activity", books)
+    on_topic = await read_topic(bootstrap, f"{prefix}.activity", books, GATEWAY_PARTITIONS)
     timings["read back"] = on_topic.read_s
     timings["total"] = time.monotonic() - started
     ready = first_sample(samples, killed_at, lambda s: s.ready)
@@ -479,16 +333,6 @@ async def test_spool_drill_frozen_broker_killed_gateway_unpaced_clients(
     assert not problems, "; ".join(problems)
 
 
-async def within(check: Callable[[], bool], seconds: float) -> bool:
-    """Poll `check` until it is true (True), or for `seconds` (False)."""
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.1)
-    return True
-
-
 async def _ready(samples: list[Sample]) -> bool:
     return bool(samples) and samples[-1].ready is True
 
@@ -501,14 +345,8 @@ async def _first_ok_after(books: Books, moment: float, timings: dict[str, float]
     """Record when a client is answered 2xx again after `moment` (the kill: the killed
     gateway answers nothing more)."""
     before = books.acknowledged
-    await within(lambda: books.acknowledged > before, 3600)
+    await holds_within(lambda: books.acknowledged > before, 3600)
     timings["first 2xx after kill"] = time.monotonic() - moment
-
-
-async def _scrape(http: aiohttp.ClientSession) -> Samples:
-    async with http.get("/metrics") as resp:
-        assert resp.status == 200
-        return Samples(await resp.text())
 
 
 def _notable(output: str, most: int = 20) -> str:

@@ -1,4 +1,4 @@
-"""A keys file holding freshly minted keys, for tests that need an API key."""
+"""A keys file holding freshly minted keys, and the headers a request sends one in."""
 
 from __future__ import annotations
 
@@ -34,3 +34,8 @@ def make_key_file(directory: Path) -> KeyFile:
     plaintext, record = mint_key(("analytics-portal",))
     write_keys_file(path, [record])
     return KeyFile(path, plaintext, record)
+
+
+def json_headers(key: str) -> dict[str, str]:
+    """The headers of a request that sends records as JSON with the API key `key`."""
+    return {"x-api-key": key, "Content-Type": "application/json"}

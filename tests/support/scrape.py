@@ -1,7 +1,9 @@
-"""Reading a Prometheus text exposition back, for tests that check metric values."""
+"""A gateway's /metrics, scraped and read back, for tests that check metric values."""
 
 from __future__ import annotations
 
+import aiohttp
+from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -25,3 +27,12 @@ class Samples:
 
     def names(self) -> set[str]:
         return {name for name, _, _ in self.samples}
+
+
+async def scrape(http: aiohttp.ClientSession | TestClient) -> Samples:  # type: ignore[type-arg]
+    """GET /metrics of the gateway `http` talks to (on its main port unless
+    CAFE_METRICS_PORT is set): answered 200, in Prometheus' text format."""
+    async with http.get("/metrics") as resp:
+        assert resp.status == 200
+        assert resp.content_type == "text/plain"
+        return Samples(await resp.text())

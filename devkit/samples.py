@@ -40,6 +40,7 @@ def sample_requests() -> dict[str, Any]:
         name = section.split("\n", 1)[0].strip()
         request = section.split("## Sample Request", 1)[1]
         block = re.search(r"```\w*\n(.*?)```", request, re.S)
-        assert block is not None
+        if block is None:
+            raise ValueError(f"the spec's POST /{name} has no Sample Request block")
         samples[name] = orjson.loads(block.group(1))
     return samples

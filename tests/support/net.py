@@ -1,8 +1,4 @@
-"""A loopback TCP forwarder whose listening socket the test opens when it chooses.
-
-Pointing the gateway's bootstrap at it lets a test show Kafka "appearing": before
-`open()` the port refuses connections, after it every connection reaches the broker.
-"""
+"""Loopback networking: consecutive free ports, and a TCP forwarder a test opens at will."""
 
 from __future__ import annotations
 
@@ -12,23 +8,7 @@ import random
 import socket
 from pathlib import Path
 
-
-def free_port() -> int:
-    """A loopback port nothing listens on right now."""
-    return free_ports(1)[0]
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct loopback ports nothing listens on right now.
-
-    All are held open together while chosen: asked one after the other, the kernel may
-    hand out the same just-released port twice.
-    """
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
+from devkit.net import free_port
 
 
 def consecutive_free_ports(count: int) -> list[int]:
@@ -64,7 +44,11 @@ def _ephemeral_ports() -> tuple[int, int]:
 
 
 class TcpProxy:
-    """Forwards 127.0.0.1:`port` to `target` (host:port) once opened."""
+    """Forwards 127.0.0.1:`port` to `target` (host:port) once opened.
+
+    Pointing the gateway's bootstrap at it lets a test show Kafka "appearing": before
+    `open()` the port refuses connections, after it every connection reaches the broker.
+    """
 
     def __init__(self, target: str) -> None:
         host, _, port = target.rpartition(":")

@@ -1,0 +1,1 @@
+"""Helpers the tests share, each once: imported by test files and conftest.py files."""

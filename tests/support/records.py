@@ -1,0 +1,69 @@
+"""Records and bodies made from the spec's samples, and the record schemas walked."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+
+from devkit.samples import curl_bodies
+from gateway.config import TopicSettings
+from gateway.schemas import SCHEMA_BASE, schema_dir
+
+NAMES = ("activity", "log", "profile")
+# The dead-letter topic of the default settings (an in-memory sink's too).
+DEAD = TopicSettings().deadletter
+
+
+def sample(name: str, **changes: Any) -> dict[str, Any]:
+    """The record of the spec's curl sample for record type `name`, with `changes`."""
+    record: dict[str, Any] = orjson.loads(curl_bodies()[name])["records"][0]
+    return {**record, **changes}
+
+
+def envelope(*records: Any) -> bytes:
+    """A request body of `records`, compact, in the standard library's encoder: orjson's
+    refuses integers past 64 bits."""
+    return json.dumps(
+        {"records": list(records)}, ensure_ascii=False, separators=(",", ":")
+    ).encode()
+
+
+def nested(depth: int, open_: bytes = b"[", close: bytes = b"]", leaf: bytes = b"") -> bytes:
+    """`leaf` inside `depth` levels of `open_` ... `close`."""
+    return open_ * depth + leaf + close * depth
+
+
+def set_at(record: dict[str, Any], pointer: str, value: Any) -> dict[str, Any]:
+    """A copy of `record` with `value` at the JSON pointer `pointer`, making the objects
+    on the way."""
+    record = copy.deepcopy(record)
+    *path, last = pointer.strip("/").split("/")
+    here: Any = record
+    for part in path:
+        here = here[int(part)] if isinstance(here, list) else here.setdefault(part, {})
+    if isinstance(here, list):
+        here[int(last)] = value
+    else:
+        here[last] = value
+    return record
+
+
+def schema(name: str) -> dict[str, Any]:
+    """The JSON Schema of record type `name`, as shipped."""
+    found: dict[str, Any] = orjson.loads((schema_dir() / f"{name}.json").read_bytes())
+    assert found["$id"] == SCHEMA_BASE + name
+    return found
+
+
+def properties(of: dict[str, Any], pointer: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every property of a record schema, nested ones too, as (JSON pointer, subschema)."""
+    for prop, sub in of.get("properties", {}).items():
+        yield f"{pointer}/{prop}", sub
+        yield from properties(sub, f"{pointer}/{prop}")
+        if "items" in sub:
+            yield f"{pointer}/{prop}/0", sub["items"]
+            yield from properties(sub["items"], f"{pointer}/{prop}/0")
