@@ -70,7 +70,9 @@ def test_every_docs_page_is_in_the_nav() -> None:
     text = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
     nav = _nav_pages(yaml.load(text, Loader=_MkDocsLoader)["nav"])  # noqa: S506 (a SafeLoader)
     pages = {page.relative_to(DOCS).as_posix() for page in DOCS.rglob("*.md")}
-    assert pages - nav == set(), "pages of docs/ that mkdocs.yml's nav does not list"
+    # Pages `make bench` writes may come before the nav lists them (not_in_nav).
+    written = {page for page in pages if page.startswith("bench/")}
+    assert pages - written - nav == set(), "pages of docs/ that mkdocs.yml's nav does not list"
     assert nav - pages == set(), "pages mkdocs.yml's nav lists that are not in docs/"
 
 
