@@ -26,7 +26,7 @@
     ├── Overloaded               503 overloaded         (too much work in progress: shed)
     ├── TooManyConnections       503 too_many_connections (a connection past the cap)
     ├── NotReady                 503 not_ready          (the sink cannot store, draining)
-    └── SinkUnavailable          503                    (the sink did not store the records)
+    └── SinkUnavailable          503 sink_unavailable   (the sink did not store the records)
         ├── KafkaUnavailable     503 kafka_unavailable  (not acknowledged by Kafka in time)
         ├── SpoolFull            503 spool_full         (Kafka is away and the spool is full)
         └── SpoolUnavailable     503 spool_unavailable  (Kafka is away and the disk fails)
@@ -227,9 +227,11 @@ class TooManyConnections(Overloaded):
 
 class SinkUnavailable(GatewayError):
     """A family: the sink did not store the records; each sink raises a kind of its own,
-    so a client (and the error counter) can tell which store failed."""
+    so a client (and the error counter) can tell which store failed. Raised as it is by
+    a sink with no kind of its own (a test's `MemorySink`)."""
 
     status = 503
+    code = "sink_unavailable"
     retry_after = 1
     # Where known, which of the messages sent the store did take (the spool's replay
     # sends only the others again).

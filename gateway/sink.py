@@ -1,25 +1,59 @@
-"""Where accepted records go: the `Sink` interface, and an in-memory sink for tests.
+"""Where accepted records go: the `Sink` interface, what it is given, and two seams.
 
-The production sink is `gateway.kafka.sink.KafkaSink`. `MemorySink` is a seam for unit tests
-and for measuring the gateway's ceiling without a broker; it is never a default.
+A sink is given records, not messages: each valid `Record` and each `Rejected` one
+comes with the `Context` of its request, and the sink decides how to store them (the
+Kafka sink makes each a message with its key and headers; dead letters cut to what
+Kafka takes). The production sink is `gateway.kafka.sink.KafkaSink`; `MemorySink` is a
+seam for unit tests and `DiscardSink` for measuring the gateway's ceiling without a
+broker; neither is ever a default.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
-from gateway.config import TopicSettings
 from gateway.errors import SinkUnavailable
 
 
-class Message(NamedTuple):
-    """One record or dead letter as the sink stores it: key, value and headers, encoded."""
+class Context(NamedTuple):
+    """Where a request's records came from: stored beside each of them. One per request,
+    shared by all its records."""
 
-    key: bytes | None
+    key_id: str  # the API key's id, never the key
+    client_ip: str
+    request_id: str
+    received_at: str  # when the request arrived, as the gateway writes times (UTC, ms)
+
+
+class Record(NamedTuple):
+    """A valid record: its JSON, and the session it is kept in order by."""
+
+    session_id: str
     value: bytes
-    # A list, as aiokafka's record builder requires; one list may serve many messages.
-    headers: list[tuple[str, bytes]] | None = None
+    context: Context
+
+
+class Rejected(NamedTuple):
+    """A rejected record as sent, and why: what a dead letter keeps."""
+
+    value: bytes  # the record's JSON, whole
+    position: int  # its index in its request's records
+    reason: str  # invalid or forbidden
+    errors: list[dict[str, str]]  # what the client was told: {pointer, message}
+    session_id: str | None  # its sessionId, if it had a string there
+    context: Context
+    # Set when the record reached the gateway cut already (a dead letter spooled by a
+    # version that cut it before spooling): its size and SHA-256 (hex) before the cut.
+    cut_from: tuple[int, str] | None = None
+
+
+class Delivery(enum.Enum):
+    """Where a send's records are once it returns."""
+
+    STORED = "stored"  # in the sink's store: Kafka has acknowledged them
+    SPOOLED = "spooled"  # in the gateway's spool, fsynced, to reach Kafka later
 
 
 class Sink(Protocol):
@@ -48,30 +82,30 @@ class Sink(Protocol):
     async def send(
         self,
         record_type: str,
-        accepted: Sequence[Message],
-        dead_letters: Sequence[Message] = (),
+        accepted: Sequence[Record],
+        rejected: Sequence[Rejected] = (),
         *,
         patient: bool = False,
-    ) -> bool:
-        """Return once every message is stored: `accepted` as records of `record_type`,
-        `dead_letters` with the rejected records. Raise a `SinkUnavailable` otherwise.
+    ) -> Delivery:
+        """Return once every record is stored: `accepted` as records of `record_type`,
+        `rejected` as its dead letters. Raise a `SinkUnavailable` otherwise.
 
-        Within one key, messages are stored in the order given. True if they are stored
-        in the local spool (gateway/spool/sink.py), to reach Kafka later; False if in Kafka.
+        Within one session, records are stored in the order given. Returns where they
+        are: in the store, or in the local spool (gateway/spool/) to reach it later.
         `patient`: wait for the store's verdict however long it takes, rather than give
         up at the produce timeout (the spool's replay, which must not send twice).
         """
 
 
 class MemorySink:
-    """Keeps messages in a dict of lists by topic name; `is_ready` is set by the test."""
+    """Keeps what it is sent by record type; `is_ready` is set by the test."""
 
-    def __init__(self, *, ready: bool = True, topics: TopicSettings | None = None) -> None:
+    def __init__(self, *, ready: bool = True) -> None:
         self.is_ready = ready
         self.started = False
         self.closed = False
-        self.topics: dict[str, list[Message]] = {}
-        self._names = topics or TopicSettings()
+        self.records: dict[str, list[Record]] = {}
+        self.rejected: dict[str, list[Rejected]] = {}
 
     async def start(self) -> None:
         self.started = True
@@ -88,20 +122,18 @@ class MemorySink:
     async def send(
         self,
         record_type: str,
-        accepted: Sequence[Message],
-        dead_letters: Sequence[Message] = (),
+        accepted: Sequence[Record],
+        rejected: Sequence[Rejected] = (),
         *,
         patient: bool = False,
-    ) -> bool:
+    ) -> Delivery:
         if not self.is_ready:
             raise SinkUnavailable("the test made the memory sink unavailable")
-        self.store(self._names.by_record_type()[record_type], accepted)
-        self.store(self._names.deadletter, dead_letters)
-        return False
-
-    def store(self, topic: str, messages: Sequence[Message]) -> None:
-        if messages:
-            self.topics.setdefault(topic, []).extend(messages)
+        if accepted:
+            self.records.setdefault(record_type, []).extend(accepted)
+        if rejected:
+            self.rejected.setdefault(record_type, []).extend(rejected)
+        return Delivery.STORED
 
 
 class DiscardSink:
@@ -122,9 +154,9 @@ class DiscardSink:
     async def send(
         self,
         record_type: str,
-        accepted: Sequence[Message],
-        dead_letters: Sequence[Message] = (),
+        accepted: Sequence[Record],
+        rejected: Sequence[Rejected] = (),
         *,
         patient: bool = False,
-    ) -> bool:
-        return False
+    ) -> Delivery:
+        return Delivery.STORED

@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient
 from backports import zstd
 
 from devkit.samples import curl_bodies
-from gateway.sink import MemorySink, Message
+from gateway.sink import Delivery, MemorySink, Record, Rejected
 from tests.support.app import GatewayClient, gateway_settings
 from tests.support.keys import KeyFile, json_headers
 
@@ -32,14 +32,14 @@ class GatedSink(MemorySink):
     async def send(
         self,
         record_type: str,
-        accepted: Sequence[Message],
-        dead_letters: Sequence[Message] = (),
+        accepted: Sequence[Record],
+        rejected: Sequence[Rejected] = (),
         *,
         patient: bool = False,
-    ) -> bool:
+    ) -> Delivery:
         self.arrived.put_nowait(record_type)
         await self.gate.wait()
-        return await super().send(record_type, accepted, dead_letters)
+        return await super().send(record_type, accepted, rejected)
 
     async def post(self, client: TestClient, body: bytes, headers: dict[str, str]) -> int | str:  # type: ignore[type-arg]
         """POST to /v1/log; the status, or the error of a connection closed on a shed
@@ -86,7 +86,7 @@ async def test_requests_past_the_cap_are_shed_and_the_rest_still_served(
     assert [(await r).status for r in (first, second)] == [200, 200]
     # Recovered at once: the large batch fits now that nothing is in progress.
     assert (await post(large)).status == 200
-    assert sum(len(m) for m in sink.topics.values()) == 1 + 1 + 20
+    assert sum(len(r) for r in sink.records.values()) == 1 + 1 + 20
 
 
 async def test_as_many_requests_as_the_cap_holds_are_served_at_once(
@@ -163,7 +163,7 @@ async def test_concurrent_compressed_requests_are_all_served(
         await sink.arrived.get()
     sink.gate.set()
     assert [await p for p in posts] == [200] * 16
-    assert len(sink.topics["cafe.log"]) == 16 * 20
+    assert len(sink.records["log"]) == 16 * 20
 
 
 async def test_compressed_bodies_count_what_they_decode_to(
@@ -191,7 +191,7 @@ async def test_compressed_bodies_count_what_they_decode_to(
     await sink.arrived.get()
     sink.gate.set()
     assert [await r for r in (first, second)] == [200, 200]
-    assert len(sink.topics["cafe.log"]) == 101
+    assert len(sink.records["log"]) == 101
 
 
 async def test_a_gzip_bomb_is_413_and_takes_no_memory_beyond_the_limit(

@@ -41,7 +41,7 @@ class Browsers:
         return await self.client.post(path, data=body, headers=sent)
 
     def produced(self) -> int:
-        return len(self.sink.topics.get("cafe.log", []))
+        return len(self.sink.records.get("log", []))
 
 
 @pytest.fixture

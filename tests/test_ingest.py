@@ -13,10 +13,15 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from devkit.samples import curl_bodies
 from gateway.config import Settings
 from gateway.errors import KafkaUnavailable
-from gateway.http.ingest import DEAD_LETTER_MAX_BYTES, DEAD_LETTER_MAX_ERROR_CHARS, _dead_letter
+from gateway.kafka.messages import (
+    DEAD_LETTER_MAX_BYTES,
+    DEAD_LETTER_MAX_ERROR_CHARS,
+    Framer,
+    Message,
+)
 from gateway.kafka.sink import _MAX_MESSAGE_BYTES
 from gateway.schemas import load_record_types
-from gateway.sink import MemorySink, Message
+from gateway.sink import Context, MemorySink, Rejected
 from tests.support.app import Gateway, GatewayClient, gateway_settings
 from tests.support.keys import KeyFile, json_headers
 from tests.support.rawhttp import connection
@@ -158,7 +163,7 @@ async def test_request_errors_are_problems_and_produce_nothing(
     assert (got_status, got["code"]) == (status, code)
     assert resp.content_type == "application/problem+json"
     assert got["status"] == status and got["detail"]
-    assert gw.sink.topics == {}
+    assert gw.produced() == {}
 
 
 async def test_json_with_a_charset_or_json_suffix_is_accepted(gw: Gateway) -> None:
@@ -193,7 +198,7 @@ async def test_a_missing_or_unknown_key_is_401(gw: Gateway, key: str | None, cod
     assert resp.status == 401
     assert resp.headers["WWW-Authenticate"].startswith("ApiKey")
     assert (await resp.json(content_type=None))["code"] == code
-    assert gw.sink.topics == {}
+    assert gw.produced() == {}
 
 
 async def test_the_key_header_name_is_case_insensitive(gw: Gateway) -> None:
@@ -270,7 +275,7 @@ async def test_a_client_leaving_mid_body_is_counted_as_an_abort_not_a_server_err
     ]  # fmt: skip
     assert five_hundreds == []
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
-    assert gw.sink.topics == {}
+    assert gw.produced() == {}
 
 
 def _kafka_size(message: Message) -> int:
@@ -284,22 +289,20 @@ def _kafka_size(message: Message) -> int:
 def test_the_largest_dead_letter_a_client_can_make_fits_in_a_kafka_message() -> None:
     # The key: the longest sessionId a key may be, in 4-byte characters. The value: past
     # its cut. The error: texts as long as a body, of characters JSON writes as 6-byte
-    # escapes. The request's headers as _kafka_headers writes them, at their longest.
+    # escapes. The request's context at its longest.
     (activity,) = load_record_types({"activity": "cafe.activity"}, "fastjsonschema").values()
     session = "\U0010ffff" * activity.max_key_length
     rec = sample("activity", sessionId=session, eventId="\x01" * (DEAD_LETTER_MAX_BYTES // 3))
-    headers = [
-        ("cafe-key-id", b"k_0123456789ab"),
-        ("cafe-client-ip", b"ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"),
-        ("cafe-received-at", b"2026-12-01T00:00:00.000000Z"),
-        ("cafe-request-id", b"r" * 128),
-        ("cafe-schema", b"activity"),
-        ("cafe-schema-version", b"1"),
-    ]
-    text = "\x01" * Settings().max_body_bytes
-    message = _dead_letter(
-        499, rec, headers, "forbidden", [{"pointer": text, "message": text}], activity
+    context = Context(
+        "k_0123456789ab",
+        "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255",
+        "r" * 128,
+        "2026-12-01T00:00:00.000000Z",
     )
+    text = "\x01" * Settings().max_body_bytes
+    errors = [{"pointer": text, "message": text}]
+    rejected = Rejected(orjson.dumps(rec), 499, "forbidden", errors, session, context)
+    message = Framer("activity").dead_letter(rejected)
 
     assert _kafka_size(message) <= _MAX_MESSAGE_BYTES
     # It is the worst: key kept, value cut, errors cut, each saying so.
@@ -339,12 +342,13 @@ async def test_a_dead_letter_fits_in_a_kafka_message_whatever_property_names_it_
 
 async def test_records_larger_as_stored_than_the_body_limit_are_413(gw: Gateway) -> None:
     # Re-encoded, 1e15 is 1000000000000000.0: a body under the limit could queue more than
-    # it, past what the queue is held to take (Settings.from_env), and be refused on every
-    # try. The dead letter here is cut to 512 KiB, still twice the limit.
+    # it, past what the queue is held to take (Settings), and be refused on every try.
     numbers = b",".join([b"1e15"] * 50_000)
     body = b'{"records": [{"n": [' + numbers + b"]}]}"
     assert len(body) < LIMIT
     status, got, _ = await gw.post("/v1/log", body)
     assert (status, got.get("code")) == (413, "payload_too_large")
-    assert got["detail"] == f"the records come to 524288 bytes as stored; the limit is {LIMIT}"
-    assert gw.sink.topics == {}
+    stored = len(orjson.dumps({"n": [1e15] * 50_000}))
+    assert stored > 3 * LIMIT
+    assert got["detail"] == f"the records come to {stored} bytes as stored; the limit is {LIMIT}"
+    assert gw.produced() == {}

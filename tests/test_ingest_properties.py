@@ -56,7 +56,8 @@ JUDGES = {
 
 async def post_and_check(gw: Gateway, name: str, body: bytes) -> int:
     """POST `body`, check the answer and what was produced agree; return the status."""
-    gw.sink.topics.clear()
+    gw.sink.records.clear()
+    gw.sink.rejected.clear()
     status, answer, resp = await gw.post(f"/v1/{name}", body)
     assert status < 500, answer
     produced = gw.produced()

@@ -11,9 +11,9 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from gateway.config import KafkaSettings
 from gateway.errors import KafkaUnavailable
+from gateway.kafka.messages import Message
 from gateway.kafka.partitioner import murmur2_cached
 from gateway.kafka.sink import KafkaSink
-from gateway.sink import Message
 
 # The vectors of Kafka's own test of Utils.murmur2 (signed 32-bit results).
 KAFKA_VECTORS = {

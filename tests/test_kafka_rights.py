@@ -15,8 +15,9 @@ from gateway.errors import KafkaForbidden, KafkaTopicMissing
 from gateway.kafka import sink as kafka_sink
 from gateway.kafka.sink import KafkaSink
 from gateway.metrics import Metrics
-from gateway.sink import Message
+from gateway.sink import Delivery, Record
 from tests.support.fake_kafka import FakeKafka, Mode
+from tests.support.records import record, rejected
 
 TOPICS = TopicSettings(activity="t.activity", log="t.log", profile="t.profile", deadletter="t.dl")
 
@@ -36,8 +37,8 @@ class FakeKafkaSink(KafkaSink):
             await producer.partitions_for(topic)
 
 
-def _messages(n: int = 3) -> list[Message]:
-    return [Message(b"session-1", b'{"n":%d}' % i) for i in range(n)]
+def _messages(n: int = 3) -> list[Record]:
+    return [record("session-1", b'{"n":%d}' % i) for i in range(n)]
 
 
 async def _connected(kafka: FakeKafka, registry: CollectorRegistry) -> FakeKafkaSink:
@@ -74,7 +75,7 @@ async def test_a_topic_kafka_refuses_writes_to_stops_only_its_type_until_allowed
         assert len(kafka.producers) == producers
         assert sink.degraded() == ["Kafka refuses writes to topic t.activity"]
         # The other types are served meanwhile.
-        assert await sink.send("log", _messages()) is False
+        assert await sink.send("log", _messages()) is Delivery.STORED
         assert _stored(kafka, "t.log") == 3
         refused = registry.get_sample_value(
             "cafe_kafka_records_refused_total", {"topic": "t.activity", "reason": "forbidden"}
@@ -89,8 +90,8 @@ async def test_a_topic_kafka_refuses_writes_to_stops_only_its_type_until_allowed
         # The right granted: the next request that tries goes through, and the rest follow.
         kafka.modes["t.activity"] = Mode.UP
         await asyncio.sleep(0.35)
-        assert await sink.send("activity", _messages()) is False
-        assert await sink.send("activity", _messages()) is False
+        assert await sink.send("activity", _messages()) is Delivery.STORED
+        assert await sink.send("activity", _messages()) is Delivery.STORED
         assert _stored(kafka, "t.activity") == 6
         assert sink.degraded() == []
         said = [
@@ -114,11 +115,11 @@ async def test_a_missing_topic_stops_only_its_type_until_it_exists(
             sink._note_missing(["t.log"])
             with pytest.raises(KafkaTopicMissing, match=r"t\.log"):
                 await sink.send("log", _messages())
-            assert await sink.send("activity", _messages()) is False
+            assert await sink.send("activity", _messages()) is Delivery.STORED
             assert sink.degraded() == ["topic t.log does not exist"]
             sink._note_missing(["t.log"])  # still missing: said once
             sink._note_missing([])
-            assert await sink.send("log", _messages()) is False
+            assert await sink.send("log", _messages()) is Delivery.STORED
         assert _stored(kafka, "t.log") == 3
         said = [r.getMessage() for r in caplog.records if "t.log" in r.getMessage()]
         assert len(said) == 2, said
@@ -135,14 +136,14 @@ async def test_a_forbidden_dead_letter_topic_refuses_the_request_before_any_reco
     try:
         kafka.modes["t.dl"] = Mode.REFUSING
         with pytest.raises(KafkaForbidden):
-            await sink.send("activity", _messages(), _messages(1))
+            await sink.send("activity", _messages(), [rejected(b'{"n":0}', "session-1")])
         stored = _stored(kafka, "t.activity")  # the request that found out
         # Its retries store nothing more while the dead-letter topic is refused.
         for _ in range(5):
             with pytest.raises(KafkaForbidden, match=r"t\.dl"):
-                await sink.send("activity", _messages(), _messages(1))
+                await sink.send("activity", _messages(), [rejected(b'{"n":0}', "session-1")])
         assert _stored(kafka, "t.activity") == stored
         # A request without rejected records is served.
-        assert await sink.send("activity", _messages()) is False
+        assert await sink.send("activity", _messages()) is Delivery.STORED
     finally:
         await sink.close()

@@ -18,7 +18,7 @@ from gateway.errors import KafkaUnavailable
 from gateway.http.metrics import HttpMetrics
 from gateway.keys.store import KeyStore
 from gateway.metrics import MULTIPROC_ENV, Metrics, share_values
-from gateway.sink import MemorySink, Message
+from gateway.sink import Delivery, MemorySink, Record, Rejected
 from tests.support.app import AiohttpClient, GatewayClient, gateway_settings
 from tests.support.keys import KeyFile, json_headers
 from tests.support.scrape import Samples, scrape
@@ -32,14 +32,14 @@ class SwitchableSink(MemorySink):
     async def send(
         self,
         record_type: str,
-        accepted: Sequence[Message],
-        dead_letters: Sequence[Message] = (),
+        accepted: Sequence[Record],
+        rejected: Sequence[Rejected] = (),
         *,
         patient: bool = False,
-    ) -> bool:
+    ) -> Delivery:
         if self.failing:
             raise KafkaUnavailable("Kafka did not acknowledge the records within 5s")
-        return await super().send(record_type, accepted, dead_letters)
+        return await super().send(record_type, accepted, rejected)
 
 
 def log_batch(*changes: dict[str, object]) -> bytes:
@@ -85,7 +85,7 @@ async def test_each_request_outcome_moves_its_counters(
     assert records == {"accepted": 4, "invalid": 1, "forbidden": 1, "unavailable": 2}
     assert after.value("cafe_dead_letters_total", type="log", reason="invalid") == 1
     assert after.value("cafe_dead_letters_total", type="log", reason="forbidden") == 1
-    assert len(sink.topics["cafe.deadletter"]) == 2
+    assert len(sink.rejected["log"]) == 2
 
     route = {"route": "/v1/log", "method": "POST"}
     statuses = {

@@ -203,7 +203,7 @@ async def test_over_the_request_rate_is_429_with_retry_after_and_unread(
     assert body["code"] == "rate_limited"
     assert resp.headers["Retry-After"] == "1"
     assert resp.headers["Connection"] == "close"  # the body was not read
-    assert len(sink.topics["cafe.log"]) == 2
+    assert len(sink.records["log"]) == 2
 
 
 async def test_over_the_record_rate_is_429_and_nothing_is_produced(
@@ -219,7 +219,7 @@ async def test_over_the_record_rate_is_429_and_nothing_is_produced(
     second = await client.post("/v1/log", data=batch, headers=headers)
     assert second.status == 429
     assert (await second.json(content_type=None))["code"] == "rate_limited"
-    assert len(sink.topics["cafe.log"]) == 500
+    assert len(sink.records["log"]) == 500
 
 
 @pytest.mark.parametrize("value", [0, -1, "fast", True])

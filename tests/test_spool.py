@@ -17,20 +17,20 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from devkit.samples import curl_bodies
-from gateway.config import SpoolSettings
+from gateway.config import SpoolSettings, TopicSettings
 from gateway.errors import KafkaUnavailable, RecordTooLarge, SpoolFull, SpoolUnavailable
 from gateway.http.responses import SPOOLED_HEADER
 from gateway.metrics import Metrics
-from gateway.sink import MemorySink, Message
+from gateway.sink import Delivery, MemorySink, Record, Rejected
 from gateway.spool.file import decode
 from gateway.spool.sink import SpoolingSink
-from tests.support.app import GatewayClient, gateway_settings
+from tests.support.app import GatewayClient, gateway_settings, produced
 from tests.support.keys import KeyFile, json_headers
+from tests.support.records import record, rejected
 from tests.support.scrape import Samples
 
 SETTINGS = SpoolSettings(after_ms=50)
 TOPIC = "cafe.activity"
-HEADERS = [("cafe-key-id", b"k1"), ("cafe-schema", b"activity")]
 
 
 class StallingSink(MemorySink):
@@ -45,22 +45,27 @@ class StallingSink(MemorySink):
     async def send(
         self,
         record_type: str,
-        accepted: Sequence[Message],
-        dead_letters: Sequence[Message] = (),
+        accepted: Sequence[Record],
+        rejected: Sequence[Rejected] = (),
         *,
         patient: bool = False,
-    ) -> bool:
+    ) -> Delivery:
         self.sends += 1
         if self.stalled:
             await self.go.wait()
-        return await super().send(record_type, accepted, dead_letters)
+        return await super().send(record_type, accepted, rejected)
 
     def values(self, topic: str = TOPIC) -> list[bytes]:
-        return [message.value for message in self.topics.get(topic, [])]
+        """The values Kafka would hold on `topic` (dead letters as they are, uncut)."""
+        return [message.value for message in produced(self).get(topic, [])]
 
 
-def message(n: int, session: str = "s1") -> Message:
-    return Message(session.encode(), b'{"n":%d}' % n, HEADERS)
+def message(n: int, session: str = "s1") -> Record:
+    return record(session, b'{"n":%d}' % n)
+
+
+def dead(n: int, session: str = "s1") -> Rejected:
+    return rejected(b'{"n":%d}' % n, session)
 
 
 def spool_files(directory: Path) -> list[str]:
@@ -73,7 +78,7 @@ def chunks_in(directory: Path, name: str = "spool-0.sqlite3") -> int:
         return count
 
 
-async def spooled_while_kafka_is_down(directory: Path, *sends: list[Message]) -> None:
+async def spooled_while_kafka_is_down(directory: Path, *sends: list[Record]) -> None:
     """Spool each of `sends` (activity records) with Kafka refusing them, then stop: the
     spool holds them for the next start."""
     down = StallingSink()
@@ -81,7 +86,7 @@ async def spooled_while_kafka_is_down(directory: Path, *sends: list[Message]) ->
     sink = SpoolingSink(down, SETTINGS, directory)
     await sink.start()
     for messages in sends:
-        assert await sink.send("activity", messages) is True
+        assert await sink.send("activity", messages) is Delivery.SPOOLED
     await sink.close()
 
 
@@ -107,7 +112,7 @@ async def test_records_kafka_acknowledges_are_not_spooled(
     spooled: tuple[SpoolingSink, StallingSink, Metrics], tmp_path: Path
 ) -> None:
     sink, inner, _ = spooled
-    assert await sink.send("activity", [message(1)], [message(2)]) is False
+    assert await sink.send("activity", [message(1)], [dead(2)]) is Delivery.STORED
     assert inner.values() == [b'{"n":1}']
     assert inner.values("cafe.deadletter") == [b'{"n":2}']
     assert chunks_in(tmp_path) == 0
@@ -118,19 +123,19 @@ async def test_kafka_down_spools_and_replays_in_order_once_it_is_back(
 ) -> None:
     sink, inner, metrics = spooled
     inner.is_ready = False  # refuses at once, as Kafka does a partition known to be down
-    assert await sink.send("activity", [message(1), message(2)], [message(3)]) is True
+    assert await sink.send("activity", [message(1), message(2)], [dead(3)]) is Delivery.SPOOLED
     # Written and fsynced before send returned.
     assert chunks_in(tmp_path) == 1
     assert await sink.unavailable() is None  # still taking records: ready
     inner.is_ready = True
     # Kafka is back, but the spool holds records: later ones go behind them.
-    assert await sink.send("activity", [message(4)]) is True
+    assert await sink.send("activity", [message(4)]) is Delivery.SPOOLED
     await until(lambda: chunks_in(tmp_path) == 0)
     assert inner.values() == [b'{"n":%d}' % n for n in (1, 2, 4)]
     assert inner.values("cafe.deadletter") == [b'{"n":3}']
     # Empty again: Kafka first.
     await until(lambda: sink._held.chunks == 0)
-    assert await sink.send("activity", [message(5)]) is False
+    assert await sink.send("activity", [message(5)]) is Delivery.STORED
     samples = Samples(generate_latest(metrics.registry).decode())
     assert samples.value("cafe_spool_records_spooled_total") == 4
     assert samples.value("cafe_spool_records_replayed_total") == 4
@@ -147,8 +152,8 @@ async def test_records_not_acknowledged_in_time_are_spooled_with_those_waiting_b
     await asyncio.sleep(0.02)
     second = asyncio.create_task(sink.send("activity", [message(2)]))
     # The first's budget (50 ms) passes: both are spooled, in the order they came.
-    assert await first is True
-    assert await second is True
+    assert await first is Delivery.SPOOLED
+    assert await second is Delivery.SPOOLED
     assert 0.05 <= time.monotonic() - started < 2
     assert chunks_in(tmp_path) == 2
     # Kafka takes records again; the stalled attempts were given up, so only the
@@ -172,8 +177,8 @@ async def test_a_request_refused_at_once_is_spooled_behind_those_still_waiting(
         first = asyncio.create_task(sink.send("activity", [message(1)]))
         await until(lambda: inner.sends == 1)  # waiting for Kafka
         inner.stalled, inner.is_ready = False, False  # the next is refused at once
-        assert await sink.send("activity", [message(2)]) is True
-        assert await asyncio.wait_for(first, timeout=5) is True
+        assert await sink.send("activity", [message(2)]) is Delivery.SPOOLED
+        assert await asyncio.wait_for(first, timeout=5) is Delivery.SPOOLED
         with sqlite3.connect(tmp_path / "spool-0.sqlite3") as db:
             payloads = [row[0] for row in db.execute("SELECT payload FROM chunks ORDER BY id")]
         # In the order they came.
@@ -206,8 +211,8 @@ async def test_a_full_spool_refuses_with_503_and_says_it_is_not_ready(tmp_path: 
     sink = SpoolingSink(inner, SpoolSettings(max_bytes=300), tmp_path)
     await sink.start()
     try:
-        big = Message(b"s1", b"x" * 200, HEADERS)
-        assert await sink.send("activity", [big]) is True
+        big = record("s1", b"x" * 200)
+        assert await sink.send("activity", [big]) is Delivery.SPOOLED
         with pytest.raises(SpoolFull):
             await sink.send("activity", [big])
         assert chunks_in(tmp_path) == 1
@@ -222,7 +227,7 @@ async def test_what_the_spool_holds_is_sent_after_a_restart(tmp_path: Path) -> N
     first = SpoolingSink(down, SETTINGS, tmp_path)
     await first.start()
     await first.send("activity", [message(1)])
-    await first.send("log", [Message(b"s1", b"line", HEADERS)])
+    await first.send("log", [record("s1", b"line")])
     await first.close()
     assert chunks_in(tmp_path) == 2
 
@@ -231,7 +236,7 @@ async def test_what_the_spool_holds_is_sent_after_a_restart(tmp_path: Path) -> N
     await second.start()
     try:
         # Behind what was there before the restart.
-        assert await second.send("activity", [message(2)]) is True
+        assert await second.send("activity", [message(2)]) is Delivery.SPOOLED
         await until(lambda: chunks_in(tmp_path) == 0)
         assert up.values() == [b'{"n":1}', b'{"n":2}']
         assert up.values("cafe.log") == [b"line"]
@@ -278,7 +283,7 @@ async def test_a_spool_that_cannot_write_makes_the_gateway_not_ready(
         assert "cannot be written" in caplog.text
         assert "cannot be written" in (await sink.unavailable() or "")
         # Kafka still takes records directly...
-        assert await sink.send("activity", [message(1)]) is False
+        assert await sink.send("activity", [message(1)]) is Delivery.STORED
         # ...but what it does not take cannot be spooled.
         inner.is_ready = False
         with pytest.raises(SpoolUnavailable):
@@ -289,7 +294,7 @@ async def test_a_spool_that_cannot_write_makes_the_gateway_not_ready(
         while await sink.unavailable() is not None:
             assert time.monotonic() < deadline, "the mended disk was not found so"
             await asyncio.sleep(0.05)
-        assert await sink.send("activity", [message(3)]) is True
+        assert await sink.send("activity", [message(3)]) is Delivery.SPOOLED
     finally:
         await sink.close()
 
@@ -354,18 +359,18 @@ async def test_records_kafka_refuses_for_good_on_replay_are_dropped_and_the_rest
     metrics = Metrics(CollectorRegistry(), "test")
     sink = SpoolingSink(inner, SETTINGS, tmp_path, metrics=metrics)
     await sink.start()
-    poison = Message(b"s1", b"poison", HEADERS)
+    poison = record("s1", b"poison")
     for messages in ([message(1)], [poison], [message(2)]):
         await sink.send("activity", messages)
     send = inner.send
 
     async def refuse_poison(
         record_type: str,
-        accepted: Sequence[Message],
-        dead: Sequence[Message] = (),
+        accepted: Sequence[Record],
+        dead: Sequence[Rejected] = (),
         *,
         patient: bool = False,
-    ) -> bool:
+    ) -> Delivery:
         if poison in accepted:
             raise RecordTooLarge("Kafka refused a record as too large for cafe.activity")
         return await send(record_type, accepted, dead, patient=patient)
@@ -407,10 +412,10 @@ async def test_with_its_disk_failing_the_spool_lets_requests_go_to_kafka_ahead_o
     sink = SpoolingSink(inner, SETTINGS, tmp_path)
     await sink.start()
     try:
-        assert await sink.send("activity", [message(1)]) is True
+        assert await sink.send("activity", [message(1)]) is Delivery.SPOOLED
         sink.broken = "disk I/O error"  # as _write would set it
         inner.is_ready = True
-        assert await sink.send("activity", [message(2)]) is False
+        assert await sink.send("activity", [message(2)]) is Delivery.STORED
         assert b'{"n":2}' in inner.values()
     finally:
         await sink.close()
@@ -429,17 +434,21 @@ class PartialSink(MemorySink):
         self.timeout_s = timeout_s
         self.ack_after_s = ack_after_s
         self.late: set[asyncio.Task[None]] = set()
+        self.stored: dict[str, list[bytes]] = {}  # the values of each topic
 
     async def send(
         self,
         record_type: str,
-        accepted: Sequence[Message],
-        dead_letters: Sequence[Message] = (),
+        accepted: Sequence[Record],
+        rejected: Sequence[Rejected] = (),
         *,
         patient: bool = False,
-    ) -> bool:
-        names = self._names
-        parts = [(names.by_record_type()[record_type], accepted), (names.deadletter, dead_letters)]
+    ) -> Delivery:
+        names = TopicSettings()
+        parts: list[tuple[str, Sequence[Record | Rejected]]] = [
+            (names.by_record_type()[record_type], accepted),
+            (names.deadletter, rejected),
+        ]
         sends = [(topic, messages) for topic, messages in parts if messages]
         if not self.is_ready:
             raise KafkaUnavailable("Kafka is down")
@@ -461,18 +470,21 @@ class PartialSink(MemorySink):
                 if not stored.done():
                     raise KafkaUnavailable("not acknowledged within the produce timeout")
             await stored
-            return False
+            return Delivery.STORED
         for topic, messages in sends:
             self.store(topic, messages)
-        return False
+        return Delivery.STORED
 
-    async def _store_late(self, sends: list[tuple[str, Sequence[Message]]]) -> None:
+    def store(self, topic: str, items: Sequence[Record | Rejected]) -> None:
+        self.stored.setdefault(topic, []).extend(item.value for item in items)
+
+    async def _store_late(self, sends: list[tuple[str, Sequence[Record | Rejected]]]) -> None:
         await asyncio.sleep(self.ack_after_s)
         for topic, messages in sends:
             self.store(topic, messages)
 
     def copies(self, topic: str) -> Counter[bytes]:
-        return Counter(message.value for message in self.topics.get(topic, []))
+        return Counter(self.stored.get(topic, []))
 
 
 async def test_a_topic_down_beside_one_up_neither_repeats_nor_holds_back_the_other(
@@ -487,8 +499,8 @@ async def test_a_topic_down_beside_one_up_neither_repeats_nor_holds_back_the_oth
     try:
         inner.is_ready = False
         for n in range(5):
-            assert await sink.send("activity", [message(n)], [message(100 + n)]) is True
-            assert await sink.send("log", [message(200 + n)]) is True
+            assert await sink.send("activity", [message(n)], [dead(100 + n)]) is Delivery.SPOOLED
+            assert await sink.send("log", [message(200 + n)]) is Delivery.SPOOLED
         assert chunks_in(tmp_path) == 10
         inner.is_ready = True
         inner.down = {"cafe.deadletter", "cafe.log"}
@@ -501,7 +513,7 @@ async def test_a_topic_down_beside_one_up_neither_repeats_nor_holds_back_the_oth
         # (it waits for no other type), and its requests go to Kafka first again.
         inner.down = {"cafe.deadletter"}
         await until(lambda: sink._queues["log"].chunks == 0)
-        assert await sink.send("log", [message(300)]) is False
+        assert await sink.send("log", [message(300)]) is Delivery.STORED
         inner.down = set()
         await until(lambda: chunks_in(tmp_path) == 0)
     finally:
@@ -522,7 +534,7 @@ async def test_a_replay_kafka_acknowledges_after_the_produce_timeout_is_not_sent
     try:
         inner.is_ready = False
         for n in range(3):
-            assert await sink.send("activity", [message(n)]) is True
+            assert await sink.send("activity", [message(n)]) is Delivery.SPOOLED
         inner.is_ready = True
         inner.slow = {"cafe.activity"}
         await until(lambda: chunks_in(tmp_path) == 0)
@@ -542,7 +554,7 @@ async def test_with_the_spool_full_a_request_waits_for_kafka_to_its_own_timeout(
     sink = SpoolingSink(inner, SpoolSettings(after_ms=50, max_bytes=1), tmp_path)
     await sink.start()
     try:
-        assert await sink.send("activity", [message(1)]) is False
+        assert await sink.send("activity", [message(1)]) is Delivery.STORED
         assert inner.copies("cafe.activity") == Counter([b'{"n":1}'])
         # Past Kafka's own wait, the answer is the spool's refusal.
         inner.ack_after_s = 5
@@ -575,7 +587,7 @@ async def test_readiness_probes_racing_requests_on_a_full_disk_change_nothing(
                 asyncio.gather(
                     sink.unavailable(),
                     # Larger than a page: it needs pages the file cannot have.
-                    sink.send("activity", [Message(b"s", b"x" * 20_000, HEADERS)]),
+                    sink.send("activity", [record("s", b"x" * 20_000)]),
                     sink.unavailable(),
                     return_exceptions=True,
                 ),
@@ -592,7 +604,7 @@ async def test_readiness_probes_racing_requests_on_a_full_disk_change_nothing(
         while await sink.unavailable() is not None:
             assert time.monotonic() < deadline, "the disk with room again was not found so"
             await asyncio.sleep(0.05)
-        assert await sink.send("activity", [message(99)]) is True
+        assert await sink.send("activity", [message(99)]) is Delivery.SPOOLED
         assert sink._held.chunks == 1 == chunks_in(tmp_path)
     finally:
         await sink.close()
@@ -608,11 +620,11 @@ async def test_after_one_spooled_request_requests_soon_go_to_kafka_first_again(
     await sink.start()
     try:
         inner.is_ready = False
-        assert await sink.send("activity", [message(0)]) is True
+        assert await sink.send("activity", [message(0)]) is Delivery.SPOOLED
         inner.is_ready = True
         back = time.monotonic()
         n = 1
-        while await sink.send("activity", [message(n)]):
+        while await sink.send("activity", [message(n)]) is Delivery.SPOOLED:
             assert time.monotonic() - back < 3, f"{n} requests spooled since Kafka came back"
             n += 1
     finally:

@@ -58,10 +58,11 @@ from gateway.config import KafkaSettings, SpoolSettings, TopicSettings
 from gateway.errors import GatewayError
 from gateway.kafka.sink import KafkaSink
 from gateway.metrics import Metrics
-from gateway.sink import Message
+from gateway.sink import Delivery, Record, Rejected
 from gateway.spool.file import SpoolFile, decode
 from gateway.spool.sink import SpoolingSink
 from tests.support.fake_kafka import Copy, FakeKafka, Mode
+from tests.support.records import record, rejected
 from tests.support.virtual_time import Deadlock, VirtualTimeLoop
 
 # -- configuration -------------------------------------------------------------------
@@ -81,7 +82,6 @@ SPOOL_SETTINGS = SpoolSettings(max_bytes=3000, after_ms=int(AFTER_S * 1000))  # 
 RECORD_TYPES = tuple(TOPICS.by_record_type())
 TOPIC_NAMES = TOPICS.all()
 SESSIONS = ("s0", "s1", "s2")
-HEADERS = [("cafe-schema", b"model")]
 
 # A request is answered within its bound (gateway/spool/sink.py: up to CAFE_SPOOL_AFTER_MS
 # waiting for a replay to catch up, then up to CAFE_PRODUCE_TIMEOUT_MS for Kafka or the
@@ -297,7 +297,7 @@ class SpoolModel(RuleBasedStateMachine):
         return sink, kafka_sink
 
     async def _request(
-        self, sink: SpoolingSink, request: Request, accepted: list[Message], dead: list[Message]
+        self, sink: SpoolingSink, request: Request, accepted: list[Record], dead: list[Rejected]
     ) -> None:
         ORIGIN.set(("direct", request.process))
         try:
@@ -310,7 +310,7 @@ class SpoolModel(RuleBasedStateMachine):
         except Exception as exc:
             self._answer(request, "error", repr(exc))
         else:
-            self._answer(request, "spooled" if spooled else "kafka")
+            self._answer(request, "spooled" if spooled is Delivery.SPOOLED else "kafka")
 
     def _answer(self, request: Request, status: str, error: str = "") -> None:
         request.status, request.error = status, error
@@ -376,18 +376,15 @@ class SpoolModel(RuleBasedStateMachine):
             self.requests.append(request)
             for rid in request.ids():
                 self.by_record[rid] = request
-            messages = {
-                name: [
-                    Message(session.encode(), f"{rid}|{session}|{name}".encode(), HEADERS)
-                    for rid in ids
-                ]
+            values = {
+                name: [f"{rid}|{session}|{name}".encode() for rid in ids]
                 for name, ids in records.items()
             }
             coroutine = self._request(
                 self.sink,
                 request,
-                messages[topic],
-                messages.get(TOPICS.deadletter, []),
+                [record(session, value) for value in values[topic]],
+                [rejected(value, session) for value in values.get(TOPICS.deadletter, [])],
             )
             self.loop.create_task(coroutine, name=f"request-{request.number}")
             self.loop.run_until_idle()
@@ -462,7 +459,8 @@ class SpoolModel(RuleBasedStateMachine):
         ids: set[int] = set()
         for _, record_type, _, payload in _file_rows(self.sink._file.path):
             chunk = decode(record_type, payload)
-            ids.update(record_id(m.value) for m in (*chunk.accepted, *chunk.dead_letters))
+            ids.update(record_id(r.value) for r in chunk.accepted)
+            ids.update(record_id(r.value) for r in chunk.rejected)
         return ids
 
     def _lost(self, *, spool_counts: bool) -> list[str]:

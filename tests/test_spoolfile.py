@@ -2,36 +2,91 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sqlite3
+import struct
 from pathlib import Path
 
+import orjson
 import pytest
 
-from gateway.sink import Message
+from gateway.kafka.messages import Framer
+from gateway.sink import Context, Record, Rejected
 from gateway.spool.file import Chunk, SpoolFile, decode, encode
+from tests.support.records import record
 
-HEADERS = [("cafe-key-id", b"k1"), ("cafe-schema", b"activity")]
+_HEADER = struct.Struct("<HI")
+_MESSAGE = struct.Struct("<BiII")
 
 
 def chunk(n: int, size: int = 10) -> Chunk:
-    return Chunk("activity", [Message(b"s1", b"%d" % n + b"x" * size, HEADERS)], [])
+    return Chunk("activity", [record("s1", b"%d" % n + b"x" * size)], [])
 
 
 def test_a_chunk_reads_back_as_it_was_written() -> None:
-    other = [("cafe-key-id", b"k1"), ("cafe-errors", b'[{"\xc3\xa9":1}]'), ("empty", b"")]
+    first = Context("k_0123456789ab", "2001:db8::1", "req-1", "2026-12-01T00:00:00.000Z")
+    other = Context("k_ba9876543210", "198.51.100.7", "r\u00e9q", "2026-12-01T00:00:01.000Z")
+    errors = [{"pointer": "/\u00e9", "message": "x" * 2000}]
     written = Chunk(
         "log",
         [
-            Message(b"s1", b"{}", HEADERS),
-            Message(None, b"\x00\xff binary", HEADERS),
-            Message(b"", b"", None),
+            Record("s1", b"{}", first),
+            Record("", b"\x00\xff binary", first),
+            Record("s", b"", other),
         ],
-        [Message(b"s2", b"rejected", other)],
+        [
+            Rejected(b"rejected", 3, "invalid", errors, "s2", first),
+            Rejected(b"", 499, "forbidden", [], None, other, (9_000_000, "ab" * 32)),
+        ],
     )
-    back = decode("log", encode(written))
+    payload = encode(written)
+    back = decode("log", payload)
     assert back == written
-    assert back.records == 4
+    assert back.records == 5
+    # A request's context is written once, however many records share it.
+    assert payload.count(b"2001:db8::1") == 1
+    assert back.accepted[0].context is back.accepted[1].context
+
+
+def _first_format(
+    messages: list[tuple[bool, bytes | None, bytes, list[tuple[str, bytes]]]],
+) -> bytes:
+    """A chunk as the spool wrote it before sinks were given records: its header lists,
+    then each message (dead letter?, key, value, its list's place)."""
+    lists: list[bytes] = []
+    body: list[bytes] = []
+    for dead, key, value, headers in messages:
+        encoded = [struct.pack("<I", len(headers))]
+        for name, header in headers:
+            encoded += [_HEADER.pack(len(name), len(header)), name.encode(), header]
+        body.append(_MESSAGE.pack(dead, -1 if key is None else len(key), len(value), len(lists)))
+        lists.append(b"".join(encoded))
+        body += [key or b"", value]
+    return struct.pack("<I", len(lists)) + b"".join(lists) + b"".join(body)
+
+
+def test_a_chunk_spooled_as_kafka_messages_by_an_earlier_version_is_read_as_records() -> None:
+    # Spooled before an upgrade, replayed after it: the same messages reach Kafka.
+    context = Context("k_0123456789ab", "127.0.0.1", "req-1", "2026-12-01T00:00:00.000Z")
+    framer = Framer("activity")
+    kept = Rejected(b'{"sessionId":"' + b"s" * 300 + b'"}', 7, "invalid", [], "s" * 300, context)
+    cut = Rejected(b"x" * 600_000, 8, "forbidden", [{"pointer": "", "message": "m"}], "s", context)
+    messages = [
+        framer.record(Record("s1", b'{"n":1}', context)),
+        framer.dead_letter(kept),  # key omitted: too long a sessionId
+        framer.dead_letter(cut),  # its value cut to 512 KiB
+    ]
+    payload = _first_format(
+        [(i > 0, m.key, m.value, list(m.headers or [])) for i, m in enumerate(messages)]
+    )
+    back = decode("activity", payload)
+    assert back.accepted == [Record("s1", b'{"n":1}', context)]
+    again = [framer.record(r) for r in back.accepted]
+    again += [framer.dead_letter(r) for r in back.rejected]
+    assert again == messages
+    assert back.rejected[1].cut_from == (600_000, hashlib.sha256(cut.value).hexdigest())
+    assert orjson.loads(dict(again[1].headers or [])["cafe-errors"]) == []
 
 
 async def test_chunks_come_back_oldest_first_in_windows_and_stay_until_deleted(

@@ -2,9 +2,9 @@
 other routes and every answer (problems included).
 
 Owns: how a request is read, admitted, authenticated, limited, parsed and answered.
-Knows the sink only as `gateway.sink.Sink`, but still frames each record as the sink's
-`Message` (its key, value and headers, dead letters cut to size), which is Kafka's shape:
-that framing is to move into the Kafka sink.
+Knows the sink only as `gateway.sink.Sink`, and gives it records with their request's
+`Context`; what a record becomes in Kafka (key, headers, a dead letter cut to size) is
+`gateway.kafka.messages`, not here.
 
 May import: gateway.limits, gateway.keys and the base modules.
 """

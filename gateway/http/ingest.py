@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import time
 from typing import Any
 
@@ -30,27 +29,12 @@ from gateway.http.context import RequestContext
 from gateway.http.metrics import HttpMetrics
 from gateway.http.responses import SPOOLED_HEADER, json_response
 from gateway.http.state import CONTEXT
-from gateway.keys.model import ApiKey
 from gateway.logs import utc_timestamp
-from gateway.schemas import SCHEMA_VERSION, RecordType, records_of
-from gateway.sink import Message, Sink
+from gateway.schemas import RecordType, records_of
+from gateway.sink import Context, Delivery, Record, Rejected, Sink
 
-# A dead letter keeps at most this much of its record (and says so in its headers):
-# a rejected record may be as large as the body, past what Kafka takes in one message
-# (1 MiB by default). The largest record the schemas accept is smaller (354 KB of JSON:
-# an activity with every string at its bound, in six-byte escapes), so a record of a
-# size they allow is always kept whole.
-DEAD_LETTER_MAX_BYTES = 512 * 1024
-# Its cafe-errors header keeps at most this many characters of each text of an error: a
-# message may quote what the client sent (the names of unknown properties, which may be
-# as large as the body). So a dead letter weighs at most its value, a key of 128
-# characters (512 bytes), headers of under 1 KiB besides and an error's two texts of at
-# most 1,060 characters, 6 bytes each as JSON escapes: under 530 KiB, within the 1 MiB
-# Kafka takes in one message (gateway/kafka/sink.py), whatever the client sent.
-DEAD_LETTER_MAX_ERROR_CHARS = 1024
 # An eventId longer than any schema allows is not echoed back: the index names the record.
 _MAX_ECHOED_ID = 128
-_TRUNCATED = ("cafe-truncated", b"true")
 
 
 def ingest_handler(
@@ -83,18 +67,17 @@ async def ingest(
         await context.take_records(len(records))
     metrics.records_per_request.labels(record_type.name).observe(len(records))
 
-    headers = _kafka_headers(request, record_type, key, context.id, settings)
-    accepted: list[Message] = []
-    dead: list[Message] = []
+    # Where the records came from, stored beside each of them.
+    origin = Context(key.id, client_ip(request, settings), context.id, utc_timestamp(time.time()))
+    accepted: list[Record] = []
+    rejected: list[Rejected] = []
     rejections: list[dict[str, Any]] = []
     for index, record in enumerate(records):
         error = record_type.check(record)
         if error is None:
             platform = record["productPlatform"]
             if key.may_write(platform):
-                accepted.append(
-                    Message(record["sessionId"].encode(), orjson.dumps(record), headers)
-                )
+                accepted.append(Record(record["sessionId"], orjson.dumps(record), origin))
                 continue
             error = {
                 "pointer": "/productPlatform",
@@ -108,12 +91,13 @@ async def ingest(
         if isinstance(event_id, str) and len(event_id) <= _MAX_ECHOED_ID:
             rejection["eventId"] = event_id
         rejections.append(rejection)
-        dead.append(_dead_letter(index, record, headers, reason, [error], record_type))
-    # One request queues at most CAFE_MAX_BODY_BYTES of records, which the queue is held
-    # to take (Settings.from_env): re-encoded, a number can come out longer than it was
+        rejected.append(_rejected(index, record, reason, error, origin))
+    # One request gives the sink at most CAFE_MAX_BODY_BYTES of records, which its queue
+    # is held to take (Settings): re-encoded, a number can come out longer than it was
     # sent (1e15 as 1000000000000000.0), and a request past what the queue takes would
-    # get 503 on every try, or hold up the spool's replay. Summing costs 19 us at W500.
-    queued = sum(len(m.value) for m in accepted) + sum(len(m.value) for m in dead)
+    # get 503 on every try, or hold up the spool's replay. (The Kafka sink may keep less
+    # of a large dead letter.) Summing costs 19 us at W500.
+    queued = sum(len(r.value) for r in accepted) + sum(len(r.value) for r in rejected)
     if queued > settings.max_body_bytes:
         raise PayloadTooLarge(
             f"the records come to {queued} bytes as stored; the limit is {settings.max_body_bytes}"
@@ -131,7 +115,7 @@ async def ingest(
 
     try:
         # Valid records and dead letters go out together; the answer waits for both.
-        spooled = await sink.send(record_type.name, accepted, dead)
+        delivery = await sink.send(record_type.name, accepted, rejected)
     except SinkUnavailable:
         # Counted, and answered 503 by the error middleware.
         metrics.records.labels(record_type.name, "unavailable").inc(len(accepted))
@@ -139,9 +123,6 @@ async def ingest(
     metrics.records.labels(record_type.name, "accepted").inc(len(accepted))
     for rejection in rejections:
         metrics.dead_letters.labels(record_type.name, rejection["reason"]).inc()
-    truncated = sum(1 for message in dead if message.headers and _TRUNCATED in message.headers)
-    if truncated:
-        metrics.dead_letters_truncated.labels(record_type.name).inc(truncated)
     if any(rejection["reason"] == "forbidden" for rejection in rejections):
         metrics.auth_failures.labels("platform").inc()
     context.record_counts = (len(accepted), len(rejections))
@@ -151,7 +132,7 @@ async def ingest(
     else:
         body = {"accepted": len(accepted), "rejected": len(rejections), "rejections": rejections}
         response = json_response(body, status=207 if accepted else 422)
-    if spooled:
+    if delivery is Delivery.SPOOLED:
         # On this gateway's disk, fsynced; in Kafka later (gateway/spool/sink.py).
         response.headers[SPOOLED_HEADER] = "true"
     return response
@@ -231,34 +212,10 @@ async def _receive(request: web.Request, context: RequestContext, settings: Sett
     return body
 
 
-def _kafka_headers(
-    request: web.Request,
-    record_type: RecordType,
-    key: ApiKey,
-    request_id: str,
-    settings: Settings,
-) -> list[tuple[str, bytes]]:
-    """What every message of this request carries besides the record itself."""
-    received_at = utc_timestamp(time.time())
-    return [
-        ("cafe-key-id", key.id.encode()),
-        ("cafe-client-ip", client_ip(request, settings).encode()),
-        ("cafe-received-at", received_at.encode()),
-        ("cafe-request-id", request_id.encode()),
-        ("cafe-schema", record_type.name.encode()),
-        ("cafe-schema-version", str(SCHEMA_VERSION).encode()),
-    ]
-
-
-def _dead_letter(
-    index: int,
-    record: Any,
-    headers: list[tuple[str, bytes]],
-    reason: str,
-    errors: list[dict[str, str]],
-    record_type: RecordType,
-) -> Message:
-    """A rejected record as sent, with why it was rejected in its headers."""
+def _rejected(
+    index: int, record: Any, reason: str, error: dict[str, str], origin: Context
+) -> Rejected:
+    """A rejected record as sent, and why: what the sink keeps as a dead letter."""
     try:
         value = orjson.dumps(record)
     except orjson.JSONEncodeError:
@@ -268,43 +225,7 @@ def _dead_letter(
         raise InvalidEnvelope(
             f"records[{index}] is nested too deeply to be stored (orjson writes 254 levels)"
         ) from None
-    reject_headers = [
-        *headers,
-        ("cafe-record-index", str(index).encode()),
-        ("cafe-reject-reason", reason.encode()),
-        ("cafe-errors", orjson.dumps([_cut_texts(error) for error in errors])),
-    ]
     session = record.get("sessionId") if isinstance(record, dict) else None
-    key = None
-    if isinstance(session, str):
-        limit = record_type.max_key_length
-        if 0 < len(session) <= limit:
-            key = session.encode()
-        else:
-            why = f"sessionId is {len(session)} characters; a key is 1 to {limit}"
-            reject_headers.append(("cafe-key-omitted", why.encode()))
-    if len(value) > DEAD_LETTER_MAX_BYTES:
-        reject_headers += [
-            ("cafe-original-bytes", str(len(value)).encode()),
-            ("cafe-original-sha256", hashlib.sha256(value).hexdigest().encode()),
-            _TRUNCATED,
-        ]
-        value = _utf8_prefix(value, DEAD_LETTER_MAX_BYTES)
-    return Message(key, value, reject_headers)
-
-
-def _cut_texts(error: dict[str, str]) -> dict[str, str]:
-    """`error` with each text longer than DEAD_LETTER_MAX_ERROR_CHARS cut, saying so."""
-    limit = DEAD_LETTER_MAX_ERROR_CHARS
-    return {
-        name: text if len(text) <= limit else f"{text[:limit]}... (cut from {len(text)} characters)"
-        for name, text in error.items()
-    }
-
-
-def _utf8_prefix(text: bytes, size: int) -> bytes:
-    """The longest prefix of UTF-8 `text` of at most `size` bytes that ends on a whole character."""
-    end = size
-    while end > 0 and text[end] & 0xC0 == 0x80:  # a continuation byte starts no character
-        end -= 1
-    return text[:end]
+    return Rejected(
+        value, index, reason, [error], session if isinstance(session, str) else None, origin
+    )

@@ -66,12 +66,6 @@ class HttpMetrics:
             ["type", "reason"],
             registry=registry,
         )
-        self.dead_letters_truncated = Counter(
-            "cafe_dead_letters_truncated",
-            "Dead letters stored truncated (the record was over the dead-letter size limit)",
-            ["type"],
-            registry=registry,
-        )
         self.records_per_request = Histogram(
             "cafe_records_per_request",
             "Records in each well-formed batch",

@@ -19,7 +19,7 @@ from aiokafka.errors import (
     UnknownTopicOrPartitionError,
 )
 
-from gateway.sink import Message
+from gateway.kafka.messages import Message
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,12 @@ class KafkaMetrics:
     """The Kafka sink's metrics, registered on `registry`."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        self.dead_letters_truncated = Counter(
+            "cafe_dead_letters_truncated",
+            "Dead letters stored truncated (the record was over the dead-letter size limit)",
+            ["type"],
+            registry=registry,
+        )
         self.produce_seconds = Histogram(
             "cafe_kafka_produce_seconds",
             "Time from a batch being handed to the producer to its acknowledgement",

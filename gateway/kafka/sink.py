@@ -27,11 +27,12 @@ from gateway.config import KafkaSettings
 from gateway.errors import KafkaForbidden, KafkaTopicMissing, KafkaUnavailable, RecordTooLarge
 from gateway.kafka.auth import KafkaAuth, Problem, explain_refusal
 from gateway.kafka.batcher import Batcher, failed
+from gateway.kafka.messages import Framer, Message, is_truncated
 from gateway.kafka.metrics import KafkaMetrics
 from gateway.kafka.partitioner import murmur2_cached
 from gateway.kafka.topics import missing_topics, prepare_topics
 from gateway.metrics import Metrics
-from gateway.sink import Message
+from gateway.sink import Delivery, Record, Rejected
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,7 @@ class KafkaSink:
     def __init__(self, settings: KafkaSettings, metrics: Metrics | None = None) -> None:
         self._settings = settings
         self._topics = settings.topics.by_record_type()
+        self._framers = {name: Framer(name) for name in self._topics}
         # Its own group of metrics, on the registry of those it is given.
         self.metrics = KafkaMetrics(metrics.registry) if metrics is not None else None
         self._auth = KafkaAuth(settings)
@@ -358,14 +360,31 @@ class KafkaSink:
     async def send(
         self,
         record_type: str,
-        accepted: Sequence[Message],
-        dead_letters: Sequence[Message] = (),
+        accepted: Sequence[Record],
+        rejected: Sequence[Rejected] = (),
         *,
         patient: bool = False,
-    ) -> bool:
-        """Produce the records to their type's topic and the dead letters to the
-        dead-letter topic, at once; return (False: not spooled) when Kafka has
-        acknowledged both. `patient`: wait for Kafka's verdict past the produce timeout."""
+    ) -> Delivery:
+        """Produce the records to their type's topic and the rejected ones, as dead
+        letters, to the dead-letter topic, at once; return when Kafka has acknowledged
+        both. `patient`: wait for Kafka's verdict past the produce timeout."""
+        framer = self._framers[record_type]
+        records = [framer.record(record) for record in accepted]
+        dead_letters = [framer.dead_letter(each) for each in rejected]
+        await self._send(record_type, records, dead_letters, patient)
+        if self.metrics is not None and dead_letters:
+            truncated = sum(1 for message in dead_letters if is_truncated(message))
+            if truncated:
+                self.metrics.dead_letters_truncated.labels(record_type).inc(truncated)
+        return Delivery.STORED
+
+    async def _send(
+        self,
+        record_type: str,
+        accepted: list[Message],
+        dead_letters: list[Message],
+        patient: bool,
+    ) -> None:
         sends = [
             (topic, messages)
             for topic, messages in (
@@ -381,7 +400,7 @@ class KafkaSink:
                 self._refuse_unwritable(topic, len(messages))
         if len(sends) == 1:
             await self.produce(*sends[0], patient=patient)
-            return False
+            return
         results = await asyncio.gather(
             *(self.produce(topic, messages, patient=patient) for topic, messages in sends),
             return_exceptions=True,
@@ -389,7 +408,6 @@ class KafkaSink:
         for result in results:
             if isinstance(result, BaseException):
                 raise result
-        return False
 
     async def produce(
         self, topic: str, messages: Sequence[Message], *, patient: bool = False

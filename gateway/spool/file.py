@@ -1,6 +1,6 @@
 """The spool's store: chunks of records in a SQLite file, written from a thread of its own.
 
-One row (a chunk) per spooled request, its messages encoded by `encode`. SQLite runs in
+One row (a chunk) per spooled request, its records encoded by `encode`. SQLite runs in
 WAL mode with an fsync at every commit, and many chunks share one commit (a group
 commit, `SpoolFile.insert`). Every call runs on the file's own thread, so no disk I/O
 runs on the event loop; gateway/spool/sink.py decides what is spooled and when it is replayed.
@@ -20,30 +20,42 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from gateway.sink import Message
+import orjson
+
+from gateway.sink import Context, Record, Rejected
 
 log = logging.getLogger(__name__)
 
 # What a SpoolFile call raises when the file or its disk fails (full, read-only, gone).
 DISK_ERRORS = (sqlite3.Error, OSError)
 
-# A chunk's payload: its header lists, then its messages (see encode).
+# A chunk's payload (see encode): this mark, then its requests' contexts, its records and
+# its rejected records. A payload spooled before records were given to the sink with
+# their context begins instead with its count of header lists, never near the mark as a
+# number, and is read by `_decode_messages`.
+_MARK = b"\xffCF2"
 _COUNT = struct.Struct("<I")
+_TEXT = struct.Struct("<H")
+_RECORD = struct.Struct("<HHI")  # context, session length, value length
+# context, position, session length (-1: none), value length, reason length, errors
+# length, size before a cut (-1: not cut; its SHA-256 follows, as 64 hex digits)
+_REJECTED = struct.Struct("<HIiIHIq")
+# The first payloads' messages: their header lists, then each message.
 _HEADER = struct.Struct("<HI")  # name length, value length
 _MESSAGE = struct.Struct("<BiII")  # dead letter?, key length (-1: none), value length, headers
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """One request's records and dead letters, as spooled."""
+    """One request's records and rejected records, as spooled."""
 
     record_type: str
-    accepted: Sequence[Message]
-    dead_letters: Sequence[Message]
+    accepted: Sequence[Record]
+    rejected: Sequence[Rejected]
 
     @property
     def records(self) -> int:
-        return len(self.accepted) + len(self.dead_letters)
+        return len(self.accepted) + len(self.rejected)
 
 
 @dataclass
@@ -70,71 +82,180 @@ class Totals:
 
 
 def encode(chunk: Chunk) -> bytes:
-    """A chunk's messages as bytes: each distinct header list once, then every message.
+    """A chunk as bytes: each distinct context once (a request's records share one), then
+    every record and rejected record, naming its context by its place."""
+    places: dict[int, int] = {}
+    contexts: list[bytes] = []
 
-    Every accepted record of a request carries the same header list, so each list is
-    written once and messages name it by its place.
-    """
-    header_lists: dict[int, int] = {}
-    lists: list[bytes] = []
-    parts: list[bytes] = [b""]  # the header lists go here, once all are known
-    for dead, messages in ((0, chunk.accepted), (1, chunk.dead_letters)):
-        for message in messages:
-            headers = message.headers or []
-            place = header_lists.get(id(headers))
-            if place is None:
-                place = header_lists[id(headers)] = len(lists)
-                lists.append(_encode_headers(headers))
-            key = message.key
-            parts.append(
-                _MESSAGE.pack(dead, -1 if key is None else len(key), len(message.value), place)
-            )
-            if key:
-                parts.append(key)
-            parts.append(message.value)
-    parts[0] = _COUNT.pack(len(lists)) + b"".join(lists)
-    return b"".join(parts)
+    def place_of(context: Context) -> int:
+        place = places.get(id(context))
+        if place is None:
+            place = places[id(context)] = len(contexts)
+            contexts.append(b"".join(_text(field) for field in context))
+        return place
+
+    parts: list[bytes] = [_COUNT.pack(len(chunk.accepted))]
+    for record in chunk.accepted:
+        session = record.session_id.encode()
+        parts += [
+            _RECORD.pack(place_of(record.context), len(session), len(record.value)),
+            session,
+            record.value,
+        ]
+    parts.append(_COUNT.pack(len(chunk.rejected)))
+    for rejected in chunk.rejected:
+        key = None if rejected.session_id is None else rejected.session_id.encode()
+        reason = rejected.reason.encode()
+        errors = orjson.dumps(rejected.errors)
+        cut = rejected.cut_from
+        parts += [
+            _REJECTED.pack(
+                place_of(rejected.context),
+                rejected.position,
+                -1 if key is None else len(key),
+                len(rejected.value),
+                len(reason),
+                len(errors),
+                -1 if cut is None else cut[0],
+            ),
+            key or b"",
+            rejected.value,
+            reason,
+            errors,
+            b"" if cut is None else cut[1].encode(),
+        ]
+    head = [_MARK, _COUNT.pack(len(contexts)), *contexts]
+    return b"".join(head + parts)
 
 
-def _encode_headers(headers: Sequence[tuple[str, bytes]]) -> bytes:
-    parts = [_COUNT.pack(len(headers))]
-    for name, value in headers:
-        encoded = name.encode()
-        parts += [_HEADER.pack(len(encoded), len(value)), encoded, value]
-    return b"".join(parts)
+def _text(text: str) -> bytes:
+    encoded = text.encode()
+    return _TEXT.pack(len(encoded)) + encoded
 
 
 def decode(record_type: str, payload: bytes) -> Chunk:
-    """The chunk `encode` made `payload` from. (The replay reads every record through
-    this loop: slices of `payload` cost a quarter less than a memoryview's, and building
-    each Message as the tuple it is skips the 0.1 us of NamedTuple's own __new__.)"""
+    """The chunk `encode` made `payload` from (or an earlier version's encoding did).
+    (The replay reads every record through this loop: slices of `payload` cost a quarter
+    less than a memoryview's, and building each Record as the tuple it is skips the 0.1
+    us of NamedTuple's own __new__.)"""
+    if not payload.startswith(_MARK):
+        return _decode_messages(record_type, payload)
+    at = len(_MARK)
+    (count,), at = _COUNT.unpack_from(payload, at), at + _COUNT.size
+    contexts = []
+    for _ in range(count):
+        fields = []
+        for _ in range(4):
+            (size,), at = _TEXT.unpack_from(payload, at), at + _TEXT.size
+            fields.append(payload[at : at + size].decode())
+            at += size
+        contexts.append(Context(*fields))
+    new = tuple.__new__
+    (count,), at = _COUNT.unpack_from(payload, at), at + _COUNT.size
+    accepted: list[Record] = []
+    unpack, size = _RECORD.unpack_from, _RECORD.size
+    for _ in range(count):
+        place, session_size, value_size = unpack(payload, at)
+        at += size
+        session = payload[at : at + session_size].decode()
+        at += session_size
+        accepted.append(new(Record, (session, payload[at : at + value_size], contexts[place])))
+        at += value_size
+    (count,), at = _COUNT.unpack_from(payload, at), at + _COUNT.size
+    rejected: list[Rejected] = []
+    for _ in range(count):
+        place, position, session_size, value_size, reason_size, errors_size, cut_size = (
+            _REJECTED.unpack_from(payload, at)
+        )
+        at += _REJECTED.size
+        session_id = None
+        if session_size >= 0:
+            session_id = payload[at : at + session_size].decode()
+            at += session_size
+        value = payload[at : at + value_size]
+        at += value_size
+        reason = payload[at : at + reason_size].decode()
+        at += reason_size
+        errors = orjson.loads(payload[at : at + errors_size])
+        at += errors_size
+        cut_from = None
+        if cut_size >= 0:
+            cut_from = (cut_size, payload[at : at + 64].decode())
+            at += 64
+        rejected.append(
+            Rejected(value, position, reason, errors, session_id, contexts[place], cut_from)
+        )
+    if at != len(payload):
+        raise ValueError(f"{len(payload) - at} bytes past the chunk's end")
+    return Chunk(record_type, accepted, rejected)
+
+
+def _decode_messages(record_type: str, payload: bytes) -> Chunk:
+    """A chunk spooled as Kafka messages, by a version that framed records before the
+    sink: its records and rejected records again, their contexts read from the headers
+    every message carried (a dead letter cut then keeps its cut)."""
     (count,), at = _COUNT.unpack_from(payload), _COUNT.size
-    lists: list[list[tuple[str, bytes]] | None] = []
+    lists: list[dict[str, bytes]] = []
     for _ in range(count):
         (headers,), at = _COUNT.unpack_from(payload, at), at + _COUNT.size
-        pairs = []
+        pairs = {}
         for _ in range(headers):
             name_size, value_size = _HEADER.unpack_from(payload, at)
             at += _HEADER.size
             name = payload[at : at + name_size].decode()
             at += name_size
-            pairs.append((name, payload[at : at + value_size]))
+            pairs[name] = payload[at : at + value_size]
             at += value_size
-        lists.append(pairs or None)
-    accepted: list[Message] = []
-    dead_letters: list[Message] = []
-    unpack, size, end, new = _MESSAGE.unpack_from, _MESSAGE.size, len(payload), tuple.__new__
-    while at < end:
-        dead, key_size, value_size, place = unpack(payload, at)
-        at += size
+        lists.append(pairs)
+    contexts: dict[tuple[str, ...], Context] = {}
+    accepted: list[Record] = []
+    rejected: list[Rejected] = []
+    while at < len(payload):
+        dead, key_size, value_size, place = _MESSAGE.unpack_from(payload, at)
+        at += _MESSAGE.size
         key = None
         if key_size >= 0:
-            key = payload[at : at + key_size]
+            key = payload[at : at + key_size].decode()
             at += key_size
         value = payload[at : at + value_size]
         at += value_size
-        (dead_letters if dead else accepted).append(new(Message, (key, value, lists[place])))
-    return Chunk(record_type, accepted, dead_letters)
+        headers = lists[place]
+        fields = tuple(
+            headers[name].decode()
+            for name in ("cafe-key-id", "cafe-client-ip", "cafe-request-id", "cafe-received-at")
+        )
+        context = contexts.setdefault(fields, Context(*fields))
+        if not dead:
+            if key is None:
+                raise ValueError("a spooled record without a key")
+            accepted.append(Record(key, value, context))
+            continue
+        cut_from = None
+        if "cafe-truncated" in headers:
+            original = int(headers["cafe-original-bytes"])
+            cut_from = (original, headers["cafe-original-sha256"].decode())
+        rejected.append(
+            Rejected(
+                value,
+                int(headers["cafe-record-index"]),
+                headers["cafe-reject-reason"].decode(),
+                orjson.loads(headers["cafe-errors"]),
+                key if key is not None else _session_in(value),
+                context,
+                cut_from,
+            )
+        )
+    return Chunk(record_type, accepted, rejected)
+
+
+def _session_in(value: bytes) -> str | None:
+    """The sessionId of a record's JSON, if it is whole and has a string there."""
+    try:
+        record = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    session = record.get("sessionId") if isinstance(record, dict) else None
+    return session if isinstance(session, str) else None
 
 
 class SpoolFile:
@@ -328,7 +449,7 @@ def _oldest(
         size += len(payload)
         try:
             chunk, corrupt = decode(kind, payload), False
-        except (struct.error, UnicodeDecodeError, IndexError):
+        except (struct.error, ValueError, IndexError, KeyError):  # ValueError: bad UTF-8 too
             chunk, corrupt = Chunk(kind, [], []), True
         window.append(Stored(ident, spooled_at, len(payload), chunk, records, corrupt))
     return window

@@ -32,7 +32,7 @@ from gateway.backoff import Backoff
 from gateway.config import SpoolSettings
 from gateway.errors import GatewayError, SinkUnavailable, SpoolFull, SpoolUnavailable
 from gateway.metrics import Metrics
-from gateway.sink import Message, Sink
+from gateway.sink import Delivery, Record, Rejected, Sink
 from gateway.spool.file import DISK_ERRORS, Chunk, SpoolFile, Stored, encode
 from gateway.spool.metrics import SpoolMetrics
 
@@ -93,11 +93,12 @@ class _Pending:
 
 @dataclass
 class _Unsent:
-    """The messages of one part of a replayed window that Kafka has not acknowledged:
-    what one send carries. `places` says where they sit in their chunks' parts."""
+    """The records (or rejected records) of one part of a replayed window that Kafka has
+    not acknowledged: what one send carries. `places` says where they sit in their
+    chunks' parts."""
 
     part: str
-    messages: list[Message] = field(default_factory=list)
+    messages: list[Any] = field(default_factory=list)  # Records, or Rejected ones
     places: list[tuple[int, Sequence[int]]] = field(default_factory=list)  # by chunk id
 
 
@@ -254,13 +255,13 @@ class SpoolingSink:
     async def send(
         self,
         record_type: str,
-        accepted: Sequence[Message],
-        dead_letters: Sequence[Message] = (),
+        accepted: Sequence[Record],
+        rejected: Sequence[Rejected] = (),
         *,
         patient: bool = False,
-    ) -> bool:
-        """Store the records in Kafka, or in the spool; True if they were spooled."""
-        chunk = Chunk(record_type, accepted, dead_letters)
+    ) -> Delivery:
+        """Store the records in Kafka, or in the spool; say which."""
+        chunk = Chunk(record_type, accepted, rejected)
         loop = asyncio.get_running_loop()
         arrived = loop.time()
         queue = self._queues.get(record_type)
@@ -283,7 +284,7 @@ class SpoolingSink:
         acknowledged = False
         try:
             async with direct.wait:
-                await self.inner.send(record_type, accepted, dead_letters)
+                await self.inner.send(record_type, accepted, rejected)
             acknowledged = True
         except TimeoutError:
             pass  # on disk (_on_written ended the wait)
@@ -299,7 +300,7 @@ class SpoolingSink:
         if acknowledged:
             # Kafka acknowledged it just as it was spooled: the spooled copy is a
             # duplicate, and its write need not be awaited.
-            return False
+            return Delivery.STORED
         if direct.written is None:  # never: a wait is ended only once its chunk is queued
             raise SpoolUnavailable("the records could not be spooled")
         return await self._on_disk(direct.written, arrived)
@@ -318,8 +319,8 @@ class SpoolingSink:
                 return False
         return True
 
-    async def _on_disk(self, written: asyncio.Future[None], arrived: float) -> bool:
-        """Wait for a spooled chunk's write, within the request's bound; True."""
+    async def _on_disk(self, written: asyncio.Future[None], arrived: float) -> Delivery:
+        """Wait for a spooled chunk's write, within the request's bound."""
         try:
             async with asyncio.timeout_at(arrived + self._bound_s):
                 await asyncio.shield(written)
@@ -328,7 +329,7 @@ class SpoolingSink:
             raise SpoolUnavailable(
                 f"the spool's disk did not take the records within {self._bound_s:g}s"
             ) from None
-        return True
+        return Delivery.SPOOLED
 
     def _spool_waiting(self, over: _Direct) -> None:
         """Kafka has not acknowledged a request in time, or refused it: spool it and every
@@ -617,7 +618,7 @@ class SpoolingSink:
         """The messages of `part` in `window` Kafka has not acknowledged, in order."""
         unsent = _Unsent(part)
         for stored in window:
-            messages = stored.chunk.accepted if part == _RECORDS else stored.chunk.dead_letters
+            messages = stored.chunk.accepted if part == _RECORDS else stored.chunk.rejected
             if not messages:
                 continue
             taken = queue.delivered.get((stored.id, part))

@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient
 
 from devkit.samples import curl_bodies
 from gateway.config import KafkaSettings, Settings, TopicSettings
-from gateway.http.ingest import DEAD_LETTER_MAX_BYTES
+from gateway.kafka.messages import DEAD_LETTER_MAX_BYTES
 from tests.support.app import Answer, Gateway, GatewayClient, gateway_settings
 from tests.support.kafka import (
     KAFKA_SH,

@@ -22,9 +22,9 @@ from devkit.net import free_port
 from devkit.samples import curl_bodies
 from gateway.config import KafkaSettings, TopicSettings
 from gateway.errors import KafkaUnavailable, RecordTooLarge
+from gateway.kafka.messages import Message
 from gateway.kafka.sink import KafkaSink
 from gateway.metrics import Metrics
-from gateway.sink import Message
 from tests.support.app import GatewayClient, gateway_settings
 from tests.support.kafka import (
     TOPIC_PARTITIONS,
@@ -37,6 +37,7 @@ from tests.support.kafka import (
 )
 from tests.support.keys import json_headers, make_key_file
 from tests.support.net import TcpProxy
+from tests.support.records import record, rejected
 from tests.support.wait import eventually
 
 pytestmark = pytest.mark.integration
@@ -70,8 +71,8 @@ async def test_the_sink_puts_records_on_their_type_s_topic_and_dead_letters_apar
     await sink.start()  # creates the four topics
     try:
         await eventually(functools.partial(connected, sink))
-        await sink.send("log", [Message(b"s", b"valid")], [Message(b"s", b"rejected")])
-        await sink.send("profile", [], [Message(b"s", b"rejected-profile")])
+        await sink.send("log", [record("s", b"valid")], [rejected(b"rejected")])
+        await sink.send("profile", [], [rejected(b"rejected-profile")])
     finally:
         await sink.close()
 

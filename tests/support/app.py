@@ -12,10 +12,11 @@ import pytest
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient, TestServer
 
-from gateway.config import Settings
+from gateway.config import Settings, TopicSettings
 from gateway.http.listener import GatewayRunner
+from gateway.kafka.messages import Framer, Message
 from gateway.logs import JsonFormatter
-from gateway.sink import MemorySink, Message
+from gateway.sink import MemorySink
 from tests.support.keys import KeyFile, json_headers
 from tests.support.scrape import Samples, scrape
 
@@ -103,11 +104,27 @@ class Gateway:
         return Answer(resp.status, await resp.json(content_type=None), resp)
 
     def produced(self) -> dict[str, list[Message]]:
-        """What the in-memory sink holds, by topic, of the topics that hold anything."""
-        return {topic: messages for topic, messages in self.sink.topics.items() if messages}
+        """What the in-memory sink holds, as the Kafka sink would produce it: messages by
+        topic (the default topics), of the topics that would hold anything."""
+        return produced(self.sink)
 
     async def metrics(self) -> Samples:
         return await scrape(self.client)
+
+
+def produced(sink: MemorySink, topics: TopicSettings | None = None) -> dict[str, list[Message]]:
+    """What `sink` holds, framed as the Kafka sink frames it (gateway/kafka/messages.py):
+    messages by topic, of the topics that would hold anything."""
+    names = (topics or TopicSettings()).by_record_type()
+    found: dict[str, list[Message]] = {}
+    for record_type, records in sink.records.items():
+        framer = Framer(record_type)
+        found.setdefault(names[record_type], []).extend(framer.record(r) for r in records)
+    for record_type, rejected in sink.rejected.items():
+        framer = Framer(record_type)
+        dead = found.setdefault((topics or TopicSettings()).deadletter, [])
+        dead.extend(framer.dead_letter(r) for r in rejected)
+    return {topic: messages for topic, messages in found.items() if messages}
 
 
 def access_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:

@@ -12,10 +12,28 @@ import orjson
 from devkit.samples import curl_bodies
 from gateway.config import TopicSettings
 from gateway.schemas import SCHEMA_BASE, schema_dir
+from gateway.sink import Context, Record, Rejected
 
 NAMES = ("activity", "log", "profile")
 # The dead-letter topic of the default settings (an in-memory sink's too).
 DEAD = TopicSettings().deadletter
+
+
+# The request the records a test gives a sink straight come from.
+CONTEXT = Context("k_0123456789ab", "127.0.0.1", "test-request", "2026-12-01T00:00:00.000Z")
+
+
+def record(session: str | bytes, value: bytes, context: Context = CONTEXT) -> Record:
+    """A valid record as a sink is given it (a bytes session is read as UTF-8)."""
+    return Record(session.decode() if isinstance(session, bytes) else session, value, context)
+
+
+def rejected(
+    value: bytes, session: str | None = "s", position: int = 0, context: Context = CONTEXT
+) -> Rejected:
+    """A rejected record as a sink is given it: invalid, for a made-up reason."""
+    errors = [{"pointer": "", "message": "rejected by the test"}]
+    return Rejected(value, position, "invalid", errors, session, context)
 
 
 def sample(name: str, **changes: Any) -> dict[str, Any]:
