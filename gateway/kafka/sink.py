@@ -369,7 +369,7 @@ class KafkaSink:
         letters, to the dead-letter topic, at once; return when Kafka has acknowledged
         both. `patient`: wait for Kafka's verdict past the produce timeout."""
         framer = self._framers[record_type]
-        records = [framer.record(record) for record in accepted]
+        records = framer.records(accepted)
         dead_letters = [framer.dead_letter(each) for each in rejected]
         await self._send(record_type, records, dead_letters, patient)
         if self.metrics is not None and dead_letters:
