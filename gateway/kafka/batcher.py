@@ -15,7 +15,6 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
     KafkaError,
     KafkaTimeoutError,
-    TopicAuthorizationFailedError,
     UnknownTopicOrPartitionError,
 )
 
@@ -25,31 +24,23 @@ log = logging.getLogger(__name__)
 
 
 class BatchOwner(Protocol):
-    """What a batcher asks of the sink it batches for (KafkaSink)."""
+    """What a batcher tells, and asks of, the sink it batches for (KafkaSink): one call
+    for each thing that happens to a batch."""
 
     def producer_for_batches(self) -> Awaitable[AIOKafkaProducer]:
         """The producer to hand the next batch to, once there is one."""
 
-    def answered(self, producer: AIOKafkaProducer) -> None:
-        """`producer` gave a verdict on a batch: Kafka answers it."""
+    def answered(
+        self, producer: AIOKafkaProducer, batcher: Batcher, refused: BaseException | None
+    ) -> None:
+        """`producer` gave Kafka's verdict on a batch of `batcher`'s: taken, or `refused`
+        for good (its sequence numbers are spent: the producer must be retired)."""
 
-    def renew(self, producer: AIOKafkaProducer, where: str, failure: BaseException) -> None:
-        """A batch handed to `producer` was refused for good: retire that producer."""
-
-    def release(self, size: int) -> None:
-        """A batch holding `size` bytes of record values is settled."""
-
-    def allow(self, topic: str) -> None:
-        """Kafka stored a batch for `topic`: the gateway may write to it."""
-
-    def forbid(self, topic: str) -> None:
-        """Kafka refused the gateway a batch for `topic` for want of rights."""
-
-    def partition_down(self, batcher: Batcher) -> None:
-        """`batcher`'s partition stopped answering."""
-
-    def partition_up(self, batcher: Batcher) -> None:
-        """`batcher`'s partition answers again."""
+    def settled(
+        self, batcher: Batcher, size: int, stored: bool, failure: BaseException | None
+    ) -> None:
+        """A batch of `batcher`'s holding `size` bytes of values is settled: `stored` by
+        Kafka, or not (`failure` says why, if it failed rather than was given up)."""
 
     def forget(self, batcher: Batcher) -> None:
         """`batcher`'s partition is gone: it has stopped."""
@@ -164,10 +155,12 @@ class Batcher:
         # a producer is there to take it.
         return not self.unsettled and not renewing
 
-    def mark_down(self) -> None:
-        if not self.down:
-            self.down = True
-            self._sink.partition_down(self)
+    def mark_down(self) -> bool:
+        """The partition did not answer in time: queue nothing new for it (`admits`).
+        True if it was up until now."""
+        was_up = not self.down
+        self.down = True
+        return was_up
 
     def fail_handed_to(self, producer: AIOKafkaProducer) -> None:
         """`producer` was closed without answering for its batches: fail those it holds,
@@ -199,22 +192,16 @@ class Batcher:
 
     def _settled(self, batch: _Batch, acked: asyncio.Future[None]) -> None:
         self.unsettled.discard(batch)
-        self._sink.release(batch.size)
         if batch.producer is not None and failed(acked):
             self._failures += 1
         if batch is self._last_handed:
             self._wake.set()  # the next batch's turn
-        # Also marks a failure as seen, even if every request waiting on it timed out.
-        if acked.cancelled():
-            return
-        failure = acked.exception()
-        if isinstance(failure, TopicAuthorizationFailedError):
-            self._sink.forbid(self.topic)
-        elif failure is None:
-            self._sink.allow(self.topic)
-            if self.down:
-                self.down = False
-                self._sink.partition_up(self)
+        # Also tells of a failure, even if every request waiting on it timed out.
+        failure = None if acked.cancelled() else acked.exception()
+        stored = not acked.cancelled() and failure is None
+        if stored:
+            self.down = False  # Kafka acknowledges the partition again
+        self._sink.settled(self, batch.size, stored, failure)
 
     async def _hand_over(self) -> None:
         while True:
@@ -292,21 +279,21 @@ class Batcher:
     def _settle(
         self, producer: AIOKafkaProducer, acked: asyncio.Future[None], ack: asyncio.Future[Any]
     ) -> None:
-        """Pass aiokafka's verdict on a batch to the future its requests wait on."""
-        self._sink.answered(producer)
+        """Pass aiokafka's verdict on a batch to the future its requests wait on, and
+        to the sink."""
+        refused = None
         if acked.done():
-            return
-        if ack.cancelled():
+            pass  # failed already, as its producer closed (fail_handed_to)
+        elif ack.cancelled():
             acked.set_exception(KafkaError("the batch was cancelled"))
-            return
-        failure = ack.exception()
-        if failure is None:
+        elif (failure := ack.exception()) is None:
             acked.set_result(None)
-            return
-        acked.set_exception(failure)
-        # With idempotence aiokafka retries what can be retried, so a batch that fails
-        # was refused for good, and the sequence numbers it was given are spent.
-        self._sink.renew(producer, f"{self.topic}-{self.partition}", failure)
+        else:
+            acked.set_exception(failure)
+            # With idempotence aiokafka retries what can be retried, so a batch that
+            # fails was refused for good, and the sequence numbers it was given are spent.
+            refused = failure
+        self._sink.answered(producer, self, refused)
 
 
 def failed(future: asyncio.Future[Any]) -> bool:

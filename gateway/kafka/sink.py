@@ -133,7 +133,7 @@ class KafkaSink:
     producer has numbered its records; every later batch to that partition would then
     be refused as out of sequence. So a refused batch retires its producer: a new one,
     with a new producer id whose sequences start afresh, takes the next batches, and the
-    old one delivers what it holds and closes (`renew`).
+    old one delivers what it holds and closes (`_retire`).
     """
 
     def __init__(self, settings: KafkaSettings, metrics: Metrics | None = None) -> None:
@@ -228,9 +228,14 @@ class KafkaSink:
                 return False
             deadline = quiet_until
 
-    def answered(self, producer: AIOKafkaProducer) -> None:
-        """Kafka answered for one of `producer`'s batches (see _stop)."""
+    def answered(
+        self, producer: AIOKafkaProducer, batcher: Batcher, refused: BaseException | None
+    ) -> None:
+        """Kafka answered for one of `producer`'s batches (see _stop); one it refused for
+        good retires the producer (`_retire`)."""
         self._answered_at[producer] = asyncio.get_running_loop().time()
+        if refused is not None:
+            self._retire(producer, f"{batcher.topic}-{batcher.partition}", refused)
 
     async def _stop(
         self, producer: AIOKafkaProducer, deadline: float | None = None, *, retiring: bool = False
@@ -313,7 +318,8 @@ class KafkaSink:
                 self.metrics.queued_bytes.set(self._held_bytes)
             if not answering:
                 for batcher in list(self._batchers.values()):
-                    batcher.mark_down()
+                    if batcher.mark_down():
+                        self._partition_down(batcher)
                 await self._check_credentials()
             else:
                 self._stale_rounds = 0
@@ -452,8 +458,8 @@ class KafkaSink:
                     raise failure
         except TimeoutError:
             for ack, batcher in acks.items():
-                if not ack.done():
-                    batcher.mark_down()
+                if not ack.done() and batcher.mark_down():
+                    self._partition_down(batcher)
             self._count_error("timeout")
             raise KafkaUnavailable(
                 f"Kafka did not acknowledge the records within {timeout_s:g}s"
@@ -468,7 +474,7 @@ class KafkaSink:
             error: KafkaUnavailable
             if isinstance(exc, TopicAuthorizationFailedError):
                 # Refused at the metadata (no Describe) or at the batch (no Write).
-                self.forbid(topic)
+                self._forbid(topic)
                 error = KafkaForbidden(f"Kafka refuses the gateway writes to topic {topic}")
             else:
                 error = KafkaUnavailable(f"Kafka did not acknowledge the records: {exc}")
@@ -540,11 +546,21 @@ class KafkaSink:
         if self.metrics is not None:
             self.metrics.refused.labels(topic, reason).inc(records)
 
-    def release(self, size: int) -> None:
-        """A batch is settled: its records are no longer held."""
+    def settled(
+        self, batcher: Batcher, size: int, stored: bool, failure: BaseException | None
+    ) -> None:
+        """A batch of `batcher`'s is settled: its records are no longer held; Kafka's
+        verdict says whether the gateway may write to the topic, and whether the
+        partition answers again."""
         self._held_bytes -= size
+        if isinstance(failure, TopicAuthorizationFailedError):
+            self._forbid(batcher.topic)
+        elif stored:
+            self._allow(batcher.topic)
+            if batcher in self._down:
+                self._partition_up(batcher)
 
-    def partition_down(self, batcher: Batcher) -> None:
+    def _partition_down(self, batcher: Batcher) -> None:
         if not self._down:
             log.warning(
                 "Kafka has not acknowledged %s-%d in time; requests for partitions in this "
@@ -558,7 +574,7 @@ class KafkaSink:
         if self.metrics is not None:
             self.metrics.partitions_down.set(len(self._down))
 
-    def partition_up(self, batcher: Batcher) -> None:
+    def _partition_up(self, batcher: Batcher) -> None:
         self._down.discard(batcher)
         if self.metrics is not None:
             self.metrics.partitions_down.set(len(self._down))
@@ -602,7 +618,7 @@ class KafkaSink:
             raise KafkaError("the Kafka sink is closed")
         return self._producer
 
-    def renew(self, producer: AIOKafkaProducer, where: str, error: BaseException) -> None:
+    def _retire(self, producer: AIOKafkaProducer, where: str, error: BaseException) -> None:
         """Replace `producer`, whose batch for `where` Kafka refused for good."""
         if producer is not self._producer or self._renewing is not None:
             return  # already replaced, or being replaced
@@ -764,7 +780,7 @@ class KafkaSink:
         said += [f"Kafka refuses writes to topic {topic}" for topic in sorted(self._forbidden)]
         return said
 
-    def forbid(self, topic: str) -> None:
+    def _forbid(self, topic: str) -> None:
         """Kafka refused a batch for `topic` to the gateway's principal: refuse its records
         at once, but for one request every _FORBIDDEN_PROBE_S, which tries again."""
         if topic not in self._forbidden:
@@ -776,7 +792,7 @@ class KafkaSink:
             )
         self._forbidden[topic] = asyncio.get_running_loop().time() + _FORBIDDEN_PROBE_S
 
-    def allow(self, topic: str) -> None:
+    def _allow(self, topic: str) -> None:
         """Kafka took a batch for `topic`."""
         if self._forbidden.pop(topic, None) is not None:
             log.info("Kafka takes records for topic %s again", topic)
