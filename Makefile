@@ -79,7 +79,8 @@ test-model: $(INSTALLED) ## the spool's model-based test, long and with new rand
 BENCH_SECONDS ?= 10
 WORKERS ?= 1
 PEERS ?=
-bench: $(INSTALLED) ## measure the gateway on the local Kafka against its ceilings (WORKERS=N; PEERS=1: and the peer bridges)
+SESSIONS ?=
+bench: $(INSTALLED) ## measure the gateway on the local Kafka against its ceilings (WORKERS=N; PEERS=1: and the peer bridges; SESSIONS=N: sessionIds, 1000000 by default)
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq wrk; } || \
 		{ echo "bench needs wrk: apt-get install wrk"; exit 1; }
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,bench]'
@@ -87,7 +88,8 @@ bench: $(INSTALLED) ## measure the gateway on the local Kafka against its ceilin
 	@# The limits run compares local limits with Redis-backed ones (loadtest/bench.py).
 	@[ -n "$$CAFE_BENCH_REDIS_URL" ] || $(REDIS) up
 	CAFE_KAFKA_BOOTSTRAP=$(BOOTSTRAP) $(BIN)/python -m loadtest.bench \
-		--seconds $(BENCH_SECONDS) --workers $(WORKERS) $(if $(PEERS),--peer)
+		--seconds $(BENCH_SECONDS) --workers $(WORKERS) $(if $(PEERS),--peer) \
+		$(if $(SESSIONS),--sessions $(SESSIONS))
 
 LOADTEST_HOST ?= http://127.0.0.1:8080
 LOADTEST_USERS ?= 20

@@ -98,7 +98,7 @@ def create_app(
     app[EXPOSITION] = exposition
     app[LIMITER] = limiter
     if sink is None:
-        sink = KafkaSink(settings.kafka, exposition)
+        sink = _kafka_sink(settings, exposition)
     if settings.spool.dir is not None:
         sink = SpoolingSink(
             sink,
@@ -136,6 +136,16 @@ def create_app(
     app.router.add_get(f"/v1/schema/{{record_type:{types}}}", get_schema)
     app.router.add_get("/v1/openapi.json", get_openapi)
     return app
+
+
+def _kafka_sink(settings: Settings, exposition: Metrics) -> Sink:
+    """The Kafka sink on the client CAFE_KAFKA_CLIENT names."""
+    if settings.kafka.client == "librdkafka":
+        # Imported only when chosen: confluent-kafka is an optional extra.
+        from gateway.kafka.rdkafka import RdKafkaSink
+
+        return RdKafkaSink(settings.kafka, exposition)
+    return KafkaSink(settings.kafka, exposition)
 
 
 def create_metrics_app(app: web.Application) -> web.Application:

@@ -423,6 +423,14 @@ class KafkaSettings:
     client_id: str = _var(
         "CAFE_KAFKA_CLIENT_ID", "cafe-gateway", _text, "the client id brokers see"
     )
+    # aiokafka is the design's; librdkafka (confluent-kafka, the `librdkafka` extra)
+    # produces on threads of its own, off the event loop (gateway/kafka/rdkafka.py).
+    client: str = _var(
+        "CAFE_KAFKA_CLIENT",
+        "aiokafka",
+        _choice("aiokafka", "librdkafka"),
+        "the Kafka client that produces: aiokafka or librdkafka",
+    )
     # Records of concurrent requests share batches anyway while the previous request is in
     # flight; `make bench` measured more records/s and lower latency with 2 than with 5.
     linger_ms: int = _var(
@@ -631,6 +639,18 @@ class Settings:
                 f"CAFE_PRODUCE_TIMEOUT_MS={self.kafka.produce_timeout_ms}: records would "
                 "never be spooled before Kafka's wait ends"
             )
+        if self.kafka.client == "librdkafka":
+            if self.kafka.security.sasl_mechanism == "OAUTHBEARER":
+                raise ConfigError(
+                    "CAFE_KAFKA_CLIENT=librdkafka does not support "
+                    "CAFE_KAFKA_SASL_MECHANISM=OAUTHBEARER (token files, token commands, "
+                    "MSK IAM): use CAFE_KAFKA_CLIENT=aiokafka"
+                )
+            if importlib.util.find_spec("confluent_kafka") is None:
+                raise ConfigError(
+                    "CAFE_KAFKA_CLIENT=librdkafka needs confluent-kafka: "
+                    "pip install 'cafe-gateway[librdkafka]'"
+                )
         if self.metrics_port is not None and self.metrics_port == self.port:
             raise ConfigError(
                 f"CAFE_METRICS_PORT={self.metrics_port} is CAFE_PORT; unset it to serve "

@@ -5,7 +5,7 @@
 --   BENCH_KEY      the x-api-key header
 --   BENCH_RUN      a run id; every eventId is "<run>-<thread>-<request>-<index>",
 --                  so the books can be checked on the topic afterwards
---   BENCH_SESSIONS how many distinct sessionIds to draw from (10000)
+--   BENCH_SESSIONS how many distinct sessionIds to draw from (1000000), uniformly
 --   BENCH_DELAY_MS mean pause before each request on a connection, to hold a lower rate
 --   BENCH_FORMAT   "cafe" (our envelope) or "bridge": the Kafka REST JSON embedded
 --                  format of the Strimzi bridge and Confluent's REST proxy, which the
@@ -15,7 +15,7 @@
 local batch = tonumber(os.getenv("BENCH_BATCH") or "1")
 local key = os.getenv("BENCH_KEY") or ""
 local run = os.getenv("BENCH_RUN") or "run"
-local sessions = tonumber(os.getenv("BENCH_SESSIONS") or "10000")
+local sessions = tonumber(os.getenv("BENCH_SESSIONS") or "1000000")
 local delay_ms = tonumber(os.getenv("BENCH_DELAY_MS") or "0")
 local format = os.getenv("BENCH_FORMAT") or "cafe"
 
@@ -54,12 +54,20 @@ function init(args)
    end
 end
 
+-- Session n's id, shaped like the spec's sample (a UUID): its first group scrambles n
+-- and its last is n, so each n has an id of its own. Formatted for each record: 0.10 µs,
+-- against 0.08 for the "session-<n>" of before (LuaJIT in wrk), where a table of a
+-- million ids would cost each wrk thread 77 MB and 0.34 s at start.
+local function session_id(n)
+   return string.format("%08x-c58c-4165-98f2-%012x", (n * 2654435761) % 4294967296, n)
+end
+
 function request()
    sent = sent + 1
    local prefix = run .. "-" .. id .. "-" .. sent .. "-"
    local parts = {}
    for i = 1, batch do
-      local session = "session-" .. math.random(sessions)
+      local session = session_id(math.random(sessions))
       local record = head .. session .. middle .. prefix .. i .. tail
       if format == "bridge" then
          record = '{"key":"' .. session .. '","value":' .. record .. '}'

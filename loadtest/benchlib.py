@@ -33,6 +33,10 @@ CONNECTIONS = {500: 8, 20: 32, 1: 64}
 RS = "-rs"
 TARGETS = ("gateway", "gateway" + RS, "no-sink", "no-sink" + RS, "bare")
 VALIDATORS = ("fastjsonschema", "jsonschema-rs")
+# Distinct sessionIds (the records' Kafka key) the records draw from, uniformly: so many
+# that no cache of a key's partition, or of anything else per session, hides what each
+# new key costs. --sessions 10000 draws from as many as the runs before issue 28.
+SESSIONS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -195,6 +199,7 @@ def run_wrk(
     delay_ms: float = 0,
     connections: int | None = None,
     path: str = "/v1/activity",
+    sessions: int = SESSIONS,
 ) -> Result:
     env = {
         **os.environ,
@@ -203,6 +208,7 @@ def run_wrk(
         # wrk numbers requests from 1 in every run: the run's own tag keeps eventIds unique.
         "BENCH_RUN": f"{run_id}-{target}-{load}{batch}",
         "BENCH_DELAY_MS": str(delay_ms),
+        "BENCH_SESSIONS": str(sessions),
         # The same records; the peer takes them wrapped in its JSON embedded format.
         "BENCH_FORMAT": "bridge" if target in PEERS else "cafe",
     }
@@ -310,6 +316,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--workers", type=int, default=1, help="gateway processes (CAFE_WORKERS)")
     parser.add_argument(
+        "--sessions",
+        type=int,
+        default=SESSIONS,
+        help="distinct sessionIds the records draw from, for the gateway and the peers alike",
+    )
+    parser.add_argument(
         "--peer",
         action="store_true",
         help="also measure the peers, HTTP-to-Kafka bridges (deploy/peer/), at each batch size",
@@ -343,7 +355,10 @@ def parse_args() -> argparse.Namespace:
         default=os.environ.get("CAFE_BENCH_REDIS_URL", "redis://127.0.0.1:6390/0"),
         help="the Redis of the limits run (make bench starts deploy/redis/redis.sh)",
     )
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.sessions < 1:
+        parser.error("--sessions must be at least 1")
+    return args
 
 
 def server_env(args: argparse.Namespace, keys_file: Path, topics: dict[str, str]) -> dict[str, str]:

@@ -12,23 +12,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from gateway.config import KafkaSettings
 from gateway.errors import KafkaUnavailable
 from gateway.kafka.messages import Message
-from gateway.kafka.partitioner import murmur2_cached
 from gateway.kafka.sink import KafkaSink
-
-# The vectors of Kafka's own test of Utils.murmur2 (signed 32-bit results).
-KAFKA_VECTORS = {
-    b"21": -973932308,
-    b"foobar": -790332482,
-    b"a-little-bit-long-string": -985981536,
-    b"a-little-bit-longer-string": -1486304829,
-    b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8": -58897971,
-    b"abc": 479470107,
-}
-
-
-@pytest.mark.parametrize(("key", "expected"), KAFKA_VECTORS.items())
-def test_murmur2_matches_kafka(key: bytes, expected: int) -> None:
-    assert murmur2_cached(key) & 0xFFFFFFFF == expected & 0xFFFFFFFF
 
 
 def test_keyed_partitions_match_the_default_partitioner() -> None:

@@ -29,7 +29,7 @@ from gateway.kafka.auth import KafkaAuth, Problem, explain_refusal
 from gateway.kafka.batcher import Batcher, failed
 from gateway.kafka.messages import Framer, Message, is_truncated
 from gateway.kafka.metrics import KafkaMetrics
-from gateway.kafka.partitioner import murmur2_cached
+from gateway.kafka.partitioner import key_partition
 from gateway.kafka.topics import missing_topics, prepare_topics
 from gateway.metrics import Metrics
 from gateway.sink import Delivery, Record, Rejected
@@ -595,7 +595,7 @@ class KafkaSink:
         if key is None:
             self._unkeyed = (self._unkeyed + 1) % partitions
             return self._unkeyed
-        return (murmur2_cached(key) & 0x7FFFFFFF) % partitions
+        return key_partition(key, partitions)
 
     def _batcher(self, topic: str, partition: int) -> Batcher:
         batcher = self._batchers.get((topic, partition))

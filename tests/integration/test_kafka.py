@@ -23,10 +23,13 @@ from devkit.samples import curl_bodies
 from gateway.config import KafkaSettings, TopicSettings
 from gateway.errors import KafkaUnavailable, RecordTooLarge
 from gateway.kafka.messages import Message
+from gateway.kafka.partitioner import murmur2
+from gateway.kafka.rdkafka import RdKafkaSink
 from gateway.kafka.sink import KafkaSink
 from gateway.metrics import Metrics
 from tests.support.app import GatewayClient, gateway_settings
 from tests.support.kafka import (
+    KAFKA_CLIENTS,
     TOPIC_PARTITIONS,
     Broker,
     broker_pid,
@@ -34,6 +37,7 @@ from tests.support.kafka import (
     delete_topics,
     frozen,
     kafka_libs,
+    kafka_sink,
 )
 from tests.support.keys import json_headers, make_key_file
 from tests.support.net import TcpProxy
@@ -42,22 +46,26 @@ from tests.support.wait import eventually
 
 pytestmark = pytest.mark.integration
 
+# Either client's sink: the tests below run on each (CAFE_KAFKA_CLIENT).
+AnySink = KafkaSink | RdKafkaSink
 
-@pytest.fixture
-async def sink(kafka: Broker) -> AsyncIterator[KafkaSink]:
-    sink = KafkaSink(KafkaSettings(bootstrap=kafka.bootstrap))
+
+@pytest.fixture(params=KAFKA_CLIENTS)
+async def sink(kafka: Broker, request: pytest.FixtureRequest) -> AsyncIterator[AnySink]:
+    sink = kafka_sink(KafkaSettings(bootstrap=kafka.bootstrap, client=request.param))
     await sink.start()
     await eventually(functools.partial(connected, sink))
     yield sink
     await sink.close()
 
 
-async def connected(sink: KafkaSink) -> bool:
+async def connected(sink: AnySink) -> bool:
     return await sink.unavailable() is None
 
 
+@pytest.mark.parametrize("client", KAFKA_CLIENTS)
 async def test_the_sink_puts_records_on_their_type_s_topic_and_dead_letters_apart(
-    kafka: Broker,
+    kafka: Broker, client: str
 ) -> None:
     run = uuid.uuid4().hex[:8]
     topics = TopicSettings(
@@ -67,7 +75,7 @@ async def test_the_sink_puts_records_on_their_type_s_topic_and_dead_letters_apar
         deadletter=f"test.routed.{run}.deadletter",
         partitions=TOPIC_PARTITIONS,
     )
-    sink = KafkaSink(KafkaSettings(bootstrap=kafka.bootstrap, topics=topics))
+    sink = kafka_sink(KafkaSettings(bootstrap=kafka.bootstrap, topics=topics, client=client))
     await sink.start()  # creates the four topics
     try:
         await eventually(functools.partial(connected, sink))
@@ -87,7 +95,7 @@ async def test_the_sink_puts_records_on_their_type_s_topic_and_dead_letters_apar
 
 
 async def test_every_sent_record_is_on_the_topic_in_key_order(
-    kafka: Broker, topic: str, sink: KafkaSink
+    kafka: Broker, topic: str, sink: AnySink
 ) -> None:
     sent = [(f"session-{i % 20}".encode(), f"record-{i}".encode()) for i in range(300)]
     await sink.produce(topic, [Message(key, value) for key, value in sent])
@@ -101,16 +109,21 @@ async def test_every_sent_record_is_on_the_topic_in_key_order(
         by_key.setdefault(key, []).append((partition, int(value.split(b"-")[1])))
     for key, entries in by_key.items():
         assert len({p for p, _ in entries}) == 1, f"{key!r} spread over partitions"
+        # Where Kafka's default partitioner (and so Java's) puts the key.
+        assert entries[0][0] == sink._partition(key, TOPIC_PARTITIONS), key
         sequence = [n for _, n in entries]
         assert sequence == sorted(sequence), f"{key!r} reordered"
     assert len({p for p, _, _ in seen}) > 1, "20 keys should use more than one partition"
 
 
+@pytest.mark.parametrize("kafka_client", KAFKA_CLIENTS)
 async def test_readyz_is_503_until_kafka_is_reachable_then_200(
-    kafka: Broker, gateway_client: GatewayClient
+    kafka: Broker, gateway_client: GatewayClient, kafka_client: str
 ) -> None:
     proxy = TcpProxy(kafka.bootstrap)
-    settings = gateway_settings(kafka=KafkaSettings(bootstrap=f"127.0.0.1:{proxy.port}"))
+    settings = gateway_settings(
+        kafka=KafkaSettings(bootstrap=f"127.0.0.1:{proxy.port}", client=kafka_client)
+    )
     client = await gateway_client(settings)
 
     resp = await client.get("/readyz")
@@ -134,8 +147,13 @@ async def test_readyz_is_503_until_kafka_is_reachable_then_200(
         await proxy.close()
 
 
-async def test_readyz_stays_503_while_the_port_is_closed(gateway_client: GatewayClient) -> None:
-    settings = gateway_settings(kafka=KafkaSettings(bootstrap=f"127.0.0.1:{free_port()}"))
+@pytest.mark.parametrize("kafka_client", KAFKA_CLIENTS)
+async def test_readyz_stays_503_while_the_port_is_closed(
+    gateway_client: GatewayClient, kafka_client: str
+) -> None:
+    settings = gateway_settings(
+        kafka=KafkaSettings(bootstrap=f"127.0.0.1:{free_port()}", client=kafka_client)
+    )
     client = await gateway_client(settings)
     # Long enough for several reconnect attempts (0.25 s, 0.5 s, 1 s backoff).
     for _ in range(3):
@@ -143,26 +161,53 @@ async def test_readyz_stays_503_while_the_port_is_closed(gateway_client: Gateway
         await asyncio.sleep(0.6)
 
 
+def random_text(rng: random.Random) -> str:
+    """Up to 80 characters from every plane: ASCII, the rest of the BMP, and beyond it (4
+    bytes in UTF-8). No surrogates, which UTF-8 cannot encode, and no control characters:
+    a line break would split a key in two on its way to Java."""
+    ranges = [(0x20, 0x7F), (0xA0, 0xD800), (0xE000, 0x10000), (0x10000, 0x110000)]
+    return "".join(chr(rng.randrange(*rng.choice(ranges))) for _ in range(rng.randrange(1, 80)))
+
+
 def test_partitions_agree_with_the_java_client() -> None:
     # The jars the local broker runs on hold the Java client's own murmur2.
     libs = kafka_libs()
-    keys = [str(uuid.UUID(int=random.Random(i).getrandbits(128))) for i in range(200)]
+    rng = random.Random(28)
+    keys = [
+        *(str(uuid.UUID(int=rng.getrandbits(128))) for _ in range(200)),
+        # Every tail murmur2 treats apart (0-3 bytes past its blocks of 4), empty included.
+        *("s" * n for n in range(9)),
+        # Multi-byte UTF-8: 2, 3 and 4 bytes a character, alone and mixed.
+        "ü",
+        "日本",
+        "🦊",
+        "sessão-日本-🦊",
+        "😀" * 32,
+        # As long as a sessionId may be (schemas.MAX_KEY_LENGTH), and past it.
+        "x" * 128,
+        "日" * 128,
+        "y" * 1000,
+        *(random_text(rng) for _ in range(200)),
+    ]
     result = subprocess.run(
-        ["java", "-cp", f"{libs}/*", str(Path(__file__).with_name("Partitions.java")), "6", *keys],
-        capture_output=True, text=True, check=True, timeout=120,
+        ["java", "-cp", f"{libs}/*", str(Path(__file__).with_name("Partitions.java")), "6"],
+        input="".join(f"{key}\n" for key in keys).encode(),
+        capture_output=True, check=True, timeout=120,
     )  # fmt: skip
-    java = [int(line) for line in result.stdout.split()]
+    java = [line.split() for line in result.stdout.decode().splitlines()]
+    assert len(java) == len(keys)
+    assert [murmur2(key.encode()) for key in keys] == [int(h) & 0xFFFFFFFF for h, _ in java]
     sink = KafkaSink(KafkaSettings())
-    assert [sink._partition(key.encode(), 6) for key in keys] == java
+    assert [sink._partition(key.encode(), 6) for key in keys] == [int(p) for _, p in java]
 
 
-async def test_sending_nothing_returns_at_once(kafka: Broker, sink: KafkaSink, topic: str) -> None:
+async def test_sending_nothing_returns_at_once(kafka: Broker, sink: AnySink, topic: str) -> None:
     await sink.produce(topic, [])  # asyncio.wait() would raise ValueError on no futures
     assert await consume_all(kafka.bootstrap, topic) == []
 
 
 async def test_a_message_over_the_size_limit_is_refused_before_kafka(
-    kafka: Broker, sink: KafkaSink, topic: str
+    kafka: Broker, sink: AnySink, topic: str
 ) -> None:
     with pytest.raises(RecordTooLarge):
         await sink.produce(topic, [Message(b"session", b"x" * 2_000_000)])
@@ -170,8 +215,9 @@ async def test_a_message_over_the_size_limit_is_refused_before_kafka(
     assert [m.value for m in await consume_all(kafka.bootstrap, topic)] == [b"small"]
 
 
+@pytest.mark.parametrize("client", KAFKA_CLIENTS)
 async def test_a_batch_kafka_refuses_for_good_does_not_wedge_its_partition(
-    kafka: Broker, caplog: pytest.LogCaptureFixture
+    kafka: Broker, caplog: pytest.LogCaptureFixture, client: str
 ) -> None:
     # A topic whose own limit is below the producer's: the broker refuses the batch after
     # the producer has numbered it, which used to fail every later batch to the partition.
@@ -183,7 +229,7 @@ async def test_a_batch_kafka_refuses_for_good_does_not_wedge_its_partition(
             [NewTopic(name, 1, 1, topic_configs={"max.message.bytes": "10000"})]
         )
         metrics = Metrics(CollectorRegistry(), "test")
-        sink = KafkaSink(KafkaSettings(bootstrap=kafka.bootstrap), metrics)
+        sink = kafka_sink(KafkaSettings(bootstrap=kafka.bootstrap, client=client), metrics)
         await sink.start()
         try:
             await eventually(functools.partial(connected, sink))
@@ -201,15 +247,19 @@ async def test_a_batch_kafka_refuses_for_good_does_not_wedge_its_partition(
         renewals = metrics.registry.get_sample_value(
             "cafe_kafka_producer_renewals_total", {"error": "MessageSizeTooLargeError"}
         )
-        assert renewals == 1
-        assert "a new producer takes over" in caplog.text
+        if client == "aiokafka":
+            assert renewals == 1
+            assert "a new producer takes over" in caplog.text
+        else:  # librdkafka bumps its idempotent producer's epoch itself
+            assert renewals is None
     finally:
         await admin.delete_topics([name])
         await admin.close()
 
 
+@pytest.mark.parametrize("kafka_client", KAFKA_CLIENTS)
 async def test_a_topic_made_again_with_fewer_partitions_is_followed(
-    kafka: Broker, gateway_client: GatewayClient, tmp_path: Path
+    kafka: Broker, gateway_client: GatewayClient, tmp_path: Path, kafka_client: str
 ) -> None:
     topics = TopicSettings(
         activity=f"test.shrink.{uuid.uuid4().hex[:8]}",
@@ -228,6 +278,7 @@ async def test_a_topic_made_again_with_fewer_partitions_is_followed(
             topics=topics,
             produce_timeout_ms=2000,
             request_timeout_ms=1000,
+            client=kafka_client,
         ),
     )
     client = await gateway_client(settings)
@@ -287,7 +338,7 @@ async def test_a_topic_made_again_with_fewer_partitions_is_followed(
 @contextlib.asynccontextmanager
 async def spare_sink(
     bootstrap: str, partitions: int, topic_configs: dict[str, str] | None = None, **settings: Any
-) -> AsyncIterator[tuple[KafkaSink, Metrics, str]]:
+) -> AsyncIterator[tuple[AnySink, Metrics, str]]:
     """A started sink on the spare broker, its metrics, and a fresh topic."""
     name = f"test.spare.{uuid.uuid4().hex[:8]}"
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
@@ -297,7 +348,7 @@ async def spare_sink(
     finally:
         await admin.close()
     metrics = Metrics(CollectorRegistry(), "test")
-    sink = KafkaSink(KafkaSettings(bootstrap=bootstrap, **settings), metrics)
+    sink = kafka_sink(KafkaSettings(bootstrap=bootstrap, **settings), metrics)
     await sink.start()
     try:
         await eventually(functools.partial(connected, sink))
@@ -306,7 +357,7 @@ async def spare_sink(
         await sink.close()
 
 
-async def send_until_taken(sink: KafkaSink, topic: str) -> list[bytes]:
+async def send_until_taken(sink: AnySink, topic: str) -> list[bytes]:
     """Send one record at a time, "after-0", "after-1", ..., until one is acknowledged
     (30 s at most); returns every value sent, the acknowledged one last."""
     sent: list[bytes] = []
@@ -327,11 +378,16 @@ def _sample(metrics: Metrics, name: str, **labels: str) -> float:
     return metrics.registry.get_sample_value(name, labels) or 0.0
 
 
+@pytest.mark.parametrize("client", KAFKA_CLIENTS)
 async def test_while_a_partition_is_not_acknowledging_its_new_records_are_refused_not_queued(
-    spare_broker: tuple[str, dict[str, str]],
+    spare_broker: tuple[str, dict[str, str]], client: str
 ) -> None:
     bootstrap, env = spare_broker
-    async with spare_sink(bootstrap, 1, produce_timeout_ms=1000) as (sink, metrics, topic):
+    async with spare_sink(bootstrap, 1, produce_timeout_ms=1000, client=client) as (
+        sink,
+        metrics,
+        topic,
+    ):
         await sink.produce(topic, [Message(b"session", b"before")])
         with frozen(broker_pid(env["CAFE_KAFKA_PORT"])):
             with pytest.raises(KafkaUnavailable, match="within 1s"):
@@ -357,14 +413,19 @@ async def test_while_a_partition_is_not_acknowledging_its_new_records_are_refuse
     assert refused >= 3
 
 
+@pytest.mark.parametrize("client", KAFKA_CLIENTS)
 async def test_a_down_partition_whose_held_batch_fails_is_probed_by_one_request(
-    spare_broker: tuple[str, dict[str, str]],
+    spare_broker: tuple[str, dict[str, str]], client: str
 ) -> None:
     bootstrap, env = spare_broker
     # The held batch must fail rather than be acknowledged when the broker thaws: one
     # record over the topic's own size limit, refused for good.
     small_limit = {"max.message.bytes": "10000"}
-    async with spare_sink(bootstrap, 1, small_limit, produce_timeout_ms=1000) as (sink, _, topic):
+    async with spare_sink(bootstrap, 1, small_limit, produce_timeout_ms=1000, client=client) as (
+        sink,
+        _,
+        topic,
+    ):
         await sink.produce(topic, [Message(b"session", b"before")])
         with frozen(broker_pid(env["CAFE_KAFKA_PORT"])):
             with pytest.raises(KafkaUnavailable, match="within 1s"):
@@ -381,12 +442,15 @@ async def test_a_down_partition_whose_held_batch_fails_is_probed_by_one_request(
     assert b"refused" not in stored
 
 
+@pytest.mark.parametrize("client", KAFKA_CLIENTS)
 async def test_the_records_the_sink_holds_are_bounded_in_bytes(
-    spare_broker: tuple[str, dict[str, str]],
+    spare_broker: tuple[str, dict[str, str]], client: str
 ) -> None:
     bootstrap, env = spare_broker
     limit = 64 * 1024
-    async with spare_sink(bootstrap, 2, produce_timeout_ms=1000, max_queued_bytes=limit) as (
+    async with spare_sink(
+        bootstrap, 2, produce_timeout_ms=1000, max_queued_bytes=limit, client=client
+    ) as (
         sink,
         metrics,
         topic,
@@ -419,12 +483,13 @@ async def test_the_records_the_sink_holds_are_bounded_in_bytes(
     assert stored == [b"b", b"x", b"y"]
 
 
+@pytest.mark.parametrize("client", KAFKA_CLIENTS)
 async def test_closing_delivers_what_the_sink_holds_or_says_how_many_records_it_dropped(
-    spare_broker: tuple[str, dict[str, str]], caplog: pytest.LogCaptureFixture
+    spare_broker: tuple[str, dict[str, str]], caplog: pytest.LogCaptureFixture, client: str
 ) -> None:
     bootstrap, env = spare_broker
 
-    async def hold_three(sink: KafkaSink, topic: str, tag: str) -> None:
+    async def hold_three(sink: AnySink, topic: str, tag: str) -> None:
         """Three requests answered 503 while the broker is frozen; their batches wait at
         aiokafka, for aiokafka's one slot per partition, and open in the sink."""
         sends = []
@@ -436,7 +501,11 @@ async def test_closing_delivers_what_the_sink_holds_or_says_how_many_records_it_
             with pytest.raises(KafkaUnavailable, match="within 2s"):
                 await send
 
-    async with spare_sink(bootstrap, 1, produce_timeout_ms=2000) as (sink, _, topic):
+    async with spare_sink(bootstrap, 1, produce_timeout_ms=2000, client=client) as (
+        sink,
+        _,
+        topic,
+    ):
         await sink.produce(topic, [Message(b"session", b"before")])  # the sink learns the topic
         with frozen(broker_pid(env["CAFE_KAFKA_PORT"])):
             await hold_three(sink, topic, "delivered")
@@ -448,7 +517,11 @@ async def test_closing_delivers_what_the_sink_holds_or_says_how_many_records_it_
     # Closed while the broker is still frozen: nothing can be delivered, and the log
     # says how much was lost (none of it acknowledged to a client).
     caplog.clear()
-    async with spare_sink(bootstrap, 1, produce_timeout_ms=2000) as (sink, _, topic):
+    async with spare_sink(bootstrap, 1, produce_timeout_ms=2000, client=client) as (
+        sink,
+        _,
+        topic,
+    ):
         await sink.produce(topic, [Message(b"session", b"before")])
         with frozen(broker_pid(env["CAFE_KAFKA_PORT"])):
             await hold_three(sink, topic, "dropped")

@@ -24,7 +24,7 @@ import pytest
 
 from devkit.net import free_port
 from tests.support.books import Books, OnTopic, clients, read_topic
-from tests.support.kafka import kafka_sh_took
+from tests.support.kafka import KAFKA_CLIENTS, kafka_sh_took
 from tests.support.keys import KeyFile, json_headers
 from tests.support.scrape import scrape
 from tests.support.served import GATEWAY_PARTITIONS, ready_in_a_row, running, spool_env, watch_rss
@@ -88,16 +88,19 @@ def report(books: Books, on_topic: OnTopic, rss_peak: int | None, timings: dict[
     )
 
 
+@pytest.mark.parametrize("kafka_client", KAFKA_CLIENTS)
 async def test_kafka_stopped_for_a_minute_costs_clients_nothing_with_the_spool_on(
     key_file: KeyFile,
     spare_broker: tuple[str, dict[str, str]],
     tmp_path: Path,
     request: pytest.FixtureRequest,
+    kafka_client: str,
 ) -> None:
     bootstrap, broker_env = spare_broker
     port = free_port()
     prefix = f"spool.{uuid.uuid4().hex[:8]}"
     env = spool_env(port, bootstrap, key_file, prefix, tmp_path / "spool")
+    env["CAFE_KAFKA_CLIENT"] = kafka_client
     headers = json_headers(key_file.key)
     books = Books(batch=BATCH)
     rss_peak = [0]
@@ -129,7 +132,7 @@ async def test_kafka_stopped_for_a_minute_costs_clients_nothing_with_the_spool_o
     on_topic = await read_topic(bootstrap, f"{prefix}.activity", books, GATEWAY_PARTITIONS)
     line = report(books, on_topic, rss_peak[0], timings) + f"; {held:.0f} records spooled at up"
     print("\n" + line)
-    summarise(request.config, "spool: " + line)
+    summarise(request.config, f"spool ({kafka_client}): " + line)
     problems = problems_with(books, on_topic, rss_peak[0])
     if timings["spool empty after up"] > EMPTY_WITHIN_S:
         problems.append(f"spool empty only {timings['spool empty after up']:.0f}s after up")

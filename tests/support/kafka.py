@@ -21,12 +21,26 @@ from aiokafka import ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from devkit.topics import read_to_end
-from gateway.config import TopicSettings
+from gateway.config import KafkaSettings, TopicSettings
+from gateway.kafka.rdkafka import RdKafkaSink
+from gateway.kafka.sink import KafkaSink
+from gateway.metrics import Metrics
 
 REPO = Path(__file__).resolve().parents[2]
 KAFKA_SH = REPO / "deploy" / "kafka" / "kafka.sh"
 REDIS_SH = REPO / "deploy" / "redis" / "redis.sh"
 TOPIC_PARTITIONS = 3
+
+
+# The Kafka clients a sink may produce with (CAFE_KAFKA_CLIENT): the sink tests run on each.
+KAFKA_CLIENTS = ("aiokafka", "librdkafka")
+
+
+def kafka_sink(settings: KafkaSettings, metrics: Metrics | None = None) -> KafkaSink | RdKafkaSink:
+    """The Kafka sink of the client `settings.client` names, as gateway/app.py makes it."""
+    if settings.client == "librdkafka":
+        return RdKafkaSink(settings, metrics)
+    return KafkaSink(settings, metrics)
 
 
 @dataclass(frozen=True)
