@@ -15,11 +15,12 @@ from prometheus_client import CollectorRegistry
 
 from gateway.config import Settings
 from gateway.http import health
-from gateway.http.access import access_middleware
+from gateway.http.access import Access, access_middleware
 from gateway.http.admission import Admission, admission_middleware
 from gateway.http.auth import api_key_middleware
 from gateway.http.clientip import get_ip
 from gateway.http.cors import cors_middleware
+from gateway.http.fastlane import FastLane
 from gateway.http.ingest import ingest_handler
 from gateway.http.metrics import HttpMetrics
 from gateway.http.openapi import build_openapi, get_openapi, get_schema
@@ -29,6 +30,7 @@ from gateway.http.requestid import RequestIds
 from gateway.http.state import (
     DRAINING,
     EXPOSITION,
+    FAST_LANE,
     KEYS,
     LIMITER,
     METRICS,
@@ -68,7 +70,7 @@ def create_app(
         registry if registry is not None else CollectorRegistry(), gateway_version, metrics_dir
     )
     # Each package makes its own metrics on the registry: these are the HTTP side's.
-    metrics = HttpMetrics(exposition.registry)
+    metrics = HttpMetrics(exposition.registry, exposition.tally)
     keys = KeyStore(settings.keys_file, exposition)
     record_types = load_record_types(settings.kafka.topics.by_record_type(), settings.validator)
     admission = Admission(settings.max_inflight_bytes, settings.max_body_bytes)
@@ -82,9 +84,11 @@ def create_app(
     # problem shape. Keys, then their rate limits, are checked before admission, so
     # callers without a key or over their limit take no capacity.
     ingest_paths = frozenset(f"/v1/{name}" for name in record_types)
+    draining = asyncio.Event()
+    access = Access(settings, metrics, RequestIds(), draining)
     app = web.Application(
         middlewares=[
-            access_middleware(settings, metrics, RequestIds()),
+            access_middleware(access),
             cors_middleware(keys, ingest_paths),
             problem_middleware(metrics),
             api_key_middleware(keys, metrics, ingest_paths),
@@ -115,11 +119,18 @@ def create_app(
     app[KEYS] = keys
     app[RECORD_TYPES] = record_types
     app[OPENAPI] = orjson.dumps(build_openapi(record_types, gateway_version))
-    app[DRAINING] = asyncio.Event()
+    app[DRAINING] = draining
+    if settings.fast_lane:
+        # The same steps as the middlewares above, in one function, for the record POSTs
+        # (gateway/http/fastlane.py); GatewayRunner puts it in front of the app.
+        lane = FastLane(record_types, settings, access, keys, limiter, admission, sink)
+        app[FAST_LANE] = lane.in_front_of
     app.cleanup_ctx.append(_keys_lifetime)
     app.cleanup_ctx.append(_sink_lifetime)
     if fleet is not None:
         app.cleanup_ctx.append(functools.partial(_fleet_lifetime, fleet))
+    if metrics_dir is not None:
+        app.cleanup_ctx.append(functools.partial(_tally_lifetime, exposition))
 
     types = "|".join(record_types)
     app.router.add_get("/healthz", health.healthz)
@@ -172,6 +183,16 @@ async def _fleet_lifetime(fleet: FleetBuckets, app: web.Application) -> AsyncIte
     await fleet.start()
     yield
     await fleet.close()
+
+
+async def _tally_lifetime(exposition: Metrics, app: web.Application) -> AsyncIterator[None]:
+    """With several workers, a scrape reads every worker's files: each worker flushes the
+    counts it keeps as plain numbers into its files every second, and once more at exit."""
+    flusher = asyncio.create_task(exposition.tally.flush_often(), name="metrics-flush")
+    yield
+    flusher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await flusher
 
 
 async def _sink_lifetime(app: web.Application) -> AsyncIterator[None]:

@@ -531,6 +531,9 @@ class Settings:
     access_log: bool = _var(
         "CAFE_ACCESS_LOG", True, _bool, "a line per request on the gateway.access logger"
     )
+    fast_lane: bool = _var(
+        "CAFE_FAST_LANE", True, _bool, "serve record POSTs in one function, not the middlewares"
+    )
     metrics_port: int | None = _var(
         "CAFE_METRICS_PORT", None, _integer(1, 65535), "serve /metrics here, not beside the API"
     )

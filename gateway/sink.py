@@ -98,10 +98,12 @@ class Sink(Protocol):
 
 
 class MemorySink:
-    """Keeps what it is sent by record type; `is_ready` is set by the test."""
+    """Keeps what it is sent by record type; `is_ready` is set by the test, and so is
+    `spooling` (the sends answer SPOOLED, as the spool's would with Kafka away)."""
 
     def __init__(self, *, ready: bool = True) -> None:
         self.is_ready = ready
+        self.spooling = False
         self.started = False
         self.closed = False
         self.records: dict[str, list[Record]] = {}
@@ -133,7 +135,7 @@ class MemorySink:
             self.records.setdefault(record_type, []).extend(accepted)
         if rejected:
             self.rejected.setdefault(record_type, []).extend(rejected)
-        return Delivery.STORED
+        return Delivery.SPOOLED if self.spooling else Delivery.STORED
 
 
 class DiscardSink:

@@ -6,18 +6,21 @@ import os
 from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 from aiohttp.test_utils import make_mocked_request
-from prometheus_client import CollectorRegistry, values
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 
 from devkit.samples import curl_bodies
 from gateway.app import create_app, create_metrics_app
 from gateway.errors import KafkaUnavailable
 from gateway.http.metrics import HttpMetrics
 from gateway.keys.store import KeyStore
-from gateway.metrics import MULTIPROC_ENV, Metrics, share_values
+from gateway.metrics import LATENCY_BUCKETS, MULTIPROC_ENV, Metrics, Tally, share_values
 from gateway.sink import Delivery, MemorySink, Record, Rejected
 from tests.support.app import AiohttpClient, GatewayClient, gateway_settings
 from tests.support.keys import KeyFile, json_headers
@@ -218,3 +221,77 @@ async def test_refused_keys_are_counted_by_reason_never_by_key(
     }
     assert reasons == {"missing": 1, "unknown": 1, "disabled": 1, "platform": 1}
     assert disabled_key not in text and key_file.key not in text
+
+
+# Updates as the hot path makes them: (series, amount) on a counter or the in-flight
+# gauge, or an observation on a histogram.
+_UPDATES = st.lists(
+    st.one_of(
+        st.tuples(st.just("counter"), st.integers(0, 500)),
+        st.tuples(st.just("gauge"), st.sampled_from([1, -1])),
+        st.tuples(
+            st.just("histogram"),
+            st.one_of(st.sampled_from(LATENCY_BUCKETS), st.floats(0, 20, allow_nan=False)),
+        ),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(batches=st.lists(_UPDATES, max_size=4))
+def test_a_tally_flushed_gives_each_series_what_updating_it_at_once_gives(
+    batches: list[list[tuple[str, float]]],
+) -> None:
+    """After every flush, the series updated through a Tally read exactly as the same
+    series updated one by one (the exposition of both registries is compared)."""
+    direct, tallied = CollectorRegistry(), CollectorRegistry()
+
+    def series(registry: CollectorRegistry) -> dict[str, Any]:
+        return {
+            "counter": Counter("c", "c", ["route"], registry=registry).labels("/v1/log"),
+            "gauge": Gauge("g", "g", registry=registry),
+            "histogram": Histogram(
+                "h", "h", ["route"], buckets=LATENCY_BUCKETS, registry=registry
+            ).labels("/v1/log"),
+        }
+
+    at_once, later = series(direct), series(tallied)
+    tally = Tally()
+    for batch in batches:
+        for kind, amount in batch:
+            if kind == "histogram":
+                at_once[kind].observe(amount)
+                tally.observe(later[kind], amount)
+            else:
+                at_once[kind].inc(amount)
+                tally.add(later[kind], amount)
+        tally.flush()
+        assert _exposed(tallied) == _exposed(direct)
+
+
+def _exposed(registry: CollectorRegistry) -> dict[tuple[str, str], float]:
+    return {
+        (sample.name, str(sorted(sample.labels.items()))): round(sample.value, 9)
+        for family in registry.collect()
+        for sample in family.samples
+        if not sample.name.endswith("_created")
+    }
+
+
+async def test_a_scrape_counts_what_the_tally_holds(
+    gateway_client: GatewayClient, key_file: KeyFile
+) -> None:
+    """In one process a scrape is exact: the request just answered is counted."""
+    client = await gateway_client(gateway_settings(keys_file=key_file.path), sink=MemorySink())
+    for expected in (1, 2, 3):
+        resp = await client.post(
+            "/v1/log", data=curl_bodies()["log"], headers=json_headers(key_file.key)
+        )
+        assert resp.status == 200
+        samples = await scrape(client)
+        assert samples.value("cafe_http_requests_total", route="/v1/log") == expected
+        assert samples.value("cafe_records_total", type="log", outcome="accepted") == expected
+        assert samples.value("cafe_records_per_request_count", type="log") == expected
+        durations = samples.value("cafe_http_request_duration_seconds_count", route="/v1/log")
+        assert durations == expected

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
+import re
 from importlib.metadata import version
 from typing import Any
 
 from aiohttp import web
+from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.test_utils import RawTestServer, TestServer
 from aiokafka import AIOKafkaProducer
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
-from prometheus_client import Counter, values
+from prometheus_client import CollectorRegistry, Counter, Histogram, values
 
 from tests.support.wait import holds_within
 
@@ -198,3 +201,35 @@ def test_prometheus_client_takes_its_value_class_from_values() -> None:
     assert hasattr(values, "ValueClass"), why
     # Every metric makes its values through the module attribute, read when it is made.
     assert "values.ValueClass(" in inspect.getsource(Counter), why
+
+
+def test_a_histogram_keeps_its_bounds_buckets_and_sum_as_values() -> None:
+    why = changed(
+        "prometheus-client",
+        "Histogram._upper_bounds, _buckets and _sum",
+        "gateway/metrics.py (Tally)",
+        "add a second's observations to a histogram's series at once",
+    )
+    histogram = Histogram("h", "h", buckets=(1, 2), registry=CollectorRegistry())
+    assert histogram._upper_bounds == [1.0, 2.0, math.inf], why
+    assert len(histogram._buckets) == 3, why
+    # The buckets are kept each on its own (the exposition adds them up), as is the sum.
+    histogram._buckets[1].inc(2)
+    histogram._sum.inc(3.5)
+    samples = {
+        (s.name, s.labels.get("le")): s.value for s in next(iter(histogram.collect())).samples
+    }
+    assert samples[("h_bucket", "1.0")] == 0 and samples[("h_bucket", "2.0")] == 2, why
+    assert samples[("h_bucket", "+Inf")] == 2 and samples[("h_sum", None)] == 3.5, why
+
+
+def test_aiohttp_formats_the_date_header_with_rfc822_formatted_time() -> None:
+    why = changed(
+        "aiohttp",
+        "helpers.rfc822_formatted_time",
+        "gateway/http/fastlane.py",
+        "write the Date header of a pre-built answer as aiohttp writes it",
+    )
+    assert "rfc822_formatted_time()" in inspect.getsource(web.StreamResponse._prepare_headers), why
+    # An HTTP-date (RFC 9110 section 5.6.7), as the fast lane writes it after "Date: ".
+    assert re.fullmatch(r"\w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d GMT", rfc822_formatted_time()), why

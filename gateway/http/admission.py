@@ -18,6 +18,7 @@ from aiohttp import StreamReader, web
 from aiohttp.typedefs import Handler, Middleware
 
 from gateway.errors import Overloaded, PayloadTooLarge, TooManyConnections
+from gateway.http.context import RequestContext
 from gateway.http.listener import over_capacity
 from gateway.http.state import CONTEXT
 
@@ -29,6 +30,26 @@ class Admission:
         self.cap_bytes = cap_bytes
         self.max_body_bytes = max_body_bytes
         self.in_flight_bytes = 0
+
+    def admit(self, request: web.BaseRequest, context: RequestContext) -> Reservation | None:
+        """The reservation of a POST whose body may be read, also set as `context.body`;
+        None for a request with nothing to read, or a body the handler refuses unread
+        (413). Raise the refusal of a POST that does not fit. Give it back with `release`."""
+        declared = request.content_length
+        if request.method != "POST" or (declared is not None and declared > self.max_body_bytes):
+            return None
+        if over_capacity(request):
+            raise TooManyConnections("the gateway has too many connections open")
+        reservation = Reservation(self)
+        if declared is not None and not request.headers.get("Content-Encoding"):
+            reservation.reserve(declared)
+        context.body = reservation
+        return reservation
+
+    def release(self, reservation: Reservation | None) -> None:
+        """Give back what an answered request held."""
+        if reservation is not None:
+            self.in_flight_bytes -= reservation.held
 
 
 class Reservation:
@@ -82,21 +103,10 @@ def admission_middleware(admission: Admission) -> Middleware:
 
     @web.middleware
     async def admit(request: web.Request, handler: Handler) -> web.StreamResponse:
-        declared = request.content_length
-        if request.method != "POST" or (
-            declared is not None and declared > admission.max_body_bytes
-        ):
-            # Nothing to read, or a body the handler refuses unread (413).
-            return await handler(request)
-        if over_capacity(request):
-            raise TooManyConnections("the gateway has too many connections open")
-        reservation = Reservation(admission)
-        if declared is not None and not request.headers.get("Content-Encoding"):
-            reservation.reserve(declared)
-        request[CONTEXT].body = reservation
+        reservation = admission.admit(request, request[CONTEXT])
         try:
             return await handler(request)
         finally:
-            admission.in_flight_bytes -= reservation.held
+            admission.release(reservation)
 
     return admit

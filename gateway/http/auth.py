@@ -22,6 +22,7 @@ from gateway.errors import (
     OriginNotAllowed,
     WriteOnlyKey,
 )
+from gateway.http.context import RequestContext
 from gateway.http.metrics import HttpMetrics
 from gateway.http.state import CONTEXT
 from gateway.keys.model import ApiKey
@@ -46,39 +47,60 @@ def api_key_middleware(
     async def check_api_key(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path.startswith("/v1/") and not request.path.startswith(_PUBLIC_PREFIXES):
             sends_records = request.method == "POST" and request.path in ingest_paths
-            supplied = request.headers.get("x-api-key")
-            in_query = not supplied and sends_records and "api_key" in request.query
-            if in_query:
-                supplied = request.query["api_key"]
-            if not supplied:
-                metrics.auth_failures.labels("missing").inc()
-                raise MissingApiKey("send an API key in the x-api-key header")
-            key = keys.lookup(supplied)
-            if key is None or (state := key.state()) != "enabled":
-                metrics.auth_failures.labels("unknown" if key is None else state).inc()
-                raise InvalidApiKey("the API key is unknown or disabled")
-            # Set before the browser checks, so that a refusal is logged with the key's id
-            # and its answer carries CORS headers only for the key's own origins.
-            request[CONTEXT].key = key
-            _check_browser_use(key, request, sends_records=sends_records, in_query=in_query)
-            keys.used.add(key.id)
+            check_key(request, request[CONTEXT], keys, metrics, sends_records=sends_records)
         return await handler(request)
 
-    def _check_browser_use(
-        key: ApiKey, request: web.Request, *, sends_records: bool, in_query: bool
-    ) -> None:
-        origin = request.headers.get("Origin")
-        if in_query and not key.browser:
-            metrics.auth_failures.labels("not_browser_key").inc()
-            raise NotABrowserKey("only a browser key may be sent as ?api_key=")
-        if in_query and origin is None:
-            metrics.auth_failures.labels("origin").inc()
-            raise OriginNotAllowed("?api_key= is accepted only from a web page (no Origin sent)")
-        if origin is not None and origin not in key.origins:
-            metrics.auth_failures.labels("origin").inc()
-            raise OriginNotAllowed(f"this API key may not be used from origin {origin!r}")
-        if key.browser and not sends_records:
-            metrics.auth_failures.labels("browser_read").inc()
-            raise WriteOnlyKey("a browser key may only send records")
-
     return check_api_key
+
+
+def check_key(
+    request: web.BaseRequest,
+    context: RequestContext,
+    keys: KeyStore,
+    metrics: HttpMetrics,
+    *,
+    sends_records: bool,
+) -> ApiKey:
+    """The key a keyed request is admitted with, also set as `context.key`; raise the
+    refusal otherwise. `sends_records`: a POST of records, where a browser key may come
+    as `?api_key=`."""
+    supplied = request.headers.get("x-api-key")
+    in_query = not supplied and sends_records and "api_key" in request.query
+    if in_query:
+        supplied = request.query["api_key"]
+    if not supplied:
+        metrics.auth_failures.labels("missing").inc()
+        raise MissingApiKey("send an API key in the x-api-key header")
+    key = keys.lookup(supplied)
+    if key is None or (state := key.state()) != "enabled":
+        metrics.auth_failures.labels("unknown" if key is None else state).inc()
+        raise InvalidApiKey("the API key is unknown or disabled")
+    # Set before the browser checks, so that a refusal is logged with the key's id and its
+    # answer carries CORS headers only for the key's own origins.
+    context.key = key
+    _check_browser_use(key, request, metrics, sends_records=sends_records, in_query=in_query)
+    keys.used.add(key.id)
+    return key
+
+
+def _check_browser_use(
+    key: ApiKey,
+    request: web.BaseRequest,
+    metrics: HttpMetrics,
+    *,
+    sends_records: bool,
+    in_query: bool,
+) -> None:
+    origin = request.headers.get("Origin")
+    if in_query and not key.browser:
+        metrics.auth_failures.labels("not_browser_key").inc()
+        raise NotABrowserKey("only a browser key may be sent as ?api_key=")
+    if in_query and origin is None:
+        metrics.auth_failures.labels("origin").inc()
+        raise OriginNotAllowed("?api_key= is accepted only from a web page (no Origin sent)")
+    if origin is not None and origin not in key.origins:
+        metrics.auth_failures.labels("origin").inc()
+        raise OriginNotAllowed(f"this API key may not be used from origin {origin!r}")
+    if key.browser and not sends_records:
+        metrics.auth_failures.labels("browser_read").inc()
+        raise WriteOnlyKey("a browser key may only send records")

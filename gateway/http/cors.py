@@ -14,6 +14,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from gateway.http.responses import SPOOLED_HEADER
 from gateway.http.state import CONTEXT
+from gateway.keys.model import ApiKey
 from gateway.keys.store import KeyStore
 
 # Browsers may cache a preflight answer this long (seconds), sparing one per request.
@@ -33,16 +34,22 @@ def cors_middleware(keys: KeyStore, ingest_paths: frozenset[str]) -> Middleware:
             return _preflight(origin, keys)
         response = await handler(request)
         if origin is not None:
-            key = request[CONTEXT].key
-            # Before a key is known (a 401, say), any origin some key lists may read why.
-            allowed = key.origins if key is not None else keys.origins
-            if origin in allowed:
-                response.headers["Access-Control-Allow-Origin"] = origin
-                response.headers["Access-Control-Expose-Headers"] = _EXPOSE_HEADERS
-            response.headers.add("Vary", "Origin")
+            mark_readable(response, origin, request[CONTEXT].key, keys)
         return response
 
     return cors
+
+
+def mark_readable(
+    response: web.StreamResponse, origin: str, key: ApiKey | None, keys: KeyStore
+) -> None:
+    """Say to the browser whether the page at `origin` may read `response`."""
+    # Before a key is known (a 401, say), any origin some key lists may read why.
+    allowed = key.origins if key is not None else keys.origins
+    if origin in allowed:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = _EXPOSE_HEADERS
+    response.headers.add("Vary", "Origin")
 
 
 def _preflight(origin: str | None, keys: KeyStore) -> web.Response:

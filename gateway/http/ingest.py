@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from aiohttp import web
@@ -40,24 +40,48 @@ _MAX_ECHOED_ID = 128
 def ingest_handler(
     record_type: RecordType, settings: Settings, sink: Sink, metrics: HttpMetrics
 ) -> Handler:
-    """The handler of POST /v1/<record_type>."""
+    """The handler of POST /v1/<record_type> on the general path."""
 
     async def handle(request: web.Request) -> web.Response:
-        return await ingest(request, record_type, settings, sink, metrics)
+        outcome = await ingest(request, request[CONTEXT], record_type, settings, sink, metrics)
+        return answer(outcome)
 
     return handle
 
 
+class Outcome(NamedTuple):
+    """What became of a request's records: how many Kafka (or the spool) took, why each
+    of the others was rejected, and where the taken ones are."""
+
+    accepted: int
+    rejections: list[dict[str, Any]]
+    delivery: Delivery
+
+
+def answer(outcome: Outcome) -> web.Response:
+    """The answer to a request whose records were taken: 200, 207 or 422."""
+    accepted, rejections = outcome.accepted, outcome.rejections
+    if not rejections:
+        response = json_response({"accepted": accepted})
+    else:
+        body = {"accepted": accepted, "rejected": len(rejections), "rejections": rejections}
+        response = json_response(body, status=207 if accepted else 422)
+    if outcome.delivery is Delivery.SPOOLED:
+        # On this gateway's disk, fsynced; in Kafka later (gateway/spool/sink.py).
+        response.headers[SPOOLED_HEADER] = "true"
+    return response
+
+
 async def ingest(
     request: web.Request,
+    context: RequestContext,
     record_type: RecordType,
     settings: Settings,
     sink: Sink,
     metrics: HttpMetrics,
-) -> web.Response:
-    """Accept a batch of records of `record_type`: what the middlewares decided about
-    the request (its key, its limits, its admitted body) is in its context."""
-    context = request[CONTEXT]
+) -> Outcome:
+    """Take a batch of records of `record_type`: what the steps before decided about the
+    request (its key, its limits, its admitted body) is in its context."""
     key = context.key
     if key is None:  # the route is keyed: auth admits none of its requests without one
         raise RuntimeError("an ingest request without a key")
@@ -65,7 +89,7 @@ async def ingest(
     records = records_of(await _read_json(request, context, settings))
     if context.take_records is not None:
         await context.take_records(len(records))
-    metrics.records_per_request.labels(record_type.name).observe(len(records))
+    metrics.tally.observe(metrics.batch_size(record_type.name), len(records))
 
     # Where the records came from, stored beside each of them.
     origin = Context(key.id, client_ip(request, settings), context.id, utc_timestamp(time.time()))
@@ -117,25 +141,16 @@ async def ingest(
         # Valid records and dead letters go out together; the answer waits for both.
         delivery = await sink.send(record_type.name, accepted, rejected)
     except SinkUnavailable:
-        # Counted, and answered 503 by the error middleware.
+        # Counted, and answered 503 as every error is (problems.answer_error).
         metrics.records.labels(record_type.name, "unavailable").inc(len(accepted))
         raise
-    metrics.records.labels(record_type.name, "accepted").inc(len(accepted))
+    metrics.tally.add(metrics.accepted(record_type.name), len(accepted))
     for rejection in rejections:
         metrics.dead_letters.labels(record_type.name, rejection["reason"]).inc()
     if any(rejection["reason"] == "forbidden" for rejection in rejections):
         metrics.auth_failures.labels("platform").inc()
     context.record_counts = (len(accepted), len(rejections))
-
-    if not rejections:
-        response = json_response({"accepted": len(accepted)})
-    else:
-        body = {"accepted": len(accepted), "rejected": len(rejections), "rejections": rejections}
-        response = json_response(body, status=207 if accepted else 422)
-    if delivery is Delivery.SPOOLED:
-        # On this gateway's disk, fsynced; in Kafka later (gateway/spool/sink.py).
-        response.headers[SPOOLED_HEADER] = "true"
-    return response
+    return Outcome(len(accepted), rejections, delivery)
 
 
 _MEDIA_TYPES = frozenset({"application/json", "text/plain"})

@@ -44,7 +44,7 @@ from gateway.http.metrics import HttpMetrics
 from gateway.http.problems import render
 from gateway.http.requestid import RequestIds
 from gateway.http.responses import SECURITY_HEADERS
-from gateway.http.state import METRICS, SETTINGS
+from gateway.http.state import FAST_LANE, METRICS, SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,12 @@ class GatewayRunner(web.AppRunner):
         # method starts the app and builds the Server that makes the connections. Its
         # Server is rebuilt here, with the same handler and settings, as ours.
         plain = await super()._make_server()
+        handler = plain.request_handler
+        in_front = self.app.get(FAST_LANE)
+        if in_front is not None:
+            handler = in_front(handler)
         return _Server(
-            plain.request_handler,
+            handler,
             request_factory=plain.request_factory,
             max_connections=self.app[SETTINGS].max_connections,
             metrics=self.app[METRICS],

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from gateway.metrics import LATENCY_BUCKETS
+from gateway.metrics import LATENCY_BUCKETS, Tally
 
 _RECORD_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500)
 _BYTE_BUCKETS = (256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
 
 
 class HttpMetrics:
-    """The HTTP side's metrics, registered on `registry`."""
+    """The HTTP side's metrics, registered on `registry`. What every request updates is
+    updated through `tally` (gateway/metrics.py), which a scrape flushes first."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, tally: Tally | None = None) -> None:
+        self.tally = tally if tally is not None else Tally()
         self.requests = Counter(
             "cafe_http_requests",
             "HTTP requests answered, by route, method and status",
@@ -83,3 +87,21 @@ class HttpMetrics:
             ["reason"],
             registry=registry,
         )
+        # Per record type, the series every request updates, looked up once: asking
+        # prometheus_client for a labelled series costs a lock and a few dict lookups.
+        self._batch_sizes: dict[str, Any] = {}
+        self._accepted: dict[str, Any] = {}
+
+    def batch_size(self, record_type: str) -> Any:
+        """`records_per_request` of `record_type`."""
+        series = self._batch_sizes.get(record_type)
+        if series is None:
+            series = self._batch_sizes[record_type] = self.records_per_request.labels(record_type)
+        return series
+
+    def accepted(self, record_type: str) -> Any:
+        """`records` of `record_type` with the outcome "accepted"."""
+        series = self._accepted.get(record_type)
+        if series is None:
+            series = self._accepted[record_type] = self.records.labels(record_type, "accepted")
+        return series

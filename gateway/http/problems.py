@@ -70,45 +70,57 @@ def problem_middleware(metrics: HttpMetrics) -> Middleware:
 
     @web.middleware
     async def render_problems(request: web.Request, handler: Handler) -> web.StreamResponse:
-        context = request[CONTEXT]  # made by the access middleware, outside this one
         try:
             return await handler(request)
-        except GatewayError as exc:
-            level = exc.log_level
-            if level is None:
-                level = logging.WARNING if exc.status >= 500 else logging.DEBUG
-            log.log(
-                level,
-                "%s %s -> %d %s: %s",
-                request.method,
-                request.path,
-                exc.status,
-                exc.code,
-                exc.detail,
-                extra={"fields": {"request_id": context.id}},
-            )
-            response = _answer(context, metrics, exc.status, exc.code, exc.detail, exc.headers())
-            if exc.close_connection:
-                response.force_close()
-            return response
-        except web.HTTPException as exc:
-            if exc.status < 400:
+        except Exception as exc:
+            # The context is made by the access middleware, outside this one.
+            response = answer_error(exc, request, request[CONTEXT], metrics)
+            if response is None:
                 raise
-            code = HTTP_CODES.get(exc.status, HTTPStatus(exc.status).name.lower())
-            # Keep what the error says beside its body, e.g. the Allow header of a 405.
-            kept = {k: v for k, v in exc.headers.items() if k.lower() not in _BODY_HEADERS}
-            return _answer(context, metrics, exc.status, code, exc.reason, kept)
-        except Exception:
-            log.exception(
-                "%s %s failed",
-                request.method,
-                request.path,
-                extra={"fields": {"request_id": context.id}},
-            )
-            detail = "the gateway failed to handle this request"
-            return _answer(context, metrics, 500, GatewayError.code, detail, {})
+            return response
 
     return render_problems
+
+
+def answer_error(
+    exc: Exception, request: web.BaseRequest, context: RequestContext, metrics: HttpMetrics
+) -> web.Response | None:
+    """The problem+json answer to an error raised while handling `request`, counted and
+    logged; None for an HTTPException that is not an error (a redirect), to be raised on."""
+    if isinstance(exc, GatewayError):
+        level = exc.log_level
+        if level is None:
+            level = logging.WARNING if exc.status >= 500 else logging.DEBUG
+        log.log(
+            level,
+            "%s %s -> %d %s: %s",
+            request.method,
+            request.path,
+            exc.status,
+            exc.code,
+            exc.detail,
+            extra={"fields": {"request_id": context.id}},
+        )
+        response = _answer(context, metrics, exc.status, exc.code, exc.detail, exc.headers())
+        if exc.close_connection:
+            response.force_close()
+        return response
+    if isinstance(exc, web.HTTPException):
+        if exc.status < 400:
+            return None
+        code = HTTP_CODES.get(exc.status, HTTPStatus(exc.status).name.lower())
+        # Keep what the error says beside its body, e.g. the Allow header of a 405.
+        kept = {k: v for k, v in exc.headers.items() if k.lower() not in _BODY_HEADERS}
+        return _answer(context, metrics, exc.status, code, exc.reason, kept)
+    log.error(
+        "%s %s failed",
+        request.method,
+        request.path,
+        exc_info=exc,
+        extra={"fields": {"request_id": context.id}},
+    )
+    detail = "the gateway failed to handle this request"
+    return _answer(context, metrics, 500, GatewayError.code, detail, {})
 
 
 def _answer(

@@ -22,6 +22,7 @@ from tests.support.keys import KeyFile, json_headers
 from tests.support.rawhttp import Connection, connection
 from tests.support.scrape import Samples
 from tests.support.served import gateway_env, ready_in_a_row, running, serve
+from tests.support.wait import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -160,10 +161,21 @@ async def test_two_workers_report_one_set_of_metrics_on_the_metrics_port(
         assert len(served_by) == 2, "both workers should have served requests"
 
         async with aiohttp.ClientSession(f"http://127.0.0.1:{metrics_port}") as http:
+
+            async def scrape() -> Samples:
+                async with http.get("/metrics", headers={"Connection": "close"}) as resp:
+                    return Samples(await resp.text())
+
+            # Each worker writes the counts of every request to its files once a second
+            # (gateway/metrics.py, Tally): within a second both workers' are there.
+            async def all_counted() -> bool:
+                samples = await scrape()
+                return samples.value("cafe_http_requests_total", route="/v1/log") == 50
+
+            await eventually(all_counted, within=10)
             # Whichever worker answers the scrape, it reports the sum of both.
             for _ in range(6):
-                async with http.get("/metrics", headers={"Connection": "close"}) as resp:
-                    samples = Samples(await resp.text())
+                samples = await scrape()
                 log_route = {"route": "/v1/log", "method": "POST"}
                 assert samples.value("cafe_http_requests_total", **log_route, status="200") == 40
                 assert samples.value("cafe_http_requests_total", **log_route, status="400") == 10
