@@ -19,7 +19,7 @@ from gateway.kafka.messages import (
     Framer,
     Message,
 )
-from gateway.kafka.sink import _MAX_MESSAGE_BYTES
+from gateway.kafka.sink import MAX_MESSAGE_BYTES
 from gateway.schemas import load_record_types
 from gateway.sink import Context, MemorySink, Rejected
 from tests.support.app import Gateway, GatewayClient, gateway_settings
@@ -304,7 +304,7 @@ def test_the_largest_dead_letter_a_client_can_make_fits_in_a_kafka_message() -> 
     rejected = Rejected(orjson.dumps(rec), 499, "forbidden", errors, session, context)
     message = Framer("activity").dead_letter(rejected)
 
-    assert _kafka_size(message) <= _MAX_MESSAGE_BYTES
+    assert _kafka_size(message) <= MAX_MESSAGE_BYTES
     # It is the worst: key kept, value cut, errors cut, each saying so.
     assert message.key == session.encode()
     sent = dict(message.headers or ())
@@ -332,7 +332,7 @@ async def test_a_dead_letter_fits_in_a_kafka_message_whatever_property_names_it_
     assert (rejection["index"], rejection["reason"]) == (1, "invalid")
     assert len(gw.produced().get("cafe.activity", [])) == 1
     (dead,) = gw.produced().get("cafe.deadletter", [])
-    assert _kafka_size(dead) <= _MAX_MESSAGE_BYTES
+    assert _kafka_size(dead) <= MAX_MESSAGE_BYTES
     (error,) = orjson.loads(dict(dead.headers or ())["cafe-errors"])
     whole = rejection["errors"][0]["message"]  # the answer keeps it whole: the client's own
     assert error["message"] == (

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.config import KafkaSettings, TopicSettings
 from gateway.errors import KafkaForbidden, KafkaTopicMissing
-from gateway.kafka import sink as kafka_sink
+from gateway.kafka import health as kafka_health
 from gateway.kafka.sink import KafkaSink
 from gateway.metrics import Metrics
 from gateway.sink import Delivery, Record
@@ -58,7 +58,7 @@ def _stored(kafka: FakeKafka, topic: str) -> int:
 async def test_a_topic_kafka_refuses_writes_to_stops_only_its_type_until_allowed(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(kafka_sink, "_FORBIDDEN_PROBE_S", 0.3)
+    monkeypatch.setattr(kafka_health, "FORBIDDEN_PROBE_S", 0.3)
     caplog.set_level(logging.INFO)
     kafka = FakeKafka(list(TOPICS.all()))
     registry = CollectorRegistry()
@@ -112,13 +112,13 @@ async def test_a_missing_topic_stops_only_its_type_until_it_exists(
     sink = await _connected(kafka, CollectorRegistry())
     try:
         with caplog.at_level(logging.INFO):
-            sink._note_missing(["t.log"])
+            sink.health.note_missing(["t.log"])
             with pytest.raises(KafkaTopicMissing, match=r"t\.log"):
                 await sink.send("log", _messages())
             assert await sink.send("activity", _messages()) is Delivery.STORED
             assert sink.degraded() == ["topic t.log does not exist"]
-            sink._note_missing(["t.log"])  # still missing: said once
-            sink._note_missing([])
+            sink.health.note_missing(["t.log"])  # still missing: said once
+            sink.health.note_missing([])
             assert await sink.send("log", _messages()) is Delivery.STORED
         assert _stored(kafka, "t.log") == 3
         said = [r.getMessage() for r in caplog.records if "t.log" in r.getMessage()]

@@ -349,11 +349,11 @@ async def test_a_broker_certificate_from_an_unknown_ca_makes_the_gateway_not_rea
         await sink.start()
         try:
             for _ in range(100):
-                if sink.problem is not None:
+                if sink.health.problem is not None:
                     break
                 await asyncio.sleep(0.05)
-            assert sink.problem is not None
-            assert sink.problem.cause == "tls_untrusted"
+            assert sink.health.problem is not None
+            assert sink.health.problem.cause == "tls_untrusted"
             reason = await sink.unavailable()
             assert reason is not None
             assert "not signed by a CA in" in reason and str(other) in reason

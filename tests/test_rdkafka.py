@@ -312,7 +312,7 @@ async def test_a_forbidden_topic_is_refused_then_probed(
         await send
     assert rd.degraded() == ["Kafka refuses writes to topic t"]
     assert _sample(metrics, "cafe_kafka_errors_total", kind="TOPIC_AUTHORIZATION_FAILED") == 1
-    rd._forbidden["t"] = 0.0  # the probe's time has come
+    rd.health.forbidden["t"] = 0.0  # the probe's time has come
     probe = asyncio.create_task(rd.produce("t", [Message(b"a", b"v")]))
     await _settle(producer)
     await probe

@@ -31,25 +31,26 @@ from confluent_kafka import Message as RdMessage
 
 from gateway.backoff import Backoff
 from gateway.config import KafkaSettings, first_line
-from gateway.errors import KafkaForbidden, KafkaTopicMissing, KafkaUnavailable, RecordTooLarge
-from gateway.kafka.auth import KafkaAuth, Problem, SecretUnavailable
+from gateway.errors import KafkaForbidden, KafkaUnavailable, RecordTooLarge
+from gateway.kafka.auth import KafkaAuth, SecretUnavailable
+from gateway.kafka.health import (
+    DIAGNOSE_S,
+    FIRST_RETRY_S,
+    HEALTH_EVERY_S,
+    LAST_RETRY_S,
+    KafkaHealth,
+    enough_brokers,
+)
 from gateway.kafka.messages import Framer, Message, is_truncated
 from gateway.kafka.metrics import KafkaMetrics
 from gateway.kafka.partitioner import key_partition
 from gateway.kafka.sink import (
-    _DIAGNOSE_S,
-    _FIRST_RETRY_S,
-    _FORBIDDEN_PROBE_S,
-    _HEALTH_EVERY_S,
-    _LAST_RETRY_S,
-    _MAX_MESSAGE_BYTES,
-    _TOPICS_EVERY_S,
-    _WEIGH_ABOVE,
-    _check_size,
-    _enough,
-    _wait_all,
+    MAX_MESSAGE_BYTES,
+    WEIGH_ABOVE,
+    check_size,
+    wait_all,
 )
-from gateway.kafka.topics import missing_topics, prepare_topics
+from gateway.kafka.topics import prepare_topics
 from gateway.metrics import Metrics
 from gateway.sink import Delivery, Record, Rejected
 
@@ -102,7 +103,7 @@ def rdkafka_config(settings: KafkaSettings) -> dict[str, Any]:
         "linger.ms": s.linger_ms,
         "compression.codec": s.compression,
         "request.timeout.ms": s.request_timeout_ms,
-        "message.max.bytes": _MAX_MESSAGE_BYTES,
+        "message.max.bytes": MAX_MESSAGE_BYTES,
         "queue.buffering.max.messages": _QUEUE_MAX_MESSAGES,
         "queue.buffering.max.kbytes": _QUEUE_MAX_KBYTES,
         # The sink picks each partition itself (murmur2, as KafkaSink and Java do); this
@@ -228,7 +229,8 @@ class RdKafkaSink:
         # The topics are created and checked, and a refused connection explained, with
         # aiokafka's clients, as KafkaSink does.
         self._auth = KafkaAuth(settings)
-        self.problem: Problem | None = None
+        # Missing and forbidden topics, partitions down, why Kafka cannot be used.
+        self.health = KafkaHealth(settings, self._auth, self.metrics)
         # The producer librdkafka runs, polled from its making to its closing; and the same
         # once connected (the topics made and their partitions known), taking records.
         self._client: Producer | None = None
@@ -236,17 +238,12 @@ class RdKafkaSink:
         self._connecting: asyncio.Task[None] | None = None
         self._watching: asyncio.Task[None] | None = None
         self._looking: asyncio.Task[None] | None = None
-        self._missing: set[str] = set()
-        self._forbidden: dict[str, float] = {}
         self._partitions: dict[str, int] = {}  # each topic's partitions, as last learned
         self._unkeyed = 0
         self._held_bytes = 0
         # Messages handed to librdkafka, by (topic, partition), until the last report of
         # their request's share is in (_settled).
         self._outstanding: dict[tuple[str, int], int] = {}
-        self._down: set[tuple[str, int]] = set()
-        self._down_since = 0.0
-        self._refused_while_down = 0
         self._brokers = (0, 0)  # answering, known: from librdkafka's last statistics
         self._timer: asyncio.TimerHandle | None = None
         self._busy = False  # the timer runs at _POLL_BUSY_S
@@ -295,22 +292,20 @@ class RdKafkaSink:
     async def unavailable(self) -> str | None:
         if self._producer is not None:
             answering, known = self._brokers
-            if _enough(answering, known):
+            if enough_brokers(answering, known):
                 return None
             if answering:
                 return (
                     f"only {answering} of the {known} Kafka brokers at "
                     f"{self._settings.bootstrap} answer: too few for the replicas a write needs"
                 )
-        if self.problem is not None:
-            return f"cannot use Kafka: {self.problem.words}"
+        if self.health.problem is not None:
+            return f"cannot use Kafka: {self.health.problem.words}"
         return f"Kafka at {self._settings.bootstrap} is not reachable"
 
     def degraded(self) -> list[str]:
         """The topics the sink cannot write to now, and why."""
-        said = [f"topic {topic} does not exist" for topic in sorted(self._missing)]
-        said += [f"Kafka refuses writes to topic {topic}" for topic in sorted(self._forbidden)]
-        return said
+        return self.health.degraded()
 
     async def send(
         self,
@@ -334,11 +329,11 @@ class RdKafkaSink:
             )
             if messages
         ]
-        if self._missing or self._forbidden:
+        if self.health.missing or self.health.forbidden:
             # Both before either is produced: records stored while their dead letters are
             # refused would be stored again at each retry of the request.
             for topic, messages in sends:
-                self._refuse_unwritable(topic, len(messages))
+                self.health.refuse_unwritable(topic, len(messages))
         if len(sends) == 1:
             await self.produce(*sends[0], patient=patient)
         elif sends:
@@ -362,13 +357,13 @@ class RdKafkaSink:
         KafkaUnavailable (or RecordTooLarge) otherwise; `patient`ly, as KafkaSink.produce."""
         producer = self._producer
         if producer is None:
-            self._count_error("not_connected")
+            self.health.count_error("not_connected")
             raise KafkaUnavailable(f"not connected to Kafka at {self._settings.bootstrap}")
         if not messages:
             return
         for message in messages:
-            if len(message.value) > _WEIGH_ABOVE:
-                _check_size(topic, message)
+            if len(message.value) > WEIGH_ABOVE:
+                check_size(topic, message)
         timeout_s = self._settings.produce_timeout_ms / 1000
         loop = asyncio.get_running_loop()
         deadline = None if patient else loop.time() + timeout_s
@@ -382,13 +377,13 @@ class RdKafkaSink:
             size = self._admit(topic, messages, partitions)
             acks = _Acks(self, topic, len(messages), size, patient)
             self._produce_all(producer, topic, messages, partitions, acks)
-            await _wait_all((acks.done,), deadline)
+            await wait_all((acks.done,), deadline)
         except TimeoutError:
             if acks is not None:
                 for partition in acks.sent:
                     if acks.parts[partition]:
-                        self._partition_down(topic, partition)
-            self._count_error("timeout")
+                        self.health.partition_down((topic, partition))
+            self.health.count_error("timeout")
             raise KafkaUnavailable(
                 f"Kafka did not acknowledge the records within {timeout_s:g}s"
             ) from None
@@ -428,7 +423,7 @@ class RdKafkaSink:
             self._handed(topic, partitions[:handed], acks)
             if acks.left == 0 and not acks.done.done():
                 acks.done.set_result(None)
-            self._count_error(type(exc).__name__)
+            self.health.count_error(type(exc).__name__)
             raise KafkaUnavailable(
                 f"librdkafka did not take the records for {topic}: {exc}"
             ) from exc
@@ -454,13 +449,13 @@ class RdKafkaSink:
         """Raise what a failed delivery means for the request."""
         code = failure.code()
         name = failure.name()
-        self._count_error(name)
+        self.health.count_error(name)
         error: KafkaUnavailable
         if code in _TOO_LARGE:
             # The topic's own limit (max.message.bytes) is below the producer's.
             raise RecordTooLarge(f"Kafka refused a record as too large for {topic}")
         if code == KafkaError.TOPIC_AUTHORIZATION_FAILED:
-            self._forbid(topic)
+            self.health.forbid(topic)
             error = KafkaForbidden(f"Kafka refuses the gateway writes to topic {topic}")
         else:
             if code in _GONE:
@@ -481,17 +476,16 @@ class RdKafkaSink:
         for partition, count in acks.sent.items():
             key = (topic, partition)
             self._outstanding[key] -= count
-            if failure is None and key in self._down:
-                self._partition_up(key)
+            if failure is None:
+                self.health.partition_up(key)
         if failure is None:
-            if self._forbidden:
-                self._allow(topic)
+            self.health.allow(topic)
             if self.metrics is not None:
                 self.metrics.produce_seconds.labels(topic).observe(
                     time.perf_counter() - acks.started
                 )
         elif failure.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
-            self._forbid(topic)
+            self.health.forbid(topic)
         if not acks.done.done():
             acks.done.set_result(acks.failure)
 
@@ -522,91 +516,20 @@ class RdKafkaSink:
         size = sum(len(message.value) for message in messages)
         limit = self._settings.max_queued_bytes
         if self._held_bytes + size > limit:
-            self._refuse(topic, len(messages), "queue_full")
+            self.health.refuse(topic, len(messages), "queue_full")
             raise KafkaUnavailable(
                 f"the gateway holds {self._held_bytes} bytes of records Kafka has not yet "
                 f"acknowledged; the limit is {limit}"
             )
-        if self._down:
+        if self.health.down:
             for partition in set(partitions):
                 key = (topic, partition)
                 # Down, and holding nothing that could show Kafka is back: a probe may go.
-                if key in self._down and self._outstanding.get(key, 0):
-                    self._refuse(topic, len(messages), "kafka_down")
-                    self._refused_while_down += len(messages)
+                if key in self.health.down and self._outstanding.get(key, 0):
+                    self.health.refuse_down(topic, len(messages))
                     raise KafkaUnavailable(f"Kafka is not acknowledging records for {topic} now")
         self._held_bytes += size
         return size
-
-    def _refuse_unwritable(self, topic: str, records: int) -> None:
-        """As KafkaSink's: a missing topic, or a forbidden one (but for one request in a
-        while, which tries)."""
-        if topic in self._missing:
-            self._refuse(topic, records, "topic_missing")
-            raise KafkaTopicMissing(f"topic {topic} does not exist")
-        probe_at = self._forbidden.get(topic)
-        if probe_at is None:
-            return
-        now = asyncio.get_running_loop().time()
-        if now < probe_at:
-            self._refuse(topic, records, "forbidden")
-            raise KafkaForbidden(f"Kafka refuses the gateway writes to topic {topic}")
-        self._forbidden[topic] = now + _FORBIDDEN_PROBE_S  # this request tries
-
-    def _refuse(self, topic: str, records: int, reason: str) -> None:
-        if self.metrics is not None:
-            self.metrics.refused.labels(topic, reason).inc(records)
-
-    def _count_error(self, kind: str) -> None:
-        if self.metrics is not None:
-            self.metrics.errors.labels(kind).inc()
-
-    def _partition_down(self, topic: str, partition: int) -> None:
-        key = (topic, partition)
-        if key in self._down:
-            return
-        if not self._down:
-            log.warning(
-                "Kafka has not acknowledged %s-%d in time; requests for partitions in this "
-                "state are answered 503 at once until Kafka acknowledges them again",
-                topic,
-                partition,
-            )
-            self._down_since = time.monotonic()
-            self._refused_while_down = 0
-        self._down.add(key)
-        if self.metrics is not None:
-            self.metrics.partitions_down.set(len(self._down))
-
-    def _partition_up(self, key: tuple[str, int]) -> None:
-        self._down.discard(key)
-        if self.metrics is not None:
-            self.metrics.partitions_down.set(len(self._down))
-        if not self._down:
-            log.info(
-                "Kafka acknowledges every partition again after %.1fs; %d records were "
-                "refused meanwhile",
-                time.monotonic() - self._down_since,
-                self._refused_while_down,
-            )
-
-    def _forbid(self, topic: str) -> None:
-        """As KafkaSink's: refuse the topic's records at once, but for one request every
-        _FORBIDDEN_PROBE_S, which tries again."""
-        if topic not in self._forbidden:
-            log.error(
-                "Kafka refuses the gateway the right to write to topic %s "
-                "(TOPIC_AUTHORIZATION_FAILED): requests that write to it get 503 kafka_forbidden "
-                "until the principal is granted Write and Describe on it; the others are served",
-                topic,
-            )
-        self._forbidden[topic] = asyncio.get_running_loop().time() + _FORBIDDEN_PROBE_S
-
-    def _allow(self, topic: str) -> None:
-        if self._forbidden.pop(topic, None) is not None:
-            log.info("Kafka takes records for topic %s again", topic)
-
-    # Polling: delivery reports, statistics, errors and logs are served by poll().
 
     def _poll_soon(self) -> None:
         """Messages wait for reports: poll at the busy pace from now on."""
@@ -658,7 +581,7 @@ class RdKafkaSink:
         return Producer(config)
 
     async def _connect(self) -> None:
-        backoff = Backoff(_FIRST_RETRY_S, _LAST_RETRY_S)
+        backoff = Backoff(FIRST_RETRY_S, LAST_RETRY_S)
         while True:
             producer = None
             try:
@@ -678,19 +601,17 @@ class RdKafkaSink:
                 self._stop_polling()
                 if producer is not None:
                     await asyncio.to_thread(producer.close)
-                self._count_error("connect")
-                await self._cannot_connect(exc, backoff.failed())
+                self.health.count_error("connect")
+                await self.health.cannot_connect(exc, backoff.failed())
                 continue
             break
         self._producer = producer
-        self._note_missing(missing)
+        self.health.note_missing(missing)
         if missing:
-            self._looking = asyncio.create_task(self._look_for_topics(), name="kafka-topics")
-        if self.problem is not None and self.problem.cause != "unreachable":
-            log.info(
-                "connected to Kafka at %s: %s no more", self._settings.bootstrap, self.problem.cause
+            self._looking = asyncio.create_task(
+                self.health.look_for_topics(self._found), name="kafka-topics"
             )
-        self._set_problem(None)
+        self.health.connected()
         log.info("connected to Kafka at %s (librdkafka)", self._settings.bootstrap)
         self._watching = asyncio.create_task(self._watch(), name="kafka-watch")
 
@@ -705,94 +626,35 @@ class RdKafkaSink:
         self._partitions[topic] = count
         return count
 
-    async def _cannot_connect(self, exc: BaseException, delay: float) -> None:
-        """Say why Kafka cannot be used, and wait before the next try (as KafkaSink's)."""
-        loop = asyncio.get_running_loop()
-        began = loop.time()
-        problem: Problem | None
-        if isinstance(exc, SecretUnavailable):
-            problem = Problem("secret_unavailable", str(exc))
-        else:
-            try:
-                async with asyncio.timeout(max(delay, _DIAGNOSE_S)):
-                    problem = await self._auth.diagnose()
-            except TimeoutError:
-                problem = Problem(
-                    "unreachable", f"Kafka at {self._settings.bootstrap} did not answer"
-                )
-        if problem is None or problem.cause == "unreachable":
-            log.warning(
-                "Kafka at %s not usable (%s); retrying in %.2fs",
-                self._settings.bootstrap,
-                problem.words if problem is not None else exc,
-                delay,
-            )
-        elif problem != self.problem:
-            log.error("cannot use Kafka: %s; trying again every %gs", problem.words, _LAST_RETRY_S)
-        if problem is not None and problem.cause != "unreachable":
-            delay = _LAST_RETRY_S
-        self._set_problem(problem)
-        await asyncio.sleep(max(0.0, delay - (loop.time() - began)))
-
-    def _set_problem(self, problem: Problem | None) -> None:
-        if self.metrics is not None:
-            gauge = self.metrics.connection_problem
-            if self.problem is not None:
-                gauge.labels(self.problem.cause).set(0)
-            if problem is not None:
-                gauge.labels(problem.cause).set(1)
-        self.problem = problem
-
     async def _watch(self) -> None:
         """Keep cafe_kafka_ready and cafe_kafka_queued_bytes current, mark every partition
         holding records down while no broker answers, and say why."""
         while True:
             answering, known = self._brokers
             if self.metrics is not None:
-                self.metrics.ready.set(1 if _enough(answering, known) else 0)
+                self.metrics.ready.set(1 if enough_brokers(answering, known) else 0)
                 self.metrics.queued_bytes.set(self._held_bytes)
             if not answering:
                 for (topic, partition), left in list(self._outstanding.items()):
                     if left:
-                        self._partition_down(topic, partition)
+                        self.health.partition_down((topic, partition))
                 if self._settings.security.protocol != "PLAINTEXT":
                     with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(_DIAGNOSE_S):
+                        async with asyncio.timeout(DIAGNOSE_S):
                             problem = await self._auth.diagnose()
                         if problem is not None and problem.cause != "unreachable":
-                            if problem != self.problem:
+                            if problem != self.health.problem:
                                 log.error(
                                     "cannot use Kafka: %s; a restart is needed once it is "
                                     "fixed (librdkafka reads the secrets once)",
                                     problem.words,
                                 )
-                            self._set_problem(problem)
-            elif self.problem is not None:
-                self._set_problem(None)
-            await asyncio.sleep(_HEALTH_EVERY_S)
+                            self.health.set_problem(problem)
+            elif self.health.problem is not None:
+                self.health.set_problem(None)
+            await asyncio.sleep(HEALTH_EVERY_S)
 
-    async def _look_for_topics(self) -> None:
-        """Until every topic exists: look for the missing ones every _TOPICS_EVERY_S."""
-        while self._missing:
-            await asyncio.sleep(_TOPICS_EVERY_S)
-            try:
-                self._note_missing(await missing_topics(self._settings, self._auth))
-            except (AioKafkaError, OSError, TimeoutError) as exc:
-                log.warning("could not look for the missing topics: %r", exc)
-
-    def _note_missing(self, missing: list[str]) -> None:
-        """Log each topic that went missing, or came to exist, once (as KafkaSink's)."""
-        for topic in sorted(set(missing) - self._missing):
-            log.error(
-                "topic %s does not exist, and CAFE_KAFKA_CREATE_TOPICS=%s%s: requests that write "
-                "to it get 503 kafka_topic_missing until it is created; the others are served",
-                topic,
-                self._settings.topics.create,
-                ""
-                if self._settings.topics.create == "never"
-                else " but Kafka refused to create it",
-            )
-        for topic in sorted(self._missing - set(missing)):
-            log.info("topic %s exists now: its records are produced", topic)
+    def _found(self, topics: set[str]) -> None:
+        """Topics that came to exist: their partitions are learned again at the next send."""
+        for topic in topics:
             self._partitions.pop(topic, None)
-        self._missing = set(missing)

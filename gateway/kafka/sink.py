@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any
 
@@ -17,36 +16,34 @@ from aiokafka.errors import (
     TopicAuthorizationFailedError,
 )
 
-# aiokafka's internal record module (see _check_size); pyproject.toml keeps aiokafka below
+# aiokafka's internal record module (see check_size); pyproject.toml keeps aiokafka below
 # its next minor version for it and the other internals used here (producer._sender and
 # the undocumented producer.client), and tests/test_private_apis.py checks each one.
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from gateway.backoff import Backoff
 from gateway.config import KafkaSettings
-from gateway.errors import KafkaForbidden, KafkaTopicMissing, KafkaUnavailable, RecordTooLarge
-from gateway.kafka.auth import KafkaAuth, Problem, explain_refusal
+from gateway.errors import KafkaForbidden, KafkaUnavailable, RecordTooLarge
+from gateway.kafka.auth import KafkaAuth
 from gateway.kafka.batcher import Batcher, failed
+from gateway.kafka.health import (
+    DIAGNOSE_S,
+    FIRST_RETRY_S,
+    HEALTH_EVERY_S,
+    LAST_RETRY_S,
+    KafkaHealth,
+    enough_brokers,
+)
 from gateway.kafka.messages import Framer, Message, is_truncated
 from gateway.kafka.metrics import KafkaMetrics
 from gateway.kafka.partitioner import key_partition
-from gateway.kafka.topics import missing_topics, prepare_topics
+from gateway.kafka.topics import prepare_topics
 from gateway.metrics import Metrics
 from gateway.sink import Delivery, Record, Rejected
 
 log = logging.getLogger(__name__)
 
-# Reconnect attempts back off from the first to the last delay, doubling each time.
-_FIRST_RETRY_S = 0.25
-_LAST_RETRY_S = 5.0
-# The longest a connection made to learn why Kafka cannot be used may take.
-_DIAGNOSE_S = 2.0
-# While a topic is missing, how often the gateway looks for it; while Kafka refuses the
-# gateway writes to one, how often a request goes through to try again. Each refused
-# batch costs a new producer (its sequence numbers are spent), so not more often.
-_TOPICS_EVERY_S = 30.0
-_FORBIDDEN_PROBE_S = 10.0
-# Watch rounds (of _HEALTH_EVERY_S) a new client must get in while the producer gets no
+# Watch rounds (of HEALTH_EVERY_S) a new client must get in while the producer gets no
 # answer, before the producer is taken for one with stale credentials: one could be a
 # broker coming back, which the producer would reach a moment later.
 _STALE_ROUNDS = 2
@@ -59,18 +56,16 @@ _MAX_BATCH_BYTES = 256 * 1024
 # the broker's default for a batch (message.max.bytes) is a few bytes more. Every
 # message is checked against it before it is batched (`produce`): a batch the broker
 # refuses for good spends sequence numbers (see KafkaSink).
-_MAX_MESSAGE_BYTES = 1024 * 1024
+MAX_MESSAGE_BYTES = 1024 * 1024
 # Weighing a message as Kafka will costs about 0.5 us, 3% of a record's whole cost at
 # W500; keys (at most 512 bytes) and headers (a few hundred) are the gateway's own and
 # small, so only a message whose value alone is past this could be over the limit.
-_WEIGH_ABOVE = _MAX_MESSAGE_BYTES // 2
+WEIGH_ABOVE = MAX_MESSAGE_BYTES // 2
 # How long a producer being closed without its records may wait for its sender to stop.
 _SENDER_CLOSE_S = 1.0
-# How often cafe_kafka_ready is refreshed once connected.
-_HEALTH_EVERY_S = 5.0
 
 
-async def _wait_all(futures: Collection[asyncio.Future[Any]], deadline: float | None) -> None:
+async def wait_all(futures: Collection[asyncio.Future[Any]], deadline: float | None) -> None:
     """Return once every one of `futures` is done; raise TimeoutError if the loop's clock
     reaches `deadline` (if any) first. Cancels none of them, as other requests' records share
     them (gather() under a timeout would). One future and one timer per call: every
@@ -101,23 +96,17 @@ async def _wait_all(futures: Collection[asyncio.Future[Any]], deadline: float | 
             timer.cancel()
 
 
-def _enough(answering: int, known: int) -> bool:
-    """Ready takes most of the brokers: with the usual 3 replicas and
-    min.insync.replicas=2, one broker left answers but is too few to write to."""
-    return answering > 0 and answering > known // 2
-
-
-def _check_size(topic: str, message: Message) -> None:
+def check_size(topic: str, message: Message) -> None:
     """Raise RecordTooLarge for a message the producer would refuse, before it is batched."""
     # The producer's own check, from its send(), which batches bypass; aiokafka offers
     # it only on this internal class.
     size = DefaultRecordBatchBuilder.estimate_size_in_bytes(
         message.key, message.value, message.headers or []
     )
-    if size > _MAX_MESSAGE_BYTES:
+    if size > MAX_MESSAGE_BYTES:
         raise RecordTooLarge(
             f"a record for {topic} is {size} bytes as a Kafka message; "
-            f"the limit is {_MAX_MESSAGE_BYTES}"
+            f"the limit is {MAX_MESSAGE_BYTES}"
         )
 
 
@@ -143,16 +132,10 @@ class KafkaSink:
         # Its own group of metrics, on the registry of those it is given.
         self.metrics = KafkaMetrics(metrics.registry) if metrics is not None else None
         self._auth = KafkaAuth(settings)
-        # Why the last try to connect failed, while no producer could be made (or none of
-        # its brokers answered it).
-        self.problem: Problem | None = None
+        # Missing and forbidden topics, partitions down, why Kafka cannot be used.
+        self.health = KafkaHealth(settings, self._auth, self.metrics)
         self._stale_rounds = 0  # watch rounds a new client got in and the producer did not
-        # Topics that do not exist, looked for again every _TOPICS_EVERY_S meanwhile.
-        self._missing: set[str] = set()
         self._looking: asyncio.Task[None] | None = None
-        # Topics Kafka refuses the gateway the right to write to, with when a request
-        # may next go through to try again (the others are refused at once).
-        self._forbidden: dict[str, float] = {}
         self._producer: AIOKafkaProducer | None = None
         self._connecting: asyncio.Task[None] | None = None
         self._watching: asyncio.Task[None] | None = None
@@ -166,9 +149,6 @@ class KafkaSink:
         self._unkeyed = 0  # round-robin position for messages without a key
         self._batchers: dict[tuple[str, int], Batcher] = {}
         self._held_bytes = 0  # record values in unsettled batches (see _admit)
-        self._down: set[Batcher] = set()
-        self._down_since = 0.0  # when the first of them went down
-        self._refused_while_down = 0
 
     async def start(self) -> None:
         self._connecting = asyncio.create_task(self._connect(), name="kafka-connect")
@@ -277,11 +257,11 @@ class KafkaSink:
 
     async def unavailable(self) -> str | None:
         answering, known = await self._brokers_answering()
-        if _enough(answering, known):
+        if enough_brokers(answering, known):
             return None
         if not answering:
-            if self.problem is not None:
-                return f"cannot use Kafka: {self.problem.words}"
+            if self.health.problem is not None:
+                return f"cannot use Kafka: {self.health.problem.words}"
             return f"Kafka at {self._settings.bootstrap} is not reachable"
         return (
             f"only {answering} of the {known} Kafka brokers at {self._settings.bootstrap} "
@@ -314,18 +294,18 @@ class KafkaSink:
         while True:
             answering, known = await self._brokers_answering()
             if self.metrics is not None:
-                self.metrics.ready.set(1 if _enough(answering, known) else 0)
+                self.metrics.ready.set(1 if enough_brokers(answering, known) else 0)
                 self.metrics.queued_bytes.set(self._held_bytes)
             if not answering:
                 for batcher in list(self._batchers.values()):
                     if batcher.mark_down():
-                        self._partition_down(batcher)
+                        self.health.partition_down((batcher.topic, batcher.partition))
                 await self._check_credentials()
             else:
                 self._stale_rounds = 0
-                if self.problem is not None:
-                    self._connected()
-            await asyncio.sleep(_HEALTH_EVERY_S)
+                if self.health.problem is not None:
+                    self.health.connected()
+            await asyncio.sleep(HEALTH_EVERY_S)
 
     async def _check_credentials(self) -> None:
         """No broker answers the producer. With TLS or SASL, its credentials may be stale:
@@ -336,17 +316,17 @@ class KafkaSink:
         if self._settings.security.protocol == "PLAINTEXT" or self._renewing is not None:
             return
         try:
-            async with asyncio.timeout(_DIAGNOSE_S):
+            async with asyncio.timeout(DIAGNOSE_S):
                 problem = await self._auth.diagnose()
         except TimeoutError:
             return  # the cluster is away, not the credentials
         if problem is not None:
             self._stale_rounds = 0
-            if problem.cause != "unreachable" and problem != self.problem:
+            if problem.cause != "unreachable" and problem != self.health.problem:
                 log.error(
-                    "cannot use Kafka: %s; trying again every %gs", problem.words, _HEALTH_EVERY_S
+                    "cannot use Kafka: %s; trying again every %gs", problem.words, HEALTH_EVERY_S
                 )
-            self._set_problem(problem)
+            self.health.set_problem(problem)
             return
         self._stale_rounds += 1
         # A renewal may have begun while the new client was connecting.
@@ -399,11 +379,11 @@ class KafkaSink:
             )
             if messages
         ]
-        if self._missing or self._forbidden:
+        if self.health.missing or self.health.forbidden:
             # Both before either is produced: records stored while their dead letters are
             # refused would be stored again at each retry of the request.
             for topic, messages in sends:
-                self._refuse_unwritable(topic, len(messages))
+                self.health.refuse_unwritable(topic, len(messages))
         if len(sends) == 1:
             await self.produce(*sends[0], patient=patient)
             return
@@ -424,11 +404,11 @@ class KafkaSink:
         so, as records given up on may still be stored, and sent again would be twice."""
         producer = self._producer
         if producer is None:
-            self._count_error("not_connected")
+            self.health.count_error("not_connected")
             raise KafkaUnavailable(f"not connected to Kafka at {self._settings.bootstrap}")
         for message in messages:
-            if len(message.value) > _WEIGH_ABOVE:
-                _check_size(topic, message)
+            if len(message.value) > WEIGH_ABOVE:
+                check_size(topic, message)
         timeout_s = self._settings.produce_timeout_ms / 1000
         deadline = None if patient else asyncio.get_running_loop().time() + timeout_s
         acks: dict[asyncio.Future[None], Batcher] = {}
@@ -451,7 +431,7 @@ class KafkaSink:
                 for batcher in distinct:
                     batcher.wake()
             acks = dict(zip(appended, batchers, strict=True))
-            await _wait_all(acks, deadline)
+            await wait_all(acks, deadline)
             for ack in acks:
                 failure = ack.exception()
                 if failure is not None:
@@ -459,22 +439,22 @@ class KafkaSink:
         except TimeoutError:
             for ack, batcher in acks.items():
                 if not ack.done() and batcher.mark_down():
-                    self._partition_down(batcher)
-            self._count_error("timeout")
+                    self.health.partition_down((batcher.topic, batcher.partition))
+            self.health.count_error("timeout")
             raise KafkaUnavailable(
                 f"Kafka did not acknowledge the records within {timeout_s:g}s"
             ) from None
         except (MessageSizeTooLargeError, RecordListTooLargeError) as exc:
             # The topic's own limit (max.message.bytes) is below the producer's.
-            self._count_error(type(exc).__name__)
+            self.health.count_error(type(exc).__name__)
             raise RecordTooLarge(f"Kafka refused a record as too large for {topic}") from exc
         except KafkaError as exc:
             # aiokafka's error classes are a fixed set: a bounded label.
-            self._count_error(type(exc).__name__)
+            self.health.count_error(type(exc).__name__)
             error: KafkaUnavailable
             if isinstance(exc, TopicAuthorizationFailedError):
                 # Refused at the metadata (no Describe) or at the batch (no Write).
-                self._forbid(topic)
+                self.health.forbid(topic)
                 error = KafkaForbidden(f"Kafka refuses the gateway writes to topic {topic}")
             else:
                 error = KafkaUnavailable(f"Kafka did not acknowledge the records: {exc}")
@@ -514,37 +494,17 @@ class KafkaSink:
         size = sum(len(message.value) for message in messages)
         limit = self._settings.max_queued_bytes
         if self._held_bytes + size > limit:
-            self._refuse(topic, len(messages), "queue_full")
+            self.health.refuse(topic, len(messages), "queue_full")
             raise KafkaUnavailable(
                 f"the gateway holds {self._held_bytes} bytes of records Kafka has not yet "
                 f"acknowledged; the limit is {limit}"
             )
-        if self._down:
+        if self.health.down:
             renewing = self._renewing is not None
             if not all(batcher.admits(renewing) for batcher in batchers):
-                self._refuse(topic, len(messages), "kafka_down")
-                self._refused_while_down += len(messages)
+                self.health.refuse_down(topic, len(messages))
                 raise KafkaUnavailable(f"Kafka is not acknowledging records for {topic} now")
         self._held_bytes += size
-
-    def _refuse_unwritable(self, topic: str, records: int) -> None:
-        """Refuse records for a topic that does not exist, or that Kafka has refused the
-        gateway the right to write to (but for one request in a while, which tries)."""
-        if topic in self._missing:
-            self._refuse(topic, records, "topic_missing")
-            raise KafkaTopicMissing(f"topic {topic} does not exist")
-        probe_at = self._forbidden.get(topic)
-        if probe_at is None:
-            return
-        now = asyncio.get_running_loop().time()
-        if now < probe_at:
-            self._refuse(topic, records, "forbidden")
-            raise KafkaForbidden(f"Kafka refuses the gateway writes to topic {topic}")
-        self._forbidden[topic] = now + _FORBIDDEN_PROBE_S  # this request tries
-
-    def _refuse(self, topic: str, records: int, reason: str) -> None:
-        if self.metrics is not None:
-            self.metrics.refused.labels(topic, reason).inc(records)
 
     def settled(
         self, batcher: Batcher, size: int, stored: bool, failure: BaseException | None
@@ -554,41 +514,10 @@ class KafkaSink:
         partition answers again."""
         self._held_bytes -= size
         if isinstance(failure, TopicAuthorizationFailedError):
-            self._forbid(batcher.topic)
+            self.health.forbid(batcher.topic)
         elif stored:
-            self._allow(batcher.topic)
-            if batcher in self._down:
-                self._partition_up(batcher)
-
-    def _partition_down(self, batcher: Batcher) -> None:
-        if not self._down:
-            log.warning(
-                "Kafka has not acknowledged %s-%d in time; requests for partitions in this "
-                "state are answered 503 at once until Kafka acknowledges them again",
-                batcher.topic,
-                batcher.partition,
-            )
-            self._down_since = time.monotonic()
-            self._refused_while_down = 0
-        self._down.add(batcher)
-        if self.metrics is not None:
-            self.metrics.partitions_down.set(len(self._down))
-
-    def _partition_up(self, batcher: Batcher) -> None:
-        self._down.discard(batcher)
-        if self.metrics is not None:
-            self.metrics.partitions_down.set(len(self._down))
-        if not self._down:
-            log.info(
-                "Kafka acknowledges every partition again after %.1fs; %d records were "
-                "refused meanwhile",
-                time.monotonic() - self._down_since,
-                self._refused_while_down,
-            )
-
-    def _count_error(self, kind: str) -> None:
-        if self.metrics is not None:
-            self.metrics.errors.labels(kind).inc()
+            self.health.allow(batcher.topic)
+            self.health.partition_up((batcher.topic, batcher.partition))
 
     def _partition(self, key: bytes | None, partitions: int) -> int:
         """Kafka's default partitioner: murmur2 of the key, so Java clients agree."""
@@ -608,7 +537,7 @@ class KafkaSink:
     def forget(self, batcher: Batcher) -> None:
         """Drop the batcher of a partition that no longer exists."""
         del self._batchers[(batcher.topic, batcher.partition)]
-        self._down.discard(batcher)
+        self.health.partition_up((batcher.topic, batcher.partition))
 
     async def producer_for_batches(self) -> AIOKafkaProducer:
         """The producer to hand the next batch to: the new one, while one is being made."""
@@ -654,7 +583,7 @@ class KafkaSink:
             compression_type=None if s.compression == "none" else s.compression,
             request_timeout_ms=s.request_timeout_ms,
             max_batch_size=_MAX_BATCH_BYTES,
-            max_request_size=_MAX_MESSAGE_BYTES,
+            max_request_size=MAX_MESSAGE_BYTES,
         )
 
     async def _connect(self) -> None:
@@ -666,7 +595,7 @@ class KafkaSink:
         self, prepare: Callable[[AIOKafkaProducer], Awaitable[None]] | None = None
     ) -> AIOKafkaProducer:
         """A new producer, started (and `prepare`d), retrying until the cluster answers."""
-        backoff = Backoff(_FIRST_RETRY_S, _LAST_RETRY_S)
+        backoff = Backoff(FIRST_RETRY_S, LAST_RETRY_S)
         while True:
             producer = None
             try:
@@ -677,64 +606,11 @@ class KafkaSink:
             except (KafkaError, OSError, TimeoutError) as exc:
                 if producer is not None:
                     await producer.stop()
-                self._count_error("connect")
-                await self._cannot_connect(exc, backoff.failed())
+                self.health.count_error("connect")
+                await self.health.cannot_connect(exc, backoff.failed())
                 continue
-            self._connected()
+            self.health.connected()
             return producer
-
-    async def _cannot_connect(self, exc: BaseException, delay: float) -> None:
-        """Say why Kafka cannot be used, and wait before the next try.
-
-        aiokafka's start reports only that no bootstrap server would do, so one connection
-        is made again to learn why. A cause the operator must fix (credentials, TLS, a
-        secret file) is logged as one ERROR until the cause changes, and is what /readyz
-        says; the gateway keeps trying, so a fixed secret is picked up without a restart.
-        """
-        loop = asyncio.get_running_loop()
-        began = loop.time()
-        try:
-            # Within the wait before the next try, unless that is too short for a TLS
-            # handshake and a SASL exchange far away: a broker that does not answer
-            # (frozen, or not listening yet) must not hold the next try back.
-            async with asyncio.timeout(max(delay, _DIAGNOSE_S)):
-                problem = await self._auth.diagnose()
-        except TimeoutError:
-            problem = Problem("unreachable", f"Kafka at {self._settings.bootstrap} did not answer")
-        if problem is None:
-            # Connected and authenticated, then refused: e.g. a producer id.
-            problem = explain_refusal(exc, self._settings.bootstrap, self._settings.security)
-        if problem is None or problem.cause == "unreachable":
-            # Kafka answered this time (the failure came after connecting, e.g. while
-            # creating topics), or is not there yet: a state that mends itself.
-            log.warning(
-                "Kafka at %s not usable (%s); retrying in %.2fs",
-                self._settings.bootstrap,
-                problem.words if problem is not None else exc,
-                delay,
-            )
-        elif problem != self.problem:
-            log.error("cannot use Kafka: %s; trying again every %gs", problem.words, _LAST_RETRY_S)
-        if problem is not None and problem.cause != "unreachable":
-            delay = _LAST_RETRY_S
-        self._set_problem(problem)
-        await asyncio.sleep(max(0.0, delay - (loop.time() - began)))
-
-    def _connected(self) -> None:
-        if self.problem is not None and self.problem.cause != "unreachable":
-            log.info(
-                "connected to Kafka at %s: %s no more", self._settings.bootstrap, self.problem.cause
-            )
-        self._set_problem(None)
-
-    def _set_problem(self, problem: Problem | None) -> None:
-        if self.metrics is not None:
-            gauge = self.metrics.connection_problem
-            if self.problem is not None:
-                gauge.labels(self.problem.cause).set(0)
-            if problem is not None:
-                gauge.labels(problem.cause).set(1)
-        self.problem = problem
 
     async def _ensure_topics(self, producer: AIOKafkaProducer) -> None:
         """Create and check the topics, then wait until the producer sees them all."""
@@ -745,54 +621,10 @@ class KafkaSink:
             for topic in self._settings.topics.all():
                 if topic not in missing:
                     await producer.partitions_for(topic)
-        self._note_missing(missing)
+        self.health.note_missing(missing)
         if missing:
-            self._looking = asyncio.create_task(self._look_for_topics(), name="kafka-topics")
-
-    async def _look_for_topics(self) -> None:
-        """Until every topic exists: look for the missing ones every _TOPICS_EVERY_S."""
-        while self._missing:
-            await asyncio.sleep(_TOPICS_EVERY_S)
-            try:
-                self._note_missing(await missing_topics(self._settings, self._auth))
-            except (KafkaError, OSError, TimeoutError) as exc:
-                log.warning("could not look for the missing topics: %r", exc)
-
-    def _note_missing(self, missing: list[str]) -> None:
-        """Log each topic that went missing, or came to exist, once."""
-        for topic in sorted(set(missing) - self._missing):
-            log.error(
-                "topic %s does not exist, and CAFE_KAFKA_CREATE_TOPICS=%s%s: requests that write "
-                "to it get 503 kafka_topic_missing until it is created; the others are served",
-                topic,
-                self._settings.topics.create,
-                ""
-                if self._settings.topics.create == "never"
-                else " but Kafka refused to create it",
-            )
-        for topic in sorted(self._missing - set(missing)):
-            log.info("topic %s exists now: its records are produced", topic)
-        self._missing = set(missing)
+            self._looking = asyncio.create_task(self.health.look_for_topics(), name="kafka-topics")
 
     def degraded(self) -> list[str]:
         """The topics the sink cannot write to now, and why."""
-        said = [f"topic {topic} does not exist" for topic in sorted(self._missing)]
-        said += [f"Kafka refuses writes to topic {topic}" for topic in sorted(self._forbidden)]
-        return said
-
-    def _forbid(self, topic: str) -> None:
-        """Kafka refused a batch for `topic` to the gateway's principal: refuse its records
-        at once, but for one request every _FORBIDDEN_PROBE_S, which tries again."""
-        if topic not in self._forbidden:
-            log.error(
-                "Kafka refuses the gateway the right to write to topic %s "
-                "(TOPIC_AUTHORIZATION_FAILED): requests that write to it get 503 kafka_forbidden "
-                "until the principal is granted Write and Describe on it; the others are served",
-                topic,
-            )
-        self._forbidden[topic] = asyncio.get_running_loop().time() + _FORBIDDEN_PROBE_S
-
-    def _allow(self, topic: str) -> None:
-        """Kafka took a batch for `topic`."""
-        if self._forbidden.pop(topic, None) is not None:
-            log.info("Kafka takes records for topic %s again", topic)
+        return self.health.degraded()

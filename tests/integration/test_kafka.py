@@ -435,7 +435,7 @@ async def test_a_down_partition_whose_held_batch_fails_is_probed_by_one_request(
         # Thawed: Kafka refuses the held batch, which leaves nothing to show it is back;
         # so a request goes through as the probe, and its acknowledgement ends the outage.
         sent_after = await send_until_taken(sink, topic)
-        assert not sink._down
+        assert not sink.health.down
     stored = [m.value for m in await consume_all(bootstrap, topic, partitions=1)]
     assert stored[0] == b"before"
     assert sent_after[-1] in stored

@@ -24,7 +24,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from devkit.samples import curl_bodies
-from gateway.kafka import sink as kafka_sink
+from gateway.kafka import health as kafka_health
 from tests.support.app import GatewayClient, gateway_settings
 from tests.support.kafka import (
     KAFKA_SH,
@@ -281,7 +281,7 @@ async def test_write_revoked_on_one_topic_stops_only_its_type_until_granted_agai
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(kafka_sink, "_FORBIDDEN_PROBE_S", 1.0)
+    monkeypatch.setattr(kafka_health, "FORBIDDEN_PROBE_S", 1.0)
     kafka = _ways(secure_broker, tmp_path)["scram-sha-512"]
     async with _gateway(gateway_client, key_file, topics, kafka) as client:
         await eventually(lambda: _ready(client))

@@ -9,7 +9,7 @@ import pytest
 
 from devkit.samples import curl_bodies
 from gateway.config import KafkaSettings
-from gateway.kafka import sink as kafka_sink
+from gateway.kafka import health as kafka_health
 from tests.support.app import GatewayClient, gateway_settings
 from tests.support.kafka import Broker, create_topics, delete_topics, unique_topics
 from tests.support.keys import KeyFile, json_headers
@@ -24,7 +24,7 @@ async def test_with_create_topics_never_a_missing_topic_stops_only_its_type(
     key_file: KeyFile,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(kafka_sink, "_TOPICS_EVERY_S", 0.5)
+    monkeypatch.setattr(kafka_health, "TOPICS_EVERY_S", 0.5)
     topics = dataclasses.replace(unique_topics(), create="never")
     await create_topics(kafka.bootstrap, [t for t in topics.all() if t != topics.log])
     client = await gateway_client(

@@ -17,7 +17,7 @@ import pytest
 
 from gateway.config import KafkaSecurity, KafkaSettings, Secret, TopicSettings
 from gateway.errors import KafkaForbidden, KafkaTopicMissing
-from gateway.kafka import rdkafka
+from gateway.kafka import health as kafka_health
 from gateway.kafka.rdkafka import RdKafkaSink
 from gateway.sink import Context
 from tests.support.kafka import (
@@ -194,14 +194,14 @@ async def test_a_wrong_password_is_told_in_words(secure_broker: SecureBroker) ->
             return said is not None and "refused the gateway's SCRAM-SHA-512" in said
 
         await eventually(told, within=30)
-        assert sink.problem is not None
-        assert sink.problem.cause == "sasl_authentication"
+        assert sink.health.problem is not None
+        assert sink.health.problem.cause == "sasl_authentication"
 
 
 async def test_write_revoked_on_one_topic_stops_only_its_type_until_granted_again(
     secure_broker: SecureBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(rdkafka, "_FORBIDDEN_PROBE_S", 1.0)
+    monkeypatch.setattr(kafka_health, "FORBIDDEN_PROBE_S", 1.0)
     topics = await _made(secure_broker)
     settings = _secured(
         secure_broker, "SASL_PLAINTEXT:SCRAM-SHA-512", tmp_path, topics=topics, client="librdkafka"
