@@ -28,6 +28,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
+from multidict import CIMultiDict
 
 from gateway.config import Settings
 from gateway.http.access import Access
@@ -173,16 +174,32 @@ class _PrebuiltAccepted:
 
 class _Written(web.StreamResponse):
     """An answer already in bytes, status line to body: what aiohttp's connection does
-    with a response (prepare, write_eof, keep_alive) done with those bytes."""
+    with a response (prepare, write_eof, keep_alive) done with those bytes. Its headers
+    and length are read back from the bytes only if asked (aiohttp's own access log, when
+    a runner has it on, asks; `cafe-gateway serve` turns it off)."""
 
     def __init__(self, data: bytes, body_size: int) -> None:
         super().__init__(status=200)
         self._data = data
         self.body_size = body_size
+        self._parsed: CIMultiDict[str] | None = None
 
     @property
     def keep_alive(self) -> bool:
         return True
+
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        if self._parsed is None:
+            head = self._data[: len(self._data) - self.body_size].decode("latin-1")
+            lines = head.split("\r\n")[1:]
+            self._parsed = CIMultiDict(line.partition(": ")[::2] for line in lines if line)
+        return self._parsed
+
+    @property
+    def body_length(self) -> int:
+        # As aiohttp counts it once written: every byte of the answer.
+        return len(self._data)
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter:
         self._out = request.writer
