@@ -41,18 +41,18 @@ from gateway.kafka.health import (
     KafkaHealth,
     enough_brokers,
 )
-from gateway.kafka.messages import Framer, Message, is_truncated
+from gateway.kafka.messages import Framer, Message
 from gateway.kafka.metrics import KafkaMetrics
 from gateway.kafka.partitioner import key_partition
 from gateway.kafka.sink import (
     MAX_MESSAGE_BYTES,
     WEIGH_ABOVE,
+    RecordSender,
     check_size,
     wait_all,
 )
 from gateway.kafka.topics import prepare_topics
 from gateway.metrics import Metrics
-from gateway.sink import Delivery, Record, Rejected
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ class _Acks:
             self.sink._settled(self)
 
 
-class RdKafkaSink:
+class RdKafkaSink(RecordSender):
     """Produces to Kafka through librdkafka with acks from all in-sync replicas and
     idempotence; the same contract as KafkaSink.
 
@@ -306,49 +306,6 @@ class RdKafkaSink:
     def degraded(self) -> list[str]:
         """The topics the sink cannot write to now, and why."""
         return self.health.degraded()
-
-    async def send(
-        self,
-        record_type: str,
-        accepted: Sequence[Record],
-        rejected: Sequence[Rejected] = (),
-        *,
-        patient: bool = False,
-    ) -> Delivery:
-        """Produce the records to their type's topic and the rejected ones, as dead
-        letters, to the dead-letter topic, at once; return when Kafka has acknowledged
-        both. `patient`: wait for Kafka's verdict past the produce timeout."""
-        framer = self._framers[record_type]
-        records = framer.records(accepted)
-        dead_letters = [framer.dead_letter(each) for each in rejected]
-        sends = [
-            (topic, messages)
-            for topic, messages in (
-                (self._topics[record_type], records),
-                (self._settings.topics.deadletter, dead_letters),
-            )
-            if messages
-        ]
-        if self.health.missing or self.health.forbidden:
-            # Both before either is produced: records stored while their dead letters are
-            # refused would be stored again at each retry of the request.
-            for topic, messages in sends:
-                self.health.refuse_unwritable(topic, len(messages))
-        if len(sends) == 1:
-            await self.produce(*sends[0], patient=patient)
-        elif sends:
-            results = await asyncio.gather(
-                *(self.produce(topic, messages, patient=patient) for topic, messages in sends),
-                return_exceptions=True,
-            )
-            for result in results:
-                if isinstance(result, BaseException):
-                    raise result
-        if self.metrics is not None and dead_letters:
-            truncated = sum(1 for message in dead_letters if is_truncated(message))
-            if truncated:
-                self.metrics.dead_letters_truncated.labels(record_type).inc(truncated)
-        return Delivery.STORED
 
     async def produce(
         self, topic: str, messages: Sequence[Message], *, patient: bool = False

@@ -110,7 +110,68 @@ def check_size(topic: str, message: Message) -> None:
         )
 
 
-class KafkaSink:
+class RecordSender:
+    """What both Kafka sinks do with a request's records (aiokafka's here, librdkafka's
+    in gateway/kafka/rdkafka.py): frame them, refuse them at once for a topic that cannot
+    be written to, produce the records and the dead letters together, and count the dead
+    letters cut to fit. A sink sets the attributes below and gives its own `produce`."""
+
+    _settings: KafkaSettings
+    _topics: dict[str, str]
+    _framers: dict[str, Framer]
+    health: KafkaHealth
+    metrics: KafkaMetrics | None
+
+    async def produce(
+        self, topic: str, messages: Sequence[Message], *, patient: bool = False
+    ) -> None:
+        raise NotImplementedError
+
+    async def send(
+        self,
+        record_type: str,
+        accepted: Sequence[Record],
+        rejected: Sequence[Rejected] = (),
+        *,
+        patient: bool = False,
+    ) -> Delivery:
+        """Produce the records to their type's topic and the rejected ones, as dead
+        letters, to the dead-letter topic, at once; return when Kafka has acknowledged
+        both. `patient`: wait for Kafka's verdict past the produce timeout."""
+        framer = self._framers[record_type]
+        records = framer.records(accepted)
+        dead_letters = [framer.dead_letter(each) for each in rejected]
+        sends = [
+            (topic, messages)
+            for topic, messages in (
+                (self._topics[record_type], records),
+                (self._settings.topics.deadletter, dead_letters),
+            )
+            if messages
+        ]
+        if self.health.missing or self.health.forbidden:
+            # Both before either is produced: records stored while their dead letters are
+            # refused would be stored again at each retry of the request.
+            for topic, messages in sends:
+                self.health.refuse_unwritable(topic, len(messages))
+        if len(sends) == 1:
+            await self.produce(*sends[0], patient=patient)
+        elif sends:
+            results = await asyncio.gather(
+                *(self.produce(topic, messages, patient=patient) for topic, messages in sends),
+                return_exceptions=True,
+            )
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+        if self.metrics is not None and dead_letters:
+            truncated = sum(1 for message in dead_letters if is_truncated(message))
+            if truncated:
+                self.metrics.dead_letters_truncated.labels(record_type).inc(truncated)
+        return Delivery.STORED
+
+
+class KafkaSink(RecordSender):
     """Produces to Kafka with acks from all in-sync replicas and idempotence.
 
     `start` returns at once and connects in the background, retrying until the cluster
@@ -342,58 +403,6 @@ class KafkaSink:
         if self.metrics is not None:
             self.metrics.producer_renewals.labels("stale_credentials").inc()
         self._renewing = asyncio.create_task(self._renew(producer), name="kafka-renew")
-
-    async def send(
-        self,
-        record_type: str,
-        accepted: Sequence[Record],
-        rejected: Sequence[Rejected] = (),
-        *,
-        patient: bool = False,
-    ) -> Delivery:
-        """Produce the records to their type's topic and the rejected ones, as dead
-        letters, to the dead-letter topic, at once; return when Kafka has acknowledged
-        both. `patient`: wait for Kafka's verdict past the produce timeout."""
-        framer = self._framers[record_type]
-        records = framer.records(accepted)
-        dead_letters = [framer.dead_letter(each) for each in rejected]
-        await self._send(record_type, records, dead_letters, patient)
-        if self.metrics is not None and dead_letters:
-            truncated = sum(1 for message in dead_letters if is_truncated(message))
-            if truncated:
-                self.metrics.dead_letters_truncated.labels(record_type).inc(truncated)
-        return Delivery.STORED
-
-    async def _send(
-        self,
-        record_type: str,
-        accepted: list[Message],
-        dead_letters: list[Message],
-        patient: bool,
-    ) -> None:
-        sends = [
-            (topic, messages)
-            for topic, messages in (
-                (self._topics[record_type], accepted),
-                (self._settings.topics.deadletter, dead_letters),
-            )
-            if messages
-        ]
-        if self.health.missing or self.health.forbidden:
-            # Both before either is produced: records stored while their dead letters are
-            # refused would be stored again at each retry of the request.
-            for topic, messages in sends:
-                self.health.refuse_unwritable(topic, len(messages))
-        if len(sends) == 1:
-            await self.produce(*sends[0], patient=patient)
-            return
-        results = await asyncio.gather(
-            *(self.produce(topic, messages, patient=patient) for topic, messages in sends),
-            return_exceptions=True,
-        )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
 
     async def produce(
         self, topic: str, messages: Sequence[Message], *, patient: bool = False
