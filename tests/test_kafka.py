@@ -8,11 +8,14 @@ import random
 
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.config import KafkaSettings
 from gateway.errors import KafkaUnavailable
 from gateway.kafka.messages import Message
-from gateway.kafka.sink import KafkaSink
+from gateway.kafka.sink import Deadlines, KafkaSink
+from tests.support.virtual_time import VirtualTimeLoop
 
 
 def test_keyed_partitions_match_the_default_partitioner() -> None:
@@ -129,3 +132,61 @@ async def test_ready_takes_most_of_the_brokers(
             f"only {len(answering)} of the {brokers} Kafka brokers at k1:9092 answer: too few "
             "for the replicas a write needs"
         )
+
+
+# A request waiting on Kafka (Deadlines.wait_all): when it arrives, its produce timeout
+# (most share the sink's; some are shorter), and when each of its batches is answered
+# (None: never).
+WAITS = st.lists(
+    st.tuples(
+        st.integers(0, 300),
+        st.sampled_from([1000, 1000, 1000, 250]),
+        st.lists(st.none() | st.integers(0, 1500), min_size=0, max_size=3),
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(waits=WAITS)
+def test_each_request_waits_until_its_batches_are_answered_or_its_own_deadline(
+    waits: list[tuple[int, int, list[int | None]]],
+) -> None:
+    """One timer serves every waiting request's deadline, yet each request ends exactly
+    when its last batch is answered, or at its own deadline if that comes first, whatever
+    the order of arrivals, answers and timeouts (times in virtual milliseconds)."""
+    loop = VirtualTimeLoop()
+    deadlines = Deadlines()
+    ended: dict[int, tuple[str, float]] = {}
+
+    async def wait(n: int, arrives: int, timeout_ms: int, answers: list[int | None]) -> None:
+        await asyncio.sleep(arrives / 1000)
+        futures = [loop.create_future() for _ in answers]
+        for future, at in zip(futures, answers, strict=True):
+            if at is not None:
+                loop.call_later(at / 1000, future.set_result, None)
+        try:
+            await deadlines.wait_all(futures, loop.time() + timeout_ms / 1000)
+        except TimeoutError:
+            ended[n] = ("timed out", loop.time())
+        else:
+            ended[n] = ("answered", loop.time())
+
+    async def all_waits() -> None:
+        await asyncio.gather(*(wait(n, *w) for n, w in enumerate(waits)))
+        await asyncio.sleep(2)  # past every deadline: the timer is done with the queue
+
+    try:
+        loop.run_until_complete(all_waits())
+    finally:
+        loop.close()
+    for n, (arrives, timeout, answers) in enumerate(waits):
+        last = max((at for at in answers if at is not None), default=0)
+        expected = (
+            ("answered", arrives + last)
+            if None not in answers and last <= timeout
+            else ("timed out", arrives + timeout)
+        )
+        how, when = ended[n]
+        assert (how, round(when * 1000, 6)) == expected, (n, waits[n])
+    assert not deadlines._queue and deadlines._timer is None

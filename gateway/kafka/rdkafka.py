@@ -32,24 +32,21 @@ from confluent_kafka import Message as RdMessage
 from gateway.backoff import Backoff
 from gateway.config import KafkaSettings, first_line
 from gateway.errors import KafkaForbidden, KafkaUnavailable, RecordTooLarge
-from gateway.kafka.auth import KafkaAuth, SecretUnavailable
+from gateway.kafka.auth import SecretUnavailable
 from gateway.kafka.health import (
     DIAGNOSE_S,
     FIRST_RETRY_S,
     HEALTH_EVERY_S,
     LAST_RETRY_S,
-    KafkaHealth,
     enough_brokers,
 )
-from gateway.kafka.messages import Framer, Message
-from gateway.kafka.metrics import KafkaMetrics
+from gateway.kafka.messages import Message
 from gateway.kafka.partitioner import key_partition
 from gateway.kafka.sink import (
     MAX_MESSAGE_BYTES,
     WEIGH_ABOVE,
     RecordSender,
     check_size,
-    wait_all,
 )
 from gateway.kafka.topics import prepare_topics
 from gateway.metrics import Metrics
@@ -222,15 +219,7 @@ class RdKafkaSink(RecordSender):
     """
 
     def __init__(self, settings: KafkaSettings, metrics: Metrics | None = None) -> None:
-        self._settings = settings
-        self._topics = settings.topics.by_record_type()
-        self._framers = {name: Framer(name) for name in self._topics}
-        self.metrics = KafkaMetrics(metrics.registry) if metrics is not None else None
-        # The topics are created and checked, and a refused connection explained, with
-        # aiokafka's clients, as KafkaSink does.
-        self._auth = KafkaAuth(settings)
-        # Missing and forbidden topics, partitions down, why Kafka cannot be used.
-        self.health = KafkaHealth(settings, self._auth, self.metrics)
+        super().__init__(settings, metrics)
         # The producer librdkafka runs, polled from its making to its closing; and the same
         # once connected (the topics made and their partitions known), taking records.
         self._client: Producer | None = None
@@ -334,7 +323,7 @@ class RdKafkaSink(RecordSender):
             size = self._admit(topic, messages, partitions)
             acks = _Acks(self, topic, len(messages), size, patient)
             self._produce_all(producer, topic, messages, partitions, acks)
-            await wait_all((acks.done,), deadline)
+            await self._deadlines.wait_all((acks.done,), deadline)
         except TimeoutError:
             if acks is not None:
                 for partition in acks.sent:
