@@ -21,9 +21,12 @@ from aiohttp import web
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.test_utils import RawTestServer, TestServer
 from aiokafka import AIOKafkaProducer
-from aiokafka.record.default_records import DefaultRecordBatchBuilder
+from aiokafka.producer.message_accumulator import BatchBuilder
+from aiokafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
 from prometheus_client import CollectorRegistry, Counter, Histogram, values
 
+from gateway.kafka.batcher import adder
+from gateway.kafka.messages import Message
 from tests.support.wait import holds_within
 
 LISTENER = "gateway/http/listener.py"
@@ -168,6 +171,43 @@ async def test_record_builder_weighs_a_record_as_a_batch_holds_it() -> None:
         batch.close()
         # An upper bound on a batch of that one record, as the producer's own check uses it.
         assert isinstance(size, int) and len(value) < batch.size() <= size, why
+    finally:
+        await producer.stop()
+
+
+async def test_a_batch_built_through_its_compiled_builder_is_the_batch_append_builds() -> None:
+    why = changed(
+        "aiokafka",
+        "BatchBuilder._builder and _relative_offset",
+        "gateway/kafka/batcher.py",
+        "append each record to a batch without the wrapper's Python",
+    )
+    messages = [Message(None, b"no key and no headers")] + [
+        Message(b"s%d" % n, b"v" * (n * 997 % 5000), [("cafe-request-id", b"r%d" % n)])
+        for n in range(400)
+    ]
+    producer = AIOKafkaProducer(bootstrap_servers="127.0.0.1:9")
+    try:
+        direct, public = producer.create_batch(), producer.create_batch()
+        assert type(direct) is BatchBuilder, why
+        add = adder(direct)
+        taken = 0
+        while add(messages[taken]):  # as the Batcher appends: until the batch is full
+            taken += 1
+        for message in messages:
+            metadata = public.append(
+                key=message.key, value=message.value, timestamp=None, headers=message.headers
+            )
+            if metadata is None:
+                break
+        assert 0 < taken < len(messages), "the test's records should overfill a batch"
+        # Both are full at the same record, and count what they hold alike.
+        assert taken == direct.record_count() == public.record_count(), why
+        records = [
+            [(r.offset, r.key, r.value, r.headers) for r in DefaultRecordBatch(b._build())]
+            for b in (direct, public)
+        ]
+        assert records[0] == records[1] and len(records[0]) == public.record_count(), why
     finally:
         await producer.stop()
 
