@@ -18,13 +18,16 @@ from gateway.errors import SinkUnavailable
 
 
 class Context(NamedTuple):
-    """Where a request's records came from: stored beside each of them. One per request,
-    shared by all its records."""
+    """Where a request's records came from, and which format version judged them: stored
+    beside each of them. One per request and version, shared by those records."""
 
     key_id: str  # the API key's id, never the key
-    client_ip: str
+    client_ip: str | None  # as the key's CAFE_CLIENT_IP mode keeps it; None: not kept
     request_id: str
     received_at: str  # when the request arrived, as the gateway writes times (UTC, ms)
+    # The messageFormatVersion whose schema judged the records; None for records whose
+    # version the gateway does not know.
+    schema_version: int | None = 1
 
 
 class Record(NamedTuple):

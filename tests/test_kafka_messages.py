@@ -61,3 +61,24 @@ def test_a_record_cut_before_it_came_keeps_what_it_was_cut_from() -> None:
     # Cut on a whole character, at most the limit.
     assert len(message.value) == DEAD_LETTER_MAX_BYTES and message.value.decode()
     assert message.key is None and "cafe-key-omitted" not in dict(message.headers or [])
+
+
+def test_the_headers_say_the_records_version_and_leave_out_what_is_not_kept() -> None:
+    framer = Framer("activity")
+    v2 = Context("k_0123456789ab", "192.0.2.0", "r1", "2026-12-01T00:00:00.000Z", 2)
+    neither = v2._replace(client_ip=None, schema_version=None)
+    assert framer.headers(v2) == [
+        ("cafe-key-id", b"k_0123456789ab"),
+        ("cafe-client-ip", b"192.0.2.0"),
+        ("cafe-received-at", b"2026-12-01T00:00:00.000Z"),
+        ("cafe-request-id", b"r1"),
+        ("cafe-schema", b"activity"),
+        ("cafe-schema-version", b"2"),
+    ]
+    names = [name for name, _ in framer.headers(neither)]
+    assert names == ["cafe-key-id", "cafe-received-at", "cafe-request-id", "cafe-schema"]
+    # A batch of mixed versions: each record with its own version's headers.
+    messages = framer.records(
+        [Record("s", b"{}", v2), Record("s", b"{}", v2._replace(schema_version=1))]
+    )
+    assert [dict(m.headers or [])["cafe-schema-version"] for m in messages] == [b"2", b"1"]

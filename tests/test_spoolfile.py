@@ -25,8 +25,9 @@ def chunk(n: int, size: int = 10) -> Chunk:
 
 
 def test_a_chunk_reads_back_as_it_was_written() -> None:
-    first = Context("k_0123456789ab", "2001:db8::1", "req-1", "2026-12-01T00:00:00.000Z")
-    other = Context("k_ba9876543210", "198.51.100.7", "r\u00e9q", "2026-12-01T00:00:01.000Z")
+    first = Context("k_0123456789ab", "2001:db8::1", "req-1", "2026-12-01T00:00:00.000Z", 2)
+    # No address kept (CAFE_CLIENT_IP=off), and a version the gateway did not know.
+    other = Context("k_ba9876543210", None, "r\u00e9q", "2026-12-01T00:00:01.000Z", None)
     errors = [{"pointer": "/\u00e9", "message": "x" * 2000}]
     written = Chunk(
         "log",
@@ -47,6 +48,39 @@ def test_a_chunk_reads_back_as_it_was_written() -> None:
     # A request's context is written once, however many records share it.
     assert payload.count(b"2001:db8::1") == 1
     assert back.accepted[0].context is back.accepted[1].context
+
+
+def test_a_chunk_spooled_before_format_versions_is_read_as_version_1() -> None:
+    # As the version before format versions encoded it: mark CF2, contexts of four texts.
+    def text(value: str) -> bytes:
+        return struct.pack("<H", len(value.encode())) + value.encode()
+
+    context = ("k_0123456789ab", "203.0.113.9", "req-1", "2026-12-01T00:00:00.000Z")
+    errors = orjson.dumps([{"pointer": "", "message": "m"}])
+    payload = b"".join(
+        [
+            b"\xffCF2",
+            struct.pack("<I", 1),
+            *(text(field) for field in context),
+            struct.pack("<I", 1),
+            struct.pack("<HHI", 0, 2, 7),
+            b"s1",
+            b'{"n":1}',
+            struct.pack("<I", 1),
+            struct.pack("<HIiIHIq", 0, 3, -1, 1, 7, len(errors), -1),
+            b"x",
+            b"invalid",
+            errors,
+            b"",
+        ]
+    )
+    back = decode("activity", payload)
+    old = Context(*context, schema_version=1)
+    assert back == Chunk(
+        "activity",
+        [Record("s1", b'{"n":1}', old)],
+        [Rejected(b"x", 3, "invalid", [{"pointer": "", "message": "m"}], None, old)],
+    )
 
 
 def _first_format(

@@ -21,6 +21,7 @@ from aiohttp import web
 from gateway.config import IPNetwork, Settings
 from gateway.http.responses import json_response
 from gateway.http.state import SETTINGS
+from gateway.keys.model import ApiKey
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -49,6 +50,12 @@ def client_ip(request: web.Request, settings: Settings) -> str:
         if not _is_trusted(address, trusted):
             break
     return _text(caller)
+
+
+def kept_client_ip(request: web.Request, settings: Settings, key: ApiKey) -> str | None:
+    """The caller's address as it is kept beside its records (the cafe-client-ip
+    header); None: not kept."""
+    return client_ip(request, settings)
 
 
 def _peer(request: web.Request) -> IPAddress | None:

@@ -24,7 +24,7 @@ from gateway.errors import (
     SinkUnavailable,
     UnsupportedMediaType,
 )
-from gateway.http.clientip import client_ip
+from gateway.http.clientip import kept_client_ip
 from gateway.http.context import RequestContext
 from gateway.http.metrics import HttpMetrics
 from gateway.http.responses import SPOOLED_HEADER, json_response
@@ -92,7 +92,9 @@ async def ingest(
     metrics.tally.observe(metrics.batch_size(record_type.name), len(records))
 
     # Where the records came from, stored beside each of them.
-    origin = Context(key.id, client_ip(request, settings), context.id, utc_timestamp(time.time()))
+    origin = Context(
+        key.id, kept_client_ip(request, settings, key), context.id, utc_timestamp(time.time())
+    )
     accepted: list[Record] = []
     rejected: list[Rejected] = []
     rejections: list[dict[str, Any]] = []

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import orjson
 
-from gateway.schemas import MAX_KEY_LENGTH, SCHEMA_VERSION
+from gateway.schemas import MAX_KEY_LENGTH
 from gateway.sink import Context, Record, Rejected
 
 # A dead letter keeps at most this much of its record (and says so in its headers):
@@ -66,14 +66,17 @@ class Framer:
         """What every message of the request `context` describes carries."""
         if context is not self._context:
             self._context = context
-            self._headers = [
-                ("cafe-key-id", context.key_id.encode()),
-                ("cafe-client-ip", context.client_ip.encode()),
+            headers = [("cafe-key-id", context.key_id.encode())]
+            if context.client_ip is not None:
+                headers.append(("cafe-client-ip", context.client_ip.encode()))
+            headers += [
                 ("cafe-received-at", context.received_at.encode()),
                 ("cafe-request-id", context.request_id.encode()),
                 ("cafe-schema", self._type),
-                ("cafe-schema-version", _VERSION),
             ]
+            if context.schema_version is not None:
+                headers.append(("cafe-schema-version", str(context.schema_version).encode()))
+            self._headers = headers
         return self._headers
 
     def record(self, record: Record) -> Message:
@@ -118,9 +121,6 @@ class Framer:
                 _TRUNCATED,
             ]
         return Message(key, value, headers)
-
-
-_VERSION = str(SCHEMA_VERSION).encode()
 
 
 def is_truncated(message: Message) -> bool:

@@ -30,12 +30,16 @@ log = logging.getLogger(__name__)
 DISK_ERRORS = (sqlite3.Error, OSError)
 
 # A chunk's payload (see encode): this mark, then its requests' contexts, its records and
-# its rejected records. A payload spooled before records were given to the sink with
-# their context begins instead with its count of header lists, never near the mark as a
-# number, and is read by `_decode_messages`.
-_MARK = b"\xffCF2"
+# its rejected records. A context is its count of fields, then each as text (or none).
+# The payload of an earlier version begins with _MARK_2 (contexts of four texts: all
+# records of format version 1), or, spooled before records were given to the sink with
+# their context, with its count of header lists, never near either mark as a number; it
+# is read by `_decode_messages`.
+_MARK = b"\xffCF3"
+_MARK_2 = b"\xffCF2"
 _COUNT = struct.Struct("<I")
 _TEXT = struct.Struct("<H")
+_NONE = 0xFFFF  # a text's length that stands for no text (no text is that long)
 _RECORD = struct.Struct("<HHI")  # context, session length, value length
 # context, position, session length (-1: none), value length, reason length, errors
 # length, size before a cut (-1: not cut; its SHA-256 follows, as 64 hex digits)
@@ -91,7 +95,7 @@ def encode(chunk: Chunk) -> bytes:
         place = places.get(id(context))
         if place is None:
             place = places[id(context)] = len(contexts)
-            contexts.append(b"".join(_text(field) for field in context))
+            contexts.append(_encode_context(context))
         return place
 
     parts: list[bytes] = [_COUNT.pack(len(chunk.accepted))]
@@ -128,9 +132,29 @@ def encode(chunk: Chunk) -> bytes:
     return b"".join(head + parts)
 
 
-def _text(text: str) -> bytes:
+def _text(text: str | None) -> bytes:
+    if text is None:
+        return _TEXT.pack(_NONE)
     encoded = text.encode()
     return _TEXT.pack(len(encoded)) + encoded
+
+
+def _encode_context(context: Context) -> bytes:
+    version = context.schema_version
+    fields = (*context[:4], None if version is None else str(version))
+    return bytes((len(fields),)) + b"".join(_text(field) for field in fields)
+
+
+def _decode_context(fields: list[str | None]) -> Context:
+    """A context from its fields as spooled; those an earlier version did not write
+    take their defaults."""
+    key_id, client_ip, request_id, received_at, *rest = fields
+    if key_id is None or request_id is None or received_at is None:
+        raise ValueError("a spooled context without its key, request or time")
+    version = rest[0] if rest else "1"
+    return Context(
+        key_id, client_ip, request_id, received_at, None if version is None else int(version)
+    )
 
 
 def decode(record_type: str, payload: bytes) -> Chunk:
@@ -138,18 +162,26 @@ def decode(record_type: str, payload: bytes) -> Chunk:
     (The replay reads every record through this loop: slices of `payload` cost a quarter
     less than a memoryview's, and building each Record as the tuple it is skips the 0.1
     us of NamedTuple's own __new__.)"""
-    if not payload.startswith(_MARK):
+    marked = payload.startswith(_MARK)
+    if not marked and not payload.startswith(_MARK_2):
         return _decode_messages(record_type, payload)
     at = len(_MARK)
     (count,), at = _COUNT.unpack_from(payload, at), at + _COUNT.size
     contexts = []
     for _ in range(count):
-        fields = []
-        for _ in range(4):
+        fields: list[str | None] = []
+        if marked:
+            width, at = payload[at], at + 1
+        else:
+            width = 4
+        for _ in range(width):
             (size,), at = _TEXT.unpack_from(payload, at), at + _TEXT.size
+            if size == _NONE:
+                fields.append(None)
+                continue
             fields.append(payload[at : at + size].decode())
             at += size
-        contexts.append(Context(*fields))
+        contexts.append(_decode_context(fields))
     new = tuple.__new__
     (count,), at = _COUNT.unpack_from(payload, at), at + _COUNT.size
     accepted: list[Record] = []
@@ -207,7 +239,7 @@ def _decode_messages(record_type: str, payload: bytes) -> Chunk:
             pairs[name] = payload[at : at + value_size]
             at += value_size
         lists.append(pairs)
-    contexts: dict[tuple[str, ...], Context] = {}
+    contexts: dict[tuple[str | None, ...], Context] = {}
     accepted: list[Record] = []
     rejected: list[Rejected] = []
     while at < len(payload):
@@ -221,10 +253,18 @@ def _decode_messages(record_type: str, payload: bytes) -> Chunk:
         at += value_size
         headers = lists[place]
         fields = tuple(
-            headers[name].decode()
-            for name in ("cafe-key-id", "cafe-client-ip", "cafe-request-id", "cafe-received-at")
+            headers[name].decode() if name in headers else None
+            for name in (
+                "cafe-key-id",
+                "cafe-client-ip",
+                "cafe-request-id",
+                "cafe-received-at",
+                "cafe-schema-version",
+            )
         )
-        context = contexts.setdefault(fields, Context(*fields))
+        context = contexts.get(fields)
+        if context is None:
+            context = contexts[fields] = _decode_context(list(fields))
         if not dead:
             if key is None:
                 raise ValueError("a spooled record without a key")
