@@ -145,6 +145,10 @@ def create_app(
         )
     app.router.add_get("/v1/ip", get_ip)
     app.router.add_get(f"/v1/schema/{{record_type:{types}}}", get_schema)
+    # A version is at most six digits (gateway/schemas.py names the files so).
+    app.router.add_get(
+        f"/v1/schema/{{record_type:{types}}}/{{version:[1-9][0-9]{{0,5}}}}", get_schema
+    )
     app.router.add_get("/v1/openapi.json", get_openapi)
     return app
 

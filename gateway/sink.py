@@ -43,7 +43,7 @@ class Rejected(NamedTuple):
 
     value: bytes  # the record's JSON, whole
     position: int  # its index in its request's records
-    reason: str  # invalid or forbidden
+    reason: str  # invalid, unknown_format_version or forbidden
     errors: list[dict[str, str]]  # what the client was told: {pointer, message}
     session_id: str | None  # its sessionId, if it had a string there
     context: Context

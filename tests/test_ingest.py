@@ -25,7 +25,7 @@ from gateway.sink import Context, MemorySink, Rejected
 from tests.support.app import Gateway, GatewayClient, gateway_settings
 from tests.support.keys import KeyFile, json_headers
 from tests.support.rawhttp import connection
-from tests.support.records import sample
+from tests.support.records import DEAD, sample
 
 LIMIT = 256 * 1024
 UNSUPPORTED = "unsupported_media_type"
@@ -56,6 +56,45 @@ async def test_a_valid_batch_is_200_and_produced_with_headers(gw: Gateway, name:
     assert headers["cafe-request-id"] == resp.headers["X-Request-Id"].encode()
     assert headers["cafe-received-at"].endswith(b"Z")
     assert gw.key_file.key.encode() not in message.value + b"".join(headers.values())
+
+
+async def test_format_versions_side_by_side_in_one_request(gw: Gateway) -> None:
+    """Each record is judged by the version it names and says so in its headers; a version
+    the gateway does not know is a dead letter with its own reason."""
+    v2 = {"messageFormatVersion": 2, "eventValue": 12.5, "referrer": "https://a.example/"}
+    batch: list[Any] = [
+        sample("activity", eventId="v1"),
+        sample("activity", eventId="v2", **v2),
+        sample("activity", eventId="v2-as-float", messageFormatVersion=2.0),
+        sample("activity", eventId="v1-with-a-v2-field", eventValue=1),
+        sample("activity", eventId="v7", messageFormatVersion=7),
+        sample("activity", eventId="v1-again"),
+        sample("activity", eventId="v2-bad", **{**v2, "eventValue": "12.5"}),
+    ]
+    status, body, _ = await gw.post("/v1/activity", {"records": batch})
+    assert (status, body["accepted"]) == (207, 4), body
+    assert [(r["index"], r["reason"], r["errors"][0]["pointer"]) for r in body["rejections"]] == [
+        (3, "invalid", ""),
+        (4, "unknown_format_version", "/messageFormatVersion"),
+        (6, "invalid", "/eventValue"),
+    ]
+    assert body["rejections"][1]["errors"][0]["message"] == (
+        "record.messageFormatVersion must be a version of activity this gateway knows: 1, 2"
+    )
+    produced = gw.produced()
+    versions = [
+        (orjson.loads(m.value)["eventId"], dict(m.headers or ()).get("cafe-schema-version"))
+        for m in produced["cafe.activity"]
+    ]
+    assert versions == [("v1", b"1"), ("v2", b"2"), ("v2-as-float", b"2"), ("v1-again", b"1")]
+    dead = {orjson.loads(m.value)["eventId"]: dict(m.headers or ()) for m in produced[DEAD]}
+    assert dead["v1-with-a-v2-field"]["cafe-schema-version"] == b"1"
+    assert dead["v2-bad"]["cafe-schema-version"] == b"2"
+    assert "cafe-schema-version" not in dead["v7"]
+    assert dead["v7"]["cafe-reject-reason"] == b"unknown_format_version"
+    # Every record of one request and version shares one context.
+    contexts = {id(r.context) for r in gw.sink.records["activity"]}
+    assert len(contexts) == 2
 
 
 async def test_order_within_a_batch_is_kept(gw: Gateway) -> None:

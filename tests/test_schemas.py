@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -138,19 +139,20 @@ def test_every_schema_file_bounds_every_string_and_array() -> None:
             for key, value in node.items():
                 walk(value, f"{where}/{key}")
 
-    for path in sorted(schema_dir().glob("*.json")):
-        walk(orjson.loads(path.read_bytes()), path.name)
+    paths = sorted(schema_dir().glob("*/*.json"))
+    assert len(paths) >= 4
+    for path in paths:
+        walk(orjson.loads(path.read_bytes()), str(path.relative_to(schema_dir())))
 
 
 def test_a_broken_schema_stops_start_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for path in schema_dir().glob("*.json"):
-        (tmp_path / path.name).write_bytes(path.read_bytes())
-    (tmp_path / "log.json").write_text(
-        '{"$id": "https://cafe.example.com/v1/schema/log", "type": 5}'
+    shutil.copytree(schema_dir(), tmp_path / "schemas")
+    (tmp_path / "schemas" / "log" / "1.json").write_text(
+        '{"$id": "https://cafe.example.com/v1/schema/log/1", "type": 5}'
     )
-    monkeypatch.setattr("gateway.schemas.schema_dir", lambda: tmp_path)
+    monkeypatch.setattr("gateway.schemas.schema_dir", lambda: tmp_path / "schemas")
     with pytest.raises(
-        ValueError, match=rf"schema \S*/log\.json does not compile with {VALIDATOR}"
+        ValueError, match=rf"schema \S*/log/1\.json does not compile with {VALIDATOR}"
     ):
         load_record_types(TopicSettings().by_record_type(), VALIDATOR)
 
@@ -167,15 +169,19 @@ Schema = dict[str, Any]
 
 
 def _use_schema_copies(
-    directory: Path, monkeypatch: pytest.MonkeyPatch, name: str, edit: Callable[[Schema], object]
+    directory: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    edit: Callable[[Schema], object],
+    version: int = 1,
 ) -> None:
-    """Make the loader read copies of the real schemas, `name`'s changed by `edit`."""
-    directory.mkdir()
-    for path in schema_dir().glob("*.json"):
-        (directory / path.name).write_bytes(path.read_bytes())
-    schema = orjson.loads((directory / f"{name}.json").read_bytes())
+    """Make the loader read copies of the real schemas, `name`'s `version` changed by
+    `edit`."""
+    shutil.copytree(schema_dir(), directory)
+    path = directory / name / f"{version}.json"
+    schema = orjson.loads(path.read_bytes())
     edit(schema)
-    (directory / f"{name}.json").write_bytes(orjson.dumps(schema))
+    path.write_bytes(orjson.dumps(schema))
     monkeypatch.setattr("gateway.schemas.schema_dir", lambda: directory)
 
 
@@ -222,7 +228,13 @@ def test_unedited_copies_of_the_schemas_load(
         ("activity", lambda s: _session_id(s).update(maxLength=MAX_KEY_LENGTH + 1),
          "must bound sessionId"),
         ("log", lambda s: _session_id(s).update(minLength=0), "must bound sessionId"),
-        ("log", lambda s: s.update({"$id": SCHEMA_BASE + "activity"}), "has $id"),
+        ("log", lambda s: s.update({"$id": SCHEMA_BASE + "log"}), "has $id"),
+        ("log", lambda s: s["properties"]["messageFormatVersion"].update(const=2),
+         "must require messageFormatVersion and fix it"),
+        ("profile", lambda s: s["required"].remove("messageFormatVersion"),
+         "must require messageFormatVersion and fix it"),
+        ("activity", lambda s: s["properties"]["messageFormatVersion"].pop("const"),
+         "must require messageFormatVersion and fix it"),
         # fastjsonschema and jsonschema-rs each have an email check of their own.
         ("log", lambda s: s["properties"]["logMessage"].update(format="email"),
          "uses the format 'email', which the validators do not check alike"),
@@ -236,16 +248,39 @@ def test_a_schema_without_what_the_gateway_reads_stops_start_up(
     message: str,
 ) -> None:
     _use_schema_copies(tmp_path / "schemas", monkeypatch, name, edit)
-    with pytest.raises(ValueError, match=rf"schema \S*/{name}\.json .*{re.escape(message)}"):
+    with pytest.raises(ValueError, match=rf"schema \S*/{name}/1\.json .*{re.escape(message)}"):
         load_record_types(TopicSettings().by_record_type(), VALIDATOR)
 
 
-def test_a_missing_schema_file_is_named_not_a_traceback(
+def test_a_missing_schema_directory_is_named_not_a_traceback(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _use_schema_copies(tmp_path / "schemas", monkeypatch, "log", lambda s: None)
-    (tmp_path / "schemas" / "profile.json").unlink()
-    with pytest.raises(ValueError, match=r"schema .*profile\.json cannot be read"):
+    shutil.rmtree(tmp_path / "schemas" / "profile")
+    with pytest.raises(ValueError, match=r"schema directory .*profile cannot be read"):
+        load_record_types(TopicSettings().by_record_type(), VALIDATOR)
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({}, "found none"),
+        ({"2.json"}, r"found \[2\]"),
+        ({"1.json", "3.json"}, r"found \[1, 3\]"),
+        ({"1.json", "latest.json"}, "latest.json is not named <version>.json"),
+        ({"1.json", "01.json"}, "01.json is not named <version>.json"),
+    ],
+)
+def test_versions_must_run_from_1_with_none_left_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, files: set[str], message: str
+) -> None:
+    _use_schema_copies(tmp_path / "schemas", monkeypatch, "log", lambda s: None)
+    log = tmp_path / "schemas" / "log"
+    first = (log / "1.json").read_bytes()
+    (log / "1.json").unlink()
+    for name in files:
+        (log / name).write_bytes(first)
+    with pytest.raises(ValueError, match=message):
         load_record_types(TopicSettings().by_record_type(), VALIDATOR)
 
 
@@ -269,7 +304,7 @@ def test_serve_names_the_schema_and_the_field_and_exits(
     assert main(["serve"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("cafe-gateway: schema ")
-    assert "log.json does not require productPlatform" in err
+    assert "log/1.json does not require productPlatform" in err
 
 
 def _no_fork(count: int, serve: Callable[[Path], int]) -> int:

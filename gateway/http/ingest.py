@@ -91,16 +91,30 @@ async def ingest(
         await context.take_records(len(records))
     metrics.tally.observe(metrics.batch_size(record_type.name), len(records))
 
-    # Where the records came from, stored beside each of them.
+    # The records before `valid` are valid under the version numbered `first`.
+    valid, first = record_type.valid_prefix(records)
+    # Where the records came from, stored beside each of them: one context per format
+    # version among them.
     origin = Context(
-        key.id, kept_client_ip(request, settings, key), context.id, utc_timestamp(time.time())
+        key.id,
+        kept_client_ip(request, settings, key),
+        context.id,
+        utc_timestamp(time.time()),
+        first,
     )
+    origins = {first: origin}
     accepted: list[Record] = []
     rejected: list[Rejected] = []
     rejections: list[dict[str, Any]] = []
-    valid = record_type.valid_prefix(records)  # the records before it need no check
     for index, record in enumerate(records):
-        error = None if index < valid else record_type.check(record)
+        if index < valid:
+            error = None
+        else:
+            version, error = record_type.judge(record)
+            known = origins.get(version)
+            if known is None:
+                known = origins[version] = origins[first]._replace(schema_version=version)
+            origin = known
         if error is None:
             platform = record["productPlatform"]
             if key.may_write(platform):
@@ -111,6 +125,8 @@ async def ingest(
                 "message": f"this API key may not write platform {platform!r}",
             }
             reason = "forbidden"
+        elif origin.schema_version is None:
+            reason = "unknown_format_version"
         else:
             reason = "invalid"
         rejection = {"index": index, "reason": reason, "errors": [error]}

@@ -21,8 +21,9 @@ def _ref(component: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{component}"}
 
 
-def _component(name: str) -> str:
-    return name.capitalize() + "Record"
+def _component(name: str, version: int | None = None) -> str:
+    """ActivityRecord (any version), or ActivityRecordV2 (that version)."""
+    return name.capitalize() + "Record" + ("" if version is None else f"V{version}")
 
 
 def _problem(description: str) -> dict[str, Any]:
@@ -77,6 +78,7 @@ def _paths(record_types: Mapping[str, RecordType]) -> dict[str, Any]:
     }
     paths["/v1/ip"] = {"get": _ip_operation()}
     paths["/v1/schema/{recordType}"] = {"get": _schema_operation(record_types)}
+    paths["/v1/schema/{recordType}/{version}"] = {"get": _version_operation(record_types)}
     paths["/v1/openapi.json"] = {"get": _openapi_operation()}
     return paths
 
@@ -168,21 +170,46 @@ def _ip_operation() -> dict[str, Any]:
 def _schema_operation(record_types: Mapping[str, RecordType]) -> dict[str, Any]:
     """GET /v1/schema/{recordType}: public, like this document, so no API key."""
     return {
-        "summary": "The JSON Schema (draft-07) of one record type",
+        "summary": "The JSON Schema (draft-07) of the newest format version of a record type",
         "operationId": "getSchema",
         "security": [],
-        "parameters": [
-            {
-                "name": "recordType",
-                "in": "path",
-                "required": True,
-                "schema": {"enum": list(record_types)},
-            }
-        ],
+        "parameters": [_record_type_parameter(record_types)],
         "responses": {
             "200": _json("The schema", {"type": "object"}, "application/schema+json"),
             "404": _problem("No such record type"),
         },
+    }
+
+
+def _version_operation(record_types: Mapping[str, RecordType]) -> dict[str, Any]:
+    """GET /v1/schema/{recordType}/{version}: one format version, public too."""
+    return {
+        "summary": "The JSON Schema (draft-07) of one format version of a record type",
+        "operationId": "getSchemaVersion",
+        "security": [],
+        "parameters": [
+            _record_type_parameter(record_types),
+            {
+                "name": "version",
+                "in": "path",
+                "required": True,
+                "description": "A messageFormatVersion",
+                "schema": {"type": "integer", "minimum": 1},
+            },
+        ],
+        "responses": {
+            "200": _json("The schema", {"type": "object"}, "application/schema+json"),
+            "404": _problem("No such record type, or no such version of it"),
+        },
+    }
+
+
+def _record_type_parameter(record_types: Mapping[str, RecordType]) -> dict[str, Any]:
+    return {
+        "name": "recordType",
+        "in": "path",
+        "required": True,
+        "schema": {"enum": list(record_types)},
     }
 
 
@@ -200,11 +227,20 @@ def _openapi_operation() -> dict[str, Any]:
 
 
 def _schemas(record_types: Mapping[str, RecordType]) -> dict[str, Any]:
-    """Each record type's schema, then the bodies the gateway answers with."""
-    schemas: dict[str, Any] = {
-        _component(name): {k: v for k, v in rt.schema.items() if k not in ("$schema", "$id")}
-        for name, rt in record_types.items()
-    }
+    """Each record type's schema of each format version, and the type as one of them
+    (each version fixes messageFormatVersion to its number, so a record is valid under
+    one version at most); then the bodies the gateway answers with."""
+    schemas: dict[str, Any] = {}
+    for name, record_type in record_types.items():
+        for number, version in record_type.versions.items():
+            schemas[_component(name, number)] = {
+                k: v for k, v in version.schema.items() if k not in ("$schema", "$id")
+            }
+        schemas[_component(name)] = {
+            "description": f"A {name} record of any format version this gateway knows, "
+            "chosen by its messageFormatVersion",
+            "oneOf": [_ref(_component(name, number)) for number in record_type.versions],
+        }
     schemas["Problem"] = _problem_schema()
     schemas["IngestResult"] = _ingest_result_schema()
     return schemas
@@ -246,7 +282,7 @@ def _rejection_schema() -> dict[str, Any]:
         "properties": {
             "index": {"type": "integer", "minimum": 0},
             "eventId": {"type": "string"},
-            "reason": {"enum": ["invalid", "forbidden"]},
+            "reason": {"enum": ["invalid", "unknown_format_version", "forbidden"]},
             "errors": {
                 "type": "array",
                 "items": {
@@ -268,8 +304,15 @@ async def get_openapi(request: web.Request) -> web.Response:
 
 
 async def get_schema(request: web.Request) -> web.Response:
-    """GET /v1/schema/{record_type}: the item schema the envelopes `$ref`."""
+    """GET /v1/schema/{record_type}[/{version}]: a format version's schema, by default
+    the newest."""
     record_type = request.app[RECORD_TYPES][request.match_info["record_type"]]
-    return web.Response(
-        body=orjson.dumps(record_type.schema), content_type="application/schema+json"
-    )
+    number = request.match_info.get("version")
+    if number is None:
+        version = record_type.newest
+    else:
+        found = record_type.versions.get(int(number))
+        if found is None:
+            raise web.HTTPNotFound(reason=f"{record_type.name} has no format version {number}")
+        version = found
+    return web.Response(body=orjson.dumps(version.schema), content_type="application/schema+json")

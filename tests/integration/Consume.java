@@ -1,5 +1,6 @@
 // Reads a topic from its beginning with the Java client, as a downstream team would, and
-// prints each record as KEY<TAB>VALUE, one a line:
+// prints each record as KEY<TAB>VALUE, then <TAB>NAME=VALUE for each of its headers, one
+// record a line:
 //   java -cp 'libs/*' Consume.java BOOTSTRAP TOPIC COUNT [CLIENT_PROPERTIES_FILE]
 // The properties file holds the client's security settings (security.protocol,
 // sasl.mechanism, sasl.jaas.config, ssl.truststore.*), as Kafka's own tools take them.
@@ -16,6 +17,7 @@ import org.apache.kafka.clients.consumer.ConsumerConfig;
 import org.apache.kafka.clients.consumer.ConsumerRecord;
 import org.apache.kafka.clients.consumer.KafkaConsumer;
 import org.apache.kafka.common.TopicPartition;
+import org.apache.kafka.common.header.Header;
 import org.apache.kafka.common.serialization.ByteArrayDeserializer;
 
 public class Consume {
@@ -45,7 +47,13 @@ public class Consume {
             while (read < wanted && System.nanoTime() < deadline) {
                 for (ConsumerRecord<byte[], byte[]> record : consumer.poll(Duration.ofMillis(500))) {
                     String key = record.key() == null ? "" : new String(record.key(), StandardCharsets.UTF_8);
-                    System.out.println(key + "\t" + new String(record.value(), StandardCharsets.UTF_8));
+                    StringBuilder line = new StringBuilder(key).append('\t')
+                        .append(new String(record.value(), StandardCharsets.UTF_8));
+                    for (Header header : record.headers()) {
+                        line.append('\t').append(header.key()).append('=')
+                            .append(new String(header.value(), StandardCharsets.UTF_8));
+                    }
+                    System.out.println(line);
                     read++;
                 }
             }

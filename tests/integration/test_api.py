@@ -25,6 +25,7 @@ from tests.support.kafka import (
     consume_all,
     delete_topics,
     frozen,
+    java_consume,
     unique_topics,
 )
 from tests.support.keys import KeyFile, json_headers, make_key_file
@@ -155,6 +156,48 @@ async def test_a_mixed_batch_puts_valid_records_on_the_topic_and_the_rest_in_dea
     assert reasons["late"]["cafe-reject-reason"] == b"invalid"
     assert orjson.loads(reasons["late"]["cafe-errors"])[0]["pointer"] == "/eventTime"
     assert reasons["elsewhere"]["cafe-reject-reason"] == b"forbidden"
+
+
+async def test_format_versions_1_and_2_in_one_request_are_read_by_python_and_java(
+    gateway: KafkaGateway,
+) -> None:
+    (v1,) = orjson.loads(curl_bodies()["activity"])["records"]
+    v2 = {**v1, "messageFormatVersion": 2, "eventValue": 9.75, "referrer": "https://a.example/"}
+    batch = [
+        {**v1, "eventId": "v1-a"},
+        {**v2, "eventId": "v2-a"},
+        {**v1, "eventId": "v1-b", "sessionId": "another-session"},
+        {**v2, "eventId": "v3", "messageFormatVersion": 3},
+        {**v2, "eventId": "v2-b", "sessionId": "another-session"},
+    ]
+    status, body, _ = await gateway.post("/v1/activity", orjson.dumps({"records": batch}))
+    assert (status, body["accepted"]) == (207, 4), body
+    assert [(r["eventId"], r["reason"]) for r in body["rejections"]] == [
+        ("v3", "unknown_format_version")
+    ]
+    expected = {r["eventId"]: r for r in batch if r["eventId"] != "v3"}
+
+    python = {}
+    for message in await gateway.on_topic(gateway.topics.activity):
+        record = orjson.loads(message.value)
+        version = dict(message.headers)["cafe-schema-version"]
+        python[record["eventId"]] = (record, version)
+    assert python == {
+        event: (record, str(record["messageFormatVersion"]).encode())
+        for event, record in expected.items()
+    }
+    java = {}
+    for read in await java_consume(gateway.bootstrap, gateway.topics.activity, len(expected)):
+        record = orjson.loads(read.value)
+        assert read.key == record["sessionId"]
+        java[record["eventId"]] = (record, read.headers["cafe-schema-version"])
+    assert java == {
+        event: (record, str(record["messageFormatVersion"])) for event, record in expected.items()
+    }
+    (dead,) = await gateway.on_topic(gateway.topics.deadletter)
+    headers = dict(dead.headers)
+    assert headers["cafe-reject-reason"] == b"unknown_format_version"
+    assert "cafe-schema-version" not in headers
 
 
 async def test_request_errors_produce_nothing(gateway: KafkaGateway) -> None:

@@ -61,10 +61,9 @@ async def test_each_codec_is_read_back_by_python_and_java_consumers(
         assert python == sent
 
         java = {}
-        for line in await java_consume(kafka.bootstrap, topics.activity, RECORDS):
-            key, _, value = line.partition("\t")
-            record = orjson.loads(value)
-            assert key == record["sessionId"]
+        for read in await java_consume(kafka.bootstrap, topics.activity, RECORDS):
+            record = orjson.loads(read.value)
+            assert read.key == record["sessionId"]
             java[record["eventId"]] = record
         assert java == sent
     finally:

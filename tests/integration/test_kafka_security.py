@@ -178,10 +178,9 @@ async def test_the_java_client_reads_the_records_over_sasl_ssl(
         "ssl.truststore.type=PEM\n"
         f"ssl.truststore.location={secure_broker.ca_file}\n"
     )
-    (line,) = await java_consume(secure_broker.sasl_ssl, topics.of("activity"), 1, properties)
-    key, _, value = line.partition("\t")
+    (read,) = await java_consume(secure_broker.sasl_ssl, topics.of("activity"), 1, properties)
     (sent,) = orjson.loads(curl_bodies()["activity"])["records"]
-    assert (key, orjson.loads(value)) == (sent["sessionId"], sent)
+    assert (read.key, orjson.loads(read.value)) == (sent["sessionId"], sent)
 
 
 class SecretFiles:

@@ -4,13 +4,15 @@ CLIENTS client tasks start at once, each with a fixed list of REQUESTS_PER_CLIEN
 requests (the run is bounded by count, never by time), and between them send: every
 record type; plain, gzip, br and zstd bodies, and sendBeacon-style text/plain bodies
 keyed by `?api_key=` from a web page's Origin; batches of 1, 20 and 500; valid records
-mixed with invalid ones, forbidden ones (a platform the key may not write), 2 MB ones
-and ones whose sessionId is 200,000 characters; requests refused whole (a foreign
-origin, 501 records, a body not in its Content-Encoding, a compression bomb); and
-clients that hang up halfway through their body. Then every topic is read to its end
-offsets, and:
+(activity records of format versions 1 and 2 side by side) mixed with invalid ones,
+forbidden ones (a platform the key may not write), ones of a format version the
+gateway does not know, 2 MB ones and ones whose sessionId is 200,000 characters;
+requests refused whole (a foreign origin, 501 records, a body not in its
+Content-Encoding, a compression bomb); and clients that hang up halfway through their
+body. Then every topic is read to its end offsets, and:
 
-- every record answered as accepted is on its own topic exactly once, as it was sent;
+- every record answered as accepted is on its own topic exactly once, as it was sent,
+  with its format version in cafe-schema-version;
 - every record listed as rejected is on the dead-letter topic exactly once, found by
   its request id and index, with its reason and errors, cut to 512 KiB on a character
   boundary if its JSON is longer, and keyless if its sessionId cannot be a key;
@@ -83,7 +85,7 @@ TYPES = ("activity", "log", "profile")
 DELIVERIES = ("identity", "gzip", "br", "zstd", "beacon")
 BATCH_SIZES = (1, 20, 500)
 MIXES = ("valid", "some", "all")  # which of a batch's records are rejected
-REJECTED_KINDS = ("invalid", "forbidden")
+REJECTED_KINDS = ("invalid", "forbidden", "unknown_version")
 HEAVY_KINDS = ("oversized", "long_session")  # a heavy client's first records, unless "valid"
 
 PLATFORM = "analytics-portal"  # what both keys may write
@@ -177,9 +179,12 @@ def kinds_of(mix: str, size: int, heavy: bool) -> tuple[str, ...]:
     if mix == "valid":
         return ("valid",) * size
     if mix == "all":
-        kinds = [REJECTED_KINDS[i % 2] for i in range(size)]
+        kinds = [REJECTED_KINDS[i % len(REJECTED_KINDS)] for i in range(size)]
     else:  # every fourth record rejected, for each reason in turn
-        kinds = [REJECTED_KINDS[i // 4 % 2] if i % 4 == 3 else "valid" for i in range(size)]
+        kinds = [
+            REJECTED_KINDS[i // 4 % len(REJECTED_KINDS)] if i % 4 == 3 else "valid"
+            for i in range(size)
+        ]
     if heavy:
         kinds[: len(HEAVY_KINDS)] = HEAVY_KINDS[:size]
     return tuple(kinds)
@@ -251,11 +256,23 @@ def oversized_text(record_type: str) -> str:
     return head + "☕" + tail
 
 
+# The format versions the gateway knows of each type; activity's version 2 adds two
+# optional fields.
+VERSIONS = {"activity": (1, 2), "log": (1,), "profile": (1,)}
+UNKNOWN_VERSION = 99
+
+
 def build_record(record_type: str, kind: str, ident: str, session: str) -> dict[str, Any]:
-    """A spec sample with a fresh id and the client's session, made `kind`."""
+    """A spec sample with a fresh id and the client's session, made `kind`; of the
+    newest format version for every other id."""
     record: dict[str, Any] = orjson.loads(base_json(record_type))
     stamp(record_type, record, ident)
     record["sessionId"] = session
+    if int(ident[-1], 16) % 2 and record_type == "activity":
+        record.update(messageFormatVersion=2, eventValue=int(ident[:6], 16) / 100,
+                      referrer=f"https://shop.example/p/{ident[:8]}")  # fmt: skip
+    if kind == "unknown_version":
+        record["messageFormatVersion"] = UNKNOWN_VERSION
     if kind == "invalid":
         record[TIME_FIELD[record_type]] = "yesterday"
     elif kind == "forbidden":
@@ -285,6 +302,7 @@ class Expected:
     kind: str
     ident: str
     key: bytes | None
+    version: bytes | None  # its cafe-schema-version header; None: a version not known
     length: int  # of its compact JSON
     sha256: bytes  # of its compact JSON
     stored: bytes | None  # the truncated dead letter, for JSON over DEAD_LETTER_LIMIT
@@ -296,11 +314,14 @@ def kafka_key(session: str) -> bytes | None:
     return session.encode() if 1 <= len(session) <= MAX_KEY_CHARS else None
 
 
-def expect(kind: str, ident: str, value: bytes, session: str) -> Expected:
+def expect(
+    record_type: str, kind: str, ident: str, value: bytes, session: str, version: int
+) -> Expected:
     """What a record whose compact JSON is `value` must become."""
     stored = truncated(value) if len(value) > DEAD_LETTER_LIMIT else None
+    known = str(version).encode() if version in VERSIONS[record_type] else None
     return Expected(
-        kind, ident, kafka_key(session), len(value), hashlib.sha256(value).digest(), stored
+        kind, ident, kafka_key(session), known, len(value), hashlib.sha256(value).digest(), stored
     )
 
 
@@ -312,7 +333,10 @@ def build(spec: Spec, session: str) -> tuple[list[Expected], bytes]:
         ident = uuid.uuid4().hex
         record = build_record(spec.record_type, kind, ident, session)
         values.append(orjson.dumps(record))
-        records.append(expect(kind, ident, values[-1], record["sessionId"]))
+        version = record["messageFormatVersion"]
+        records.append(
+            expect(spec.record_type, kind, ident, values[-1], record["sessionId"], version)
+        )
     return records, b'{"records":[' + b",".join(values) + b"]}"
 
 
@@ -470,7 +494,11 @@ def expected_answer(spec: Spec) -> tuple[int, str | None]:
 
 def reason_for(kind: str) -> str | None:
     """The rejection reason a record of this kind must get (None: accepted)."""
-    return None if kind == "valid" else "forbidden" if kind == "forbidden" else "invalid"
+    return {
+        "valid": None,
+        "forbidden": "forbidden",
+        "unknown_version": "unknown_format_version",
+    }.get(kind, "invalid")
 
 
 def check_answer(sent: Sent, books: Discrepancies) -> None:
@@ -552,6 +580,9 @@ async def check_record_topic(
             seen[ident] += 1
             if message.key != record.key:
                 books.wrong(f"a {record_type} record with the wrong key", message.key)
+            version = dict(message.headers).get("cafe-schema-version")
+            if version != record.version:
+                books.wrong(f"a {record_type} record of version {record.version!r} as", version)
             if hashlib.sha256(message.value).digest() != record.sha256:
                 books.wrong(f"a {record_type} record not as sent", message.value[:200])
         elif ident in ledger.doubtful_ids:
@@ -578,6 +609,7 @@ def check_dead_letter(
     wanted_headers = {
         "cafe-schema": sent.spec.record_type.encode(),
         "cafe-reject-reason": str(reason_for(record.kind)).encode(),
+        "cafe-schema-version": record.version,
     }
     for name, value in wanted_headers.items():
         if headers.get(name) != value:
@@ -743,6 +775,7 @@ def summary(traffic: Traffic, ledger: Ledger, found: list[int], run: Run, case: 
         if sent.status is None or sent.status >= 500
     )
     dead = [sent.records[index] for sent, index in ledger.dead.values()]
+    versions_2 = sum(r.version == b"2" for t in ledger.on_topic.values() for r in t.values())
     *accepted, dead_once = found
     return (
         f"mixed traffic, Kafka {case}: {len(traffic.sent)} requests from {CLIENTS} clients, "
@@ -752,10 +785,11 @@ def summary(traffic: Traffic, ledger: Ledger, found: list[int], run: Run, case: 
         f"{sum(sent.spooled for sent in traffic.sent)} answered from the spool"
         f"{' ' + str(dict(failed)) if failed else ''}); "
         f"{sum(accepted):,} of {sum(map(len, ledger.on_topic.values())):,} accepted records "
-        f"on their topics once; {dead_once:,} of {len(dead):,} dead letters "
-        f"({sum(r.stored is not None for r in dead)} truncated, "
-        f"{sum(r.key is None for r in dead)} keyless); client_aborted "
-        f"{run.samples.value('cafe_http_errors_total', code='client_aborted'):g}; "
+        f"on their topics once ({versions_2:,} of format version 2); {dead_once:,} of "
+        f"{len(dead):,} dead letters ({sum(r.stored is not None for r in dead)} truncated, "
+        f"{sum(r.key is None for r in dead)} keyless, "
+        f"{sum(r.kind == 'unknown_version' for r in dead):,} of an unknown version); "
+        f"client_aborted {run.samples.value('cafe_http_errors_total', code='client_aborted'):g}; "
         f"peak RSS {run.rss_peak / 2**20:.0f} MiB"
     )
 

@@ -151,18 +151,23 @@ class Rejected(NamedTuple):
     records: list[Any]
     # The pointer of each rejection, in batch order.
     pointers: list[str]
+    # Why each is rejected.
+    reason: str = "invalid"
 
 
 def _rejected_batches() -> Iterator[Rejected]:
     for name in NAMES:
         rec = sample(name)
         big = 18446744073709551617
-        # Past 64 bits orjson reads an integer as a float: never an `integer` of ours.
+        # Past 64 bits orjson reads an integer as a float, with an integer's value: a
+        # version that no gateway knows.
+        unknown = "unknown_format_version"
         yield Rejected(
             f"{name}-int-over-64-bits-in-a-field",
             name,
             [{**rec, "messageFormatVersion": big}],
             ["/messageFormatVersion"],
+            unknown,
         )
         yield Rejected(f"{name}-int-over-64-bits-as-a-record", name, [big], [""])
         yield Rejected(
@@ -170,12 +175,14 @@ def _rejected_batches() -> Iterator[Rejected]:
             name,
             [{**rec, "messageFormatVersion": -big}],
             ["/messageFormatVersion"],
+            unknown,
         )
         yield Rejected(
             f"{name}-u64-max",
             name,
             [{**rec, "messageFormatVersion": 2**64 - 1}],
             ["/messageFormatVersion"],
+            unknown,
         )
         yield Rejected(
             f"{name}-200-deep",
@@ -308,7 +315,8 @@ OPTIONAL = [
 # (record type, where to put a bad value, the value, where the error must point)
 BAD_FIELDS = [
     ("activity", "/messageType", "ClientEventingLog", "/messageType"),
-    ("activity", "/messageFormatVersion", 2, "/messageFormatVersion"),
+    ("activity", "/messageFormatVersion", 99, "/messageFormatVersion"),
+    ("log", "/messageFormatVersion", 2, "/messageFormatVersion"),
     ("activity", "/messageFormatVersion", True, "/messageFormatVersion"),
     ("activity", "/messageFormatVersion", "1", "/messageFormatVersion"),
     ("activity", "/extra", "field", ""),

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import psutil
 import pytest
@@ -247,11 +248,19 @@ def kafka_libs() -> Path:
     return home / version.group(1) / "libs"
 
 
+class JavaRecord(NamedTuple):
+    """A record as the Java client read it: its key and value as text, and its headers."""
+
+    key: str
+    value: str
+    headers: dict[str, str]
+
+
 async def java_consume(
     bootstrap: str, topic: str, count: int, client_properties: Path | None = None
-) -> list[str]:
-    """The first `count` records of `topic` as the Java client reads them ("KEY\\tVALUE"
-    lines; tests/integration/Consume.java), with `client_properties`' security settings."""
+) -> list[JavaRecord]:
+    """The first `count` records of `topic` as the Java client reads them
+    (tests/integration/Consume.java), with `client_properties`' security settings."""
     source = REPO / "tests" / "integration" / "Consume.java"
     args = [bootstrap, topic, str(count)]
     if client_properties is not None:
@@ -262,7 +271,11 @@ async def java_consume(
     )  # fmt: skip
     out, err = await process.communicate()
     assert process.returncode == 0, err.decode(errors="replace")[-2000:]
-    return out.decode().splitlines()
+    records = []
+    for line in out.decode().splitlines():
+        key, value, *headers = line.split("\t")
+        records.append(JavaRecord(key, value, dict(h.partition("=")[::2] for h in headers)))
+    return records
 
 
 def broker_pid(port: str) -> int:

@@ -70,10 +70,11 @@ def set_at(record: dict[str, Any], pointer: str, value: Any) -> dict[str, Any]:
     return record
 
 
-def schema(name: str) -> dict[str, Any]:
-    """The JSON Schema of record type `name`, as shipped."""
-    found: dict[str, Any] = orjson.loads((schema_dir() / f"{name}.json").read_bytes())
-    assert found["$id"] == SCHEMA_BASE + name
+def schema(name: str, version: int = 1) -> dict[str, Any]:
+    """The JSON Schema of format version `version` of record type `name`, as shipped."""
+    path = schema_dir() / name / f"{version}.json"
+    found: dict[str, Any] = orjson.loads(path.read_bytes())
+    assert found["$id"] == f"{SCHEMA_BASE}{name}/{version}"
     return found
 
 
