@@ -13,7 +13,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from gateway.config import Settings
+from gateway.config import SecretFile, Settings
 from gateway.http import health
 from gateway.http.access import Access, access_middleware
 from gateway.http.admission import Admission, admission_middleware
@@ -71,7 +71,8 @@ def create_app(
     )
     # Each package makes its own metrics on the registry: these are the HTTP side's.
     metrics = HttpMetrics(exposition.registry, exposition.tally)
-    keys = KeyStore(settings.keys_file, exposition)
+    hash_key = settings.client_ip.hash_key
+    keys = KeyStore(settings.keys_file, exposition, can_hash_client_ip=hash_key is not None)
     record_types = load_record_types(settings.kafka.topics.by_record_type(), settings.validator)
     admission = Admission(settings.max_inflight_bytes, settings.max_body_bytes)
     fleet = None
@@ -129,6 +130,8 @@ def create_app(
     app.cleanup_ctx.append(_sink_lifetime)
     if fleet is not None:
         app.cleanup_ctx.append(functools.partial(_fleet_lifetime, fleet))
+    if hash_key is not None:
+        app.cleanup_ctx.append(functools.partial(_secret_lifetime, hash_key))
     if metrics_dir is not None:
         app.cleanup_ctx.append(functools.partial(_tally_lifetime, exposition))
 
@@ -187,6 +190,16 @@ async def _fleet_lifetime(fleet: FleetBuckets, app: web.Application) -> AsyncIte
     await fleet.start()
     yield
     await fleet.close()
+
+
+async def _secret_lifetime(secret: SecretFile, app: web.Application) -> AsyncIterator[None]:
+    """With CAFE_CLIENT_IP_HASH_KEY_FILE set, read the file again every few seconds, so a
+    rotated secret is in use without a restart."""
+    watcher = asyncio.create_task(secret.watch(), name="client-ip-secret-watch")
+    yield
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
 
 
 async def _tally_lifetime(exposition: Metrics, app: web.Application) -> AsyncIterator[None]:

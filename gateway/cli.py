@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from gateway.config import ConfigError, Settings, _duration
+from gateway.config import CLIENT_IP_MODES, ConfigError, Settings, _duration
 from gateway.keys.file import read_keys_file, read_last_used, update_keys_file
 from gateway.keys.model import (
     ApiKey,
@@ -77,11 +77,15 @@ def _parser() -> argparse.ArgumentParser:
         (
             "list",
             _keys_list,
-            "list keys: id, state, created, expires, last used, platforms, limits",
+            "list keys: id, state, created, expires, last used, platforms, client ip, limits",
         ),
         ("enable", _keys_enable, "enable a key by id (and clear its expiry)"),
         ("disable", _keys_disable, "disable a key by id"),
-        ("update", _keys_update, "change a key's platforms, origins, browser flag or limits"),
+        (
+            "update",
+            _keys_update,
+            "change a key's platforms, origins, browser flag, limits or client-IP mode",
+        ),
         ("rotate", _keys_rotate, "mint a successor with the same settings; the old key expires"),
     ):
         command = key_commands.add_parser(action, parents=[keys_file], help=what)
@@ -150,6 +154,14 @@ def _key_options(command: argparse.ArgumentParser, *, update: bool = False) -> N
             + ("('none': no limit)" if update else "(default: none)"),
             **unchanged,
         )
+    if update:
+        command.add_argument(
+            "--client-ip",
+            choices=(*CLIENT_IP_MODES, "default"),
+            help="what is kept of the caller's address beside the key's records; "
+            "'default': what CAFE_CLIENT_IP says",
+            **unchanged,
+        )
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -163,7 +175,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         return _serve_one(settings)
     # A keys file or a schema that cannot be loaded stops start-up here, with its
     # reason, rather than in every worker.
-    KeyStore(settings.keys_file).load()
+    KeyStore(settings.keys_file, can_hash_client_ip=settings.client_ip.hash_key is not None).load()
     load_record_types(settings.kafka.topics.by_record_type(), settings.validator)
     # Made before the fork, so that every worker inherits it: a key's rate is then
     # shared by all workers, whichever of them its connections land on.
@@ -276,7 +288,8 @@ def _keys_import(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _keys_list(args: argparse.Namespace, settings: Settings) -> int:
-    """One line per key: id, state, created, expires, last used, platforms, limits.
+    """One line per key: id, state, created, expires, last used, platforms, what is kept
+    of the caller's address (`default`: what CAFE_CLIENT_IP says), limits.
 
     "Last used" is approximate: gateways write it once a minute, per host (see
     `gateway.keys.file.read_last_used`); a key used less than a minute ago may show older.
@@ -298,7 +311,7 @@ def _keys_list(args: argparse.Namespace, settings: Settings) -> int:
         print(
             f"{key.id}\t{state}\t{key.created}\t{key.expires_at or '-'}"
             f"\t{last_used.get(key.id, 'never')}\t{','.join(key.platforms)}"
-            f"\t{', '.join(limits) or 'unlimited'}"
+            f"\t{key.client_ip or 'default'}\t{', '.join(limits) or 'unlimited'}"
         )
     return 0
 
@@ -342,6 +355,7 @@ _UPDATABLE = {
     "browser": "browser",
     "requests_per_second": "requests_per_second",
     "records_per_second": "records_per_second",
+    "client_ip": "client_ip",
 }
 
 
@@ -356,7 +370,16 @@ def _keys_update(args: argparse.Namespace, settings: Settings) -> int:
     if not changes:
         raise ValueError(
             "nothing to update: give --platform, --origin, --no-origins, --[no-]browser, "
-            "--requests-per-second or --records-per-second"
+            "--requests-per-second, --records-per-second or --client-ip"
+        )
+    if changes.get("client_ip") == "default":
+        changes["client_ip"] = None  # the key follows the gateway's setting again
+    # A gateway without the secret refuses the whole keys file (KeyStore): checked here
+    # too, with this command's settings, which are the gateway's where it runs beside it.
+    if changes.get("client_ip") == "hashed" and settings.client_ip.hash_key is None:
+        raise ValueError(
+            "--client-ip hashed needs CAFE_CLIENT_IP_HASH_KEY_FILE set, here as in the "
+            "gateways: a gateway without that secret would refuse the keys file"
         )
     # ApiKey checks its rules on `replace`: a change that breaks one is refused unwritten.
     _change(args, settings, lambda key: replace(key, **changes))

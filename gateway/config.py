@@ -9,6 +9,8 @@ and tests/test_config.py checks the configuration table of docs/configuration.md
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import importlib.util
 import ipaddress
 import logging
@@ -41,6 +43,13 @@ Parser = Callable[[str, str], _T]
 _TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 # The key of a field's metadata that holds its Variable.
 _VARIABLE = "cafe_variable"
+# What may be kept of the caller's address beside its records (CAFE_CLIENT_IP, and a
+# key's own choice): gateway/http/clientip.py says what each keeps.
+CLIENT_IP_MODES = ("full", "truncated", "hashed", "off")
+# A shorter hash secret could be found from one address and its hash by trying them all.
+_MIN_SECRET_BYTES = 16
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -517,6 +526,129 @@ class SpoolSettings:
     )
 
 
+def fingerprint(secret: bytes) -> str:
+    """A short id of a secret that does not give it away: 8 hex digits of its SHA-256."""
+    return hashlib.sha256(secret).hexdigest()[:8]
+
+
+class SecretFile:
+    """A secret kept in a file (its first line, as bytes), read again when the file changes.
+
+    It is read when made: OSError or ValueError if the file holds no usable secret. Readers
+    take `value`, one attribute, and never touch the file; `watch` reads the file again
+    every few seconds, off the event loop, so an operator rotates the secret by rewriting
+    the file. A file that stops holding a usable secret leaves the last good one in use,
+    logged once.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.value = self._read()
+        self._failing = False
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SecretFile) and other.path == self.path
+
+    def __hash__(self) -> int:
+        return hash(self.path)
+
+    def __repr__(self) -> str:
+        return f"SecretFile({str(self.path)!r})"
+
+    def _read(self) -> bytes:
+        lines = self.path.read_bytes().splitlines()
+        secret = lines[0] if lines else b""
+        if not secret:
+            raise ValueError("its first line, the secret, is empty")
+        if len(secret) < _MIN_SECRET_BYTES:
+            raise ValueError(
+                f"the secret is {len(secret)} bytes; at least {_MIN_SECRET_BYTES} are needed "
+                "(openssl rand -hex 32 makes one)"
+            )
+        return secret
+
+    def refresh(self) -> bool:
+        """Read the file again; True if it holds a new secret, now in use."""
+        try:
+            secret = self._read()
+        except (OSError, ValueError) as exc:
+            if not self._failing:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                log.error("keeping the last good secret of %s: %s", self.path, reason)
+                self._failing = True
+            return False
+        if self._failing:
+            log.info("%s holds a usable secret again", self.path)
+            self._failing = False
+        if secret == self.value:
+            return False
+        self.value = secret
+        log.info("%s holds a new secret (fingerprint %s)", self.path, fingerprint(secret))
+        return True
+
+    async def watch(self, interval_s: float = 2.0) -> None:
+        """Read the file again every `interval_s`, on a thread (a stalled network volume
+        must not stall requests), forever; cancel to stop."""
+        failing = False
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await asyncio.to_thread(self.refresh)
+            except Exception:
+                # A watcher that ended would keep the old secret until a restart: it logs
+                # once and goes on.
+                if not failing:
+                    log.exception("the watcher of %s failed; it goes on", self.path)
+                failing = True
+            else:
+                failing = False
+
+
+def _secret_file(name: str, raw: str) -> SecretFile:
+    try:
+        return SecretFile(Path(raw))
+    except OSError as exc:
+        raise ConfigError(f"{name}={raw}: cannot read it: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ConfigError(f"{name}={raw}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class ClientIpSettings:
+    """What is kept of the caller's address beside its records (the cafe-client-ip header).
+
+    A key may ask for another mode than the gateway's (`ApiKey.client_ip`); the hash
+    secret is then needed for a key that asks for `hashed`, whatever the gateway's mode.
+    """
+
+    mode: str = _var(
+        "CAFE_CLIENT_IP",
+        "full",
+        _choice(*CLIENT_IP_MODES),
+        "what is kept of the caller's address: full, truncated, hashed or off",
+    )
+    ipv4_prefix: int = _var(
+        "CAFE_CLIENT_IP_IPV4_PREFIX", 24, _integer(0, 32), "truncated: leading bits of IPv4 kept"
+    )
+    ipv6_prefix: int = _var(
+        "CAFE_CLIENT_IP_IPV6_PREFIX", 48, _integer(0, 128), "truncated: leading bits of IPv6 kept"
+    )
+    # RUF009: as for keys_file below.
+    hash_key: SecretFile | None = _var(  # noqa: RUF009
+        "CAFE_CLIENT_IP_HASH_KEY_FILE",
+        None,
+        _secret_file,
+        "hashed: file whose first line is the HMAC secret, read again when it changes",
+    )
+
+    def __post_init__(self) -> None:
+        if self.mode == "hashed" and self.hash_key is None:
+            raise ConfigError(
+                "CAFE_CLIENT_IP=hashed needs CAFE_CLIENT_IP_HASH_KEY_FILE, a file holding the "
+                "secret the addresses are hashed with"
+            )
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the gateway process is configured with."""
@@ -606,6 +738,7 @@ class Settings:
     )
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     spool: SpoolSettings = field(default_factory=SpoolSettings)
+    client_ip: ClientIpSettings = field(default_factory=ClientIpSettings)
 
     def __post_init__(self) -> None:
         """Work out what is derived, and check the rules that tie settings together, so a

@@ -376,9 +376,9 @@ def test_list_shows_state_expiry_last_use_and_limits(
     rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
     by_id = {row[0]: row for row in rows}
     assert by_id[first][1:2] + by_id[first][3:] == [
-        "enabled", "-", "2026-12-01T00:00:00Z", "analytics-portal", "unlimited"
+        "enabled", "-", "2026-12-01T00:00:00Z", "analytics-portal", "default", "unlimited"
     ]  # fmt: skip
     assert by_id[second.id][1] == "expired" and by_id[second.id][3].endswith("Z")
-    assert by_id[second.id][4:] == ["never", "web", "5 requests/s, 100 records/s"]
+    assert by_id[second.id][4:] == ["never", "web", "default", "5 requests/s, 100 records/s"]
     assert by_id[third.id][1] == "disabled"
     assert len(rows) == 4  # and the successor

@@ -7,23 +7,35 @@ that list from the right, every entry up to and including the first untrusted ad
 was written by a proxy we trust; anything further left was written by the client and
 may be forged. So the caller is the right-most address that is not a trusted proxy.
 Headers from an untrusted peer are ignored entirely.
+
+What is kept of that address beside the caller's records (the cafe-client-ip header) is
+CAFE_CLIENT_IP, or the key's own `client_ip`: `full`, the address; `truncated`, the
+network it is in, as an address (192.0.2.0, 2001:db8:1::); `hashed`, the fingerprint of
+the secret, a colon, and the lowercase hex HMAC-SHA-256 of the address as GET /v1/ip shows
+it, keyed with that secret (`1a2b3c4d:` and 64 hex digits); `off`, nothing. An address
+the gateway cannot read stays `unknown`, but with `off`.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import hmac
 import ipaddress
 import re
 from collections.abc import Sequence
 
 from aiohttp import web
 
-from gateway.config import IPNetwork, Settings
+from gateway.config import IPNetwork, Settings, fingerprint
 from gateway.http.responses import json_response
 from gateway.http.state import SETTINGS
 from gateway.keys.model import ApiKey
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# The address of a caller on a Unix socket, which has none.
+UNKNOWN = "unknown"
 
 # One `for=` parameter of RFC 7239 Forwarded: a token or a quoted string.
 _FORWARDED_FOR = re.compile(r'(?i)(?:^|[;,\s])for=("[^"]*"|[^;,\s]*)')
@@ -35,7 +47,7 @@ def client_ip(request: web.Request, settings: Settings) -> str:
     # one header they write.
     peer = _peer(request)
     if peer is None:
-        return "unknown"
+        return UNKNOWN
     trusted = settings.trusted_proxies
     if not _is_trusted(peer, trusted):
         return _text(peer)
@@ -54,8 +66,23 @@ def client_ip(request: web.Request, settings: Settings) -> str:
 
 def kept_client_ip(request: web.Request, settings: Settings, key: ApiKey) -> str | None:
     """The caller's address as it is kept beside its records (the cafe-client-ip
-    header); None: not kept."""
-    return client_ip(request, settings)
+    header), in the key's mode or else the gateway's; None: not kept."""
+    policy = settings.client_ip
+    mode = key.client_ip or policy.mode
+    if mode == "off":
+        return None
+    address = client_ip(request, settings)
+    if mode == "full" or address == UNKNOWN:
+        return address
+    if mode == "truncated":
+        return _truncated(address, policy.ipv4_prefix, policy.ipv6_prefix)
+    secret = policy.hash_key
+    if secret is None:
+        # A key that asks for `hashed` without a secret set: the gateway refuses such a
+        # keys file (KeyStore), so only a key made in code gets here. Nothing is kept,
+        # rather than the address.
+        return None
+    return _hashed(address, secret.value)
 
 
 def _peer(request: web.Request) -> IPAddress | None:
@@ -96,6 +123,26 @@ def _parse(text: str) -> IPAddress | None:
 
 
 _text = functools.lru_cache(maxsize=4096)(str)
+
+
+# Kept as the addresses are, for the same few callers asking again.
+@functools.lru_cache(maxsize=4096)
+def _truncated(address: str, ipv4_prefix: int, ipv6_prefix: int) -> str:
+    """The network of `address` (as `client_ip` gives it) to the prefix of its version,
+    written as an address."""
+    parsed = ipaddress.ip_address(address)
+    prefix = ipv4_prefix if parsed.version == 4 else ipv6_prefix
+    return str(ipaddress.ip_network((parsed, prefix), strict=False).network_address)
+
+
+# Keyed by the secret too: once it is rotated, every address is hashed anew, and the
+# entries of the old secret are never served again, only pushed out.
+@functools.lru_cache(maxsize=4096)
+def _hashed(address: str, secret: bytes) -> str:
+    """`address` (as `client_ip` gives it) hashed with `secret`: the secret's fingerprint,
+    so consumers can tell which secret made it, a colon, and the HMAC-SHA-256 in hex."""
+    digest = hmac.new(secret, address.encode("ascii"), hashlib.sha256).hexdigest()
+    return f"{fingerprint(secret)}:{digest}"
 
 
 def _is_trusted(address: IPAddress, trusted: Sequence[IPNetwork]) -> bool:

@@ -7,6 +7,8 @@ made under a lock on `<file>.lock` beside it:
                "platforms": ["analytics-portal"], "enabled": true,
                "created": "2026-11-26T10:00:00Z", "expires_at": null}]}
 
+A key may also hold "client_ip" (see `ApiKey`), written only when set.
+
 When keys were last used is kept beside it, in `<keys file>.last-used.json`.
 """
 
@@ -58,9 +60,23 @@ def parse_keys_file(path: Path, raw: bytes) -> list[ApiKey]:
     return keys
 
 
+# Fields added since the file's first form, written only when set: a file where no key
+# sets them stays readable by gateways older than them (during an upgrade, say), which
+# refuse a field they do not know.
+_WRITTEN_WHEN_SET = ("client_ip",)
+
+
 def write_keys_file(path: Path, keys: list[ApiKey]) -> None:
     """Replace the file atomically, so a gateway reading it never sees half a file."""
-    _replace_file(path, {"keys": [asdict(k) for k in keys]})
+    _replace_file(path, {"keys": [_entry(k) for k in keys]})
+
+
+def _entry(key: ApiKey) -> dict[str, object]:
+    entry = asdict(key)
+    for name in _WRITTEN_WHEN_SET:
+        if entry[name] is None:
+            del entry[name]
+    return entry
 
 
 def _replace_file(path: Path, doc: object) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields, replace
 from typing import Any
 
+from gateway.config import CLIENT_IP_MODES
 from gateway.keys.strength import check_key_strength
 
 _ID = re.compile(r"k_[0-9a-f]{12}")
@@ -102,6 +103,9 @@ class ApiKey:
     # The key that rotations of it began with, or None: its successors share its rate
     # limits, so a grace period does not double them.
     rotated_from: str | None = None
+    # What is kept of the caller's address beside this key's records (full, truncated,
+    # hashed or off), or None: the gateway's CAFE_CLIENT_IP.
+    client_ip: str | None = None
 
     @property
     def limit_id(self) -> str:
@@ -164,6 +168,8 @@ class ApiKey:
             isinstance(self.rotated_from, str) and _ID.fullmatch(self.rotated_from)
         ):
             raise InvalidKey("rotated_from must be a key id or null")
+        if self.client_ip is not None and self.client_ip not in CLIENT_IP_MODES:
+            raise InvalidKey(f"client_ip must be one of {', '.join(CLIENT_IP_MODES)}, or null")
         try:
             self.expires_epoch  # noqa: B018 - parsed now, so a bad time is refused here
         except (TypeError, ValueError):
@@ -277,7 +283,7 @@ def rotate_key(
         origins=old.origins,
         browser=old.browser,
     )
-    successor = replace(successor, rotated_from=old.limit_id)
+    successor = replace(successor, rotated_from=old.limit_id, client_ip=old.client_ip)
     ends = now + grace_s
     if old.expires_epoch is not None:
         ends = min(ends, old.expires_epoch)

@@ -32,8 +32,14 @@ class KeyStore:
     every key it admits to `used`, saved to the last-used file by `watch`.
     """
 
-    def __init__(self, path: Path | None, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, path: Path | None, metrics: Metrics | None = None, *, can_hash_client_ip: bool = False
+    ) -> None:
+        """`can_hash_client_ip`: whether the gateway has a secret to hash addresses with
+        (CAFE_CLIENT_IP_HASH_KEY_FILE); without one, a file with a key that asks for
+        hashed addresses is refused, as a malformed one is."""
         self.path = path
+        self._can_hash_client_ip = can_hash_client_ip
         self._metrics = KeyMetrics(metrics.registry) if metrics is not None else None
         self._keys: list[ApiKey] = []
         self._by_hash: dict[str, ApiKey] = {}
@@ -61,7 +67,7 @@ class KeyStore:
                 f"{self.path} does not exist: create a key with `cafe-gateway keys create`"
             )
         self._stamp = _file_stamp(self.path)
-        self._install(read_keys_file(self.path), "loaded", now)
+        self._install(self._checked(read_keys_file(self.path)), "loaded", now)
 
     def lookup(self, plaintext: str) -> ApiKey | None:
         """The key of the file with this plaintext, enabled or not, or None.
@@ -107,7 +113,7 @@ class KeyStore:
             self._count_reload("failed")
             return False
         try:
-            keys = parse_keys_file(self.path, raw)
+            keys = self._checked(parse_keys_file(self.path, raw))
         except KeysFileError as exc:
             log.error("keeping the last good API keys: %s", exc)
             self._count_reload("failed")
@@ -125,6 +131,17 @@ class KeyStore:
         now = time.time() if now is None else now
         if self._next_expiry is not None and now >= self._next_expiry:
             self._install(self._keys, "expired keys out of", now)
+
+    def _checked(self, keys: list[ApiKey]) -> list[ApiKey]:
+        """`keys`, if this gateway can serve every one of them; KeysFileError otherwise."""
+        if not self._can_hash_client_ip:
+            for key in keys:
+                if key.client_ip == "hashed":
+                    raise KeysFileError(
+                        f"{self.path}: key {key.id} asks for hashed client addresses, but no "
+                        "secret to hash them with is set (CAFE_CLIENT_IP_HASH_KEY_FILE)"
+                    )
+        return keys
 
     def _install(self, keys: list[ApiKey], verb: str, now: float | None = None) -> None:
         now = time.time() if now is None else now
