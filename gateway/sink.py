@@ -28,6 +28,9 @@ class Context(NamedTuple):
     # The messageFormatVersion whose schema judged the records; None for records whose
     # version the gateway does not know.
     schema_version: int | None = 1
+    # The request's W3C trace context, passed on to consumers (gateway/http/tracecontext.py).
+    traceparent: str | None = None
+    tracestate: str | None = None
 
 
 class Record(NamedTuple):

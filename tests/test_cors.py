@@ -59,14 +59,17 @@ async def test_a_preflight_from_a_listed_origin_is_allowed(gw: Browsers) -> None
     resp = await gw.client.options(
         "/v1/log",
         headers={"Origin": PAGE, "Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "content-type, x-api-key"},
+                 "Access-Control-Request-Headers": "content-type, x-api-key, traceparent"},
     )  # fmt: skip
     assert resp.status == 204
     assert resp.headers["Access-Control-Allow-Origin"] == PAGE
     assert resp.headers["Access-Control-Allow-Methods"] == "POST"
+    # A page's trace context may come along (docs/api.md, "Trace context").
     assert set(resp.headers["Access-Control-Allow-Headers"].split(", ")) >= {
         "content-type",
         "x-api-key",
+        "traceparent",
+        "tracestate",
     }
     assert resp.headers["Access-Control-Max-Age"] == "600"
     assert "Origin" in resp.headers.getall("Vary")

@@ -60,6 +60,10 @@ def _keys(directory: Path) -> Keys:
     return Keys(file, browser, requests, records)
 
 
+# A client's trace (the W3C standard's example).
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
 @dataclass
 class Step:
     """One request of the corpus, and what the gateway is put through before it."""
@@ -126,6 +130,8 @@ def corpus(keys: Keys) -> list[Step]:
         steps.append(Step(name, f"{head}Host: 127.0.0.1\r\nX-Request-Id: {rid}\r\n\r\n".encode()))
 
     add("valid")
+    add("traced", headers={"traceparent": TRACEPARENT, "tracestate": "vendor=x"})
+    add("a trace not valid", headers={"traceparent": TRACEPARENT.replace("-01", "-1")})
     add("valid batch", batch)
     add("log", envelope(sample("log")), path="/v1/log")
     add("profile", envelope(sample("profile")), path="/v1/profile")
@@ -296,7 +302,9 @@ def _stored(sink: MemorySink) -> Any:
     """What the sink holds, its arrival times aside."""
 
     def context(c: Context) -> Context:
-        return c._replace(request_id=_id(c.request_id), received_at="")
+        # A trace of the gateway's own is drawn at random, on either path.
+        parent = c.traceparent if c.traceparent == TRACEPARENT else "<generated>"
+        return c._replace(request_id=_id(c.request_id), received_at="", traceparent=parent)
 
     records = {
         name: [(r.session_id, r.value, context(r.context)) for r in kept]

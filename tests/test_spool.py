@@ -208,7 +208,7 @@ async def test_a_record_kafka_refuses_for_good_is_not_spooled(
 async def test_a_full_spool_refuses_with_503_and_says_it_is_not_ready(tmp_path: Path) -> None:
     inner = StallingSink()
     inner.is_ready = False
-    sink = SpoolingSink(inner, SpoolSettings(max_bytes=300), tmp_path)
+    sink = SpoolingSink(inner, SpoolSettings(max_bytes=400), tmp_path)
     await sink.start()
     try:
         big = record("s1", b"x" * 200)

@@ -25,7 +25,15 @@ def chunk(n: int, size: int = 10) -> Chunk:
 
 
 def test_a_chunk_reads_back_as_it_was_written() -> None:
-    first = Context("k_0123456789ab", "2001:db8::1", "req-1", "2026-12-01T00:00:00.000Z", 2)
+    first = Context(
+        "k_0123456789ab",
+        "2001:db8::1",
+        "req-1",
+        "2026-12-01T00:00:00.000Z",
+        2,
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "vendor=\u00e9",
+    )
     # No address kept (CAFE_CLIENT_IP=off), and a version the gateway did not know.
     other = Context("k_ba9876543210", None, "r\u00e9q", "2026-12-01T00:00:01.000Z", None)
     errors = [{"pointer": "/\u00e9", "message": "x" * 2000}]

@@ -13,6 +13,7 @@
  *     gzip: true,            // compress bodies when the browser has CompressionStream
  *     maxRetries: 3,         // tries again after 503 or 429, waiting as Retry-After says
  *     onError: (error, type, records) => console.warn(error), // a batch that did not go
+ *     trace: () => ({traceparent, tracestate}), // optional: the trace a request belongs to
  *   });
  *   cafe.track("activity", {messageFormatVersion: 1, messageType: "ClientEventingActivity", ...});
  *   await cafe.flush(); // send what is queued now; rejects with the first failure
@@ -24,6 +25,13 @@
  * sendBeacon to ?api_key=<beaconKey> as text/plain (a beacon can set no header), or by a
  * keepalive fetch if there is no beaconKey. A batch waiting to be retried when the page
  * is left is lost; the gateway answers with a 2xx only once Kafka holds the records.
+ *
+ * Each fetch carries the page's W3C trace context, if it has one, as the traceparent and
+ * tracestate headers, and the gateway writes them beside every record, so the trace goes
+ * on to the consumers. By default the page's own is read from <meta name="traceparent">
+ * and <meta name="tracestate">, as a server that traced the page writes them; `trace`
+ * gives it instead (a tracing library's current span, say). A beacon can set no header,
+ * so the records it sends start a new trace at the gateway.
  */
 (() => {
   "use strict";
@@ -52,6 +60,12 @@
     return Math.min(Math.max(ms, 0), 30000);
   }
 
+  // The trace context a server that traced the page wrote into it, if any.
+  function pageTrace() {
+    const meta = (name) => document.querySelector(`meta[name="${name}"]`)?.content || null;
+    return { traceparent: meta("traceparent"), tracestate: meta("tracestate") };
+  }
+
   class CafeClient {
     constructor({
       endpoint,
@@ -62,6 +76,7 @@
       gzip = true,
       maxRetries = 3,
       onError = (error) => console.warn("cafe:", error),
+      trace = pageTrace,
     }) {
       this.endpoint = endpoint.replace(/\/+$/, "");
       this.apiKey = apiKey;
@@ -71,6 +86,7 @@
       this.gzip = gzip && typeof CompressionStream === "function";
       this.maxRetries = maxRetries;
       this.onError = onError;
+      this.trace = trace;
       this.queues = { activity: [], log: [], profile: [] }; // of {json, size}
       this.timer = null;
       this.draining = null;
@@ -129,6 +145,11 @@
 
     async post(type, records) {
       const headers = { "content-type": "application/json", "x-api-key": this.apiKey };
+      const { traceparent, tracestate } = this.trace() ?? {};
+      if (traceparent) {
+        headers.traceparent = traceparent;
+        if (tracestate) headers.tracestate = tracestate;
+      }
       let body = envelope(records);
       if (this.gzip) {
         body = await gzip(body);

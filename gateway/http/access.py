@@ -18,6 +18,7 @@ from gateway.http.metrics import HttpMetrics
 from gateway.http.requestid import RequestIds
 from gateway.http.responses import SECURITY_HEADERS
 from gateway.http.state import CONTEXT
+from gateway.http.tracecontext import trace_of
 
 access_log = logging.getLogger("gateway.access")
 
@@ -155,6 +156,7 @@ def _log(
         "client_ip": client_ip(request, settings),
         # The key's id only: the plaintext never reaches a log.
         "key_id": key.id if key is not None else None,
+        "trace_id": trace_of(request, context).trace_id,
     }
     if route == "unmatched":
         fields["path"] = request.path[:256]

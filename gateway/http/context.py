@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from aiohttp import StreamReader
 
@@ -16,6 +16,18 @@ class BodyReader(Protocol):
 
     async def read(self, stream: StreamReader, limit: int) -> bytearray:
         """The body, decoded, cut at `limit` bytes, counted against the in-flight cap."""
+
+
+class TraceContext(NamedTuple):
+    """A request's W3C trace as it is passed on: its traceparent (version 00) and its
+    tracestate (gateway/http/tracecontext.py)."""
+
+    traceparent: str
+    tracestate: str | None = None
+
+    @property
+    def trace_id(self) -> str:
+        return self.traceparent[3:35]
 
 
 @dataclass(slots=True, eq=False)
@@ -37,3 +49,5 @@ class RequestContext:
     problem_code: str | None = None
     # Records accepted and rejected (gateway/http/ingest.py).
     record_counts: tuple[int, int] | None = None
+    # Its trace, read from its headers when first asked for (`trace_of`).
+    trace: TraceContext | None = None

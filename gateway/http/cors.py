@@ -19,7 +19,7 @@ from gateway.keys.store import KeyStore
 
 # Browsers may cache a preflight answer this long (seconds), sparing one per request.
 PREFLIGHT_MAX_AGE_S = 600
-_ALLOW_HEADERS = "content-type, content-encoding, x-api-key"
+_ALLOW_HEADERS = "content-type, content-encoding, x-api-key, traceparent, tracestate"
 # Response headers a page's script may read besides the basic ones.
 _EXPOSE_HEADERS = f"X-Request-Id, Retry-After, {SPOOLED_HEADER}"
 

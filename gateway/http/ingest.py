@@ -29,6 +29,7 @@ from gateway.http.context import RequestContext
 from gateway.http.metrics import HttpMetrics
 from gateway.http.responses import SPOOLED_HEADER, json_response
 from gateway.http.state import CONTEXT
+from gateway.http.tracecontext import trace_of
 from gateway.logs import utc_timestamp
 from gateway.schemas import RecordType, records_of
 from gateway.sink import Context, Delivery, Record, Rejected, Sink
@@ -95,12 +96,15 @@ async def ingest(
     valid, first = record_type.valid_prefix(records)
     # Where the records came from, stored beside each of them: one context per format
     # version among them.
+    trace = trace_of(request, context)
     origin = Context(
         key.id,
         kept_client_ip(request, settings, key),
         context.id,
         utc_timestamp(time.time()),
         first,
+        trace.traceparent,
+        trace.tracestate,
     )
     origins = {first: origin}
     accepted: list[Record] = []

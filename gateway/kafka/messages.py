@@ -2,10 +2,11 @@
 record's dead letter, cut to what Kafka takes.
 
 Every message carries its request's context as headers (`cafe-key-id`,
-`cafe-client-ip`, `cafe-received-at`, `cafe-request-id`) and its type (`cafe-schema`,
-`cafe-schema-version`); a dead letter also says where it was in its request and why it
-was rejected. A record's key is its sessionId, so one session's records stay in order on
-one partition.
+`cafe-client-ip` unless its key's mode keeps none, `cafe-received-at`, `cafe-request-id`,
+and its W3C `traceparent` and `tracestate`) and its type (`cafe-schema`, and
+`cafe-schema-version` unless the gateway knows no version of it); a dead letter also
+says where it was in its request and why it was rejected. A record's key is its
+sessionId, so one session's records stay in order on one partition.
 """
 
 from __future__ import annotations
@@ -76,6 +77,10 @@ class Framer:
             ]
             if context.schema_version is not None:
                 headers.append(("cafe-schema-version", str(context.schema_version).encode()))
+            if context.traceparent is not None:
+                headers.append(("traceparent", context.traceparent.encode()))
+                if context.tracestate is not None:
+                    headers.append(("tracestate", context.tracestate.encode()))
             self._headers = headers
         return self._headers
 

@@ -141,7 +141,12 @@ def _text(text: str | None) -> bytes:
 
 def _encode_context(context: Context) -> bytes:
     version = context.schema_version
-    fields = (*context[:4], None if version is None else str(version))
+    fields = (
+        *context[:4],
+        None if version is None else str(version),
+        context.traceparent,
+        context.tracestate,
+    )
     return bytes((len(fields),)) + b"".join(_text(field) for field in fields)
 
 
@@ -151,9 +156,18 @@ def _decode_context(fields: list[str | None]) -> Context:
     key_id, client_ip, request_id, received_at, *rest = fields
     if key_id is None or request_id is None or received_at is None:
         raise ValueError("a spooled context without its key, request or time")
-    version = rest[0] if rest else "1"
+    # Fields written since the first: the format version (else 1), the trace context.
+    version = rest[0] if len(rest) > 0 else "1"
+    traceparent = rest[1] if len(rest) > 1 else None
+    tracestate = rest[2] if len(rest) > 2 else None
     return Context(
-        key_id, client_ip, request_id, received_at, None if version is None else int(version)
+        key_id,
+        client_ip,
+        request_id,
+        received_at,
+        None if version is None else int(version),
+        traceparent,
+        tracestate,
     )
 
 
@@ -260,6 +274,8 @@ def _decode_messages(record_type: str, payload: bytes) -> Chunk:
                 "cafe-request-id",
                 "cafe-received-at",
                 "cafe-schema-version",
+                "traceparent",
+                "tracestate",
             )
         )
         context = contexts.get(fields)

@@ -304,6 +304,53 @@ async def test_fetch_with_the_header_key_lands_every_record_as_sent(
     assert exposed[1]
 
 
+# A trace the page's server started (W3C's example ids), and one a tracing library in the
+# page gives the client through its `trace` option.
+PAGE_TRACE = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+SCRIPT_TRACE = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+async def test_a_trace_started_in_the_page_reaches_the_records_kafka_headers(
+    kafka: Broker, stage: Stage
+) -> None:
+    page = await stage.open(stage.origin)
+    await page.evaluate(
+        """(parent) => document.head.insertAdjacentHTML('beforeend',
+            `<meta name="traceparent" content="${parent}">` +
+            '<meta name="tracestate" content="shop=1">')""",
+        PAGE_TRACE,
+    )
+    from_meta = {"activity": list(activity(3)), "log": list(logs(2))}
+    options = {"endpoint": stage.gateway, "apiKey": stage.header_key}
+    assert await page.evaluate(TRACK_AND_FLUSH, [options, pairs(from_meta)]) is None
+    given = {"profile": list(profiles(2))}
+    assert (
+        await page.evaluate(
+            """async ([options, pairs, parent]) => {
+                const cafe = new CafeClient({...options, trace: () => ({traceparent: parent})});
+                for (const [type, record] of pairs) cafe.track(type, record);
+                await cafe.flush();
+                return null;
+            }""",
+            [options, pairs(given), SCRIPT_TRACE],
+        )
+        is None
+    )
+    # The preflight let the header through, and the gateway took it.
+    posts = [r for r in stage.requests if r.method == "POST"]
+    assert {(await r.all_headers()).get("traceparent") for r in posts} == {PAGE_TRACE, SCRIPT_TRACE}
+    await assert_landed(kafka, stage, {**from_meta, **given}, stage.header_key_id)
+    for kind, (parent, state) in {
+        "activity": (PAGE_TRACE, b"shop=1"),
+        "log": (PAGE_TRACE, b"shop=1"),
+        "profile": (SCRIPT_TRACE, None),
+    }.items():
+        for message in await consume_all(kafka.bootstrap, stage.topic(kind), PARTITIONS):
+            headers = dict(message.headers)
+            assert headers["traceparent"] == parent.encode(), kind
+            assert headers.get("tracestate") == state, kind
+
+
 async def test_records_left_when_the_page_is_left_go_by_beacon(kafka: Broker, stage: Stage) -> None:
     sent = {"activity": list(activity(30)), "log": list(logs(30)), "profile": list(profiles(3))}
     page = await stage.open(stage.origin)

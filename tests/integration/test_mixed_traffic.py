@@ -13,6 +13,9 @@ body. Then every topic is read to its end offsets, and:
 
 - every record answered as accepted is on its own topic exactly once, as it was sent,
   with its format version in cafe-schema-version;
+- every record and dead letter carries its request's trace: the traceparent a third of
+  the requests send; for the others (one that is not valid, or none) one the gateway
+  made, the same for every record of the request;
 - every record listed as rejected is on the dead-letter topic exactly once, found by
   its request id and index, with its reason and errors, cut to 512 KiB on a character
   boundary if its JSON is longer, and keyless if its sessionId cannot be a key;
@@ -37,6 +40,7 @@ import hashlib
 import io
 import itertools
 import random
+import re
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -150,8 +154,10 @@ CLIENT_TIMEOUT_S = 120.0
 # The gateway serves W500 in about 90 MB (`make bench`). Here, at worst, each heavy
 # client holds about 12 MB (a 2.6 MB body, its 2 MB record parsed as a 4 MB str, the
 # record's JSON for the dead letter) and each other one a parsed batch of 500 (about
-# 2.5 MB): some 350 MB if every client peaks at once. Measured peaks: 262-273 MiB.
-RSS_LIMIT_BYTES = 400 * 2**20
+# 2.5 MB): some 350 MB if every client peaks at once. Measured peaks: 233-284 MiB with
+# Kafka up; with the spool on, which holds the chunks it writes besides, 354-397 MiB
+# (2026-12-07, five runs).
+RSS_LIMIT_BYTES = 448 * 2**20
 # How long /metrics may take to count the last hang-ups (a deadline, not a timing).
 ABORTS_COUNTED_WITHIN_S = 30.0
 # With the spool on: once Kafka is reachable, the gateway connects (backing off up to 5 s),
@@ -358,11 +364,43 @@ class Keys:
     beacon: str  # a browser key, sent as ?api_key=
 
 
+def sent_trace(request_id: str) -> str | None:
+    """The traceparent a request sends (a real beacon cannot, but the gateway reads it all
+    the same): a valid one, one whose parent id is not valid, or none, a third each."""
+    digest = hashlib.sha256(request_id.encode()).hexdigest()
+    which = int(digest[0], 16) % 3
+    if which == 2:
+        return None
+    parent = digest[33:49] if which == 0 else "0" * 16
+    return f"00-{digest[1:33]}-{parent}-01"
+
+
+NEW_TRACE = re.compile(rb"00-[0-9a-f]{32}-[0-9a-f]{16}-00")
+
+
+def trace_wrong(headers: dict[str, bytes], ledger: Ledger) -> str | None:
+    """What is wrong with the traceparent of a message of the request that its
+    cafe-request-id names, if anything."""
+    request_id = headers.get("cafe-request-id", b"").decode()
+    got = headers.get("traceparent", b"")
+    sent = sent_trace(request_id)
+    if sent is not None and not sent.endswith("0" * 16 + "-01"):
+        return None if got == sent.encode() else f"not the {sent} it sent"
+    if not NEW_TRACE.fullmatch(got):
+        return "not a trace of the gateway's own"
+    if ledger.traces.setdefault(request_id, got) != got:
+        return "another than its other records'"
+    return None
+
+
 def addressed(spec: Spec, request_id: str, keys: Keys) -> tuple[str, dict[str, str]]:
     """Where a request goes, and its headers. Every request sends its own X-Request-Id
     (a real beacon cannot), which the gateway adopts: it finds the dead letters."""
     path = f"/v1/{spec.record_type}"
     headers = {"X-Request-Id": request_id}
+    trace = sent_trace(request_id)
+    if trace is not None:
+        headers["traceparent"] = trace
     if spec.delivery == "beacon":
         origin = FOREIGN_ORIGIN if spec.fault == "wrong_origin" else ORIGIN
         headers |= {"Content-Type": "text/plain;charset=UTF-8", "Origin": origin}
@@ -540,6 +578,8 @@ class Ledger:
     refused_requests: set[str] = field(default_factory=set)
     doubtful_ids: set[str] = field(default_factory=set)
     doubtful_requests: set[str] = field(default_factory=set)
+    # The trace the gateway made for each request that sent none (or not a valid one).
+    traces: dict[str, bytes] = field(default_factory=dict)
 
 
 def ledger_of(traffic: Traffic, books: Discrepancies) -> Ledger:
@@ -580,9 +620,13 @@ async def check_record_topic(
             seen[ident] += 1
             if message.key != record.key:
                 books.wrong(f"a {record_type} record with the wrong key", message.key)
-            version = dict(message.headers).get("cafe-schema-version")
+            headers = dict(message.headers)
+            version = headers.get("cafe-schema-version")
             if version != record.version:
                 books.wrong(f"a {record_type} record of version {record.version!r} as", version)
+            wrong = trace_wrong(headers, ledger)
+            if wrong is not None:
+                books.wrong(f"a {record_type} record whose traceparent is {wrong}", ident)
             if hashlib.sha256(message.value).digest() != record.sha256:
                 books.wrong(f"a {record_type} record not as sent", message.value[:200])
         elif ident in ledger.doubtful_ids:
@@ -654,6 +698,9 @@ async def check_dead_letters(
         if place in ledger.dead:
             seen[place] += 1
             check_dead_letter(message, *ledger.dead[place], books)
+            wrong = trace_wrong(headers, ledger)
+            if wrong is not None:
+                books.wrong(f"a dead letter whose traceparent is {wrong}", place)
         elif request_id in ledger.doubtful_requests:
             continue
         elif request_id in ledger.refused_requests:
@@ -782,7 +829,9 @@ def summary(traffic: Traffic, ledger: Ledger, found: list[int], run: Run, case: 
         f"{traffic.peak_in_flight} in flight at once, {run.seconds:.0f} s "
         f"({statuses[200]} 200, {statuses[207]} 207, {statuses[422]} 422, {refused} other 4xx, "
         f"{traffic.vanished()} vanished mid-body, {failed.total()} 5xx or unanswered, "
-        f"{sum(sent.spooled for sent in traffic.sent)} answered from the spool"
+        f"{sum(sent.spooled for sent in traffic.sent)} answered from the spool, "
+        f"{sum(sent_trace(sent.request_id) is not None for sent in traffic.sent)} "
+        "sent a traceparent"
         f"{' ' + str(dict(failed)) if failed else ''}); "
         f"{sum(accepted):,} of {sum(map(len, ledger.on_topic.values())):,} accepted records "
         f"on their topics once ({versions_2:,} of format version 2); {dead_once:,} of "
