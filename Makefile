@@ -80,7 +80,7 @@ BENCH_SECONDS ?= 10
 WORKERS ?= 1
 PEERS ?=
 SESSIONS ?=
-bench: $(INSTALLED) ## measure the gateway on the local Kafka against its ceilings (WORKERS=N; PEERS=1: and the peer bridges; SESSIONS=N: sessionIds, 1000000 by default)
+bench: $(INSTALLED) ## measure the gateway on the local Kafka against its ceilings, then tracing's cost (WORKERS=N; PEERS=1: and the peer bridges; SESSIONS=N: sessionIds, 1000000 by default)
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq wrk; } || \
 		{ echo "bench needs wrk: apt-get install wrk"; exit 1; }
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,bench]'
@@ -90,6 +90,9 @@ bench: $(INSTALLED) ## measure the gateway on the local Kafka against its ceilin
 	CAFE_KAFKA_BOOTSTRAP=$(BOOTSTRAP) $(BIN)/python -m loadtest.bench \
 		--seconds $(BENCH_SECONDS) --workers $(WORKERS) $(if $(PEERS),--peer) \
 		$(if $(SESSIONS),--sessions $(SESSIONS))
+	@# Tracing's cost: W1 off, at ratio 0.01 and at 1, in turns (loadtest/tracebench.py).
+	CAFE_KAFKA_BOOTSTRAP=$(BOOTSTRAP) $(BIN)/python -m loadtest.tracebench \
+		--rounds 3 --seconds $(BENCH_SECONDS)
 
 LOADTEST_HOST ?= http://127.0.0.1:8080
 LOADTEST_USERS ?= 20

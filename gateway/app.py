@@ -8,6 +8,7 @@ import functools
 from collections.abc import AsyncIterator
 from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 from aiohttp import web
@@ -47,6 +48,10 @@ from gateway.metrics import Metrics
 from gateway.schemas import load_record_types
 from gateway.sink import Sink
 from gateway.spool.sink import SpoolingSink
+from gateway.tracing import Tracing
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 
 def create_app(
@@ -56,6 +61,7 @@ def create_app(
     registry: CollectorRegistry | None = None,
     buckets: BucketTable | None = None,
     metrics_dir: Path | None = None,
+    span_exporter: SpanExporter | None = None,
 ) -> web.Application:
     """Build the gateway; `sink` replaces Kafka in unit tests and ceiling benchmarks
     (with CAFE_SPOOL_DIR set, the spool wraps whichever it is).
@@ -63,7 +69,8 @@ def create_app(
     Record schemas are compiled here, so a broken schema stops start-up. Metrics go to
     `registry`, a fresh one by default; rate-limit buckets to `buckets`, the table all
     workers share, a fresh one by default; with several workers, metrics keep their
-    values in files in `metrics_dir`, which every worker's scrape adds up.
+    values in files in `metrics_dir`, which every worker's scrape adds up. With tracing on,
+    `span_exporter` replaces the OTLP exporter in tests.
     """
     gateway_version = version("cafe-gateway")
     exposition = Metrics(
@@ -86,7 +93,11 @@ def create_app(
     # callers without a key or over their limit take no capacity.
     ingest_paths = frozenset(f"/v1/{name}" for name in record_types)
     draining = asyncio.Event()
-    access = Access(settings, metrics, RequestIds(), draining)
+    # With CAFE_TRACE_SAMPLE_RATIO at 0 there is no tracer, and the SDK is not imported.
+    tracing = None
+    if settings.trace_sample_ratio > 0:
+        tracing = Tracing(settings, exposition.registry, span_exporter)
+    access = Access(settings, metrics, RequestIds(), draining, tracing)
     app = web.Application(
         middlewares=[
             access_middleware(access),
@@ -126,6 +137,8 @@ def create_app(
         # (gateway/http/fastlane.py); GatewayRunner puts it in front of the app.
         lane = FastLane(record_types, settings, access, keys, limiter, admission, sink)
         app[FAST_LANE] = lane.in_front_of
+    if tracing is not None:
+        app.cleanup_ctx.append(functools.partial(_tracing_lifetime, tracing))
     app.cleanup_ctx.append(_keys_lifetime)
     app.cleanup_ctx.append(_sink_lifetime)
     if fleet is not None:
@@ -210,6 +223,15 @@ async def _tally_lifetime(exposition: Metrics, app: web.Application) -> AsyncIte
     flusher.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await flusher
+
+
+async def _tracing_lifetime(tracing: Tracing, app: web.Application) -> AsyncIterator[None]:
+    """With CAFE_TRACE_SAMPLE_RATIO above 0: make the tracer and its export thread at
+    start-up, in each worker, after the fork (a thread does not survive a fork); send
+    what spans are left, briefly, at shutdown."""
+    tracing.start()
+    yield
+    await tracing.stop()
 
 
 async def _sink_lifetime(app: web.Application) -> AsyncIterator[None]:

@@ -107,6 +107,28 @@ def _number(
     return value
 
 
+def _ratio(name: str, raw: str) -> float:
+    return _number(name, raw, float, "a number from 0 to 1", 0, 1)
+
+
+def _http_url(name: str, raw: str) -> str:
+    if not raw.startswith(("http://", "https://")):
+        raise ConfigError(f"{name}={raw!r} is not an http:// or https:// URL")
+    return raw
+
+
+# What CAFE_TRACE_SAMPLE_RATIO > 0 imports (the `otel` extra).
+_OTEL_MODULES = ("opentelemetry.sdk.trace", "opentelemetry.exporter.otlp.proto.http")
+
+
+def _installed(*modules: str) -> bool:
+    """Whether each module can be imported, without importing it."""
+    try:
+        return all(importlib.util.find_spec(module) is not None for module in modules)
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+
+
 def _choice(*choices: str) -> Parser[str]:
     """One of `choices`, in any case; returned as declared."""
 
@@ -736,6 +758,20 @@ class Settings:
         _ratelimit_storage,
         "where per-key rate limits are kept: local (per host) or redis://host:port/db (fleet)",
     )
+    # 0: no tracing, and the OpenTelemetry SDK is not imported. A client's sampled flag
+    # does not force sampling, so the ratio bounds the cost (gateway/tracing.py).
+    trace_sample_ratio: float = _var(
+        "CAFE_TRACE_SAMPLE_RATIO",
+        0.0,
+        _ratio,
+        "share of requests traced with OpenTelemetry, 0..1 (install cafe-gateway[otel])",
+    )
+    otlp_endpoint: str = _var(
+        "CAFE_OTLP_ENDPOINT",
+        "http://127.0.0.1:4318/v1/traces",
+        _http_url,
+        "where traces are sent: an OTLP/HTTP collector's traces URL",
+    )
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     spool: SpoolSettings = field(default_factory=SpoolSettings)
     client_ip: ClientIpSettings = field(default_factory=ClientIpSettings)
@@ -787,6 +823,12 @@ class Settings:
                     "CAFE_KAFKA_CLIENT=librdkafka needs confluent-kafka: "
                     "pip install 'cafe-gateway[librdkafka]'"
                 )
+        if self.trace_sample_ratio > 0 and not _installed(*_OTEL_MODULES):
+            raise ConfigError(
+                f"CAFE_TRACE_SAMPLE_RATIO={self.trace_sample_ratio:g} needs the OpenTelemetry "
+                "SDK and its OTLP exporter, an extra of the gateway: "
+                "pip install 'cafe-gateway[otel]'"
+            )
         if self.metrics_port is not None and self.metrics_port == self.port:
             raise ConfigError(
                 f"CAFE_METRICS_PORT={self.metrics_port} is CAFE_PORT; unset it to serve "

@@ -280,6 +280,21 @@ async def delete_topics(bootstrap: str, topics: list[str]) -> None:
         await admin.close()
 
 
+def measured_run(
+    target: str, env: dict[str, str], *, batch: int, seconds: int, key: str, run_id: str
+) -> tuple[float, float]:
+    """Start `target`, run wrk at `batch` against it, stop it: requests/s, and the
+    server's CPU µs a request (the alternating A/B benches, lanebench and tracebench)."""
+    with server(target, env) as (port, proc):
+        cpu_before = tree_cpu_seconds(proc)
+        result = run_wrk(
+            port, proc, target=target, batch=batch, seconds=seconds, key=key, run_id=run_id,
+            sessions=SESSIONS,
+        )  # fmt: skip
+        cpu_us = (tree_cpu_seconds(proc) - cpu_before) / result.ok * 1e6
+    return result.requests_per_s, cpu_us
+
+
 @dataclass
 class Balance:
     """The books of a run: records acknowledged with a 2xx, against this run's eventIds

@@ -22,14 +22,7 @@ from pathlib import Path
 
 from gateway.keys.file import write_keys_file
 from gateway.keys.model import mint_key
-from loadtest.benchlib import (
-    SESSIONS,
-    TOPIC_PARTITIONS,
-    delete_topics,
-    run_wrk,
-    server,
-    tree_cpu_seconds,
-)
+from loadtest.benchlib import TOPIC_PARTITIONS, delete_topics, measured_run
 
 
 def main() -> None:
@@ -64,20 +57,15 @@ def main() -> None:
                 for batch in batches:
                     for fast in (False, True):
                         lane = {"CAFE_FAST_LANE": "true" if fast else "false"}
-                        with server(target, {**env, **lane}) as (port, proc):
-                            cpu_before = tree_cpu_seconds(proc)
-                            result = run_wrk(
-                                port, proc, target=target, batch=batch, seconds=args.seconds,
-                                key=key, run_id=f"{run_id}-{round_}-{fast}", sessions=SESSIONS,
-                            )  # fmt: skip
-                            cpu_us = (tree_cpu_seconds(proc) - cpu_before) / result.ok * 1e6
-                        seen.setdefault((target, batch, fast), []).append(
-                            (result.requests_per_s, cpu_us)
-                        )
-                        rate, said = result.requests_per_s, "on " if fast else "off"
+                        rate, cpu_us = measured_run(
+                            target, {**env, **lane}, batch=batch, seconds=args.seconds,
+                            key=key, run_id=f"{run_id}-{round_}-{fast}",
+                        )  # fmt: skip
+                        seen.setdefault((target, batch, fast), []).append((rate, cpu_us))
+                        said = "on " if fast else "off"
                         print(
                             f"round {round_} {target:8} W{batch:<3} fast lane {said} "
-                            f"{rate:7,} requests/s {cpu_us:6.1f} CPU µs a request",
+                            f"{rate:7,.0f} requests/s {cpu_us:6.1f} CPU µs a request",
                             flush=True,
                         )
     finally:

@@ -18,7 +18,8 @@ from gateway.http.metrics import HttpMetrics
 from gateway.http.requestid import RequestIds
 from gateway.http.responses import SECURITY_HEADERS
 from gateway.http.state import CONTEXT
-from gateway.http.tracecontext import trace_of
+from gateway.http.tracecontext import begin_span, trace_of
+from gateway.tracing import Tracing
 
 access_log = logging.getLogger("gateway.access")
 
@@ -37,8 +38,11 @@ class Access:
         metrics: HttpMetrics,
         request_ids: RequestIds,
         draining: asyncio.Event,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
+        # None with CAFE_TRACE_SAMPLE_RATIO=0: no request gets a span (context.span).
+        self.tracing = tracing
         self.metrics = metrics
         self.request_ids = request_ids
         self.draining = draining
@@ -51,6 +55,8 @@ class Access:
         """The request's context, with its id: the client's, if usable, else a new one."""
         context = RequestContext(self.request_ids.adopt(request.headers.get("X-Request-Id")))
         request[CONTEXT] = context
+        if self.tracing is not None:
+            begin_span(self.tracing, request, context)
         return context
 
     def closes(self, request: web.BaseRequest) -> bool:
@@ -77,8 +83,11 @@ class Access:
         context: RequestContext,
         seconds: float,
     ) -> None:
-        """Count the answered request and write its access-log line."""
+        """Count the answered request, end its span and write its access-log line."""
         method = request.method if request.method in _METHODS else "other"
+        span = context.span
+        if span is not None:
+            span.end(method, route, status, context.record_counts)
         key = (route, method, status)
         series = self._series.get(key)
         if series is None:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from aiohttp import StreamReader
 
 from gateway.keys.model import ApiKey
+
+if TYPE_CHECKING:
+    from gateway.otel import RequestSpan
 
 
 class BodyReader(Protocol):
@@ -51,3 +54,5 @@ class RequestContext:
     record_counts: tuple[int, int] | None = None
     # Its trace, read from its headers when first asked for (`trace_of`).
     trace: TraceContext | None = None
+    # Its OpenTelemetry span, if tracing is on and sampled it (gateway/tracing.py).
+    span: RequestSpan | None = None

@@ -92,6 +92,8 @@ async def ingest(
         await context.take_records(len(records))
     metrics.tally.observe(metrics.batch_size(record_type.name), len(records))
 
+    span = context.span  # an OpenTelemetry span, if tracing sampled the request
+    checking = None if span is None else span.child("validate records", len(records))
     # The records before `valid` are valid under the version numbered `first`.
     valid, first = record_type.valid_prefix(records)
     # Where the records came from, stored beside each of them: one context per format
@@ -139,6 +141,8 @@ async def ingest(
             rejection["eventId"] = event_id
         rejections.append(rejection)
         rejected.append(_rejected(index, record, reason, error, origin))
+    if checking is not None:
+        checking.end()
     # One request gives the sink at most CAFE_MAX_BODY_BYTES of records, which its queue
     # is held to take (Settings): re-encoded, a number can come out longer than it was
     # sent (1e15 as 1000000000000000.0), and a request past what the queue takes would
@@ -160,6 +164,7 @@ async def ingest(
     # same either way, about 3 ms a second).
     del records, record
 
+    waiting = None if span is None else span.child("await kafka acknowledgement", len(accepted))
     try:
         # Valid records and dead letters go out together; the answer waits for both.
         delivery = await sink.send(record_type.name, accepted, rejected)
@@ -167,6 +172,9 @@ async def ingest(
         # Counted, and answered 503 as every error is (problems.answer_error).
         metrics.records.labels(record_type.name, "unavailable").inc(len(accepted))
         raise
+    finally:
+        if waiting is not None:
+            waiting.end()
     metrics.tally.add(metrics.accepted(record_type.name), len(accepted))
     for rejection in rejections:
         metrics.dead_letters.labels(record_type.name, rejection["reason"]).inc()

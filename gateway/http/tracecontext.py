@@ -6,6 +6,12 @@ records (the `traceparent` and `tracestate` Kafka headers, as OpenTelemetry's Ka
 instrumentations name them), so a consumer continues the trace. A request without a
 valid one gets a new trace, so that every record carries one; the access log names the
 trace of every request.
+
+With OpenTelemetry tracing on (CAFE_TRACE_SAMPLE_RATIO), `begin_span` gives a sampled
+request a span of the gateway's, whose parent is the client's traceparent, if valid;
+its records then carry a traceparent naming that span, sampled, so a consumer's span is
+a child of the gateway's. An unsampled request's records carry what they would without
+tracing.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import re
 from aiohttp import web
 
 from gateway.http.context import RequestContext, TraceContext
+from gateway.tracing import Tracing
 
 # version-traceid-parentid-flags, lowercase hex; a later version may add fields after
 # them (https://www.w3.org/TR/trace-context/#versioning-of-traceparent).
@@ -32,11 +39,28 @@ def trace_of(request: web.BaseRequest, context: RequestContext) -> TraceContext:
     """The request's trace, read from its headers once and kept in its context."""
     trace = context.trace
     if trace is None:
-        trace = context.trace = _read(request)
+        trace = context.trace = _read(request) or new_trace()
     return trace
 
 
-def _read(request: web.BaseRequest) -> TraceContext:
+def begin_span(tracing: Tracing, request: web.BaseRequest, context: RequestContext) -> None:
+    """Start the request's span if it is sampled, and set the trace its records carry."""
+    received = _read(request)
+    parent = None
+    if received is not None:
+        # As _read wrote it: 00-<trace id>-<span id>-<flags>, lowercase hex.
+        text = received.traceparent
+        parent = (int(text[3:35], 16), int(text[36:52], 16), int(text[53:55], 16))
+    span = tracing.request_span(request.method, parent, context.id)
+    if span is None:
+        context.trace = received or new_trace()
+        return
+    context.span = span
+    context.trace = TraceContext(span.traceparent, received.tracestate if received else None)
+
+
+def _read(request: web.BaseRequest) -> TraceContext | None:
+    """The request's trace, if it sent a valid traceparent."""
     parent = request.headers.get("traceparent")
     if parent is not None:
         match = _TRACEPARENT.fullmatch(parent.strip(" \t"))
@@ -52,12 +76,14 @@ def _read(request: web.BaseRequest) -> TraceContext:
                 state = ",".join(request.headers.getall("tracestate", ()))
                 keep = 0 < len(state) <= MAX_TRACESTATE_CHARS and _PRINTABLE.fullmatch(state)
                 return TraceContext(f"00-{trace_id}-{span_id}-{flags}", state if keep else None)
-    return new_trace()
+    return None
 
 
 def new_trace() -> TraceContext:
     """A trace of its own, for a request that came without one: random ids (never the
     invalid all-zero ones), not sampled."""
-    trace_id = random.getrandbits(128) or 1
-    span_id = random.getrandbits(64) or 1
-    return TraceContext(f"00-{trace_id:032x}-{span_id:016x}-00")
+    ids = f"{random.getrandbits(192):048x}"
+    trace_id, span_id = ids[:32], ids[32:]
+    if trace_id == _INVALID_TRACE or span_id == _INVALID_SPAN:
+        return new_trace()
+    return TraceContext(f"00-{trace_id}-{span_id}-00")

@@ -125,6 +125,7 @@ async def test_the_spec_curl_sample_lands_on_its_topic(gateway: KafkaGateway, na
         "cafe-request-id",
         "cafe-schema",
         "cafe-schema-version",
+        "traceparent",
     }
     # Exactly one message, on this topic only.
     assert await gateway.counts() == {t: int(t == topic) for t in gateway.topics.all()}
