@@ -26,6 +26,21 @@ TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 SPAN = "00f067aa0ba902b7"
 
 
+def traced_env(
+    kafka: Broker, key_file: KeyFile, prefix: str, endpoint: str, **settings: str
+) -> dict[str, str]:
+    """A served gateway's environment with every request traced, sent to `endpoint`."""
+    return gateway_env(
+        free_port(),
+        kafka,
+        key_file,
+        prefix,
+        CAFE_TRACE_SAMPLE_RATIO="1",
+        CAFE_OTLP_ENDPOINT=endpoint,
+        **settings,
+    )
+
+
 @contextlib.asynccontextmanager
 async def receiver() -> AsyncIterator[OtlpReceiver]:
     otlp = OtlpReceiver(free_port())
@@ -40,14 +55,7 @@ async def test_a_sampled_requests_spans_reach_the_collector_and_its_record_names
     kafka: Broker, key_file: KeyFile, prefix: str
 ) -> None:
     async with receiver() as otlp:
-        env = gateway_env(
-            free_port(),
-            kafka,
-            key_file,
-            prefix,
-            CAFE_TRACE_SAMPLE_RATIO="1",
-            CAFE_OTLP_ENDPOINT=otlp.endpoint,
-        )
+        env = traced_env(kafka, key_file, prefix, otlp.endpoint)
         async with serving(env) as (gateway, http):
             headers = {**json_headers(key_file.key), "traceparent": f"00-{TRACE}-{SPAN}-01"}
             body = envelope(sample("activity"))
@@ -75,14 +83,7 @@ async def test_a_collector_that_is_down_costs_dropped_spans_and_no_request(
     kafka: Broker, key_file: KeyFile, prefix: str
 ) -> None:
     closed = free_port()  # nothing listens there
-    env = gateway_env(
-        free_port(),
-        kafka,
-        key_file,
-        prefix,
-        CAFE_TRACE_SAMPLE_RATIO="1",
-        CAFE_OTLP_ENDPOINT=f"http://127.0.0.1:{closed}/v1/traces",
-    )
+    env = traced_env(kafka, key_file, prefix, f"http://127.0.0.1:{closed}/v1/traces")
     requests = 200
     async with serving(env, client_timeout_s=10) as (gateway, http):
         body = envelope(sample("log"))
@@ -115,15 +116,7 @@ async def test_each_worker_sends_its_own_spans(
     kafka: Broker, key_file: KeyFile, prefix: str
 ) -> None:
     async with receiver() as otlp:
-        env = gateway_env(
-            free_port(),
-            kafka,
-            key_file,
-            prefix,
-            CAFE_WORKERS="2",
-            CAFE_TRACE_SAMPLE_RATIO="1",
-            CAFE_OTLP_ENDPOINT=otlp.endpoint,
-        )
+        env = traced_env(kafka, key_file, prefix, otlp.endpoint, CAFE_WORKERS="2")
         async with serving(env) as (gateway, http):
             # A new connection each: the kernel spreads them over both workers.
             headers = {**json_headers(key_file.key), "Connection": "close"}
